@@ -1,0 +1,1 @@
+"""Measuring models: data, perplexity, zero-shot accuracy, speed and memory, workers."""

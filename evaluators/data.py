@@ -1,0 +1,245 @@
+"""Text datasets for calibration and perplexity: resolved to local files first, then to the hub.
+
+A dataset name (``wikitext2``, ``ptb``, ``c4``) and a split resolve to a file under
+``$LLM_PRUNER_DATA`` (the layout of the project's ``shared/data`` folder); only when no local
+file exists is the Hugging Face hub asked, through ``datasets``. Local files are read directly:
+they are small, and reading them exactly as the hub's loaders would (row joining included) is
+what keeps numbers comparable with the papers.
+
+Tokenised text is cut into windows: non-overlapping ones for evaluation, seeded random ones
+for calibration (deterministic for a given seed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from space.errors import UserError
+
+DATA_ENV = "LLM_PRUNER_DATA"
+
+
+def data_root() -> Path | None:
+    """The local data folder named by ``$LLM_PRUNER_DATA``, or None when unset."""
+    value = os.environ.get(DATA_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def local_file(relative: str) -> Path | None:
+    """``$LLM_PRUNER_DATA/<relative>`` if it exists, else None."""
+    root = data_root()
+    if root is None:
+        return None
+    path = root / relative
+    return path if path.is_file() else None
+
+
+# --- how each dataset's rows become one text --------------------------------------------------
+
+
+def _wikitext_rows(raw: str) -> list[str]:
+    # The raw file has one paragraph per line and " " for blank lines; the hub's rows keep the
+    # newline of non-empty lines and turn blank lines into "" (see shared/data/MANIFEST.md).
+    return [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]
+
+
+def _read_wikitext(path: Path) -> str:
+    return "\n\n".join(_wikitext_rows(path.read_text(encoding="utf-8")))
+
+
+def _read_ptb(path: Path) -> str:
+    # ptb_text_only: sentence = line.strip(); the pruning papers join sentences with one space.
+    return " ".join(line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+
+
+def _read_jsonl_text(path: Path) -> str:
+    with path.open(encoding="utf-8") as f:
+        return " ".join(json.loads(line)["text"] for line in f if line.strip())
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    name: str
+    local: dict[str, str]  # split -> path under $LLM_PRUNER_DATA
+    read_local: Callable[[Path], str]
+    hub: dict[str, Callable[[], str]]  # split -> loader through `datasets`
+    eval_split: str
+
+
+def _hub_wikitext(split: str) -> Callable[[], str]:
+    def load() -> str:
+        import datasets
+
+        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+        return "\n\n".join(rows)
+
+    return load
+
+
+def _hub_ptb(split: str) -> Callable[[], str]:
+    def load() -> str:
+        import datasets
+
+        rows = datasets.load_dataset("ptb-text-only/ptb_text_only", split=split)["sentence"]
+        return " ".join(rows)
+
+    return load
+
+
+def _hub_c4(split: str, shard: str, first: int) -> Callable[[], str]:
+    def load() -> str:
+        import datasets
+
+        rows = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)
+        return " ".join(rows.select(range(min(first, len(rows))))["text"])
+
+    return load
+
+
+DATASETS: dict[str, TextDataset] = {
+    "wikitext2": TextDataset(
+        name="wikitext2",
+        local={
+            "test": "wikitext-2-raw-v1/wiki.test.raw",
+            "validation": "wikitext-2-raw-v1/wiki.valid.raw",
+            "train": "wikitext-2-raw-v1/wiki.train.raw",
+        },
+        read_local=_read_wikitext,
+        hub={s: _hub_wikitext(s) for s in ("test", "validation", "train")},
+        eval_split="test",
+    ),
+    "ptb": TextDataset(
+        name="ptb",
+        local={
+            "test": "ptb/ptb.test.txt",
+            "validation": "ptb/ptb.valid.txt",
+            "train": "ptb/ptb.train.txt",
+        },
+        read_local=_read_ptb,
+        hub={s: _hub_ptb(s) for s in ("test", "validation", "train")},
+        eval_split="test",
+    ),
+    "c4": TextDataset(
+        name="c4",
+        # Only a sample of the train shard the papers calibrate on ships locally; the papers'
+        # C4 perplexity uses the first 1100 documents of the first validation shard.
+        local={"train": "c4/c4-train.00000-of-01024.first1000.jsonl"},
+        read_local=_read_jsonl_text,
+        hub={
+            "train": _hub_c4("train", "en/c4-train.00000-of-01024.json.gz", 1000),
+            "validation": _hub_c4("validation", "en/c4-validation.00000-of-00008.json.gz", 1100),
+        },
+        eval_split="validation",
+    ),
+}
+
+ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "wiki": "wikitext2"}
+
+
+def parse_dataset(spec: str) -> tuple[str, str | None]:
+    """``"wikitext2"`` -> (wikitext2, None); ``"c4:train"`` -> (c4, train). Unknown names raise."""
+    name, _, split = spec.strip().partition(":")
+    name = ALIASES.get(name.lower(), name.lower())
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {spec!r}; known: {', '.join(sorted(DATASETS))}")
+    dataset = DATASETS[name]
+    if split and split not in set(dataset.local) | set(dataset.hub):
+        known = ", ".join(sorted(set(dataset.local) | set(dataset.hub)))
+        raise UserError(f"dataset {name!r} has no split {split!r}; known: {known}")
+    return name, split or None
+
+
+def load_text(name: str, split: str) -> str:
+    """The whole text of one split, from ``$LLM_PRUNER_DATA`` if there, else from the hub."""
+    dataset = DATASETS[parse_dataset(name)[0]]
+    relative = dataset.local.get(split)
+    path = local_file(relative) if relative else None
+    if path is not None:
+        return dataset.read_local(path)
+    where = f"$LLM_PRUNER_DATA/{relative}" if relative else "no local copy of this split exists"
+    if split not in dataset.hub:
+        raise UserError(f"dataset {dataset.name}:{split}: not found ({where})")
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise UserError(f"dataset {dataset.name}:{split}: not found locally ({where}) and the hub is offline")
+    try:
+        return dataset.hub[split]()
+    except Exception as exc:  # datasets raises many types for "no network" / "no such repo"
+        raise UserError(
+            f"dataset {dataset.name}:{split}: not found locally ({where}) and the hub could not "
+            f"provide it ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """All token ids of ``text`` as one 1-D tensor (no special tokens added)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def eval_windows(tokens: torch.Tensor, *, seqlen: int, limit: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start (the last partial one dropped)."""
+    count = tokens.numel() // seqlen
+    if count == 0:
+        raise UserError(f"the text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    if limit is not None:
+        count = min(count, limit)
+    return tokens[: count * seqlen].view(count, seqlen)
+
+
+def random_windows(tokens: torch.Tensor, *, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets (the calibration recipe
+    of GPTQ/SparseGPT/Wanda/FLAP)."""
+    if tokens.numel() <= seqlen:
+        raise UserError(f"the text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=generator)
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+def dataset_windows(
+    tokenizer, spec: str, *, seqlen: int, split: str | None = None, limit: int | None = None
+) -> torch.Tensor:
+    """Evaluation windows of a dataset spec (``name`` or ``name:split``)."""
+    name, spec_split = parse_dataset(spec)
+    split = split or spec_split or DATASETS[name].eval_split
+    return eval_windows(tokenize(tokenizer, load_text(name, split)), seqlen=seqlen, limit=limit)
+
+
+def calibration_windows(
+    tokenizer, spec: str, *, nsamples: int, seqlen: int, seed: int = 0, split: str | None = None
+) -> torch.Tensor:
+    """Calibration windows (default split: validation for wikitext2/ptb, train for c4; never test)."""
+    name, spec_split = parse_dataset(spec)
+    split = split or spec_split or ("train" if name == "c4" else "validation")
+    if split == "test":
+        raise UserError("calibration on a test split would leak into the evaluation; use validation or train")
+    return random_windows(tokenize(tokenizer, load_text(name, split)), nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Which calibration windows: dataset spec, count, length, seed (recorded in every result)."""
+
+    dataset: str = "wikitext2"
+    nsamples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        parse_dataset(self.dataset)
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise UserError(f"calibration needs nsamples >= 1 and seqlen >= 2, got {self.nsamples} x {self.seqlen}")
+
+    def windows(self, tokenizer) -> torch.Tensor:
+        return calibration_windows(tokenizer, self.dataset, nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed)
+
+    def to_dict(self) -> dict:
+        name, split = parse_dataset(self.dataset)
+        return {"dataset": name, "split": split or ("train" if name == "c4" else "validation"),
+                "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}

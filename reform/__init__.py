@@ -1,0 +1,1 @@
+"""Rectification of the inherited weights: least squares, ADMM, bias compensation."""

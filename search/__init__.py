@@ -1,0 +1,1 @@
+"""Proposing subnets and running jobs: allocation rules, samplers, the search job, the CLI."""

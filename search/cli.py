@@ -1,0 +1,251 @@
+"""The ``llm-pruner`` command.
+
+Each subcommand is a parser, a validation step that checks everything a user can get wrong
+before any model is loaded, and a main that does the work. Mistakes a user can make end with
+one message on stderr and exit status 2; nothing already written is left half-done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from space.errors import UserError
+
+log = logging.getLogger("llm_pruner")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --- shared options --------------------------------------------------------------------------
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own code to run")
+
+
+def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calib", default="wikitext2", help="calibration dataset (never a test split)")
+    parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
+    parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+
+
+def _ppl_list(text: str) -> list[str]:
+    from evaluators.data import parse_dataset
+
+    names = [t for t in (s.strip() for s in text.split(",")) if t]
+    for name in names:
+        parse_dataset(name)
+    return names
+
+
+def _ratio(value: str) -> float:
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}")
+    if not 0 < ratio <= 1 or math.isnan(ratio):
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1] (the kept fraction of block weights), got {value}")
+    return ratio
+
+
+def _progress(quiet: bool):
+    from tqdm.auto import tqdm
+
+    def wrap(iterable, **kwargs):
+        return iterable if quiet else tqdm(iterable, leave=False, **kwargs)
+
+    return wrap
+
+
+# --- prune -----------------------------------------------------------------------------------
+
+
+def add_prune(sub) -> None:
+    p = sub.add_parser("prune", help="one-shot structured pruning to a budget, exported as a HF folder")
+    p.add_argument("--model", required=True, help="HF folder, hub id, .gguf file, or alias (smollm2-135m)")
+    p.add_argument("--ratio", required=True, type=_ratio, help="kept fraction of block weights, in (0, 1]")
+    p.add_argument("--importance", default="wanda-sp", help="magnitude | wanda-sp | fluctuation | obs")
+    p.add_argument("--allocation", default="uniform-mlp", help="uniform | uniform-mlp | global")
+    p.add_argument("--mlp-step", type=int, default=1, help="MLP widths in multiples of this (default 1)")
+    p.add_argument("--out", required=True, type=Path, help="export folder (created or replaced if ours)")
+    p.add_argument("--save-dtype", choices=sorted(DTYPES), help="dtype of the exported weights (default: as loaded)")
+    p.add_argument("--eval", dest="eval_ppl", type=_ppl_list, default=[], help="perplexity after export, e.g. wikitext2")
+    p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--limit-windows", type=int, help="evaluate only the first N windows")
+    _add_model_options(p)
+    _add_calibration_options(p)
+    p.set_defaults(validate=validate_prune, main=main_prune)
+
+
+def validate_prune(args) -> None:
+    from evaluators.data import CalibrationSpec
+    from search.allocation import ALLOCATIONS
+    from space.export import check_destination
+    from space.importance import score_spec
+    from space.models import resolve
+
+    score_spec(args.importance)
+    if args.allocation not in ALLOCATIONS:
+        raise UserError(f"unknown allocation {args.allocation!r}; known: {', '.join(ALLOCATIONS)}")
+    if args.mlp_step < 1:
+        raise UserError("--mlp-step must be at least 1")
+    args.calibration = CalibrationSpec(args.calib, args.nsamples, args.calib_seqlen, args.seed)
+    check_destination(args.out)
+    resolve(args.model)
+
+
+def main_prune(args) -> int:
+    from evaluators.data import load_text, parse_dataset
+    from search.oneshot import prune_one_shot
+    from space.export import update_subnet_record
+    from space.models import load_model
+
+    name, split = parse_dataset(args.calib)
+    load_text(name, split or ("train" if name == "c4" else "validation"))  # fail before loading the model
+    loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
+                        trust_remote_code=args.trust_remote_code)
+    subnet, record = prune_one_shot(
+        loaded, ratio=args.ratio, importance=args.importance, allocation=args.allocation,
+        calibration=args.calibration, out_dir=args.out, mlp_step=args.mlp_step, batch_size=args.batch_size,
+        save_dtype=DTYPES[args.save_dtype] if args.save_dtype else None, progress=_progress(args.quiet),
+    )
+    print(f"exported {args.out}: block ratio {subnet.ratio():.4f}, total params {subnet.total_params():,} "
+          f"({subnet.total_ratio():.1%} of the model)")
+    if args.eval_ppl:
+        del loaded
+        result = evaluate(str(args.out), args.eval_ppl, seqlen=args.eval_seqlen, limit=args.limit_windows,
+                          dtype=args.dtype, device=args.device, batch_size=1, quiet=args.quiet)
+        update_subnet_record(args.out, metrics=result)
+        print_ppl_table(result)
+    return 0
+
+
+# --- eval ------------------------------------------------------------------------------------
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model or export")
+    p.add_argument("model", help="HF folder (exports of ours included), hub id, .gguf file, or alias")
+    p.add_argument("--ppl", type=_ppl_list, default=["wikitext2"], help="datasets, e.g. wikitext2,ptb,c4:train")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--limit-windows", type=int, help="only the first N windows of each dataset")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--json", type=Path, help="write the result here")
+    _add_model_options(p)
+    p.set_defaults(validate=validate_eval, main=main_eval)
+
+
+def validate_eval(args) -> None:
+    from space.models import resolve
+
+    if args.seqlen < 2:
+        raise UserError("--seqlen must be at least 2")
+    if args.limit_windows is not None and args.limit_windows < 1:
+        raise UserError("--limit-windows must be at least 1")
+    if args.json is not None and not args.json.parent.exists():
+        raise UserError(f"cannot write {args.json}: its folder does not exist")
+    resolve(args.model)
+
+
+def evaluate(spec: str, datasets: list[str], *, seqlen: int, limit: int | None, dtype: str, device: str,
+             batch_size: int, quiet: bool, trust_remote_code: bool = False) -> dict:
+    """Perplexity of ``spec`` on each dataset, with everything needed to reproduce it."""
+    from evaluators.data import dataset_windows
+    from evaluators.environment import environment
+    from evaluators.perplexity import count_params, perplexity
+    from space.models import load_model, resolve
+
+    started = time.time()
+    source = resolve(spec)
+    loaded = load_model(spec, dtype=DTYPES[dtype], device=device, trust_remote_code=trust_remote_code)
+    windows = {name: dataset_windows(loaded.tokenizer, name, seqlen=seqlen, limit=limit) for name in datasets}
+    ppl, counts, seconds = {}, {}, {}
+    for name, w in windows.items():
+        t = time.time()
+        ppl[name] = perplexity(loaded.model, w, batch_size=batch_size,
+                               progress=lambda it, **kw: _progress(quiet)(it, desc=name, **kw))
+        counts[name] = int(w.shape[0])
+        seconds[name] = round(time.time() - t, 3)
+    return {
+        "model": source.to_dict(),
+        "ppl": ppl,
+        "seqlen": seqlen,
+        "windows": counts,
+        "limit_windows": limit,
+        "dtype": dtype,
+        "device": device,
+        "params": count_params(loaded.model),
+        "seconds": {"per_dataset": seconds, "total": round(time.time() - started, 3)},
+        "environment": environment(),
+    }
+
+
+def print_ppl_table(result: dict) -> None:
+    print(f"\n| dataset | windows x {result['seqlen']} | perplexity |\n|---|---|---|")
+    for name, value in result["ppl"].items():
+        print(f"| {name} | {result['windows'][name]} | {value:.3f} |")
+    params = result["params"]
+    print(f"\nblock params {params['block']:,}, total params {params['total']:,}, dtype {result['dtype']}")
+
+
+def main_eval(args) -> int:
+    from space.export import write_json
+
+    result = evaluate(args.model, args.ppl, seqlen=args.seqlen, limit=args.limit_windows, dtype=args.dtype,
+                      device=args.device, batch_size=args.batch_size, quiet=args.quiet,
+                      trust_remote_code=args.trust_remote_code)
+    print_ppl_table(result)
+    if args.json is not None:
+        write_json(args.json, result)
+    return 0
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-pruner", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_prune, add_eval):
+        add(sub)
+    return parser
+
+
+def _configure_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.quiet)
+    try:
+        args.validate(args)
+        return args.main(args)
+    except UserError as exc:
+        print(f"llm-pruner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llm-pruner {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

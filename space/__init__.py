@@ -1,0 +1,1 @@
+"""What can be pruned: model adapters, importance scores, subnets, slicing and export."""

@@ -1,0 +1,168 @@
+"""Export a subnet as a Hugging Face folder that loads with
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
+
+The folder holds physically sliced safetensors, ``config.json`` (the source config plus the
+upstream ``per_layer_config`` widths, ``head_dim`` pinned, and an ``auto_map`` to our modelling
+file), ``modeling_llm_pruner.py``, the tokenizer, and ``subnet.json`` (widths, kept unit indices
+in the source model's numbering, the source, the recipe, metrics).
+
+The folder is written next to its destination and renamed into place only when complete, so a
+failure or an interruption leaves either the old folder or the new one, never a mixture. A
+destination that exists and is not an export of ours is refused before anything is computed
+(:func:`check_destination`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from space.adapters import ModelAdapter, family
+from space.errors import UserError
+from space.modeling_llm_pruner import MODEL_TYPE_PREFIX, PRUNED_CLASSES
+from space.slicing import LayerOrder, sliced_state_dict
+from space.subnet import Subnet
+
+SUBNET_FILE = "subnet.json"
+
+
+def check_destination(out_dir: Path) -> None:
+    """Refuse a destination that exists and is neither empty nor an export of ours."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        if not out_dir.parent.exists():
+            raise UserError(f"cannot write {out_dir}: its parent folder does not exist")
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"{out_dir} exists and is not a folder")
+    if any(out_dir.iterdir()) and not (out_dir / SUBNET_FILE).is_file():
+        raise UserError(f"{out_dir} exists and is not an llm-pruner export (no {SUBNET_FILE}); choose another --out")
+
+
+def per_layer_config(subnet: Subnet) -> dict[str, dict]:
+    """The upstream ``per_layer_config`` of a subnet (every layer listed, zero-padded keys)."""
+    digits = len(str(subnet.dims.num_layers - 1))
+    result = {}
+    for i, widths in enumerate(subnet.layers):
+        entry = {
+            "num_attention_heads": widths.heads,
+            "num_key_value_heads": widths.kv_heads,
+            "intermediate_size": widths.channels,
+        }
+        skip = [name for name, empty in (("self_attn", widths.kv_heads == 0), ("mlp", widths.channels == 0)) if empty]
+        if skip:
+            entry["skip"] = skip
+        result[str(i).zfill(digits)] = entry
+    return result
+
+
+def pruned_config(source_config, subnet: Subnet, *, dtype: torch.dtype | None = None):
+    """The export's config: the source config, per-layer widths, ``head_dim`` pinned."""
+    base = family(source_config.model_type)
+    if base not in PRUNED_CLASSES:
+        raise UserError(f"cannot export model type {source_config.model_type!r}; supported: {', '.join(PRUNED_CLASSES)}")
+    config_class = PRUNED_CLASSES[base][0]
+    values = source_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "per_layer_config", "_name_or_path", "transformers_version"):
+        values.pop(key, None)
+    values["head_dim"] = subnet.dims.head_dim
+    values["per_layer_config"] = per_layer_config(subnet)
+    if dtype is not None:
+        values["dtype"] = str(dtype).removeprefix("torch.")
+    return config_class(**values)
+
+
+def _json_default(value):
+    if isinstance(value, (torch.Tensor,)):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON whole, then rename into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def export_subnet(
+    adapter: ModelAdapter,
+    subnet: Subnet,
+    orders: list[LayerOrder],
+    out_dir: Path,
+    *,
+    tokenizer=None,
+    metadata: dict | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write the pruned model of ``subnet`` (the adapter's model is permuted by ``orders``)."""
+    out_dir = Path(out_dir)
+    check_destination(out_dir)
+    started = time.time()
+    config = pruned_config(adapter.config, subnet, dtype=dtype)
+    model_class = PRUNED_CLASSES[family(adapter.config.model_type)][1]
+    with torch.device("meta"):
+        pruned = model_class(config)
+    state = sliced_state_dict(adapter, subnet, dtype=dtype)
+    missing, unexpected = pruned.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"export state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        pruned.tie_weights()
+    type(pruned).register_for_auto_class("AutoModelForCausalLM")
+    type(config).register_for_auto_class("AutoConfig")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        pruned.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        record = {
+            "format": "llm-pruner subnet v1",
+            "model_type": MODEL_TYPE_PREFIX + family(adapter.config.model_type),
+            "subnet": subnet.to_dict(),
+            "kept": [order.kept(widths) for order, widths in zip(orders, subnet.layers)],
+            "export_seconds": round(time.time() - started, 3),
+            **(metadata or {}),
+        }
+        write_json(staging / SUBNET_FILE, record)
+        _replace_folder(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _replace_folder(staging: Path, out_dir: Path) -> None:
+    """Move a complete folder into place; an older export there is removed only afterwards."""
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(staging, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out_dir)
+
+
+def read_subnet_record(folder: Path) -> dict:
+    path = Path(folder) / SUBNET_FILE
+    if not path.is_file():
+        raise UserError(f"{folder} is not an llm-pruner export (no {SUBNET_FILE})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def update_subnet_record(folder: Path, **fields) -> None:
+    """Add fields (e.g. metrics measured after export) to an export's ``subnet.json``."""
+    record = read_subnet_record(folder)
+    record.update(fields)
+    write_json(Path(folder) / SUBNET_FILE, record)
