@@ -25,7 +25,7 @@ import torch
 
 from space.adapters import ModelAdapter, family
 from space.errors import UserError
-from space.modeling_llm_pruner import MODEL_TYPE_PREFIX, PRUNED_CLASSES
+from space.modeling_llm_pruner import MODEL_TYPE_PREFIX, OUTPUT_BIAS_KEY, PRUNED_CLASSES
 from space.slicing import LayerOrder, sliced_state_dict
 from space.subnet import Subnet
 
@@ -62,7 +62,7 @@ def per_layer_config(subnet: Subnet) -> dict[str, dict]:
     return result
 
 
-def pruned_config(source_config, subnet: Subnet, *, dtype: torch.dtype | None = None):
+def pruned_config(source_config, subnet: Subnet, *, dtype: torch.dtype | None = None, output_bias: bool = False):
     """The export's config: the source config, per-layer widths, ``head_dim`` pinned."""
     base = family(source_config.model_type)
     if base not in PRUNED_CLASSES:
@@ -75,6 +75,8 @@ def pruned_config(source_config, subnet: Subnet, *, dtype: torch.dtype | None = 
     values["per_layer_config"] = per_layer_config(subnet)
     if dtype is not None:
         values["dtype"] = str(dtype).removeprefix("torch.")
+    if output_bias:
+        values[OUTPUT_BIAS_KEY] = True
     return config_class(**values)
 
 
@@ -101,17 +103,24 @@ def export_subnet(
     *,
     tokenizer=None,
     metadata: dict | None = None,
+    overrides: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write the pruned model of ``subnet`` (the adapter's model is permuted by ``orders``)."""
+    """Write the pruned model of ``subnet`` (the adapter's model is permuted by ``orders``);
+    ``overrides`` replace kept slices (rectified weights) or add compensation biases."""
     out_dir = Path(out_dir)
     check_destination(out_dir)
     started = time.time()
-    config = pruned_config(adapter.config, subnet, dtype=dtype)
+    output_bias = any(k.endswith(("o_proj.bias", "down_proj.bias")) for k in overrides or {})
+    config = pruned_config(adapter.config, subnet, dtype=dtype, output_bias=output_bias)
     model_class = PRUNED_CLASSES[family(adapter.config.model_type)][1]
     with torch.device("meta"):
         pruned = model_class(config)
-    state = sliced_state_dict(adapter, subnet, dtype=dtype)
+    state = sliced_state_dict(adapter, subnet, overrides=overrides, dtype=dtype)
+    if output_bias:  # every o_proj/down_proj of the export has a bias; zero where none was given
+        for name, module in pruned.named_modules():
+            if name.endswith(("o_proj", "down_proj")) and module.bias is not None and f"{name}.bias" not in state:
+                state[f"{name}.bias"] = torch.zeros(module.out_features, dtype=state[f"{name}.weight"].dtype)
     missing, unexpected = pruned.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
     if missing or unexpected:

@@ -57,8 +57,12 @@ class SkippedMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def build_decoder_layer(layer_class: type, layer_config, layer_idx: int) -> nn.Module:
-    """The stock decoder layer at this layer's widths, with skipped sub-layers replaced."""
+OUTPUT_BIAS_KEY = "llm_pruner_output_bias"
+
+
+def build_decoder_layer(layer_class: type, layer_config, layer_idx: int, *, output_bias: bool = False) -> nn.Module:
+    """The stock decoder layer at this layer's widths, with skipped sub-layers replaced, and with
+    a bias on o_proj and down_proj when ``output_bias`` (bias compensation puts one there)."""
     skip = set(getattr(layer_config, "skip", None) or ())
     if skip:
         # Build the stock layer with a placeholder width for what will be replaced (no zero-size
@@ -73,6 +77,11 @@ def build_decoder_layer(layer_class: type, layer_config, layer_idx: int) -> nn.M
         layer.self_attn = SkippedAttention(layer_idx)
     if "mlp" in skip:
         layer.mlp = SkippedMLP()
+    if output_bias:
+        for parent, name in ((layer.self_attn, "o_proj"), (layer.mlp, "down_proj")):
+            linear = getattr(parent, name, None)
+            if isinstance(linear, nn.Linear) and linear.bias is None:
+                linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device))
     return layer
 
 
@@ -119,7 +128,10 @@ def _pruned_classes(base_config: type, base_model: type) -> tuple[type, type]:
                 config.num_hidden_layers = num_layers
             layer_class = _decoder_layer_class(base_model)
             for idx in range(num_layers):
-                layer = build_decoder_layer(layer_class, config.per_layer_config[idx], idx)
+                layer = build_decoder_layer(
+                    layer_class, config.per_layer_config[idx], idx,
+                    output_bias=bool(getattr(config, OUTPUT_BIAS_KEY, False)),
+                )
                 if isinstance(getattr(layer, "self_attn", None), nn.Module) and hasattr(layer.self_attn, "config"):
                     # Share the global config so that attention-implementation switches reach it.
                     layer.self_attn.config = config

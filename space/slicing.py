@@ -178,20 +178,30 @@ def _module_names(layer: LayerAdapter) -> dict[nn.Module, str]:
     return {module: name for name, module in layer.layer.named_modules()}
 
 
+def layer_prefix(adapter: ModelAdapter, layer: LayerAdapter) -> str:
+    """The state-dict prefix of a layer (``model.layers.7.``)."""
+    return f"{_prefix_of(adapter.model, adapter.decoder_layers())}.{layer.index}."
+
+
 @contextmanager
-def subnet_view(adapter: ModelAdapter, subnet: Subnet):
+def subnet_view(adapter: ModelAdapter, subnet: Subnet, overrides: dict[str, torch.Tensor] | None = None):
     """Inside the block, the (permuted) model computes ``subnet``: every prunable parameter is
     swapped for its kept prefix (a view), sub-layers with no units left are swapped for empty
-    ones, and the attention modules know their new group size. Everything is restored on exit."""
+    ones, and the attention modules know their new group size. ``overrides`` (full state-dict
+    keys, pruned shapes) replace kept slices or add parameters, e.g. rectified o_proj/down_proj
+    weights and compensation biases. Everything is restored on exit."""
     dims = adapter.dims
+    overrides = overrides or {}
     saved_params: list[tuple[nn.Module, str, nn.Parameter]] = []
     saved_modules: list[tuple[LayerAdapter, str, nn.Module]] = []
     saved_groups: list[tuple[nn.Module, int]] = []
     try:
         for layer, widths in zip(adapter.layers, subnet.layers):
-            if widths == dims.dense_layer():
+            prefix = layer_prefix(adapter, layer)
+            mine = {k[len(prefix):]: v for k, v in overrides.items() if k.startswith(prefix)}
+            if widths == dims.dense_layer() and not mine:
                 continue
-            tensors = layer_tensors(layer, widths, dims)
+            tensors = {**layer_tensors(layer, widths, dims), **mine}
             modules = dict(layer.layer.named_modules())
             for key, tensor in tensors.items():
                 module_name, _, param_name = key.rpartition(".")
@@ -220,9 +230,15 @@ def subnet_view(adapter: ModelAdapter, subnet: Subnet):
 # --- physical slices -------------------------------------------------------------------------
 
 
-def sliced_state_dict(adapter: ModelAdapter, subnet: Subnet, *, dtype: torch.dtype | None = None) -> dict:
-    """The state dict of the pruned model: contiguous copies of the kept slices of every block,
-    and the rest of the model (embeddings, norms, head) as it is."""
+def sliced_state_dict(
+    adapter: ModelAdapter,
+    subnet: Subnet,
+    *,
+    overrides: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict:
+    """The state dict of the pruned model: contiguous copies of the kept slices of every block
+    (or their ``overrides``), and the rest of the model (embeddings, norms, head) as it is."""
     decoder_prefix = _prefix_of(adapter.model, adapter.decoder_layers())
     state: dict[str, torch.Tensor] = {}
     prunable = set()
@@ -239,6 +255,8 @@ def sliced_state_dict(adapter: ModelAdapter, subnet: Subnet, *, dtype: torch.dty
     for key, tensor in adapter.model.state_dict().items():
         if key not in prunable and key not in state:
             state[key] = tensor.detach()
+    for key, tensor in (overrides or {}).items():
+        state[key] = tensor.detach().contiguous().clone()
     if dtype is not None:
         state = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in state.items()}
     return state
