@@ -87,13 +87,15 @@ class InputStats:
         self.gram = torch.zeros(width, width, dtype=torch.float64, device=device) if gram else None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1])
+        x64 = x.double()  # sums of squares of large activations lose the variance in float32
         self.count += x.shape[0]
-        self.sum += x.sum(0).double()
-        self.sumsq += x.square().sum(0).double()
+        self.sum += x64.sum(0)
+        self.sumsq += x64.square().sum(0)
         if self.gram is not None:
-            # One float32 product per batch, accumulated in float64.
-            self.gram += (x.T @ x).double()
+            # One float32 product per batch (the costly part), accumulated in float64.
+            x32 = x.float()
+            self.gram += (x32.T @ x32).double()
 
     @property
     def mean(self) -> torch.Tensor:

@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from evaluators.data import (
+    CalibrationSpec,
+    _wikitext_rows,
+    eval_windows,
+    load_text,
+    parse_dataset,
+    random_windows,
+)
+from space.errors import UserError
+
+
+def test_eval_windows_are_non_overlapping_from_the_start():
+    tokens = torch.arange(100)
+    windows = eval_windows(tokens, seqlen=30)
+    assert windows.shape == (3, 30)
+    assert torch.equal(windows.reshape(-1), torch.arange(90))
+    assert eval_windows(tokens, seqlen=30, limit=2).shape == (2, 30)
+
+
+def test_text_shorter_than_a_window_is_a_user_error():
+    with pytest.raises(UserError, match="fewer than one window"):
+        eval_windows(torch.arange(10), seqlen=30)
+
+
+def test_random_windows_are_deterministic_by_seed():
+    tokens = torch.arange(1000)
+    a = random_windows(tokens, nsamples=4, seqlen=16, seed=3)
+    assert torch.equal(a, random_windows(tokens, nsamples=4, seqlen=16, seed=3))
+    assert not torch.equal(a, random_windows(tokens, nsamples=4, seqlen=16, seed=4))
+    assert torch.all(a[:, 1:] - a[:, :-1] == 1)  # contiguous slices of the text
+
+
+def test_names_and_splits_are_checked():
+    assert parse_dataset("WikiText-2") == ("wikitext2", None)
+    assert parse_dataset("c4:train") == ("c4", "train")
+    with pytest.raises(UserError, match="unknown dataset"):
+        parse_dataset("imagenet")
+    with pytest.raises(UserError, match="no split"):
+        parse_dataset("ptb:dev")
+
+
+def test_calibration_never_uses_a_test_split(tiny_data):
+    with pytest.raises(UserError, match="leak"):
+        CalibrationSpec("wikitext2:test").windows(None)
+
+
+def test_missing_local_file_without_network_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_PRUNER_DATA", str(tmp_path))
+    with pytest.raises(UserError, match="not found locally"):
+        load_text("ptb", "test")
+    with pytest.raises(UserError, match="not found"):
+        load_text("c4", "validation")
+
+
+@pytest.mark.real
+def test_wikitext_rows_match_the_hub_rows(real_data):
+    # The hub's wikitext-2-raw-v1 test split: 4358 rows, 1305088 bytes counting 4 per row
+    # (the dataset card's num_bytes; shared/data/MANIFEST.md).
+    raw = (real_data / "wikitext-2-raw-v1" / "wiki.test.raw").read_text(encoding="utf-8")
+    rows = _wikitext_rows(raw)
+    assert len(rows) == 4358
+    assert sum(len(r.encode()) for r in rows) + 4 * len(rows) == 1305088
+    text = load_text("wikitext2", "test")
+    assert text.startswith("\n\n = Robert Boulter = \n")
+
+
+@pytest.mark.real
+def test_every_shipped_text_dataset_loads(real_data):
+    for name, split in (("wikitext2", "validation"), ("ptb", "test"), ("ptb", "validation"), ("c4", "train")):
+        assert len(load_text(name, split)) > 300_000
