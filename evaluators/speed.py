@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import platform
 import re
 import statistics
@@ -254,6 +255,7 @@ def compare(
     names = list(models)
     if not names:
         raise ValueError("no models to compare")
+    load_before = _load_average()
     options = dict(shapes=shapes, decode_tokens=decode_tokens, decode_prompt=decode_prompt, seed=seed)
     runs = {name: [] for name in names}
     # Everything alive now (models, libraries) moves out of the collector's sight: the collection
@@ -275,11 +277,20 @@ def compare(
     return {
         "config": {"shapes": [list(s) for s in shapes], "decode_tokens": decode_tokens,
                    "decode_prompt": decode_prompt, "repeats": repeats, "warmup": warmup, "seed": seed,
-                   "order": "interleaved per repeat, rotating the first model"},
+                   "order": "interleaved per repeat, rotating the first model",
+                   # other jobs on a shared machine: the timings are only as good as this
+                   "load_average_1min": {"before": load_before, "after": _load_average()}},
         "reference": names[0],
         "models": results,
         "ratios": {name: ratios(results[name], results[names[0]]) for name in names},
     }
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def _ratio(a, b):

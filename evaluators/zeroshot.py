@@ -308,11 +308,11 @@ def loglikelihoods(
         inputs = tuple((context_ids + cont_ids)[-(limit + 1) :][:-1])  # left-truncate like lm-eval
         plans.append((unique.setdefault(inputs, len(unique)), cont_ids))
     seqs = list(unique)
-    keep = [0] * len(seqs)  # how many final positions of each input some request scores
-    for index, cont_ids in plans:
-        keep[index] = max(keep[index], len(cont_ids))
+    users: list[list[int]] = [[] for _ in seqs]  # the requests that read each input's logits
+    for request, (index, _) in enumerate(plans):
+        users[index].append(request)
     order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), seqs[i]))
-    scores: list[torch.Tensor | None] = [None] * len(seqs)
+    out = [0.0] * len(plans)
     bar = tqdm(total=len(order), desc="zero-shot log-likelihoods", disable=not progress, leave=False)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
@@ -321,15 +321,15 @@ def loglikelihoods(
             ids[row, : len(seqs[index])] = torch.tensor(seqs[index])
         logits = model(input_ids=ids.to(device)).logits
         for row, index in enumerate(batch):
-            end = len(seqs[index])
-            # float32 log-softmax over the vocabulary, only where a continuation token is scored
-            scores[index] = logits[row, end - keep[index] : end].float().log_softmax(-1).cpu()
+            for request in users[index]:
+                cont_ids = plans[request][1]
+                end = len(seqs[index])
+                # float32 log-softmax, only at the positions that predict the continuation
+                logprobs = logits[row, end - len(cont_ids) : end].float().log_softmax(-1)
+                target = torch.tensor(cont_ids, device=logprobs.device).unsqueeze(1)
+                out[request] = logprobs.gather(1, target).sum().item()
         bar.update(len(batch))
     bar.close()
-    out = []
-    for seq_index, cont_ids in plans:
-        logprobs = scores[seq_index][-len(cont_ids) :]
-        out.append(logprobs.gather(1, torch.tensor(cont_ids).unsqueeze(1)).sum().item())
     return out
 
 
