@@ -108,3 +108,15 @@ def test_benchmark_on_cuda_uses_the_allocator_peak():
     assert result["device"].startswith("cuda")
     assert result["memory_method"] == "torch.cuda.max_memory_allocated"
     assert result["peak_increase_bytes"] > 0
+
+
+@pytest.mark.real
+def test_real_model_benchmark_in_bfloat16():
+    from experiments.eval_exports import load_for_eval
+
+    model, _, _ = load_for_eval("smollm2-135m", dtype=torch.bfloat16)
+    result = speed.benchmark(model, shapes=((1, 64),), decode_tokens=4, repeats=1, warmup=0)
+    assert result["dtype"] == "bfloat16"
+    assert result["params"] == pytest.approx(134.5e6, rel=0.01)  # PROTOCOL.md, tied embeddings once
+    assert result["weight_bytes"] == 2 * result["params"]
+    assert result["prefill"][0]["tokens_per_s"] > 0 and result["decode"]["tokens_per_s"] > 0

@@ -344,3 +344,23 @@ def test_real_requests_equal_lm_eval_requests(limit):
                 assert list(example.choices) == lm_task.doc_to_choice(doc), (task, doc_id)
                 gold = lm_task.doc_to_text(doc) if lm_task.multiple_input else lm_task.doc_to_target(doc)
                 assert example.gold == gold, (task, doc_id)
+
+
+@needs_data
+@pytest.mark.real
+def test_real_model_loglikelihoods_agree_with_lm_eval():
+    """SmolLM2-135M in float32: our scorer and lm-eval's HFLM on the same requests."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from experiments.eval_exports import load_for_eval
+
+    model, tokenizer, _ = load_for_eval("smollm2-135m", dtype=torch.float32)
+    requests = [r for task in ("arc_challenge", "winogrande", "hellaswag") for e in load_task(task, limit=4)
+                for r in e.requests()]
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8, device="cpu")
+    instances = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(requests)]
+    theirs = [ll for ll, _ in lm.loglikelihood(instances, disable_tqdm=True)]
+    ours = loglikelihoods(model, tokenizer, requests, batch_size=8, progress=False)
+    assert ours == pytest.approx(theirs, abs=1e-3)
