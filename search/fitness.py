@@ -1,0 +1,128 @@
+"""The search fitness: calibration perplexity of a candidate after least-squares rectification.
+
+The paper scores candidates before reformation and reforms only the winner; allocations tuned that
+way do not carry over (METHODS.md section 5), so here every candidate is scored with its o_proj
+and down_proj rectified. It stays cheap because units are importance prefixes: one factor of
+``C + λI`` per layer and projection serves every width (:class:`reform.lstsq.PrefixLstsq`), and a
+layer's rectified weights are cached by its widths, so the children of a generation, which share
+most layers with their parents, are mostly solved already.
+
+Candidates are evaluated through prefix views of the permuted model (no weight copies), batch by
+batch, so a caller can report intermediate values and stop a hopeless candidate early.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from evaluators.perplexity import iter_nll
+from space.adapters import ModelAdapter
+from space.slicing import subnet_view
+from space.subnet import LayerWidths, Subnet
+
+
+@dataclass
+class FitnessResult:
+    ppl: float
+    batch_ppl: list[float]  # running perplexity after each batch
+    pruned: bool = False  # stopped early by the caller's callback
+
+
+class _LayerCache:
+    """Rectified weights per (layer, widths), least recently used dropped first, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.entries: OrderedDict[tuple[int, LayerWidths], dict[str, torch.Tensor]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key):
+        entry = self.entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return entry
+
+    def put(self, key, value: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in value.values())
+        self.entries[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= sum(t.numel() * t.element_size() for t in old.values())
+
+
+class Fitness:
+    """Scores subnets of one permuted model on fixed calibration windows.
+
+    Args:
+        adapter: the permuted model, in the dtype candidates are scored in.
+        windows: calibration windows (never a test split), fixed for the whole search.
+        solvers: per layer ``{"o": PrefixLstsq, "down": PrefixLstsq}`` from
+            :func:`reform.local.output_solvers`; None scores candidates without rectification.
+        batch_size: windows per forward pass (one intermediate value each).
+        cache_bytes: memory for cached rectified layers.
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        windows: torch.Tensor,
+        *,
+        solvers: list[dict] | None = None,
+        batch_size: int = 8,
+        cache_bytes: int = 1 << 30,
+    ):
+        self.adapter = adapter
+        self.windows = windows
+        self.solvers = solvers
+        self.batch_size = batch_size
+        self.dtype = next(adapter.model.parameters()).dtype
+        self.cache = _LayerCache(cache_bytes)
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.windows.shape[0] / self.batch_size)
+
+    def overrides(self, subnet: Subnet) -> dict[str, torch.Tensor]:
+        """Rectified o_proj/down_proj weights of every pruned layer (cached per layer)."""
+        if self.solvers is None:
+            return {}
+        from reform.local import solver_overrides
+
+        out: dict[str, torch.Tensor] = {}
+        dense = self.adapter.dims.dense_layer()
+        for layer, widths in zip(self.adapter.layers, subnet.layers):
+            if widths == dense:
+                continue
+            key = (layer.index, widths)
+            entry = self.cache.get(key)
+            if entry is None:
+                single = Subnet(subnet.dims, [widths if i == layer.index else dense for i in range(len(subnet.layers))])
+                entry = {k: v.to(self.dtype) for k, v in
+                         solver_overrides(self.adapter, single, self.solvers).items()}
+                self.cache.put(key, entry)
+            out.update(entry)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, subnet: Subnet, *, on_batch: Callable[[int, float], bool] | None = None) -> FitnessResult:
+        """Perplexity of ``subnet``; ``on_batch(step, running_ppl)`` returning True stops early."""
+        total, count, running = 0.0, 0, []
+        overrides = self.overrides(subnet)
+        with subnet_view(self.adapter, subnet, overrides) as model:
+            for step, (nll, n) in enumerate(iter_nll(model, self.windows, batch_size=self.batch_size)):
+                total += nll
+                count += n
+                running.append(math.exp(total / count))
+                if on_batch is not None and on_batch(step, running[-1]):
+                    return FitnessResult(running[-1], running, pruned=True)
+        return FitnessResult(running[-1], running)
