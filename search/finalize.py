@@ -85,7 +85,7 @@ def finalize(study: optuna.Study, config, run_dir: Path, space, *, search_second
     from evaluators.data import dataset_windows
     from evaluators.perplexity import perplexity
     from reform.rectify import ReformSpec, rectify
-    from search.job import build_fitness, load_prepared
+    from search.job import build_fitness, load_prepared, release_fitness
     from space.export import export_subnet
     from space.models import load_model
 
@@ -108,6 +108,7 @@ def finalize(study: optuna.Study, config, run_dir: Path, space, *, search_second
         rescored.append({"trial": t.number, "search_value": t.values[0], "rescored": value})
         log.info("trial %d: search %.3f, re-scored %.3f", t.number, t.values[0], value)
     del fitness
+    release_fitness()
     gc.collect()
     rescore_seconds = time.time() - started
     winner = min(rescored, key=lambda r: r["rescored"])

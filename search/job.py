@@ -20,6 +20,7 @@ receive widths and return scores.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -186,17 +187,33 @@ def load_prepared(config: SearchConfig, run_dir: Path):
     return loaded, adapter, orders, ordered
 
 
-def build_fitness(config: SearchConfig, run_dir: Path, *, windows: str = "fitness_windows"):
-    """The fitness of this search: permuted model in the search dtype, prefix solvers, windows."""
+@functools.lru_cache(maxsize=1)
+def _fitness_parts(config_json: str, run_dir: str):
+    """Permuted model in the search dtype and its prefix solvers: built once per process and
+    shared by the search's fitness and the final re-scoring (one calibration pass, not two)."""
     from reform.local import output_solvers
-    from search.fitness import Fitness
 
-    loaded, adapter, _, _ = load_prepared(config, run_dir)
+    config = SearchConfig(**json.loads(config_json))
+    loaded, adapter, _, _ = load_prepared(config, Path(run_dir))
     solvers = None
     if config.fitness_reform == "lstsq":
         solvers = output_solvers(adapter, config.calibration_spec().windows(loaded.tokenizer), damping=config.damping)
     adapter.model.to(getattr(torch, config.dtype))
-    return Fitness(adapter, config.calibration_spec(windows).windows(loaded.tokenizer), solvers=solvers)
+    return adapter, solvers, loaded.tokenizer
+
+
+def build_fitness(config: SearchConfig, run_dir: Path, *, windows: str = "fitness_windows"):
+    """The fitness of this search on the windows ``windows`` names (a field of the config)."""
+    from search.fitness import Fitness
+
+    key = json.dumps(dataclasses.asdict(config), sort_keys=True)
+    adapter, solvers, tokenizer = _fitness_parts(key, str(run_dir))
+    return Fitness(adapter, config.calibration_spec(windows).windows(tokenizer), solvers=solvers)
+
+
+def release_fitness() -> None:
+    """Drop this process's prepared fitness (its model and solvers)."""
+    _fitness_parts.cache_clear()
 
 
 class SearchEvaluator:

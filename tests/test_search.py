@@ -248,3 +248,61 @@ def test_ray_workers_survive_an_actor_killed_mid_trial(tiny_model_dir, tiny_data
     assert killed[0] in {t.number for t in trials}  # the killed trial was evaluated elsewhere
     assert len({t.user_attrs["worker"] for t in trials}) >= 2
     AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export", trust_remote_code=True)
+
+
+def test_a_partial_journal_record_is_dropped_before_resuming(tmp_path):
+    from search.job import heal_journal
+
+    path = tmp_path / JOURNAL
+    path.write_bytes(b'{"op_code": 0}\n{"op_code": 1}\n{"op_co')
+    heal_journal(path)
+    assert path.read_bytes() == b'{"op_code": 0}\n{"op_code": 1}\n'
+    heal_journal(path)  # a whole journal is left as it is
+    assert path.read_bytes() == b'{"op_code": 0}\n{"op_code": 1}\n'
+
+
+class _InterruptingPool:
+    """Evaluates two jobs, then the user presses Ctrl-C while the third is in flight."""
+
+    def __init__(self):
+        self.jobs, self.done = 0, []
+
+    @property
+    def capacity(self):
+        return 0 if self.done else 1
+
+    def submit(self, job_id, payload, **options):
+        self.jobs += 1
+        if self.jobs == 3:
+            raise KeyboardInterrupt
+        self.done.append(job_id)
+
+    def wait(self):
+        from evaluators.workers import Outcome
+
+        done, self.done = self.done, []
+        return [Outcome(j, {}, result={"ppl": 10.0 + j, "batch_ppl": [10.0 + j], "seconds": 0.0}, worker="w")
+                for j in done]
+
+
+def test_ctrl_c_fails_the_trial_in_flight_and_queues_it_again(tmp_path):
+    from search.job import _loop
+
+    space = WidthSpace(DIMS, preset="full", mlp_step=8)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    config = SearchConfig(model="m", ratio=0.6, searcher="random", trials=5)
+    with pytest.raises(KeyboardInterrupt):
+        _loop(study, config, space, _InterruptingPool(), False, tmp_path)
+    states = [t.state for t in study.trials]
+    assert states[:2] == [optuna.trial.TrialState.COMPLETE] * 2 and states[2] == optuna.trial.TrialState.FAIL
+    queued = study.ask(fixed_distributions=space.distributions())  # the interrupted widths come back first
+    assert queued.params == study.trials[2].params
+
+
+def test_any_optuna_rdb_storage_works(tiny_model_dir, tiny_data, tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    run_search(tiny_config(tiny_model_dir, trials=3, searcher="tpe"), tmp_path / "run", storage_url=url,
+               progress=False, final=False)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=url)
+    assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 3
+    assert not (tmp_path / "run" / JOURNAL).exists()
