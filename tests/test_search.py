@@ -306,3 +306,13 @@ def test_any_optuna_rdb_storage_works(tiny_model_dir, tiny_data, tmp_path):
     study = optuna.load_study(study_name=STUDY_NAME, storage=url)
     assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 3
     assert not (tmp_path / "run" / JOURNAL).exists()
+
+
+def test_nsga2_searches_a_ratio_range_and_reports_a_front(tiny_model_dir, tiny_data, tmp_path):
+    run_search(tiny_config(tiny_model_dir, searcher="nsga2", ratio=0.8, ratio_min=0.4, trials=10, eval_windows=0),
+               tmp_path / "run", progress=False)
+    trials = finished(tmp_path / "run")
+    ratios = [t.values[1] for t in trials]
+    assert all(0.4 - 0.003 <= r <= 0.8 + 0.004 for r in ratios) and max(ratios) - min(ratios) > 0.1
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert len(best["front"]) >= 2 and (tmp_path / "run" / "front.png").is_file()
