@@ -36,24 +36,36 @@ class LayerScores:
 @dataclass(frozen=True)
 class ScoreSpec:
     name: str
-    fn: Callable[[LayerAdapter, LayerStats, "ScoreContext"], LayerScores]
+    fn: Callable[..., LayerScores | list[LayerScores]]
     request: StatsRequest
     standardized: bool  # already comparable across layers (FLAP standardises inside the score)
     source: str
+    whole_model: bool = False  # fn(adapter, windows, ctx, batch_size=, progress=) -> every layer's scores
+    uses_ratio: bool = False  # depends on the target ratio (ScoreContext.ratio)
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.request.inputs) or self.whole_model
 
 
 @dataclass(frozen=True)
 class ScoreContext:
     head_dim: int
     group_size: int
+    ratio: float | None = None  # the target budget, for scores that depend on it (newton)
 
 
 SCORES: dict[str, ScoreSpec] = {}
 
 
-def register_score(name: str, *, request: StatsRequest, standardized: bool = False, source: str = ""):
+def register_score(name: str, *, request: StatsRequest = StatsRequest((), ()), standardized: bool = False,
+                   source: str = "", whole_model: bool = False, uses_ratio: bool = False):
+    """Register a score. Per-layer scores take ``(layer, stats, ctx)`` and the statistics named by
+    ``request``; ``whole_model`` scores (gradients, block outputs) make their own calibration pass
+    and take ``(adapter, windows, ctx, *, batch_size, progress)``."""
+
     def decorate(fn):
-        SCORES[name] = ScoreSpec(name, fn, request, standardized, source)
+        SCORES[name] = ScoreSpec(name, fn, request, standardized, source, whole_model, uses_ratio)
         return fn
 
     return decorate
@@ -162,15 +174,23 @@ def compute_scores(
     names: list[str],
     *,
     batch_size: int = 8,
+    ratio: float | None = None,
     progress: Callable = lambda it: it,
 ) -> dict[str, list[LayerScores]]:
-    """Every requested score for every layer, from one block-by-block calibration pass."""
-    specs = [score_spec(n) for n in names]
+    """Every requested score for every layer: the per-layer ones from one shared block-by-block
+    calibration pass, the whole-model ones from their own passes. ``ratio``: the target budget,
+    for the scores that depend on it."""
+    ctx = ScoreContext(adapter.dims.head_dim, adapter.dims.group_size, ratio)
+    results: dict[str, list[LayerScores]] = {}
+    for spec in (score_spec(n) for n in names):
+        if spec.whole_model:
+            layers = spec.fn(adapter, windows, ctx, batch_size=batch_size, progress=progress)
+            results[spec.name] = [s.to() for s in layers]
+    specs = [score_spec(n) for n in names if not score_spec(n).whole_model]
     request = StatsRequest((), ())
     for spec in specs:
         request = request.merged(spec.request)
-    ctx = ScoreContext(adapter.dims.head_dim, adapter.dims.group_size)
-    results: dict[str, list[LayerScores]] = {spec.name: [] for spec in specs}
+    results.update({spec.name: [] for spec in specs})
     if not request.inputs:  # weights only: no calibration pass needed
         for layer in adapter.layers:
             for spec in specs:
@@ -205,3 +225,7 @@ def load_scores(path: Path, meta: dict) -> dict[str, list[LayerScores]] | None:
     if payload.get("meta") != meta:
         return None
     return {name: [LayerScores(**s) for s in layers] for name, layers in payload["scores"].items()}
+
+
+# The scores that live in their own modules register themselves on import.
+from space import gradients, influence, newton  # noqa: E402,F401

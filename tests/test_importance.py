@@ -85,7 +85,7 @@ def test_obs_matches_its_definition_on_down_proj(make_model, token_ids):
 
 
 def test_unknown_score_is_a_user_error():
-    with pytest.raises(UserError, match="known: fluctuation, magnitude, obs, wanda-sp"):
+    with pytest.raises(UserError, match="known: bip, block-influence, fluctuation, magnitude, newton, ntk, obs"):
         score_spec("entropy")
 
 
