@@ -1,0 +1,198 @@
+"""Every recipe of search/recipes.py, and the engine's search, side by side at several budgets.
+
+    LLM_PRUNER_DATA=../shared/data nohup .venv/bin/python experiments/compare.py \\
+        > runs/compare.log 2>&1 &
+
+Per recipe and ratio: the recipe runs on a fresh copy of the dense model (float32), the pruned
+model is cast to ``--dtype`` and evaluated in process through ``subnet_view(adapter, subnet,
+overrides)`` (equal to the reloaded export: tests/test_recipes.py, tests/test_reform.py) on
+WikiText-2 test: the first ``--windows`` windows of 2048 tokens, and the same tokens cut into
+windows of 128. Scores that do not depend on the ratio are computed once per recipe and reused
+(the wall time of every cell still counts them); cells run ratio by ratio. ``--max-calib-tokens`` caps each recipe's
+calibration windows (the papers' counts are far beyond a shared 2-core CPU); the JSON records
+what each cell used.
+
+The search row comes from the lead's run folders ``runs/search-<searcher>-<ratio>/`` (their
+export, evaluated here on the same windows); where none exists and ``--search-trials`` is given,
+:func:`search.job.run_search` runs with that budget; otherwise the row says pending.
+
+Writes ``experiments/results/compare.json`` after every cell (config, versions, seed, wall
+times), then ``compare.md`` and ``compare.png``. Re-running resumes: finished cells are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from evaluators.data import dataset_windows  # noqa: E402
+from evaluators.environment import environment  # noqa: E402
+from evaluators.perplexity import perplexity  # noqa: E402
+from search.recipes import RECIPES, dense_copy, run_recipe  # noqa: E402
+from space.export import write_json  # noqa: E402
+from space.models import load_model  # noqa: E402
+from space.slicing import subnet_view  # noqa: E402
+
+log = logging.getLogger("compare")
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    p.add_argument("--windows", type=int, default=32, help="first N WikiText-2 test windows of 2048 tokens")
+    p.add_argument("--short-seqlen", type=int, default=128, help="the same tokens in windows of this length too")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="evaluation dtype")
+    p.add_argument("--max-calib-tokens", type=int, default=None,
+                   help="cap each recipe's calibration at this many tokens (fewer windows of its length)")
+    p.add_argument("--searcher", default="evolution", help="the search runs to read: runs/search-<searcher>-<ratio>")
+    p.add_argument("--search-trials", type=int, help="run the search with this many trials where no run exists")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "compare")
+    return p.parse_args(argv)
+
+
+def capped(recipe, max_tokens: int | None):
+    if max_tokens is None:
+        return recipe
+    cal = recipe.calibration
+    return recipe.with_calibration(nsamples=max(1, min(cal.nsamples, max_tokens // cal.seqlen)))
+
+
+def evaluate(model, windows: dict[str, torch.Tensor]) -> dict:
+    out = {}
+    for name, w in windows.items():
+        started = time.time()
+        out[name] = {"ppl": perplexity(model, w, batch_size=1 if w.shape[1] > 512 else 16),
+                     "seconds": round(time.time() - started, 1)}
+    return out
+
+
+def load_results(path: Path, config: dict) -> dict:
+    import json
+
+    if path.is_file():
+        results = json.loads(path.read_text())
+        if results.get("config") != config:
+            raise SystemExit(f"{path} holds another comparison (config differs); use another --out")
+        return results
+    return {"config": config, "cells": {}}
+
+
+def recipe_cell(pristine, recipe, ratio: float, windows, dtype, cache, batch_size) -> dict:
+    loaded = dense_copy(pristine)
+    pruned = run_recipe(loaded, recipe, ratio=ratio, cache=cache, batch_size=batch_size)
+    loaded.model.to(dtype)
+    overrides = {k: v.to(dtype) for k, v in pruned.overrides.items()}
+    with subnet_view(pruned.adapter, pruned.subnet, overrides):
+        metrics = evaluate(loaded.model, windows)
+    record = {k: v for k, v in pruned.record.items() if k != "environment"}
+    return {"kind": "recipe", "ratio": ratio, "block_ratio": pruned.subnet.ratio(),
+            "total_ratio": pruned.subnet.total_ratio(), "metrics": metrics,
+            "widths": [[w.kv_heads, w.q_per_kv, w.channels] for w in pruned.subnet.layers],
+            "recipe_seconds": record["seconds"]["total"], "record": record}
+
+
+def search_cell(args, ratio: float, windows, dtype) -> dict | None:
+    import json
+
+    run_dir = ROOT / "runs" / f"search-{args.searcher}-{ratio}"
+    best = run_dir / "best.json"
+    if not best.is_file() and args.search_trials:
+        from search.job import SearchConfig, run_search
+
+        run_search(SearchConfig(model=args.model, ratio=ratio, searcher=args.searcher, trials=args.search_trials),
+                   run_dir, progress=False)
+    if not best.is_file():
+        return None
+    summary = json.loads(best.read_text())
+    exported = load_model(summary["export"], dtype=dtype)
+    metrics = evaluate(exported.model, windows)
+    seconds = summary.get("seconds", {})
+    return {"kind": "search", "ratio": ratio, "block_ratio": summary["best"]["block_ratio"],
+            "total_ratio": summary["best"]["total_ratio"], "metrics": metrics,
+            "widths": summary["best"]["widths"], "recipe_seconds": sum(seconds.values()) if seconds else None,
+            "record": {"run_dir": str(run_dir), "completed_trials": summary.get("completed_trials"),
+                       "config": summary.get("config"), "seconds": seconds}}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = args.out.with_suffix(".json")
+    config = {"model": args.model, "windows_2048": args.windows, "short_seqlen": args.short_seqlen,
+              "dtype": args.dtype, "max_calib_tokens": args.max_calib_tokens, "searcher": args.searcher,
+              "eval": "WikiText-2 test, first windows; in-process subnet_view, model rectified in float32 then cast",
+              "seed": 0}
+    results = load_results(json_path, config)
+    results["command"] = "LLM_PRUNER_DATA=../shared/data .venv/bin/python experiments/compare.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv)
+    results["environment"] = environment()
+    dtype = DTYPES[args.dtype]
+
+    pristine = load_model(args.model, dtype=torch.float32)
+    long = dataset_windows(pristine.tokenizer, "wikitext2", seqlen=2048, limit=args.windows)
+    short = long.reshape(-1, args.short_seqlen)  # the same tokens
+    windows = {"wikitext2_2048": long, f"wikitext2_{args.short_seqlen}": short}
+    cells = results["cells"]
+
+    def save():
+        write_json(json_path, results)
+
+    if "dense" not in cells:
+        dense = dense_copy(pristine)
+        dense.model.to(dtype)
+        cells["dense"] = {"kind": "dense", "ratio": 1.0, "metrics": evaluate(dense.model, windows)}
+        del dense
+        save()
+    caches: dict[str, dict] = {name: {} for name in args.recipes}  # per recipe, shared by its ratios
+    for ratio in args.ratios:  # every recipe at one ratio before the next ratio
+        for name in args.recipes:
+            recipe = capped(RECIPES[name], args.max_calib_tokens)
+            key = f"{name}:{ratio}"
+            if key in cells:
+                continue
+            started = time.time()
+            try:
+                cells[key] = recipe_cell(pristine, recipe, ratio, windows, dtype, caches[name], args.batch_size)
+            except Exception as exc:  # one failing cell is reported, the table goes on
+                log.exception("%s failed", key)
+                cells[key] = {"kind": "recipe", "ratio": ratio, "error": f"{type(exc).__name__}: {exc}"}
+            cells[key]["wall_seconds"] = round(time.time() - started, 1)
+            log.info("%s: %s", key, cells[key].get("metrics", cells[key].get("error")))
+            save()
+            gc.collect()
+    for ratio in args.ratios:
+        key = f"search:{ratio}"
+        if key in cells:
+            continue
+        cell = search_cell(args, ratio, windows, dtype)
+        if cell is not None:
+            cells[key] = cell
+            save()
+    save()
+    from compare_report import write_report
+
+    write_report(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
