@@ -116,7 +116,8 @@ def export_subnet(
     model_class = PRUNED_CLASSES[family(adapter.config.model_type)][1]
     with torch.device("meta"):
         pruned = model_class(config)
-    state = sliced_state_dict(adapter, subnet, overrides=overrides, dtype=dtype)
+    # Saved from host memory: the kept slices of a model on an accelerator are copied once.
+    state = {k: v.cpu() for k, v in sliced_state_dict(adapter, subnet, overrides=overrides, dtype=dtype).items()}
     if output_bias:  # every o_proj/down_proj of the export has a bias; zero where none was given
         for name, module in pruned.named_modules():
             if name.endswith(("o_proj", "down_proj")) and module.bias is not None and f"{name}.bias" not in state:
