@@ -25,6 +25,8 @@ from evaluators.data import load_text, parse_dataset, random_windows, tokenize
 from evaluators.perplexity import perplexity
 from search.recipes import Candidate, Recipe, ScoreCache, dense_copy, score_windows, shape
 from space.adapters import adapter_for
+from space.gradients import TAYLOR_SCORES, taylor_scores
+from space.importance import ScoreContext
 from space.models import LoadedModel
 from space.slicing import subnet_view
 
@@ -103,17 +105,22 @@ def tpe(loaded: LoadedModel, recipe: Recipe, *, ratio: float, importance: str | 
     adapter = adapter_for(loaded.model)
     metrics = [importance] if importance else list(o["metrics"])
     subsets = list(range(recipe.calibration.seed, recipe.calibration.seed + o["subsets"]))
-    spent = {"seconds": 0.0, "reused": 0.0}
+    computed = {"seconds": 0.0}  # score computation inside this call
+    used: dict[tuple[int, str], float] = {}  # each pair tried -> what its scores took to compute
     found: dict[tuple[int, str], tuple] = {}
 
     def objective(trial: optuna.Trial) -> float:
         subset = trial.suggest_categorical("calibration_subset", subsets)
         metric = trial.suggest_categorical("metric", metrics)
         windows, record = split_windows(loaded.tokenizer, recipe, seed=subset, part="first")
+        if cache is not None:
+            computed["seconds"] += share_taylor_pass(adapter, windows, [m for m in metrics if m in TAYLOR_SCORES],
+                                                     key=str(record), batch_size=batch_size, cache=cache,
+                                                     progress=progress)
         scores, took, cached = score_windows(adapter, windows, metric, key=str(record), ratio=ratio,
                                              batch_size=batch_size, cache=cache, progress=progress)
-        spent["seconds"] += 0.0 if cached else took
-        spent["reused"] += took if cached else 0.0
+        computed["seconds"] += 0.0 if cached else took
+        used[(subset, metric)] = took
         trial_model, trial_adapter, subnet = _try(loaded, recipe, metric, scores, ratio)
         with subnet_view(trial_adapter, subnet):
             value = perplexity(trial_model.model, heldout)
@@ -128,9 +135,28 @@ def tpe(loaded: LoadedModel, recipe: Recipe, *, ratio: float, importance: str | 
     best = study.best_params
     scores, record = found[(best["calibration_subset"], best["metric"])]
     trials = [{"number": t.number, **t.params, "heldout_ppl": t.value} for t in study.trials]
-    return Candidate(best["metric"], scores, record, spent["seconds"] + spent["reused"], spent["reused"],
+    seconds = sum(used.values())
+    return Candidate(best["metric"], scores, record, seconds, max(0.0, seconds - computed["seconds"]),
                      selection={"by": "TPE, lowest held-out perplexity", "best": best, "trials": trials,
                                 "heldout": heldout_record})
+
+
+def share_taylor_pass(adapter, windows, names: list[str], *, key: str, batch_size: int, cache: ScoreCache,
+                      progress: Callable) -> float:
+    """Put every LLM-Pruner metric of ``names`` for these windows into ``cache`` from one set of
+    gradients (each alone costs as much as all of them together), each charged its share of the
+    time; return the seconds spent."""
+    missing = [n for n in names if (n, key, None) not in cache]
+    if len(missing) < 2:
+        return 0.0
+    started = time.time()
+    ctx = ScoreContext(adapter.dims.head_dim, adapter.dims.group_size)
+    modes = taylor_scores(adapter, windows, ctx, modes=tuple(TAYLOR_SCORES[n] for n in missing),
+                          batch_size=batch_size, progress=progress)
+    share = (time.time() - started) / len(missing)
+    for name in missing:
+        cache[(name, key, None)] = ([s.to() for s in modes[TAYLOR_SCORES[name]]], share)
+    return time.time() - started
 
 
 SELECTIONS = {"kl-seed": kl_seed, "tpe": tpe}

@@ -23,6 +23,7 @@ from space.adapters import LayerAdapter, ModelAdapter
 from space.importance import LayerScores, ScoreContext, register_score
 
 TAYLOR_MODES = ("element1", "element2", "vector")
+TAYLOR_SCORES = {"taylor": "element1", "taylor-element2": "element2", "taylor-vector": "vector"}  # name -> mode
 
 
 # --- objectives (summed over the windows of a micro-batch; divided by the total count outside) ---

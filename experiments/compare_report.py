@@ -1,0 +1,113 @@
+"""``compare.md`` and ``compare.png`` from the JSON experiments/compare.py writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _rows(results: dict) -> dict[str, dict[float, dict]]:
+    rows: dict[str, dict[float, dict]] = {}
+    for key, cell in results["cells"].items():
+        if key == "dense":
+            continue
+        name, _, ratio = key.rpartition(":")
+        rows.setdefault(name, {})[float(ratio)] = cell
+    return rows
+
+
+def _ppl(cell: dict | None, metric: str) -> float | None:
+    if not cell or "metrics" not in cell:
+        return None
+    return cell["metrics"][metric]["ppl"]
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def write_report(results: dict, out: Path) -> None:
+    config = results["config"]
+    short = f"wikitext2_{config['short_seqlen']}"
+    metrics = [("wikitext2_2048", "2048"), (short, str(config["short_seqlen"]))]
+    rows = _rows(results)
+    ratios = sorted({r for row in rows.values() for r in row}, reverse=True)
+    recipes = [name for name in rows if name != "search"]
+    dense = results["cells"].get("dense")
+    lines = [
+        "# Seed systems as recipes vs. the search, SmolLM2-135M",
+        "",
+        f"Command: `{results.get('command', '')}`",
+        "",
+        f"WikiText-2 test perplexity, the first {config['windows_2048']} windows of 2048 tokens and the same "
+        f"tokens in windows of {config['short_seqlen']}; {config['dtype']} evaluation in process "
+        f"(`subnet_view`, rectified in float32 then cast). Calibration: WikiText-2 validation; each recipe's "
+        f"windows capped at {config['max_calib_tokens']} tokens. ratio = kept fraction of block weights. "
+        f"Dense: {_fmt(_ppl(dense, 'wikitext2_2048'))} (2048) / {_fmt(_ppl(dense, short))} "
+        f"({config['short_seqlen']}).",
+        "",
+    ]
+    for metric, label in metrics:
+        lines += [f"## Perplexity at {label} tokens", "", "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        for name in recipes + ["search"]:
+            row = rows.get(name, {})
+            cells = []
+            for r in ratios:
+                cell = row.get(r)
+                if name == "search" and cell is None:
+                    cells.append("pending")
+                elif cell is not None and "error" in cell:
+                    cells.append("error")
+                else:
+                    cells.append(_fmt(_ppl(cell, metric)))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Wall time of each recipe (seconds: scoring, selection, allocation, compensation)", "",
+              "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    for name in recipes:
+        row = rows[name]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{row[r]['recipe_seconds']:.0f}" if r in row and row[r].get("recipe_seconds") is not None else "–"
+            for r in ratios) + " |")
+    lines += ["", "## Strongest recipe and the search, per ratio (2048 tokens)", ""]
+    for r in ratios:
+        scored = [(v, n) for n in recipes if (v := _ppl(rows[n].get(r), "wikitext2_2048")) is not None]
+        if not scored:
+            continue
+        best, name = min(scored)
+        search = _ppl(rows.get("search", {}).get(r), "wikitext2_2048")
+        verdict = ("search pending" if search is None else
+                   f"search {search:.2f}: {'beats' if search < best else 'does not beat'} it by "
+                   f"{(best - search) / best:+.1%}")
+        lines.append(f"- {r:g}: {name} {best:.2f}; {verdict}")
+    errors = [f"- {k}: {c['error']}" for k, c in results["cells"].items() if "error" in c]
+    if errors:
+        lines += ["", "## Cells that failed", "", *errors]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _plot(rows, recipes, dense, out.with_suffix(".png"))
+
+
+def _plot(rows, recipes, dense, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in recipes + (["search"] if "search" in rows else []):
+        points = sorted((r, _ppl(c, "wikitext2_2048")) for r, c in rows[name].items()
+                        if _ppl(c, "wikitext2_2048") is not None)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=name, linewidth=2.5 if name == "search" else 1.2)
+    if dense is not None:
+        ax.axhline(_ppl(dense, "wikitext2_2048"), color="gray", linestyle="--", label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("kept fraction of block weights")
+    ax.set_ylabel("WikiText-2 perplexity (2048)")
+    ax.invert_xaxis()
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
