@@ -172,3 +172,22 @@ def test_taylor_accumulated_over_checkpointed_micro_batches_equals_one_plain_bac
     o = (attn.o_proj.weight * attn.o_proj.weight.grad).abs().sum(0).view(-1, ctx.head_dim).sum(1)
     kv = sum((m.weight * m.weight.grad).abs().sum(1).view(-1, ctx.head_dim).sum(1) for m in (attn.k_proj, attn.v_proj))
     torch.testing.assert_close(scores["ntk"][0].groups, ((q + o).view(2, 3).sum(1) + kv).double(), rtol=1e-4, atol=1e-9)
+
+
+def test_lora_recovery_lowers_the_calibration_loss_and_keeps_the_export_format(tiny_data, tmp_path):
+    from evaluators.data import CalibrationSpec
+    from search.recover import LoraSpec, recover_export
+
+    out = tmp_path / "pruned"
+    prune_with_recipe(loaded_tiny(), "magnitude-sp", ratio=0.7, out_dir=out)
+    before = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).state_dict()
+    calibration = CalibrationSpec("wikitext2", 8, 16, 0)
+    recovery = recover_export(out, lora=LoraSpec(rank=4, lr=5e-3, epochs=3, batch_size=4), calibration=calibration,
+                              out_dir=tmp_path / "recovered")
+    assert recovery["epoch_losses"][-1] < recovery["epoch_losses"][0]
+    recovered = AutoModelForCausalLM.from_pretrained(tmp_path / "recovered", trust_remote_code=True)
+    after = recovered.state_dict()
+    assert set(after) == set(before)  # merged: no adapter weights left, the same shapes
+    assert any(not torch.equal(after[k], before[k]) for k in after if "q_proj" in k)
+    record = (tmp_path / "recovered" / "subnet.json").read_text()
+    assert '"recovery"' in record and '"split": "validation"' in record
