@@ -316,3 +316,32 @@ def test_nsga2_searches_a_ratio_range_and_reports_a_front(tiny_model_dir, tiny_d
     assert all(0.4 - 0.003 <= r <= 0.8 + 0.004 for r in ratios) and max(ratios) - min(ratios) > 0.1
     best = json.loads((tmp_path / "run" / "best.json").read_text())
     assert len(best["front"]) >= 2 and (tmp_path / "run" / "front.png").is_file()
+
+
+def test_fitness_rectifies_caches_and_stops_early(make_model, token_ids):
+    import torch
+
+    from evaluators.perplexity import perplexity
+    from reform.local import output_solvers, solver_overrides
+    from search.fitness import Fitness
+    from search.oneshot import order_model
+    from space.adapters import adapter_for
+    from space.importance import compute_scores
+    from space.slicing import subnet_view
+
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    order_model(adapter, compute_scores(adapter, token_ids, ["wanda-sp"])["wanda-sp"])
+    solvers = output_solvers(adapter, token_ids)
+    fitness = Fitness(adapter, token_ids, solvers=solvers, batch_size=1)
+    subnet = Subnet(adapter.dims, [LayerWidths(2, 3, 40), LayerWidths(1, 3, 96), LayerWidths(2, 2, 10)])
+    result = fitness.evaluate(subnet)
+    with subnet_view(adapter, subnet, solver_overrides(adapter, subnet, solvers)) as view:
+        assert result.ppl == pytest.approx(perplexity(view, token_ids), rel=1e-6)
+    with subnet_view(adapter, subnet) as view:
+        assert result.ppl < perplexity(view, token_ids)  # rectified beats unrectified on its own data
+    assert len(result.batch_ppl) == 4 and fitness.cache.misses == 3
+    again = fitness.evaluate(subnet)
+    assert again.ppl == result.ppl and fitness.cache.hits == 3  # every layer from the cache
+    stopped = fitness.evaluate(subnet, on_batch=lambda step, value: step == 1)
+    assert stopped.pruned and len(stopped.batch_ppl) == 2
