@@ -21,6 +21,7 @@ from space.errors import UserError
 log = logging.getLogger("llm_pruner")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REFORM_NSAMPLES = 128  # calibration windows of the reformation (the paper's count)
 
 
 # --- shared options --------------------------------------------------------------------------
@@ -32,12 +33,41 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own code to run")
 
 
-def _add_calibration_options(parser: argparse.ArgumentParser) -> None:
+def _add_calibration_options(parser: argparse.ArgumentParser, *, nsamples: int = 64) -> None:
     parser.add_argument("--calib", default="wikitext2", help="calibration dataset (never a test split)")
-    parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")
+    parser.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration windows (default {nsamples})")
     parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+
+
+def _add_reform_options(parser: argparse.ArgumentParser, *, method_flag: str, mode_flag: str) -> None:
+    from reform.methods import METHODS
+    from reform.rectify import DEFAULT_METHOD, DEFAULT_MODE, DRIVERS, ReformSpec
+
+    defaults = ReformSpec()
+    parser.add_argument(method_flag, dest="reform_method", choices=list(METHODS), default=DEFAULT_METHOD,
+                        help="rectification of o_proj/down_proj: "
+                             + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+                             + f" (default {DEFAULT_METHOD})")
+    parser.add_argument(mode_flag, dest="reform_mode", choices=list(DRIVERS),
+                        help="local: dense inputs; sequential: inputs from the pruned upstream model "
+                             f"(default {DEFAULT_MODE} where the method has it, else local)")
+    parser.add_argument("--damping", type=float, default=defaults.damping,
+                        help=f"least-squares ridge, relative to mean(diag XᵀX) (default {defaults.damping:g})")
+    parser.add_argument("--admm-rho", type=float, default=defaults.rho,
+                        help=f"ADMM penalty, relative to mean(diag XᵀX) (default {defaults.rho:g})")
+    parser.add_argument("--admm-iterations", type=int, default=defaults.iterations,
+                        help=f"ADMM iterations (default {defaults.iterations})")
+
+
+def _reform_spec(args):
+    from reform.methods import method_spec
+    from reform.rectify import DEFAULT_MODE, ReformSpec
+
+    mode = args.reform_mode or (DEFAULT_MODE if method_spec(args.reform_method).sequential else "local")
+    return ReformSpec(args.reform_method, mode, damping=args.damping, rho=args.admm_rho,
+                      iterations=args.admm_iterations)
 
 
 def _ppl_list(text: str) -> list[str]:
@@ -83,6 +113,10 @@ def add_prune(sub) -> None:
     p.add_argument("--eval", dest="eval_ppl", type=_ppl_list, default=[], help="perplexity after export, e.g. wikitext2")
     p.add_argument("--eval-seqlen", type=int, default=2048)
     p.add_argument("--limit-windows", type=int, help="evaluate only the first N windows")
+    _add_reform_options(p, method_flag="--reform", mode_flag="--reform-mode")
+    p.add_argument("--reform-nsamples", type=int, default=REFORM_NSAMPLES,
+                   help=f"calibration windows for the reformation (default {REFORM_NSAMPLES}; "
+                        "same --calib, --calib-seqlen and --seed)")
     _add_model_options(p)
     _add_calibration_options(p)
     p.set_defaults(validate=validate_prune, main=main_prune)
@@ -101,6 +135,8 @@ def validate_prune(args) -> None:
     if args.mlp_step < 1:
         raise UserError("--mlp-step must be at least 1")
     args.calibration = CalibrationSpec(args.calib, args.nsamples, args.calib_seqlen, args.seed)
+    args.reform = _reform_spec(args)
+    args.reform_calibration = CalibrationSpec(args.calib, args.reform_nsamples, args.calib_seqlen, args.seed)
     check_destination(args.out)
     resolve(args.model)
 
@@ -117,7 +153,8 @@ def main_prune(args) -> int:
                         trust_remote_code=args.trust_remote_code)
     subnet, record = prune_one_shot(
         loaded, ratio=args.ratio, importance=args.importance, allocation=args.allocation,
-        calibration=args.calibration, out_dir=args.out, mlp_step=args.mlp_step, batch_size=args.batch_size,
+        calibration=args.calibration, out_dir=args.out, reform=args.reform,
+        reform_calibration=args.reform_calibration, mlp_step=args.mlp_step, batch_size=args.batch_size,
         save_dtype=DTYPES[args.save_dtype] if args.save_dtype else None, progress=_progress(args.quiet),
     )
     print(f"exported {args.out}: block ratio {subnet.ratio():.4f}, total params {subnet.total_params():,} "
@@ -128,6 +165,54 @@ def main_prune(args) -> int:
                           dtype=args.dtype, device=args.device, batch_size=1, quiet=args.quiet)
         update_subnet_record(args.out, metrics=result)
         print_ppl_table(result)
+    return 0
+
+
+# --- reform ----------------------------------------------------------------------------------
+
+
+def add_reform(sub) -> None:
+    p = sub.add_parser("reform", help="rectify an existing export again, from its source model")
+    p.add_argument("export", type=Path, help="an export of ours (its subnet.json names the source and kept units)")
+    p.add_argument("--out", required=True, type=Path, help="export folder to write (may be the same folder)")
+    p.add_argument("--save-dtype", choices=sorted(DTYPES), help="dtype of the exported weights (default: as loaded)")
+    _add_reform_options(p, method_flag="--method", mode_flag="--mode")
+    _add_model_options(p)
+    _add_calibration_options(p, nsamples=REFORM_NSAMPLES)
+    p.set_defaults(validate=validate_reform, main=main_reform)
+
+
+def validate_reform(args) -> None:
+    from evaluators.data import CalibrationSpec, load_text, parse_dataset
+    from space.export import check_destination, read_subnet_record
+    from space.models import resolve
+
+    args.record = read_subnet_record(args.export)
+    missing = [key for key in ("source", "subnet", "kept") if key not in args.record]
+    if missing:
+        raise UserError(f"{args.export}/subnet.json lacks {', '.join(missing)}; it cannot be rectified again")
+    args.reform = _reform_spec(args)
+    args.calibration = CalibrationSpec(args.calib, args.nsamples, args.calib_seqlen, args.seed)
+    check_destination(args.out)
+    args.source = args.record["source"]["path"]  # absolute for folders and files; the id for the hub
+    resolve(args.source)
+    name, split = parse_dataset(args.calib)
+    load_text(name, split or ("train" if name == "c4" else "validation"))
+
+
+def main_reform(args) -> int:
+    from search.oneshot import reform_export
+    from space.models import load_model
+
+    loaded = load_model(args.source, dtype=DTYPES[args.dtype], device=args.device,
+                        trust_remote_code=args.trust_remote_code)
+    subnet, record = reform_export(
+        loaded, args.record, reform=args.reform, calibration=args.calibration, out_dir=args.out,
+        reformed_from=str(args.export), batch_size=args.batch_size,
+        save_dtype=DTYPES[args.save_dtype] if args.save_dtype else None, progress=_progress(args.quiet),
+    )
+    print(f"exported {args.out}: {args.reform.method} ({args.reform.mode}) in {record['seconds']['reform']:.1f} s, "
+          f"block ratio {subnet.ratio():.4f}")
     return 0
 
 
@@ -218,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-pruner", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_prune, add_eval):
+    for add in (add_prune, add_reform, add_eval):
         add(sub)
     return parser
 

@@ -1,0 +1,117 @@
+"""Local rectification: every output projection is fitted on the dense model's own inputs.
+
+One calibration pass over the dense (permuted) model, one block at a time: the statistics of a
+layer's o_proj and down_proj inputs are solved and dropped before the next block runs, so peak
+memory is one layer's statistics whatever the depth.
+
+The same statistics, turned into one :class:`~reform.lstsq.PrefixLstsq` per projection and kept,
+rectify any later subnet with triangular solves only (:func:`output_solvers`,
+:func:`solver_overrides`): the search scores thousands of candidates after least squares this way.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+import torch
+
+from reform.lstsq import DEFAULT_DAMPING, PrefixLstsq
+from reform.methods import Problem, Rectified, method_spec, take_columns
+from reform.targets import layer_targets
+from space.activations import InputStats, StatsRequest, walk_layers
+from space.adapters import LayerAdapter, ModelAdapter
+from space.subnet import Subnet
+
+if TYPE_CHECKING:
+    from reform.rectify import ReformSpec
+
+OUTPUTS = ("o", "down")
+
+
+def output_stats(
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    *,
+    gram: bool = True,
+    layers: Iterable[int] | None = None,
+    batch_size: int = 8,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> Iterator[tuple[LayerAdapter, dict[str, InputStats]]]:
+    """Per layer (streamed, in order), the dense model's statistics of the o_proj and down_proj
+    inputs (``"o"``, ``"down"``): mean, and with ``gram`` the float64 ``C = XᵀX``, in the
+    layer's current (importance) order."""
+    request = StatsRequest(inputs=OUTPUTS, gram=OUTPUTS if gram else ())
+    for stats in walk_layers(adapter, windows, request, batch_size=batch_size, layers=layers, progress=progress):
+        yield adapter.layers[stats.index], stats.inputs
+
+
+def rectify_local(
+    adapter: ModelAdapter,
+    subnet: Subnet,
+    windows: torch.Tensor,
+    *,
+    spec: "ReformSpec",
+    batch_size: int = 8,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> dict[str, torch.Tensor]:
+    wanted = [layer.index for layer, w in zip(adapter.layers, subnet.layers) if layer_targets(adapter, layer, w)]
+    if not wanted:
+        return {}
+    stats = output_stats(adapter, windows, gram=method_spec(spec.method).gram, layers=wanted,
+                         batch_size=batch_size, progress=progress)
+    return stats_overrides(adapter, subnet, stats, spec=spec)
+
+
+def stats_overrides(
+    adapter: ModelAdapter,
+    subnet: Subnet,
+    stats: Iterable[tuple[LayerAdapter, dict[str, InputStats]]],
+    *,
+    spec: "ReformSpec",
+) -> dict[str, torch.Tensor]:
+    """The ``overrides`` of ``subnet`` from dense statistics (streamed from :func:`output_stats`,
+    or cached from it to rectify many subnets without another calibration pass)."""
+    method = method_spec(spec.method)
+    overrides: dict[str, torch.Tensor] = {}
+    for layer, layer_stats in stats:
+        for target in layer_targets(adapter, layer, subnet.layers[layer.index]):
+            s = layer_stats[target.name]
+            seen_mean = take_columns(s.mean[None], target.kept)[0]
+            problem = Problem(target.module.weight, target.kept, s.mean, seen_mean, gram=s.gram)
+            overrides.update(target.overrides(method.solve(problem, spec)))
+    return overrides
+
+
+def output_solvers(
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    *,
+    damping: float = DEFAULT_DAMPING,
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> list[dict[str, PrefixLstsq]]:
+    """One prefix solver per layer and output projection (``{"o": ..., "down": ...}``), from one
+    dense calibration pass; ``device``: where the factors live and the solves run (default:
+    the layer's). Each layer's gram is dropped once factored: what stays is the factor and
+    ``C Wᵀ``, (d_in² + d_in·d_out) float64 per projection."""
+    solvers = []
+    for layer, stats in output_stats(adapter, windows, batch_size=batch_size, progress=progress):
+        linears = layer.linears()
+        solvers.append({
+            name: PrefixLstsq(linears[name].weight, s.gram.to(device or s.gram.device), damping=damping)
+            for name, s in stats.items()
+        })
+    return solvers
+
+
+def solver_overrides(
+    adapter: ModelAdapter, subnet: Subnet, solvers: list[dict[str, PrefixLstsq]]
+) -> dict[str, torch.Tensor]:
+    """The least-squares ``overrides`` of ``subnet`` from :func:`output_solvers`; equal to
+    ``rectify(..., spec=ReformSpec("lstsq", "local"))`` on the same windows and damping."""
+    overrides: dict[str, torch.Tensor] = {}
+    for layer, widths, layer_solvers in zip(adapter.layers, subnet.layers, solvers):
+        for target in layer_targets(adapter, layer, widths):
+            overrides.update(target.overrides(Rectified(weight=layer_solvers[target.name].solve(target.kept))))
+    return overrides

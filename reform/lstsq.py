@@ -1,0 +1,119 @@
+"""Closed-form least-squares rectification of an output projection (METHODS.md section 4).
+
+For an output projection ``W`` (d_out x d_in) whose input columns ``K`` are kept, the weights
+that best re-express the dense output from the kept inputs are
+
+    Ŵ_K = argmin ‖W X − Ŵ_K X_K‖² + λ‖Ŵ_K‖² = W · C[:, K] · (C[K, K] + λI)⁻¹,   C = XᵀX,
+
+so the omitted columns still contribute, through the target ``W X``. λ = damping · mean(diag C).
+
+Units are in importance order (space/slicing.py), so ``K`` is usually a prefix of the columns.
+Then one Cholesky factor ``L Lᵀ = C + λI`` serves every width: ``L[:k, :k]`` factors the leading
+k-block, and a width costs two triangular solves against ``B = C Wᵀ`` (:class:`PrefixLstsq`).
+This is what keeps least squares affordable inside a search fitness. A kept set that is not a
+prefix (o_proj when fewer query heads per group are kept than the model has) is solved directly;
+its block of ``C + λI`` is recovered from the factor as ``L[K] L[K]ᵀ``, so no copy of ``C`` is kept.
+
+The sequential mode (reform/rectify.py) fits ``Ŵ_K`` to the dense output from the inputs of the
+already pruned upstream model; it passes the pruned inputs' second moment as ``gram`` (k x k) and
+the cross moment ``X_prunedᵀ X_dense`` as ``cross`` (k x d_in): ``Ŵ_Kᵀ = (gram + λI)⁻¹ cross Wᵀ``.
+
+Everything runs where the statistics live (CPU or CUDA), in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DAMPING = 1e-4
+
+
+def damping_value(gram: torch.Tensor, damping: float) -> float:
+    """The absolute ridge λ = ``damping`` · mean(diag C) (relative, so it ignores token count and scale)."""
+    return damping * float(gram.diagonal().mean())
+
+
+class PrefixLstsq:
+    """Least-squares rectification of one output projection for any kept column set.
+
+    ``weight``: the dense W (d_out x d_in) in importance order. ``gram``: the second moment of
+    the inputs the rectified layer will see (m x m). ``cross``: ``X_seenᵀ X_dense`` (m x d_in)
+    when those inputs differ from the dense ones (sequential mode); None means they are the
+    dense inputs (``cross = gram``, m = d_in). Build once per layer, then :meth:`solve` any width.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        gram: torch.Tensor,
+        *,
+        cross: torch.Tensor | None = None,
+        damping: float = DEFAULT_DAMPING,
+    ):
+        if damping < 0:
+            raise ValueError(f"damping must be >= 0, got {damping}")
+        self.weight = weight
+        self.local = cross is None
+        device = gram.device
+        w = weight.detach().to(device=device, dtype=torch.float64)
+        self.lam = damping_value(gram, damping)
+        self.rhs = (gram if cross is None else cross).to(torch.float64) @ w.T  # B: (m, d_out)
+        regularised = gram.to(torch.float64) + self.lam * torch.eye(gram.shape[0], dtype=torch.float64, device=device)
+        factor, info = torch.linalg.cholesky_ex(regularised)
+        if int(info) == 0:
+            self.factor: torch.Tensor | None = factor
+            self.regularised: torch.Tensor | None = None
+        else:
+            log.warning(
+                "C + λI (%d x %d, λ = %.3g) is not positive definite (Cholesky failed at %d): solving "
+                "each kept set with a clamped eigendecomposition instead", *gram.shape, self.lam, int(info),
+            )
+            self.factor, self.regularised = None, regularised
+
+    @property
+    def width(self) -> int:
+        return self.rhs.shape[0]
+
+    def solve(self, kept: int | torch.Tensor) -> torch.Tensor:
+        """Ŵ_K (d_out x |K|) in the weight's dtype and device. ``kept``: a prefix width, or the
+        indices of the kept rows of ``gram`` (kept columns of W in local mode)."""
+        if isinstance(kept, int):
+            if not 0 < kept <= self.width:
+                raise ValueError(f"kept width {kept} outside (0, {self.width}]")
+            if self.local and kept == self.width:
+                return self.weight  # nothing removed: the dense weight is already optimal
+            rhs = self.rhs[:kept]
+            if self.factor is not None:
+                solution = torch.cholesky_solve(rhs, self.factor[:kept, :kept])
+            else:
+                solution = _eigh_solve(self.regularised[:kept, :kept], rhs, self.lam)
+        else:
+            index = kept.to(self.rhs.device)
+            rhs = self.rhs[index]
+            if self.factor is not None:
+                rows = self.factor[index]
+                block = rows @ rows.T  # (C + λI)[K, K], recovered from the factor
+            else:
+                block = self.regularised[index][:, index]
+            solution = _spd_solve(block, rhs, self.lam)
+        return solution.T.to(dtype=self.weight.dtype, device=self.weight.device).contiguous()
+
+
+def _spd_solve(matrix: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
+    """``matrix⁻¹ rhs`` by Cholesky, or by :func:`_eigh_solve` (logged) when Cholesky fails."""
+    factor, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, factor)
+    log.warning("a %d x %d block of C + λI is not positive definite: clamped eigendecomposition", *matrix.shape)
+    return _eigh_solve(matrix, rhs, lam)
+
+
+def _eigh_solve(matrix: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:
+    """``matrix⁻¹ rhs`` with eigenvalues clamped from below, for matrices Cholesky rejected."""
+    values, vectors = torch.linalg.eigh(matrix)
+    floor = max(lam, float(values.abs().max()) * 1e-10, torch.finfo(matrix.dtype).tiny)
+    return vectors @ ((vectors.T @ rhs) / values.clamp_min(floor)[:, None])

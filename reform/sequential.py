@@ -1,0 +1,135 @@
+"""Sequential rectification: blocks in order, inputs from the pruned model, targets from the dense.
+
+Two streams of hidden states run side by side from the first block's captured inputs: the dense
+model's and the pruned-and-rectified model's, each fed from its own previous block. For each
+rectified projection the fit is
+
+    min ‖W X_dense − Ŵ_K X_pruned‖²  →  Ŵ_Kᵀ = (X_prunedᵀ X_pruned + λI)⁻¹ (X_prunedᵀ X_dense) Wᵀ,
+
+so a layer also corrects the error its pruned upstream left (normal equations of the
+least-squares problem in Ŵ_K; the pruned stream holds only the kept columns). Inside a block,
+o_proj is solved first and the MLP's inputs are then taken with the rectified o_proj in place.
+
+Batches are processed one at a time with both streams at hand (a block is run only up to the
+projection's input for the statistics, except the dense pass of a layer's last projection,
+which also gives the next dense input), so memory is the two streams' hidden states plus one
+projection's moments: independent of depth.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import torch
+from torch import nn
+
+from reform.methods import Problem, method_spec
+from reform.targets import Target, layer_targets
+from space.activations import BlockInputs, InputStats, capture_block_inputs, run_block
+from space.adapters import ModelAdapter
+from space.slicing import subnet_view
+from space.subnet import LayerWidths, Subnet
+
+if TYPE_CHECKING:
+    from reform.rectify import ReformSpec
+
+
+class _Reached(Exception):
+    """Raised by a hook to stop a block once the projection's input is known."""
+
+
+@torch.no_grad()
+def _input_of(
+    block: nn.Module, module: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, *, finish: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The input ``module`` receives when ``block`` runs on one batch, and the block's output if
+    ``finish`` (else the block stops there)."""
+    seen = []
+
+    def hook(_module, inputs):
+        seen.append(inputs[0])
+        if not finish:
+            raise _Reached
+
+    handle = module.register_forward_pre_hook(hook)
+    output = None
+    try:
+        output = block(hidden, *args, **kwargs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError("the block never called the projection being rectified")
+    return seen[0], (output[0] if isinstance(output, (tuple, list)) else output)
+
+
+class PairedStats:
+    """Moments of the inputs the rectified projection sees (pruned stream) and of the dense inputs
+    at the same tokens: the pruned inputs' sum and gram, the dense sum, the cross moment."""
+
+    def __init__(self, seen_width: int, dense_width: int, *, gram: bool, device: torch.device):
+        self.seen = InputStats(seen_width, gram=gram, device=device)
+        self.dense_sum = torch.zeros(dense_width, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(seen_width, dense_width, dtype=torch.float64, device=device) if gram else None
+
+    def add(self, seen: torch.Tensor, dense: torch.Tensor) -> None:
+        self.seen.add(seen)
+        seen = seen.reshape(-1, seen.shape[-1]).float()
+        dense = dense.reshape(-1, dense.shape[-1]).float()
+        self.dense_sum += dense.sum(0).double()
+        if self.cross is not None:
+            self.cross += (seen.T @ dense).double()
+
+    def problem(self, target: Target) -> Problem:
+        return Problem(target.module.weight, target.kept, self.dense_sum / self.seen.count, self.seen.mean,
+                       gram=self.seen.gram, cross=self.cross)
+
+
+@contextmanager
+def _layer_view(adapter: ModelAdapter, index: int, widths: LayerWidths, overrides: dict[str, torch.Tensor]):
+    """The model with only layer ``index`` pruned (to ``widths``, with ``overrides``)."""
+    layers = list(Subnet.dense(adapter.dims).layers)
+    layers[index] = widths
+    with subnet_view(adapter, Subnet(adapter.dims, layers), overrides):
+        yield
+
+
+@torch.no_grad()
+def rectify_sequential(
+    adapter: ModelAdapter,
+    subnet: Subnet,
+    windows: torch.Tensor,
+    *,
+    spec: "ReformSpec",
+    batch_size: int = 8,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> dict[str, torch.Tensor]:
+    method = method_spec(spec.method)
+    dense: BlockInputs = capture_block_inputs(adapter, windows, batch_size=batch_size)
+    pruned = dense.with_hidden(list(dense.hidden))
+    overrides: dict[str, torch.Tensor] = {}
+    for layer, widths in progress(list(zip(adapter.layers, subnet.layers))):
+        mine: dict[str, torch.Tensor] = {}
+        targets = layer_targets(adapter, layer, widths)
+        dense_out = [] if targets else run_block(layer.layer, dense)
+        for target in targets:
+            last = target is targets[-1]  # its dense pass runs the whole block: the next dense input
+            stats = None
+            for (dense_hidden, args, kwargs), pruned_hidden in zip(dense.calls(), pruned.hidden):
+                x_dense, out = _input_of(layer.layer, target.module, dense_hidden, args, kwargs, finish=last)
+                if last:
+                    dense_out.append(out)
+                with _layer_view(adapter, layer.index, widths, mine):
+                    x_pruned, _ = _input_of(layer.layer, target.module, pruned_hidden, args, kwargs)
+                if stats is None:
+                    stats = PairedStats(x_pruned.shape[-1], x_dense.shape[-1], gram=method.gram,
+                                        device=target.module.weight.device)
+                stats.add(x_pruned, x_dense)
+            mine.update(target.overrides(method.solve(stats.problem(target), spec)))
+        dense = dense.with_hidden(dense_out)
+        with _layer_view(adapter, layer.index, widths, mine):
+            pruned = pruned.with_hidden(run_block(layer.layer, pruned))
+        overrides.update(mine)
+    return overrides
