@@ -191,3 +191,23 @@ def test_lora_recovery_lowers_the_calibration_loss_and_keeps_the_export_format(t
     assert any(not torch.equal(after[k], before[k]) for k in after if "q_proj" in k)
     record = (tmp_path / "recovered" / "subnet.json").read_text()
     assert '"recovery"' in record and '"split": "validation"' in record
+
+
+def test_bip_channel_score_is_the_block_output_deviation_of_removing_it(token_ids):
+    model = tiny_model("llama", layers=2)
+    scores = compute_scores(adapter_for(model), token_ids, ["bip"])["bip"][1]
+    layer = model.model.layers[1]
+    outputs = {}
+    handle = layer.register_forward_hook(lambda m, a, out: outputs.__setitem__("y", out[0] if isinstance(out, tuple)
+                                                                               else out))
+    with torch.no_grad():
+        model(token_ids)
+        dense = outputs["y"].double()
+        for j in (0, 5, 17):
+            column = layer.mlp.down_proj.weight[:, j].clone()
+            layer.mlp.down_proj.weight[:, j] = 0
+            model(token_ids)
+            layer.mlp.down_proj.weight[:, j] = column
+            deviation = (outputs["y"].double() - dense).norm() / dense.norm()
+            assert float(scores.channels[j]) == pytest.approx(float(deviation), rel=1e-3)
+    handle.remove()
