@@ -87,11 +87,31 @@ def write_report(results: dict, out: Path) -> None:
                    f"search {search:.2f}: {'beats' if search < best else 'does not beat'} it by "
                    f"{(best - search) / best:+.1%}")
         lines.append(f"- {r:g}: {name} {best:.2f}; {verdict}")
+    lines += ["", "## Settings each recipe ran with", "",
+              "| method | importance | allocation | compensation | calibration used | chosen by its selection step |",
+              "|---|---|---|---|---|---|"]
+    for name in recipes:
+        done = [(r, c["record"]["recipe"]) for r, c in sorted(rows[name].items(), reverse=True) if "record" in c]
+        if not done:
+            continue
+        recipe = done[0][1]
+        cal = recipe.get("calibration")
+        used = f"{cal['nsamples']} x {cal['seqlen']} ({cal['split']})" if cal else "none (weights only)"
+        chosen = "; ".join(f"{r:g}: {_chosen(rec)}" for r, rec in done if rec.get("selected")) or "–"
+        lines.append(f"| {name} | {recipe['importance']} | {recipe['allocation']} | {recipe['compensation']} | "
+                     f"{used} | {chosen} |")
     errors = [f"- {k}: {c['error']}" for k, c in results["cells"].items() if "error" in c]
     if errors:
         lines += ["", "## Cells that failed", "", *errors]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(rows, recipes, dense, out.with_suffix(".png"))
+
+
+def _chosen(recipe: dict) -> str:
+    selected = recipe["selected"]
+    if "best" in selected:
+        return f"subset {selected['best']['calibration_subset']}, {selected['best']['metric']}"
+    return f"seed {recipe['calibration']['seed']}"
 
 
 def _plot(rows, recipes, dense, path: Path) -> None:
