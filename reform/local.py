@@ -88,20 +88,27 @@ def output_solvers(
     *,
     damping: float = DEFAULT_DAMPING,
     device: torch.device | str | None = None,
+    precompute: torch.dtype | None = None,
     batch_size: int = 8,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> list[dict[str, PrefixLstsq]]:
     """One prefix solver per layer and output projection (``{"o": ..., "down": ...}``), from one
     dense calibration pass; ``device``: where the factors live and the solves run (default:
     the layer's). Each layer's gram is dropped once factored: what stays is the factor and
-    ``C Wᵀ``, (d_in² + d_in·d_out) float64 per projection."""
+    ``C Wᵀ``, (d_in² + d_in·d_out) float64 per projection. ``precompute``: a dtype in which to
+    keep ``L⁻¹`` and ``L⁻¹ C Wᵀ`` too, making each prefix width one matrix product
+    (:meth:`PrefixLstsq.precompute`; the search fitness uses float32)."""
     solvers = []
     for layer, stats in output_stats(adapter, windows, batch_size=batch_size, progress=progress):
         linears = layer.linears()
-        solvers.append({
+        layer_solvers = {
             name: PrefixLstsq(linears[name].weight, s.gram.to(device or s.gram.device), damping=damping)
             for name, s in stats.items()
-        })
+        }
+        if precompute is not None:
+            for solver in layer_solvers.values():
+                solver.precompute(precompute)
+        solvers.append(layer_solvers)
     return solvers
 
 

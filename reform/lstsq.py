@@ -74,9 +74,27 @@ class PrefixLstsq:
             )
             self.factor, self.regularised = None, regularised
 
+        self._inverse: torch.Tensor | None = None
+        self._projected: torch.Tensor | None = None
+
     @property
     def width(self) -> int:
         return self.rhs.shape[0]
+
+    def precompute(self, dtype: torch.dtype = torch.float32) -> "PrefixLstsq":
+        """Make every prefix solve one matrix product, for solving thousands of widths.
+
+        ``L⁻¹`` is lower triangular, so its leading k-block is the inverse of ``L[:k, :k]`` and the
+        first k rows of ``P = L⁻¹ B`` only involve ``B[:k]``: then ``Ŵ_Kᵀ = (L⁻¹[:k, :k])ᵀ P[:k]``.
+        ``L⁻¹`` and ``P`` are formed once in float64 and kept in ``dtype`` (float32 keeps about
+        five significant digits here: plenty to rank candidates, and 10-50x faster on a CPU than
+        two triangular solves per width)."""
+        if self.factor is not None:
+            eye = torch.eye(self.width, dtype=torch.float64, device=self.factor.device)
+            inverse = torch.linalg.solve_triangular(self.factor, eye, upper=False)
+            self._projected = (inverse @ self.rhs).to(dtype)
+            self._inverse = inverse.to(dtype)
+        return self
 
     def solve(self, kept: int | torch.Tensor) -> torch.Tensor:
         """Ŵ_K (d_out x |K|) in the weight's dtype and device. ``kept``: a prefix width, or the
@@ -86,6 +104,9 @@ class PrefixLstsq:
                 raise ValueError(f"kept width {kept} outside (0, {self.width}]")
             if self.local and kept == self.width:
                 return self.weight  # nothing removed: the dense weight is already optimal
+            if self._inverse is not None:
+                solution = self._inverse[:kept, :kept].T @ self._projected[:kept]
+                return solution.T.to(dtype=self.weight.dtype, device=self.weight.device).contiguous()
             rhs = self.rhs[:kept]
             if self.factor is not None:
                 solution = torch.cholesky_solve(rhs, self.factor[:kept, :kept])

@@ -197,7 +197,8 @@ def _fitness_parts(config_json: str, run_dir: str):
     loaded, adapter, _, _ = load_prepared(config, Path(run_dir))
     solvers = None
     if config.fitness_reform == "lstsq":
-        solvers = output_solvers(adapter, config.calibration_spec().windows(loaded.tokenizer), damping=config.damping)
+        solvers = output_solvers(adapter, config.calibration_spec().windows(loaded.tokenizer), damping=config.damping,
+                                 precompute=torch.float32)
     adapter.model.to(getattr(torch, config.dtype))
     return adapter, solvers, loaded.tokenizer
 

@@ -107,6 +107,19 @@ def test_prefix_solver_equals_the_direct_solve_at_every_width_and_index_set(setu
         torch.testing.assert_close(solver.solve(index), direct(index), rtol=1e-7, atol=1e-10)
 
 
+def test_precomputed_prefix_solves_match_the_exact_ones(setup):
+    adapter, _, windows = setup
+    layer, stats = next(output_stats(adapter, windows))
+    for name in ("o", "down"):
+        weight = layer.linears()[name].weight.detach().double()
+        exact = PrefixLstsq(weight, stats[name].gram, damping=1e-4)
+        fast = PrefixLstsq(weight, stats[name].gram, damping=1e-4).precompute(torch.float32)
+        for k in range(1, weight.shape[1]):
+            reference = exact.solve(k)
+            error = (fast.solve(k) - reference).norm() / reference.norm()
+            assert error < 1e-4, (name, k, float(error))
+
+
 def test_full_width_is_the_identity_and_a_dense_subnet_is_left_alone(setup):
     adapter, _, windows = setup
     layer, stats = next(output_stats(adapter, windows))
