@@ -59,6 +59,9 @@ def parse_args(argv=None):
                    help="cap each recipe's calibration at this many tokens (fewer windows of its length)")
     p.add_argument("--searcher", default="evolution", help="the search runs to read: runs/search-<searcher>-<ratio>")
     p.add_argument("--search-trials", type=int, help="run the search with this many trials where no run exists")
+    p.add_argument("--label", default="", help="appended to the recipes' row names (a variant run with its own --out)")
+    p.add_argument("--merge", type=Path, nargs="*", default=[],
+                   help="other comparison JSONs (variant runs) whose recipe rows join this report")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "compare")
     return p.parse_args(argv)
@@ -139,6 +142,7 @@ def main(argv=None) -> int:
     json_path = args.out.with_suffix(".json")
     config = {"model": args.model, "windows_2048": args.windows, "short_seqlen": args.short_seqlen,
               "dtype": args.dtype, "max_calib_tokens": args.max_calib_tokens, "searcher": args.searcher,
+              **({"label": args.label} if args.label else {}),
               "eval": "WikiText-2 test, first windows; in-process subnet_view, model rectified in float32 then cast",
               "seed": 0}
     results = load_results(json_path, config)
@@ -166,7 +170,7 @@ def main(argv=None) -> int:
     for ratio in args.ratios:  # every recipe at one ratio before the next ratio
         for name in args.recipes:
             recipe = capped(RECIPES[name], args.max_calib_tokens)
-            key = f"{name}:{ratio}"
+            key = f"{name}{args.label}:{ratio}"
             if key in cells:
                 continue
             started = time.time()
@@ -179,7 +183,7 @@ def main(argv=None) -> int:
             log.info("%s: %s", key, cells[key].get("metrics", cells[key].get("error")))
             save()
             gc.collect()
-    for ratio in args.ratios:
+    for ratio in args.ratios if not args.label else []:
         key = f"search:{ratio}"
         if key in cells:
             continue
@@ -190,7 +194,15 @@ def main(argv=None) -> int:
     save()
     from compare_report import write_report
 
-    write_report(results, args.out)
+    import json
+
+    merged = dict(results, cells=dict(cells))
+    for path in args.merge:
+        other = json.loads(path.read_text())
+        merged["cells"].update({k: v for k, v in other["cells"].items() if k != "dense"})
+        merged.setdefault("merged", []).append({"file": str(path), "config": other["config"],
+                                                "command": other.get("command")})
+    write_report(merged, args.out)
     return 0
 
 

@@ -100,6 +100,8 @@ def write_report(results: dict, out: Path) -> None:
         chosen = "; ".join(f"{r:g}: {_chosen(rec)}" for r, rec in done if rec.get("selected")) or "–"
         lines.append(f"| {name} | {recipe['importance']} | {recipe['allocation']} | {recipe['compensation']} | "
                      f"{used} | {chosen} |")
+    for extra in results.get("merged", []):
+        lines += ["", f"Rows from `{extra['file']}` ({extra['config'].get('label')}): `{extra['command']}`"]
     errors = [f"- {k}: {c['error']}" for k, c in results["cells"].items() if "error" in c]
     if errors:
         lines += ["", "## Cells that failed", "", *errors]
