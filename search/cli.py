@@ -101,11 +101,26 @@ def _progress(quiet: bool):
 # --- prune -----------------------------------------------------------------------------------
 
 
+def _recipes() -> list[str]:
+    from search.recipes import RECIPES
+
+    return list(RECIPES)
+
+
+def _scores() -> list[str]:
+    from space.importance import SCORES
+
+    return sorted(SCORES)
+
+
 def add_prune(sub) -> None:
     p = sub.add_parser("prune", help="one-shot structured pruning to a budget, exported as a HF folder")
     p.add_argument("--model", required=True, help="HF folder, hub id, .gguf file, or alias (smollm2-135m)")
     p.add_argument("--ratio", required=True, type=_ratio, help="kept fraction of block weights, in (0, 1]")
-    p.add_argument("--importance", default="wanda-sp", help="magnitude | wanda-sp | fluctuation | obs")
+    p.add_argument("--method", help="a published system's recipe (its importance, allocation, compensation and "
+                                    "calibration): " + " | ".join(_recipes()))
+    p.add_argument("--importance", help="score (default wanda-sp; with --method, replaces the recipe's score): "
+                                        + " | ".join(_scores()))
     p.add_argument("--allocation", default="uniform-mlp", help="uniform | uniform-mlp | global")
     p.add_argument("--mlp-step", type=int, default=1, help="MLP widths in multiples of this (default 1)")
     p.add_argument("--out", required=True, type=Path, help="export folder (created or replaced if ours)")
@@ -129,7 +144,13 @@ def validate_prune(args) -> None:
     from space.importance import score_spec
     from space.models import resolve
 
-    score_spec(args.importance)
+    if args.method is not None:
+        from search.recipes import recipe_spec
+
+        recipe_spec(args.method)
+    args.importance = args.importance or ("wanda-sp" if args.method is None else None)
+    if args.importance is not None:
+        score_spec(args.importance)
     if args.allocation not in ALLOCATIONS:
         raise UserError(f"unknown allocation {args.allocation!r}; known: {', '.join(ALLOCATIONS)}")
     if args.mlp_step < 1:
@@ -151,12 +172,21 @@ def main_prune(args) -> int:
     load_text(name, split or ("train" if name == "c4" else "validation"))  # fail before loading the model
     loaded = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
                         trust_remote_code=args.trust_remote_code)
-    subnet, record = prune_one_shot(
-        loaded, ratio=args.ratio, importance=args.importance, allocation=args.allocation,
-        calibration=args.calibration, out_dir=args.out, reform=args.reform,
-        reform_calibration=args.reform_calibration, mlp_step=args.mlp_step, batch_size=args.batch_size,
-        save_dtype=DTYPES[args.save_dtype] if args.save_dtype else None, progress=_progress(args.quiet),
-    )
+    if args.method is not None:
+        from search.recipes import prune_with_recipe
+
+        subnet = prune_with_recipe(
+            loaded, args.method, ratio=args.ratio, out_dir=args.out, importance=args.importance,
+            batch_size=args.batch_size, save_dtype=DTYPES[args.save_dtype] if args.save_dtype else None,
+            progress=_progress(args.quiet),
+        ).subnet
+    else:
+        subnet, _ = prune_one_shot(
+            loaded, ratio=args.ratio, importance=args.importance, allocation=args.allocation,
+            calibration=args.calibration, out_dir=args.out, reform=args.reform,
+            reform_calibration=args.reform_calibration, mlp_step=args.mlp_step, batch_size=args.batch_size,
+            save_dtype=DTYPES[args.save_dtype] if args.save_dtype else None, progress=_progress(args.quiet),
+        )
     print(f"exported {args.out}: block ratio {subnet.ratio():.4f}, total params {subnet.total_params():,} "
           f"({subnet.total_ratio():.1%} of the model)")
     if args.eval_ppl:
@@ -303,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-pruner", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_prune, add_reform, add_eval):
+    from search.recover_cli import add_recover
+
+    for add in (add_prune, add_reform, add_eval, add_recover):
         add(sub)
     return parser
 

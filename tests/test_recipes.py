@@ -211,3 +211,19 @@ def test_bip_channel_score_is_the_block_output_deviation_of_removing_it(token_id
             deviation = (outputs["y"].double() - dense).norm() / dense.norm()
             assert float(scores.channels[j]) == pytest.approx(float(deviation), rel=1e-3)
     handle.remove()
+
+
+def test_cli_prunes_with_a_method_and_recovers_the_export(tiny_model_dir, tiny_data, tmp_path, capsys):
+    from search.cli import main
+
+    out = tmp_path / "magnitude"
+    assert main(["-q", "prune", "--model", str(tiny_model_dir), "--ratio", "0.7", "--method", "magnitude-sp",
+                 "--out", str(out)]) == 0
+    record = (out / "subnet.json").read_text()
+    assert '"method": "magnitude-sp"' in record and '"allocation": "uniform"' in record
+    assert main(["-q", "recover", str(out), "--out", str(tmp_path / "lora"), "--nsamples", "4", "--calib-seqlen", "16",
+                 "--batch-size", "2"]) == 0
+    AutoModelForCausalLM.from_pretrained(tmp_path / "lora", trust_remote_code=True)
+    assert main(["-q", "prune", "--model", str(tiny_model_dir), "--ratio", "0.7", "--method", "sparsegpt",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "unknown method 'sparsegpt'" in capsys.readouterr().err
