@@ -50,7 +50,8 @@ def write_report(results: dict, out: Path) -> None:
         f"(`subnet_view`, rectified in float32 then cast). Calibration: WikiText-2 validation; each recipe's "
         f"windows capped at {config['max_calib_tokens']} tokens. ratio = kept fraction of block weights. "
         f"Dense: {_fmt(_ppl(dense, 'wikitext2_2048'))} (2048) / {_fmt(_ppl(dense, short))} "
-        f"({config['short_seqlen']}).",
+        f"({config['short_seqlen']}). A – is a cell that has not run yet: re-running the command resumes, "
+        "keeping every finished cell.",
         "",
     ]
     for metric, label in metrics:
