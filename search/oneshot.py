@@ -8,6 +8,8 @@ An existing export can be rectified again from its source model (:func:`reform_e
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from space.adapters import ModelAdapter, adapter_for
 from space.errors import UserError
 from space.export import export_subnet
 from space.importance import LayerScores, compute_scores, load_scores, save_scores, score_spec
-from space.models import LoadedModel
+from space.models import LoadedModel, cache_root, fingerprint
 from space.slicing import LayerOrder, permute_model, sorted_scores
 from space.subnet import ModelDims, Subnet
 
@@ -43,23 +45,37 @@ def importance_scores(
     batch_size: int = 8,
     progress: Callable = lambda it: it,
 ) -> dict[str, list[LayerScores]]:
-    """Scores of the dense model, read from ``cache`` when it holds them for the same settings,
-    else computed and, if ``cache`` is given, written there."""
+    """Scores of the dense model, read from ``cache`` (a run or export folder's file) or from the
+    shared cache when either holds them for the same model and settings, else computed; written
+    to both."""
     meta = scores_meta(source, calibration, names)
-    if cache is not None and (cached := load_scores(cache, meta)) is not None:
-        log.info("importance scores from %s", cache)
-        return cached
+    shared = shared_scores_path(meta)
+    for path in (cache, shared):
+        if path is not None and (cached := load_scores(path, meta)) is not None:
+            log.info("importance scores from %s", path)
+            if cache is not None and path != cache and cache.parent.is_dir():
+                save_scores(cache, cached, meta)
+            return cached
     needs_data = any(score_spec(n).request.inputs for n in names)
     windows = calibration.windows(tokenizer) if needs_data else None
     scores = compute_scores(adapter, windows, names, batch_size=batch_size, progress=progress)
+    shared.parent.mkdir(parents=True, exist_ok=True)
+    save_scores(shared, scores, meta)
     if cache is not None and cache.parent.is_dir():
         save_scores(cache, scores, meta)
     return scores
 
 
 def scores_meta(source: str, calibration: CalibrationSpec, names: list[str]) -> dict:
-    """What a cached score file must match to be reused."""
-    return {"source": source, "calibration": calibration.to_dict(), "scores": sorted(names)}
+    """What a cached score file must match to be reused: the model (and its files' fingerprint),
+    the calibration, the scores."""
+    return {"source": source, "fingerprint": fingerprint(source), "calibration": calibration.to_dict(),
+            "scores": sorted(names)}
+
+
+def shared_scores_path(meta: dict) -> Path:
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "importance" / f"{key}.pt"
 
 
 def order_model(adapter: ModelAdapter, scores: list[LayerScores]) -> tuple[list[LayerOrder], list[LayerScores]]:

@@ -113,10 +113,22 @@ def _check_gguf(path: Path) -> None:
         raise UserError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
 
 
+def fingerprint(path: str | Path) -> str:
+    """A short key that changes when the model at ``path`` changes (its weight files' paths,
+    sizes and modification times); for hub ids, the id."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf", ".json"))
+    elif path.is_file():
+        files = [path]
+    else:
+        return str(path)
+    parts = [f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def _gguf_cache_dir(path: Path) -> Path:
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / f"{path.stem}-{key}"
+    return cache_root() / "gguf" / f"{path.stem}-{fingerprint(path)}"
 
 
 def _convert_gguf(path: Path) -> Path:

@@ -33,6 +33,11 @@ FAMILIES = {
 }
 VOCAB = 128
 
+# Tiny models gain nothing from a second thread, and on a busy machine two OpenMP threads wait on
+# each other for every small op; subprocesses (CLI, dashboard, Ray) inherit the setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def tiny_config(family: str = "llama", *, kv_heads: int = 2, layers: int = 3, **overrides):
     """6 query heads of 8 dims over ``kv_heads`` KV heads (2: GQA groups of 3; 6: MHA)."""

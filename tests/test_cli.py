@@ -86,3 +86,18 @@ def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert "model not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_importance_is_computed_once_per_model_and_calibration(tiny_model_dir, tiny_data, tmp_path, capsys,
+                                                               monkeypatch):
+    argv = [*PRUNE, "--model", str(tiny_model_dir), "--importance", "wanda-sp"]
+    assert run([*argv, "--ratio", "0.7", "--out", str(tmp_path / "a")], capsys)[0] == 0
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("importance was computed again")
+
+    monkeypatch.setattr("search.oneshot.compute_scores", must_not_run)
+    code, io = run([*argv, "--ratio", "0.5", "--out", str(tmp_path / "b")], capsys)
+    assert code == 0, io.err
+    with pytest.raises(AssertionError, match="computed again"):  # another calibration seed: recomputed
+        run([*argv, "--ratio", "0.5", "--seed", "1", "--out", str(tmp_path / "c")], capsys)
