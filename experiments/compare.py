@@ -149,6 +149,7 @@ def main(argv=None) -> int:
     results["command"] = "LLM_PRUNER_DATA=../shared/data .venv/bin/python experiments/compare.py " + shlex.join(
         sys.argv[1:] if argv is None else argv)
     results["environment"] = environment()
+    results["ratios"] = args.ratios
     dtype = DTYPES[args.dtype]
 
     pristine = load_model(args.model, dtype=torch.float32)

@@ -37,7 +37,7 @@ def write_report(results: dict, out: Path) -> None:
     short = f"wikitext2_{config['short_seqlen']}"
     metrics = [("wikitext2_2048", "2048"), (short, str(config["short_seqlen"]))]
     rows = _rows(results)
-    ratios = sorted({r for row in rows.values() for r in row}, reverse=True)
+    ratios = sorted({r for row in rows.values() for r in row} | set(results.get("ratios", [])), reverse=True)
     recipes = [name for name in rows if name != "search"]
     dense = results["cells"].get("dense")
     lines = [
@@ -106,6 +106,9 @@ def write_report(results: dict, out: Path) -> None:
     errors = [f"- {k}: {c['error']}" for k, c in results["cells"].items() if "error" in c]
     if errors:
         lines += ["", "## Cells that failed", "", *errors]
+    notes = out.with_name(out.name + ".notes.md")  # hand-written findings, kept across re-runs
+    if notes.is_file():
+        lines += ["", notes.read_text(encoding="utf-8").rstrip()]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(rows, recipes, dense, out.with_suffix(".png"))
 
