@@ -114,7 +114,7 @@ def rank_agreement(args, out: dict) -> None:
     out["rank_agreement"] = {"candidates": len(trials), "spearman": float(rho), **values}
 
 
-def baselines(args, out: dict, test: torch.Tensor) -> None:
+def baselines(args, out: dict, test: torch.Tensor, ratios: list[float]) -> None:
     """The best one-shot recipe + least squares at each ratio, on the same test windows."""
     loaded = load_model("smollm2-135m", dtype=torch.float32)
     config = search_config(args, 0.5, "evolution")
@@ -123,7 +123,7 @@ def baselines(args, out: dict, test: torch.Tensor) -> None:
     scores = importance_scores(adapter, loaded.tokenizer, [args.importance], calibration=config.calibration_spec(),
                                source=loaded.source.path)[args.importance]
     _, ordered = order_model(adapter, scores)
-    for ratio in args.ratios:
+    for ratio in ratios:
         for allocation in ("uniform-mlp", "global"):
             key = f"{allocation}+lstsq/{ratio}"
             if key in out["baselines"]:
@@ -156,16 +156,15 @@ def main() -> None:
     out.setdefault("runs", {})
     out["environment"] = environment()
     out["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    if "matmul_gflops" not in out:
-        out["matmul_gflops"] = {"bfloat16": matmul_rate(torch.bfloat16), "float32": matmul_rate(torch.float32)}
 
     tokenizer = load_model("smollm2-135m").tokenizer
     test = dataset_windows(tokenizer, "wikitext2", seqlen=2048, limit=args.windows)
-    baselines(args, out, test)
-
     jobs = [(ratio, searcher, {}) for ratio in args.ratios for searcher in args.searchers]
-    jobs.append((0.5, "evolution", {"fitness_reform": "none"}))
+    if 0.5 in args.ratios:
+        jobs.insert(len(args.searchers), (0.5, "evolution", {"fitness_reform": "none"}))
     for ratio, searcher, overrides in jobs:
+        if not any(k.endswith(f"/{ratio}") for k in out["baselines"]):
+            baselines(args, out, test, [ratio])
         name = f"search-{searcher}-{ratio}" + ("-fitness-unrectified" if overrides else "")
         run_dir = Path(args.runs) / name
         t = time.time()
@@ -178,6 +177,9 @@ def main() -> None:
         write_json(args.out, out)
     if "rank_agreement" not in out:
         rank_agreement(args, out)
+        write_json(args.out, out)
+    if "matmul_gflops" not in out:
+        out["matmul_gflops"] = {"bfloat16": matmul_rate(torch.bfloat16), "float32": matmul_rate(torch.float32)}
         write_json(args.out, out)
     write_markdown(out, args.out.with_suffix(".md"))
 

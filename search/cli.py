@@ -335,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from search.recover_cli import add_recover
 
-    for add in (add_prune, add_reform, add_eval, add_recover):
+    from search.run_cli import add_dashboard, add_search
+
+    for add in (add_prune, add_reform, add_eval, add_search, add_dashboard, add_recover):
         add(sub)
     return parser
 

@@ -43,12 +43,15 @@ def importance_scores(
     source: str,
     cache: Path | None = None,
     batch_size: int = 8,
+    ratio: float | None = None,
     progress: Callable = lambda it: it,
 ) -> dict[str, list[LayerScores]]:
     """Scores of the dense model, read from ``cache`` (a run or export folder's file) or from the
     shared cache when either holds them for the same model and settings, else computed; written
-    to both."""
+    to both. ``ratio``: the target, for scores that depend on it (then part of the cache key)."""
     meta = scores_meta(source, calibration, names)
+    if any(score_spec(n).uses_ratio for n in names):
+        meta["ratio"] = ratio
     shared = shared_scores_path(meta)
     for path in (cache, shared):
         if path is not None and (cached := load_scores(path, meta)) is not None:
@@ -56,9 +59,9 @@ def importance_scores(
             if cache is not None and path != cache and cache.parent.is_dir():
                 save_scores(cache, cached, meta)
             return cached
-    needs_data = any(score_spec(n).request.inputs for n in names)
+    needs_data = any(score_spec(n).needs_data for n in names)
     windows = calibration.windows(tokenizer) if needs_data else None
-    scores = compute_scores(adapter, windows, names, batch_size=batch_size, progress=progress)
+    scores = compute_scores(adapter, windows, names, batch_size=batch_size, ratio=ratio, progress=progress)
     shared.parent.mkdir(parents=True, exist_ok=True)
     save_scores(shared, scores, meta)
     if cache is not None and cache.parent.is_dir():
@@ -141,7 +144,7 @@ def prune_one_shot(
     adapter = adapter_for(loaded.model)
     scores = importance_scores(
         adapter, loaded.tokenizer, [importance], calibration=calibration, source=loaded.source.path,
-        cache=None, batch_size=batch_size, progress=progress,
+        cache=None, batch_size=batch_size, ratio=ratio, progress=progress,
     )
     score_seconds = time.time() - started
     orders, ordered = order_model(adapter, scores[importance])
@@ -162,7 +165,7 @@ def prune_one_shot(
             "allocation": allocation,
             "compensation": reform.method,
             "mlp_step": mlp_step,
-            "calibration": calibration.to_dict() if spec.request.inputs else None,
+            "calibration": calibration.to_dict() if spec.needs_data else None,
             "reform": reform_entry,
         },
         "seconds": {"importance": round(score_seconds, 3), "reform": round(reform_seconds, 3)},

@@ -227,3 +227,15 @@ def test_cli_prunes_with_a_method_and_recovers_the_export(tiny_model_dir, tiny_d
     assert main(["-q", "prune", "--model", str(tiny_model_dir), "--ratio", "0.7", "--method", "sparsegpt",
                  "--out", str(tmp_path / "x")]) == 2
     assert "unknown method 'sparsegpt'" in capsys.readouterr().err
+
+
+def test_gradient_and_ratio_dependent_scores_work_in_a_custom_prune(tiny_model_dir, tiny_data, tmp_path):
+    from search.cli import main
+
+    for score in ("taylor", "newton"):
+        out = tmp_path / score
+        assert main(["-q", "prune", "--model", str(tiny_model_dir), "--ratio", "0.7", "--importance", score,
+                     "--allocation", "global", "--reform", "none", "--nsamples", "4", "--calib-seqlen", "16",
+                     "--out", str(out)]) == 0
+        record = (out / "subnet.json").read_text()
+        assert f'"importance": "{score}"' in record and '"split": "validation"' in record

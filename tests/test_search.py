@@ -127,10 +127,11 @@ def finished(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
 @pytest.fixture(scope="module")
 def searched(tiny_model_dir, tiny_text_dir, tmp_path_factory):
     """One in-process search with its final export, shared by the tests that read it."""
-    os.environ["LLM_PRUNER_DATA"] = str(tiny_text_dir)
-    run_dir = tmp_path_factory.mktemp("search") / "run"
-    result = run_search(tiny_config(tiny_model_dir), run_dir, progress=False)
-    return run_dir, result
+    with pytest.MonkeyPatch.context() as patch:  # undone after the module: later tests read the real data
+        patch.setenv("LLM_PRUNER_DATA", str(tiny_text_dir))
+        run_dir = tmp_path_factory.mktemp("search") / "run"
+        result = run_search(tiny_config(tiny_model_dir), run_dir, progress=False)
+        yield run_dir, result
 
 
 def test_in_process_search_completes_and_exports_a_model_that_reloads(searched):
