@@ -151,9 +151,17 @@ def dashboard_app(run_dir: Path):
     return wsgi(storage, artifact_store=FileSystemArtifactStore(str(artifacts)))
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main_dashboard(args) -> int:
+    import signal
     from wsgiref.simple_server import make_server
 
+    # SIGTERM (a service manager, `kill`) stops the server as Ctrl-C does; a job started in the
+    # background by a non-interactive shell ignores SIGINT, so SIGTERM is the portable stop.
+    signal.signal(signal.SIGTERM, _stop)
     app = dashboard_app(args.run_dir)
     with make_server(args.host, args.port, app) as server:
         print(f"optuna-dashboard on http://{args.host}:{server.server_port}/ (Ctrl-C stops it)", flush=True)

@@ -196,8 +196,8 @@ def test_dashboard_serves_the_trials_with_their_attributes(searched):
         assert {"block_ratio", "widths", "eval_seconds"} <= attrs
         assert any(t["artifacts"] for t in trials)  # width profiles of the best trials
     finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
 
 
 @pytest.mark.slow
