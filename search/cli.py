@@ -73,7 +73,7 @@ def _reform_spec(args):
 def _ppl_list(text: str) -> list[str]:
     from evaluators.data import parse_dataset
 
-    names = [t for t in (s.strip() for s in text.split(",")) if t]
+    names = [t for t in (s.strip() for s in text.split(",")) if t and t != "none"]
     for name in names:
         parse_dataset(name)
     return names
@@ -194,7 +194,7 @@ def main_prune(args) -> int:
         result = evaluate(str(args.out), args.eval_ppl, seqlen=args.eval_seqlen, limit=args.limit_windows,
                           dtype=args.dtype, device=args.device, batch_size=1, quiet=args.quiet)
         update_subnet_record(args.out, metrics=result)
-        print_ppl_table(result)
+        print_eval_table(result)
     return 0
 
 
@@ -252,10 +252,15 @@ def main_reform(args) -> int:
 def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a model or export")
     p.add_argument("model", help="HF folder (exports of ours included), hub id, .gguf file, or alias")
-    p.add_argument("--ppl", type=_ppl_list, default=["wikitext2"], help="datasets, e.g. wikitext2,ptb,c4:train")
+    p.add_argument("--ppl", type=_ppl_list, default=["wikitext2"],
+                   help="datasets, e.g. wikitext2,ptb,c4:train; 'none' for no perplexity")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--limit-windows", type=int, help="only the first N windows of each dataset")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--zeroshot", help="zero-shot tasks as lm-evaluation-harness scores them, comma-separated "
+                                      "(boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa or all)")
+    p.add_argument("--limit", type=int, help="zero-shot: only the first N examples of each task")
+    p.add_argument("--zeroshot-batch-size", type=int, default=16)
     p.add_argument("--json", type=Path, help="write the result here")
     _add_model_options(p)
     p.set_defaults(validate=validate_eval, main=main_eval)
@@ -270,12 +275,22 @@ def validate_eval(args) -> None:
         raise UserError("--limit-windows must be at least 1")
     if args.json is not None and not args.json.parent.exists():
         raise UserError(f"cannot write {args.json}: its folder does not exist")
+    if args.zeroshot is not None:
+        from evaluators.zeroshot import parse_tasks
+
+        args.zeroshot = parse_tasks(args.zeroshot)
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be at least 1")
+    if not args.ppl and not args.zeroshot:
+        raise UserError("nothing to evaluate: give --ppl datasets or --zeroshot tasks")
     resolve(args.model)
 
 
 def evaluate(spec: str, datasets: list[str], *, seqlen: int, limit: int | None, dtype: str, device: str,
-             batch_size: int, quiet: bool, trust_remote_code: bool = False) -> dict:
-    """Perplexity of ``spec`` on each dataset, with everything needed to reproduce it."""
+             batch_size: int, quiet: bool, trust_remote_code: bool = False, zeroshot: list[str] | None = None,
+             zeroshot_limit: int | None = None, zeroshot_batch_size: int = 16) -> dict:
+    """Perplexity of ``spec`` on each dataset (and its zero-shot scores), with everything needed
+    to reproduce it."""
     from evaluators.data import dataset_windows
     from evaluators.environment import environment
     from evaluators.perplexity import count_params, perplexity
@@ -292,6 +307,14 @@ def evaluate(spec: str, datasets: list[str], *, seqlen: int, limit: int | None, 
                                progress=lambda it, **kw: _progress(quiet)(it, desc=name, **kw))
         counts[name] = int(w.shape[0])
         seconds[name] = round(time.time() - t, 3)
+    scores = {}
+    if zeroshot:
+        from evaluators.zeroshot import evaluate_zeroshot
+
+        t = time.time()
+        scores = evaluate_zeroshot(loaded.model, loaded.tokenizer, zeroshot, limit=zeroshot_limit,
+                                   batch_size=zeroshot_batch_size, progress=not quiet)
+        seconds["zeroshot"] = round(time.time() - t, 3)
     return {
         "model": source.to_dict(),
         "ppl": ppl,
@@ -301,15 +324,22 @@ def evaluate(spec: str, datasets: list[str], *, seqlen: int, limit: int | None, 
         "dtype": dtype,
         "device": device,
         "params": count_params(loaded.model),
+        **scores,
         "seconds": {"per_dataset": seconds, "total": round(time.time() - started, 3)},
         "environment": environment(),
     }
 
 
-def print_ppl_table(result: dict) -> None:
-    print(f"\n| dataset | windows x {result['seqlen']} | perplexity |\n|---|---|---|")
-    for name, value in result["ppl"].items():
-        print(f"| {name} | {result['windows'][name]} | {value:.3f} |")
+def print_eval_table(result: dict) -> None:
+    if result["ppl"]:
+        print(f"\n| dataset | windows x {result['seqlen']} | perplexity |\n|---|---|---|")
+        for name, value in result["ppl"].items():
+            print(f"| {name} | {result['windows'][name]} | {value:.3f} |")
+    if result.get("zeroshot"):
+        print("\n| task | examples | metric | score |\n|---|---|---|---|")
+        for name, task in result["zeroshot"].items():
+            print(f"| {name} | {task['n']} | {task['metric']} | {100 * task[task['metric']]:.2f} |")
+        print(f"| average | | | {100 * result['zeroshot_avg']:.2f} |")
     params = result["params"]
     print(f"\nblock params {params['block']:,}, total params {params['total']:,}, dtype {result['dtype']}")
 
@@ -319,8 +349,70 @@ def main_eval(args) -> int:
 
     result = evaluate(args.model, args.ppl, seqlen=args.seqlen, limit=args.limit_windows, dtype=args.dtype,
                       device=args.device, batch_size=args.batch_size, quiet=args.quiet,
-                      trust_remote_code=args.trust_remote_code)
-    print_ppl_table(result)
+                      trust_remote_code=args.trust_remote_code, zeroshot=args.zeroshot, zeroshot_limit=args.limit,
+                      zeroshot_batch_size=args.zeroshot_batch_size)
+    print_eval_table(result)
+    if args.json is not None:
+        write_json(args.json, result)
+    return 0
+
+
+# --- bench -----------------------------------------------------------------------------------
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="speed and memory of models measured side by side (ratios against the first)")
+    p.add_argument("models", nargs="+", help="the reference (usually the dense model) first, then exports")
+    p.add_argument("--shapes", default="1x128,1x512,4x512", help="prefill shapes, batch x length")
+    p.add_argument("--decode-tokens", type=int, default=64, help="greedy tokens generated with the KV cache")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", type=Path, help="write the result here")
+    _add_model_options(p)
+    p.set_defaults(validate=validate_bench, main=main_bench)
+
+
+def validate_bench(args) -> None:
+    from evaluators.speed import parse_shapes
+    from space.models import resolve
+
+    try:
+        args.shapes = parse_shapes(args.shapes)
+    except ValueError as exc:
+        raise UserError(f"--shapes: {exc}") from exc
+    if args.decode_tokens < 2 or args.repeats < 1 or args.warmup < 0:
+        raise UserError("need --decode-tokens >= 2, --repeats >= 1 and --warmup >= 0")
+    if args.json is not None and not args.json.parent.exists():
+        raise UserError(f"cannot write {args.json}: its folder does not exist")
+    for spec in args.models:
+        resolve(spec)
+
+
+def main_bench(args) -> int:
+    from evaluators.environment import environment
+    from evaluators.speed import compare
+    from space.export import write_json
+    from space.models import load_model
+
+    names = [spec if args.models.count(spec) == 1 else f"{spec} #{i}" for i, spec in enumerate(args.models)]
+    models = {}
+    for name, spec in zip(names, args.models):
+        # exports of ours carry their modelling file; any other folder's code runs only when allowed
+        trust = args.trust_remote_code or (Path(spec) / "subnet.json").is_file()
+        models[name] = load_model(spec, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=trust).model
+    result = compare(models, shapes=args.shapes, decode_tokens=args.decode_tokens, repeats=args.repeats,
+                     warmup=args.warmup)
+    result["dtype"] = args.dtype
+    result["environment"] = environment()
+    batch, length = args.shapes[-1]
+    print(f"\n| model | params | prefill {batch}x{length} tok/s | decode tok/s | TTFT ms | peak MiB | "
+          "prefill speedup | decode speedup |\n|---|---|---|---|---|---|---|---|")
+    for name, m in result["models"].items():
+        r = result["ratios"][name]
+        peak = f"{m['peak_memory_bytes'] / 2**20:.0f}" if m["peak_memory_bytes"] is not None else "–"
+        print(f"| {name} | {m['params']:,} | {m['prefill'][-1]['tokens_per_s']:.0f} | "
+              f"{m['decode']['tokens_per_s']:.1f} | {1000 * m['ttft_s']:.1f} | {peak} | "
+              f"{r['prefill_tokens_per_s'][-1]['ratio']:.2f}x | {r['decode_tokens_per_s']:.2f}x |")
     if args.json is not None:
         write_json(args.json, result)
     return 0
@@ -337,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from search.run_cli import add_dashboard, add_search
 
-    for add in (add_prune, add_reform, add_eval, add_search, add_dashboard, add_recover):
+    for add in (add_prune, add_reform, add_eval, add_bench, add_search, add_dashboard, add_recover):
         add(sub)
     return parser
 

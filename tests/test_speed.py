@@ -120,3 +120,21 @@ def test_real_model_benchmark_in_bfloat16():
     assert result["params"] == pytest.approx(134.5e6, rel=0.01)  # PROTOCOL.md, tied embeddings once
     assert result["weight_bytes"] == 2 * result["params"]
     assert result["prefill"][0]["tokens_per_s"] > 0 and result["decode"]["tokens_per_s"] > 0
+
+
+def test_bench_command_measures_models_side_by_side(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from search.cli import main
+
+    path = tmp_path / "bench.json"
+    assert main(["-q", "bench", str(tiny_model_dir), str(tiny_model_dir), "--shapes", "1x8,2x16",
+                 "--decode-tokens", "4", "--repeats", "2", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    names = list(result["models"])
+    assert len(names) == 2 and result["reference"] == names[0]
+    assert result["ratios"][names[0]]["params"] == 1.0 and result["ratios"][names[0]]["decode_tokens_per_s"] == 1.0
+    assert [p["length"] for p in result["models"][names[1]]["prefill"]] == [8, 16]
+    assert "prefill speedup" in capsys.readouterr().out
+    assert main(["-q", "bench", str(tiny_model_dir), "--shapes", "1by8"]) == 2
+    assert "--shapes" in capsys.readouterr().err

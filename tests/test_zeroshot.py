@@ -364,3 +364,20 @@ def test_real_model_loglikelihoods_agree_with_lm_eval():
     theirs = [ll for ll, _ in lm.loglikelihood(instances, disable_tqdm=True)]
     ours = loglikelihoods(model, tokenizer, requests, batch_size=8, progress=False)
     assert ours == pytest.approx(theirs, abs=1e-3)
+
+
+def test_eval_command_writes_zeroshot_scores(tiny_model_dir, tiny_data, tmp_path, capsys):
+    from search.cli import main
+
+    path = tmp_path / "eval.json"
+    tasks = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "openbookqa"]  # the tiny files
+    assert main(["-q", "eval", str(tiny_model_dir), "--ppl", "none", "--zeroshot", ",".join(tasks),
+                 "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert list(result["zeroshot"]) == tasks and result["ppl"] == {}
+    headline = [task[task["metric"]] for task in result["zeroshot"].values()]
+    assert result["zeroshot_avg"] == pytest.approx(sum(headline) / len(headline))
+    assert result["zeroshot"]["boolq"]["n"] == 3 and result["zeroshot"]["boolq"]["metric"] == "acc"
+    assert "| average |" in capsys.readouterr().out
+    assert main(["-q", "eval", str(tiny_model_dir), "--ppl", "none"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
