@@ -33,7 +33,8 @@ import torch  # noqa: E402
 
 from evaluators import zeroshot  # noqa: E402
 from evaluators.data import local_file  # noqa: E402
-from experiments.eval_exports import environment, load_for_eval  # noqa: E402
+from evaluators.environment import environment  # noqa: E402
+from experiments.eval_exports import load_for_eval  # noqa: E402
 
 LM_EVAL_TASKS = Path(__import__("lm_eval").__file__).parent / "tasks"
 
