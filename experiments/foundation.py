@@ -201,6 +201,9 @@ def write_markdown(results: dict, path: Path) -> None:
                   f"| prefix views | {timing['median_view']:.2f} | 0 | {timing['ppl_view']:.3f} |",
                   f"| physical copy | {timing['median_copy']:.2f} | {statistics.median(timing['copy_seconds_build']):.2f} | "
                   f"{timing['ppl_copy']:.3f} |"]
+    notes = path.with_suffix(".notes.md")  # hand-written findings, kept across re-runs
+    if notes.is_file():
+        lines += ["", notes.read_text(encoding="utf-8").rstrip()]
     path.write_text("\n".join(lines) + "\n")
 
 

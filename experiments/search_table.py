@@ -186,20 +186,23 @@ def main() -> None:
 
 def write_markdown(out: dict, path: Path) -> None:
     s = out["settings"]
+    # every run measured so far, whichever invocation ran it
+    ratios = sorted({run["ratio"] for run in out["runs"].values()})
+    searchers = list(dict.fromkeys(run["searcher"] for run in out["runs"].values()))
     lines = ["# Search (issue 6): SmolLM2-135M", "",
              f"Reproduce: `LLM_PRUNER_DATA=../shared/data .venv/bin/python experiments/search_table.py --trials {s['trials']}` "
              "(raw numbers in `search.json`; every run folder under `runs/` has its own report.md and study).", "",
              f"Test perplexity: WikiText-2 test, first {s['windows']} windows of 2048 tokens, float32, of the exported "
              "winner (rectified by sequential least squares) and of the baselines (same rectification).", "",
-             "| ratio | best one-shot + lstsq | " + " | ".join(f"search: {x}" for x in s["searchers"]) + " | gain of the best search |",
-             "|---|---|" + "---|" * len(s["searchers"]) + "---|"]
-    for ratio in s["ratios"]:
+             "| ratio | best one-shot + lstsq | " + " | ".join(f"search: {x}" for x in searchers) + " | gain of the best search |",
+             "|---|---|" + "---|" * len(searchers) + "---|"]
+    for ratio in ratios:
         base = {k.split("/")[0]: v["ppl"] for k, v in out["baselines"].items() if k.endswith(f"/{ratio}")}
         if not base:
             continue
         name, value = min(base.items(), key=lambda kv: kv[1])
         cells, found = [], []
-        for searcher in s["searchers"]:
+        for searcher in searchers:
             run = out["runs"].get(f"search-{searcher}-{ratio}")
             cells.append(f"{run['test_ppl']:.2f}" if run else "–")
             if run:
@@ -226,6 +229,9 @@ def write_markdown(out: dict, path: Path) -> None:
                   f"Spearman {agreement['spearman']:.3f}; {agreement['float32_seconds']:.2f} s vs "
                   f"{agreement['bfloat16_seconds']:.2f} s per candidate."]
     lines += ["", "Search curves: `search_curves.png`."]
+    notes = path.with_suffix(".notes.md")  # hand-written findings, kept across re-runs
+    if notes.is_file():
+        lines += ["", notes.read_text(encoding="utf-8").rstrip()]
     path.write_text("\n".join(lines) + "\n")
     curves_plot(out, path.with_name("search_curves.png"))
 
