@@ -173,7 +173,7 @@ def write_markdown(results: dict, path: Path) -> None:
     env = results["environment"]
     lines += [f"Machine: {env['machine']['cpu']}, {env['machine']['threads']} threads; "
               f"torch {env['versions'].get('torch')}, transformers {env['versions'].get('transformers')}.", ""]
-    lines += ["Reproduce: `LLM_PRUNER_DATA=../shared/data .venv/bin/python experiments/foundation.py` "
+    lines += ["Reproduce: `LLM_PRUNER_DATA=../shared/data .venv/bin/python experiments/foundation.py --windows 8` "
               "(raw numbers in `foundation.json`).", ""]
     lines += ["## Dense WikiText-2 test perplexity, seqlen 2048", "", "| dtype | windows | perplexity |", "|---|---|---|"]
     for key, cell in cells.items():
