@@ -193,7 +193,7 @@ def write_markdown(out: dict, path: Path) -> None:
              f"Reproduce: `LLM_PRUNER_DATA=../shared/data .venv/bin/python experiments/search_table.py --trials {s['trials']}` "
              "(raw numbers in `search.json`; every run folder under `runs/` has its own report.md and study).", "",
              f"Test perplexity: WikiText-2 test, first {s['windows']} windows of 2048 tokens, float32, of the exported "
-             "winner (rectified by sequential least squares) and of the baselines (same rectification).", "",
+             "winner (rectified by least squares, local mode) and of the baselines (same rectification).", "",
              "| ratio | best one-shot + lstsq | " + " | ".join(f"search: {x}" for x in searchers) + " | gain of the best search |",
              "|---|---|" + "---|" * len(searchers) + "---|"]
     for ratio in ratios:

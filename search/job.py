@@ -74,7 +74,7 @@ class SearchConfig:
     pruner: str = "none"  # none | median (in-process only)
     final_top_k: int = 5
     final_windows: dict = field(default_factory=lambda: CalibrationSpec("wikitext2", 32, 512, 2).to_dict())
-    export_reform: str = "sequential"  # reformation mode of the exported winner (lstsq)
+    export_reform: str = "local"  # reformation mode of the exported winner (lstsq), as in the fitness
     eval_windows: int | None = 32  # WikiText-2 test windows of 2048 for the export (None: all)
 
     RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows")

@@ -94,7 +94,7 @@ for _recipe in (
            notes="whole KV groups; calibration seed with the lowest KL(dense || pruned) on held-out "
                  "validation windows; window count and length are ours (not stated in what we could read)"),
     Recipe("numerical", "Numerical Pruning (Shen et al., AAAI 2025)", "newton", "global",
-           ReformSpec("lstsq", "sequential"), CalibrationSpec("wikitext2", 128, 512, 0),
+           ReformSpec("lstsq", "local"), CalibrationSpec("wikitext2", 128, 512, 0),
            notes="global threshold, a query head costing its q/o rows/columns and its share of k/v "
                  "(4·D_h/3 channels for MHA); paper windows are 2048 tokens, 512 here for CPU time"),
     Recipe("bip", "LLM-BIP (block-output influence; our reading, no public code)", "bip", "global", NONE,

@@ -38,7 +38,8 @@ def add_search(sub) -> None:
     p.add_argument("--fitness-seqlen", type=int, default=512)
     p.add_argument("--pruner", default="none", help="none | median (stop hopeless candidates early; in-process)")
     p.add_argument("--final-top-k", type=int, default=5, help="re-score this many of the best at the end")
-    p.add_argument("--export-reform", default="sequential", help="local | sequential: least squares of the winner")
+    p.add_argument("--export-reform", default="local", choices=("local", "sequential"),
+                   help="least squares of the winner: local (default, as in the fitness) or sequential")
     p.add_argument("--eval-windows", type=int, default=32, help="WikiText-2 test windows for the export (0: skip)")
     p.add_argument("--calib", default="wikitext2")
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows for scores and least squares")
