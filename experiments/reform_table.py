@@ -143,7 +143,11 @@ class Table:
         self.data["wall_seconds"] = round(self.seconds_before + time.time() - self.started, 1)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.out.with_suffix(".json"), self.data)
-        self.out.with_suffix(".md").write_text(render(self.data), encoding="utf-8")
+        text = render(self.data)
+        notes = self.out.with_suffix(".notes.md")  # hand-written findings, kept across re-runs
+        if notes.is_file():
+            text += "\n" + notes.read_text(encoding="utf-8")
+        self.out.with_suffix(".md").write_text(text, encoding="utf-8")
 
 
 def evaluate(adapter, subnet, overrides, windows, dtype) -> tuple[float, float]:
