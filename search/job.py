@@ -334,10 +334,25 @@ def _run(config, run_dir, workers, ray_address, storage_url, progress, final, st
     completed = len(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]))
     best = None
     if final and completed:
-        from search.finalize import finalize
+        best = finished_result(run_dir, config, completed)
+        if best is None:
+            from search.finalize import finalize
 
-        best = finalize(study, config, run_dir, space, search_seconds=loop_seconds)
+            best = finalize(study, config, run_dir, space, search_seconds=loop_seconds)
+        else:
+            log.info("the search had already finished and exported; its result stands (%s)", run_dir / "best.json")
     return SearchResult(study, completed, best, time.time() - started)
+
+
+def finished_result(run_dir: Path, config: SearchConfig, completed: int) -> dict | None:
+    """``best.json`` of a run that already finished these trials with this config (re-running the
+    command of a finished search then re-scores, exports and evaluates nothing), else None."""
+    path = run_dir / "best.json"
+    if not path.is_file() or not (run_dir / "export" / "subnet.json").is_file():
+        return None
+    best = json.loads(path.read_text())
+    same = best.get("config") == json.loads(json.dumps(dataclasses.asdict(config)))
+    return best if same and best.get("completed_trials") == completed else None
 
 
 def _completed(study) -> int:

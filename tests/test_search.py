@@ -149,6 +149,15 @@ def test_in_process_search_completes_and_exports_a_model_that_reloads(searched):
             "worker"} <= set(trial.user_attrs)
 
 
+def test_rerunning_a_finished_search_keeps_its_result(searched, tiny_model_dir):
+    run_dir, first = searched
+    exported = (run_dir / "export" / "model.safetensors").stat().st_mtime_ns
+    again = run_search(tiny_config(tiny_model_dir), run_dir, progress=False)
+    assert again.completed == 12 and again.best == json.loads((run_dir / "best.json").read_text())
+    assert again.best["test"] == first.best["test"] and again.best["seconds"] == first.best["seconds"]
+    assert (run_dir / "export" / "model.safetensors").stat().st_mtime_ns == exported
+
+
 def test_a_different_search_in_the_same_run_folder_is_refused(searched, tiny_model_dir):
     from space.errors import UserError
 
