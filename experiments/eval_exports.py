@@ -39,9 +39,9 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def load_for_eval(spec: str, *, dtype: torch.dtype, device: str = "cpu"):
-    """(model, tokenizer, source) of a model spec, in eval mode. Exported subnets carry their own
-    modelling file, hence ``trust_remote_code``: only run exports you made."""
-    loaded = load_model(spec, dtype=dtype, device=device, trust_remote_code=True)
+    """(model, tokenizer, source) of a model spec, in eval mode (``load_model`` runs our exports'
+    own modelling file, and no other folder's code)."""
+    loaded = load_model(spec, dtype=dtype, device=device)
     return loaded.model.eval(), loaded.tokenizer, loaded.source.to_dict()
 
 

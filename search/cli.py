@@ -396,10 +396,9 @@ def main_bench(args) -> int:
 
     names = [spec if args.models.count(spec) == 1 else f"{spec} #{i}" for i, spec in enumerate(args.models)]
     models = {}
-    for name, spec in zip(names, args.models):
-        # exports of ours carry their modelling file; any other folder's code runs only when allowed
-        trust = args.trust_remote_code or (Path(spec) / "subnet.json").is_file()
-        models[name] = load_model(spec, dtype=DTYPES[args.dtype], device=args.device, trust_remote_code=trust).model
+    for name, spec in zip(names, args.models):  # load_model trusts our own exports' modelling file
+        models[name] = load_model(spec, dtype=DTYPES[args.dtype], device=args.device,
+                                  trust_remote_code=args.trust_remote_code).model
     result = compare(models, shapes=args.shapes, decode_tokens=args.decode_tokens, repeats=args.repeats,
                      warmup=args.warmup)
     result["dtype"] = args.dtype
