@@ -7,7 +7,7 @@
 Subnets: ``wanda-sp`` importance on 64 x 512 validation tokens (seed 0), allocation
 ``uniform-mlp`` (attention whole, the same MLP width in every layer). Every cell is evaluated in
 process through ``subnet_view(..., overrides)``, which tests/test_reform.py proves equal to the
-reloaded export. Perplexity: WikiText-2 test, the first 32 windows of 2048 tokens, bfloat16
+reloaded export. Perplexity: WikiText-2 test, the first 8 windows of 2048 tokens, bfloat16
 (the model permuted and rectified in float32, then cast), plus float32 spot checks.
 
 Local methods share one dense calibration pass per sample count: the statistics are cached and
@@ -30,6 +30,7 @@ import copy
 import ctypes
 import json
 import logging
+import shlex
 import sys
 import threading
 import time
@@ -108,7 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--importance-nsamples", type=int, default=64)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--windows", type=int, default=32, help="first N WikiText-2 test windows")
+    p.add_argument("--windows", type=int, default=8, help="first N WikiText-2 test windows")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--fp32-checks", nargs="*", default=["0.7:lstsq-local:128", "0.5:none:0"],
                    help="cells (ratio:variant:nsamples) re-evaluated in float32")
@@ -180,6 +181,8 @@ def main(argv=None) -> int:
                         datefmt="%H:%M:%S")
     config = build_config(args)
     table = Table(args.out, config)
+    table.data["command"] = "LLM_PRUNER_DATA=../shared/data .venv/bin/python experiments/reform_table.py " + shlex.join(
+        sys.argv[1:] if argv is None else argv)
     cells, timing = table.data["cells"], table.data["timing"]
 
     loaded = load_model(args.model, dtype=torch.float32)
@@ -353,7 +356,7 @@ def render(data: dict) -> str:
                                  f"{driver.get('seconds', '–')} | {driver.get('peak_mib', '–')} | "
                                  f"{'–' if sequential else cached} |")
     lines += ["", f"Wall time of the whole table: {data.get('wall_seconds', 0) / 3600:.1f} h. "
-              "Reproduce: `LLM_PRUNER_DATA=../shared/data .venv/bin/python experiments/reform_table.py`.", ""]
+              f"Reproduce: `{data.get('command', 'LLM_PRUNER_DATA=../shared/data .venv/bin/python experiments/reform_table.py')}`.", ""]
     return "\n".join(lines)
 
 
