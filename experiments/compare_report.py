@@ -70,9 +70,10 @@ def write_report(results: dict, out: Path) -> None:
                     cells.append(_fmt(_ppl(cell, metric)))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Wall time of each recipe (seconds: scoring, selection, allocation, compensation)", "",
+    lines += ["## Wall time of each recipe (seconds: scoring, selection, allocation, compensation; "
+              "search: trial loop, rescoring of the finalists, rectified export, test evaluation)", "",
               "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
-    for name in recipes:
+    for name in recipes + (["search"] if "search" in rows else []):
         row = rows[name]
         lines.append(f"| {name} | " + " | ".join(
             f"{row[r]['recipe_seconds']:.0f}" if r in row and row[r].get("recipe_seconds") is not None else "–"
