@@ -40,15 +40,19 @@ def write_report(results: dict, out: Path) -> None:
     ratios = sorted({r for row in rows.values() for r in row} | set(results.get("ratios", [])), reverse=True)
     recipes = [name for name in rows if name != "search"]
     dense = results["cells"].get("dense")
+    cap = ("each recipe's own calibration amount" if config["max_calib_tokens"] is None else
+           f"each recipe's windows capped at {config['max_calib_tokens']} tokens")
+    if results.get("merged"):
+        cap += " (rows with a label in parentheses: see the note under the settings table)"
     lines = [
         "# Seed systems as recipes vs. the search, SmolLM2-135M",
         "",
         f"Command: `{results.get('command', '')}`",
         "",
-        f"WikiText-2 test perplexity, the first {config['windows_2048']} windows of 2048 tokens and the same "
-        f"tokens in windows of {config['short_seqlen']}; {config['dtype']} evaluation in process "
-        f"(`subnet_view`, rectified in float32 then cast). Calibration: WikiText-2 validation; each recipe's "
-        f"windows capped at {config['max_calib_tokens']} tokens. ratio = kept fraction of block weights. "
+        f"WikiText-2 test perplexity, the first {_count(config['windows_2048'], 'window')} of 2048 tokens and the "
+        f"same tokens in windows of {config['short_seqlen']}; {config['dtype']} evaluation in process "
+        f"(`subnet_view`, rectified in float32 then cast). Calibration: WikiText-2 validation; {cap}. "
+        "ratio = kept fraction of block weights. "
         f"Dense: {_fmt(_ppl(dense, 'wikitext2_2048'))} (2048) / {_fmt(_ppl(dense, short))} "
         f"({config['short_seqlen']}). A – is a cell that has not run yet: re-running the command resumes, "
         "keeping every finished cell.",
@@ -103,7 +107,10 @@ def write_report(results: dict, out: Path) -> None:
         lines.append(f"| {name} | {recipe['importance']} | {recipe['allocation']} | {recipe['compensation']} | "
                      f"{used} | {chosen} |")
     for extra in results.get("merged", []):
-        lines += ["", f"Rows from `{extra['file']}` ({extra['config'].get('label')}): `{extra['command']}`"]
+        limit = extra["config"].get("max_calib_tokens")
+        amount = "each recipe's own calibration amount" if limit is None else f"calibration capped at {limit} tokens"
+        lines += ["", f"Rows labelled *{extra['config'].get('label', '').strip()}* come from `{extra['file']}` "
+                      f"({amount}): `{extra['command']}`"]
     errors = [f"- {k}: {c['error']}" for k, c in results["cells"].items() if "error" in c]
     if errors:
         lines += ["", "## Cells that failed", "", *errors]
@@ -112,6 +119,10 @@ def write_report(results: dict, out: Path) -> None:
         lines += ["", notes.read_text(encoding="utf-8").rstrip()]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(rows, recipes, dense, out.with_suffix(".png"))
+
+
+def _count(n: int, noun: str) -> str:
+    return noun if n == 1 else f"{n} {noun}s"
 
 
 def _chosen(recipe: dict) -> str:
@@ -127,7 +138,8 @@ def _plot(rows, recipes, dense, path: Path) -> None:
         points = sorted((r, _ppl(c, "wikitext2_2048")) for r, c in rows[name].items()
                         if _ppl(c, "wikitext2_2048") is not None)
         if points:
-            ax.plot(*zip(*points), marker="o", label=name, linewidth=2.5 if name == "search" else 1.2)
+            ax.plot(*zip(*points), marker="o", label=name, linewidth=2.5 if name == "search" else 1.2,
+                    linestyle=":" if "(" in name else "-")  # labelled variant rows dotted
     if dense is not None:
         ax.axhline(_ppl(dense, "wikitext2_2048"), color="gray", linestyle="--", label="dense")
     ax.set_yscale("log")

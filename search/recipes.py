@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ import torch
 
 from evaluators.data import CalibrationSpec
 from evaluators.environment import environment
-from reform.rectify import ReformSpec, rectify
+from reform.methods import method_spec
+from reform.rectify import ReformSpec, output_stats, rectify, stats_overrides
 from search.allocation import allocate
 from space.adapters import ModelAdapter, adapter_for
 from space.errors import UserError
@@ -139,7 +141,7 @@ class Pruned:
     record: dict
 
 
-ScoreCache = dict  # (importance, calibration, ratio or None) -> (scores, seconds)
+ScoreCache = dict  # (importance, calibration, ratio or None) -> (scores, seconds); also compensate()'s statistics
 
 
 def score_windows(adapter: ModelAdapter, windows: torch.Tensor | None, importance: str, *, key, ratio: float,
@@ -182,6 +184,40 @@ def shape(adapter: ModelAdapter, recipe: Recipe, importance: str, scores: list[L
     return orders, subnet
 
 
+def _order_key(orders: list[LayerOrder]) -> str:
+    digest = hashlib.sha1()
+    for order in orders:
+        for t in (order.groups, order.heads, order.channels):
+            digest.update(t.cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def compensate(adapter: ModelAdapter, subnet: Subnet, orders: list[LayerOrder], recipe: Recipe, tokenizer, *,
+               batch_size: int, cache: ScoreCache | None, progress: Callable) -> tuple[dict[str, torch.Tensor], float]:
+    """The recipe's compensation of ``subnet`` (overrides), and the seconds of statistics reused
+    from ``cache``. A local compensation from means only (FLAP's bias) keeps the dense statistics
+    in ``cache``: they depend on the calibration and the model's order, not on the ratio, so the
+    other ratios of a comparison need no calibration pass. Least squares always streams: its
+    second moments for every layer would grow with depth (a 7B model: ~1 GB per layer)."""
+    spec = recipe.reform
+    if method_spec(spec.method).solve is None:
+        return {}, 0.0
+    windows = recipe.calibration.windows(tokenizer)
+    if cache is None or spec.mode != "local" or method_spec(spec.method).gram:
+        return rectify(adapter, subnet, windows, spec=spec, batch_size=batch_size, progress=progress), 0.0
+    key = ("reform-means", str(recipe.calibration.to_dict()), _order_key(orders))
+    reused = key in cache
+    if not reused:
+        started = time.time()
+        stats = {layer.index: s for layer, s in output_stats(adapter, windows, gram=False, batch_size=batch_size,
+                                                             progress=progress)}
+        cache[key] = (stats, time.time() - started)
+    stats, seconds = cache[key]
+    # the cached statistics, bound to this model's layers (a comparison prunes a fresh copy per cell)
+    overrides = stats_overrides(adapter, subnet, ((adapter.layers[i], s) for i, s in stats.items()), spec=spec)
+    return overrides, seconds if reused else 0.0
+
+
 def dense_copy(loaded: LoadedModel) -> LoadedModel:
     """A copy of the model to try a candidate on (the original stays dense)."""
     return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
@@ -214,10 +250,8 @@ def run_recipe(
     adapter = adapter_for(loaded.model)
     orders, subnet = shape(adapter, recipe, candidate.importance, candidate.scores, ratio=ratio)
     allocated = time.time()
-    overrides = {}
-    if recipe.reform.method != "none":
-        windows = recipe.calibration.windows(loaded.tokenizer)
-        overrides = rectify(adapter, subnet, windows, spec=recipe.reform, batch_size=batch_size, progress=progress)
+    overrides, reused_stats = compensate(adapter, subnet, orders, recipe, loaded.tokenizer, batch_size=batch_size,
+                                         cache=cache, progress=progress)
     finished = time.time()
     record = {
         "source": loaded.source.to_dict(),
@@ -237,9 +271,10 @@ def run_recipe(
             "importance": round(candidate.seconds, 3),
             "scoring_selection_allocation": round(allocated - started, 3),
             "reform": round(finished - allocated, 3),
-            # as if nothing had been cached: scores reused from an earlier ratio count again
-            "total": round(finished - started + candidate.reused, 3),
+            # as if nothing had been cached: what an earlier ratio computed counts again
+            "total": round(finished - started + candidate.reused + reused_stats, 3),
             "reused_scores": round(candidate.reused, 3),
+            "reused_reform_stats": round(reused_stats, 3),
         },
         "environment": environment(),
     }

@@ -93,6 +93,19 @@ def test_flap_bias_restores_the_mean_of_the_removed_columns(tiny_data):
     assert expected.abs().max() > 1e-4  # a real correction, not zeros
 
 
+def test_flap_bias_from_cached_statistics_equals_a_fresh_pass(tiny_data):
+    """compare.py shares one cache across ratios: the second ratio reuses the dense means."""
+    recipe, cache = small("flap"), {}
+    run_recipe(loaded_tiny(), recipe, ratio=0.8, cache=cache)
+    cached = run_recipe(loaded_tiny(), recipe, ratio=0.6, cache=cache)
+    fresh = run_recipe(loaded_tiny(), recipe, ratio=0.6)
+    assert cached.record["seconds"]["reused_reform_stats"] > 0
+    assert fresh.record["seconds"]["reused_reform_stats"] == 0
+    assert cached.overrides.keys() == fresh.overrides.keys() and fresh.overrides
+    for name, bias in fresh.overrides.items():
+        torch.testing.assert_close(cached.overrides[name], bias, rtol=0, atol=0, msg=name)
+
+
 def test_nirvana_removes_whole_kv_groups_and_keeps_the_lowest_kl_seed(tiny_data):
     pruned = run_recipe(loaded_tiny(), small("nirvana"), ratio=0.6)
     group = pruned.adapter.dims.group_size
