@@ -180,9 +180,11 @@ def load_prepared(config: SearchConfig, run_dir: Path):
 
     loaded = load_model(config.model, dtype=torch.float32, device=config.device)
     adapter = adapter_for(loaded.model)
+    # scores that depend on the target (newton's mask keeps that fraction) get the search's ratio;
+    # for an nsga2 front, its upper end
     scores = importance_scores(adapter, loaded.tokenizer, [config.importance],
                                calibration=config.calibration_spec(), source=loaded.source.path,
-                               cache=run_dir / IMPORTANCE)[config.importance]
+                               ratio=config.ratio, cache=run_dir / IMPORTANCE)[config.importance]
     orders, ordered = order_model(adapter, scores)
     return loaded, adapter, orders, ordered
 

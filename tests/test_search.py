@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from search.evolution import EvolutionSampler
@@ -174,6 +175,14 @@ def test_same_seed_same_trials_and_same_best(tiny_model_dir, tiny_data, tmp_path
         runs.append(([t.params for t in trials], [t.value for t in trials]))
     assert runs[0][0] == runs[1][0]
     assert runs[0][1] == runs[1][1]
+
+
+def test_a_ratio_dependent_order_searches_at_its_target(tiny_model_dir, tiny_data, tmp_path):
+    """newton (numerical pruning's score) keeps the target fraction in its mask: the search passes it."""
+    result = run_search(tiny_config(tiny_model_dir, importance="newton", trials=4), tmp_path / "run", progress=False,
+                        final=False)
+    assert result.completed == 4
+    assert torch.load(tmp_path / "run" / "importance.pt")["meta"]["ratio"] == 0.6
 
 
 def _free_port() -> int:
