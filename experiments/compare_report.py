@@ -90,8 +90,8 @@ def write_report(results: dict, out: Path) -> None:
         best, name = min(scored)
         search = _ppl(rows.get("search", {}).get(r), "wikitext2_2048")
         verdict = ("search pending" if search is None else
-                   f"search {search:.2f}: {'beats' if search < best else 'does not beat'} it by "
-                   f"{(best - search) / best:+.1%}")
+                   f"search {search:.2f}, {abs(best - search) / best:.1%} "
+                   f"{'lower (better)' if search < best else 'higher (worse)'}")
         lines.append(f"- {r:g}: {name} {best:.2f}; {verdict}")
     lines += ["", "## Settings each recipe ran with", "",
               "| method | importance | allocation | compensation | calibration used | chosen by its selection step |",
@@ -134,12 +134,20 @@ def _chosen(recipe: dict) -> str:
 
 def _plot(rows, recipes, dense, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # a recipe and its labelled variant rows share a colour (the variants dotted); the search is black
+    bases = list(dict.fromkeys(name.split(" (")[0] for name in recipes))
+    palette = plt.get_cmap("tab10")
     for name in recipes + (["search"] if "search" in rows else []):
         points = sorted((r, _ppl(c, "wikitext2_2048")) for r, c in rows[name].items()
                         if _ppl(c, "wikitext2_2048") is not None)
-        if points:
-            ax.plot(*zip(*points), marker="o", label=name, linewidth=2.5 if name == "search" else 1.2,
-                    linestyle=":" if "(" in name else "-")  # labelled variant rows dotted
+        if not points:
+            continue
+        if name == "search":
+            style = {"color": "black", "linewidth": 2.5}
+        else:
+            style = {"color": palette(bases.index(name.split(" (")[0]) % 10), "linewidth": 1.2,
+                     "linestyle": ":" if "(" in name else "-"}
+        ax.plot(*zip(*points), marker="o", markersize=4, label=name, **style)
     if dense is not None:
         ax.axhline(_ppl(dense, "wikitext2_2048"), color="gray", linestyle="--", label="dense")
     ax.set_yscale("log")
