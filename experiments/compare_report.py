@@ -132,10 +132,15 @@ def _chosen(recipe: dict) -> str:
     return f"seed {recipe['calibration']['seed']}"
 
 
+def _base(name: str) -> str:
+    """The recipe of a row: "flap (paper calibration)" -> "flap" (compare.py's --label)."""
+    return name.split(" (")[0]
+
+
 def _plot(rows, recipes, dense, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # a recipe and its labelled variant rows share a colour (the variants dotted); the search is black
-    bases = list(dict.fromkeys(name.split(" (")[0] for name in recipes))
+    bases = list(dict.fromkeys(_base(name) for name in recipes))
     palette = plt.get_cmap("tab10")
     for name in recipes + (["search"] if "search" in rows else []):
         points = sorted((r, _ppl(c, "wikitext2_2048")) for r, c in rows[name].items()
@@ -145,8 +150,8 @@ def _plot(rows, recipes, dense, path: Path) -> None:
         if name == "search":
             style = {"color": "black", "linewidth": 2.5}
         else:
-            style = {"color": palette(bases.index(name.split(" (")[0]) % 10), "linewidth": 1.2,
-                     "linestyle": ":" if "(" in name else "-"}
+            style = {"color": palette(bases.index(_base(name)) % 10), "linewidth": 1.2,
+                     "linestyle": "-" if _base(name) == name else ":"}
         ax.plot(*zip(*points), marker="o", markersize=4, label=name, **style)
     if dense is not None:
         ax.axhline(_ppl(dense, "wikitext2_2048"), color="gray", linestyle="--", label="dense")

@@ -199,16 +199,17 @@ def compensate(adapter: ModelAdapter, subnet: Subnet, orders: list[LayerOrder], 
     in ``cache``: they depend on the calibration and the model's order, not on the ratio, so the
     other ratios of a comparison need no calibration pass. Least squares always streams: its
     second moments for every layer would grow with depth (a 7B model: ~1 GB per layer)."""
-    spec = recipe.reform
-    if method_spec(spec.method).solve is None:
+    spec, method = recipe.reform, method_spec(recipe.reform.method)
+    if method.solve is None:
         return {}, 0.0
-    windows = recipe.calibration.windows(tokenizer)
-    if cache is None or spec.mode != "local" or method_spec(spec.method).gram:
+    if cache is None or spec.mode != "local" or method.gram:
+        windows = recipe.calibration.windows(tokenizer)
         return rectify(adapter, subnet, windows, spec=spec, batch_size=batch_size, progress=progress), 0.0
     key = ("reform-means", str(recipe.calibration.to_dict()), _order_key(orders))
     reused = key in cache
     if not reused:
         started = time.time()
+        windows = recipe.calibration.windows(tokenizer)
         stats = {layer.index: s for layer, s in output_stats(adapter, windows, gram=False, batch_size=batch_size,
                                                              progress=progress)}
         cache[key] = (stats, time.time() - started)
