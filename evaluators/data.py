@@ -176,6 +176,22 @@ def load_text(name: str, split: str) -> str:
         ) from exc
 
 
+def default_calibration_split(name: str) -> str:
+    """The split calibration reads when none is named: C4's train sample (no local validation
+    text ships), the validation split of the others; never a test split."""
+    return "train" if name == "c4" else "validation"
+
+
+def calibration_text(spec: str) -> str:
+    """The calibration text of a dataset spec (default split: :func:`default_calibration_split`);
+    a test split is refused. Reading it also checks, before any model loads, that it exists."""
+    name, split = parse_dataset(spec)
+    split = split or default_calibration_split(name)
+    if split == "test":
+        raise UserError("calibration on a test split would leak into the evaluation; use validation or train")
+    return load_text(name, split)
+
+
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """All token ids of ``text`` as one 1-D tensor (no special tokens added)."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
@@ -214,12 +230,10 @@ def dataset_windows(
 def calibration_windows(
     tokenizer, spec: str, *, nsamples: int, seqlen: int, seed: int = 0, split: str | None = None
 ) -> torch.Tensor:
-    """Calibration windows (default split: validation for wikitext2/ptb, train for c4; never test)."""
-    name, spec_split = parse_dataset(spec)
-    split = split or spec_split or ("train" if name == "c4" else "validation")
-    if split == "test":
-        raise UserError("calibration on a test split would leak into the evaluation; use validation or train")
-    return random_windows(tokenize(tokenizer, load_text(name, split)), nsamples=nsamples, seqlen=seqlen, seed=seed)
+    """Calibration windows (default split: :func:`default_calibration_split`; never test)."""
+    if split is not None:
+        spec = f"{parse_dataset(spec)[0]}:{split}"
+    return random_windows(tokenize(tokenizer, calibration_text(spec)), nsamples=nsamples, seqlen=seqlen, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -241,5 +255,5 @@ class CalibrationSpec:
 
     def to_dict(self) -> dict:
         name, split = parse_dataset(self.dataset)
-        return {"dataset": name, "split": split or ("train" if name == "c4" else "validation"),
+        return {"dataset": name, "split": split or default_calibration_split(name),
                 "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}

@@ -46,10 +46,6 @@ class InProcessPool:
     def capacity(self) -> int:
         return 0 if self._done else 1
 
-    @property
-    def busy(self) -> int:
-        return len(self._done)
-
     def submit(self, job_id: int, payload: dict, **options: Any) -> None:
         if self._evaluate is None:
             self._evaluate = self._factory()
@@ -77,9 +73,6 @@ class _Actor:
 
     def evaluate(self, payload: dict) -> dict:
         return {**self._evaluate(payload), "worker": self.name}
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 @dataclass
@@ -115,10 +108,6 @@ class RayPool:
     @property
     def capacity(self) -> int:
         return len(self._idle)
-
-    @property
-    def busy(self) -> int:
-        return len(self._inflight)
 
     def submit(self, job_id: int, payload: dict, **options: Any) -> None:
         actor = self._idle.pop(0)

@@ -37,10 +37,10 @@ import torch  # noqa: E402
 from evaluators.data import dataset_windows  # noqa: E402
 from evaluators.environment import environment  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
-from search.recipes import RECIPES, dense_copy, run_recipe  # noqa: E402
+from search.oneshot import RECIPES, OneShotCache, dense_copy, run_recipe  # noqa: E402
 from space.export import write_json  # noqa: E402
 from space.models import load_model  # noqa: E402
-from space.slicing import subnet_view  # noqa: E402
+from space.views import subnet_view  # noqa: E402
 
 log = logging.getLogger("compare")
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,8 @@ def search_cell(args, ratio: float, windows, dtype) -> dict | None:
     run_dir = ROOT / "runs" / f"search-{args.searcher}-{ratio}"
     best = run_dir / "best.json"
     if not best.is_file() and args.search_trials:
-        from search.job import SearchConfig, run_search
+        from search.config import SearchConfig
+        from search.job import run_search
 
         run_search(SearchConfig(model=args.model, ratio=ratio, searcher=args.searcher, trials=args.search_trials),
                    run_dir, progress=False)
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
         cells["dense"] = {"kind": "dense", "ratio": 1.0, "metrics": evaluate(dense.model, windows)}
         del dense
         save()
-    caches: dict[str, dict] = {name: {} for name in args.recipes}  # per recipe, shared by its ratios
+    caches = {name: OneShotCache() for name in args.recipes}  # per recipe, shared by its ratios
     for ratio in args.ratios:  # every recipe at one ratio before the next ratio
         for name in args.recipes:
             recipe = capped(RECIPES[name], args.max_calib_tokens)

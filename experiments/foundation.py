@@ -29,15 +29,16 @@ import torch
 from evaluators.data import CalibrationSpec, dataset_windows
 from evaluators.environment import environment
 from evaluators.perplexity import perplexity
-from search.allocation import allocate
-from search.oneshot import order_model
+from search.oneshot.allocation import allocate
+from space.order import order_model
 from space.adapters import adapter_for
 from space.export import write_json
-from space.importance import SCORES, compute_scores
+from space.scores import SCORES, compute_scores
 from space.models import load_model
 from space.modeling_llm_pruner import PRUNED_CLASSES
-from space.slicing import sliced_state_dict, subnet_view
-from space.export import pruned_config
+from space.export.state import sliced_state_dict
+from space.views import subnet_view
+from space.export.config import pruned_config
 
 RESULTS = Path(__file__).parent / "results"
 RATIOS = (0.9, 0.8, 0.7, 0.6, 0.5)

@@ -23,10 +23,11 @@ from evaluators.data import CalibrationSpec, dataset_windows  # noqa: E402
 from evaluators.environment import environment  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
 from reform.rectify import ReformSpec, rectify  # noqa: E402
-from search.oneshot import importance_scores, order_model  # noqa: E402
+from search.prepare import dense_scores
+from space.order import order_model  # noqa: E402
 from space.adapters import adapter_for  # noqa: E402
 from space.models import load_model  # noqa: E402
-from space.slicing import subnet_view  # noqa: E402
+from space.views import subnet_view  # noqa: E402
 from space.subnet import LayerWidths, Subnet  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "reform_modes.json"
@@ -35,8 +36,7 @@ OUT = Path(__file__).parent / "results" / "reform_modes.json"
 def main() -> None:
     loaded = load_model("smollm2-135m", dtype=torch.float32)
     adapter = adapter_for(loaded.model)
-    scores = importance_scores(adapter, loaded.tokenizer, ["wanda-sp"], calibration=CalibrationSpec("wikitext2", 64, 512, 0),
-                               source=loaded.source.path)["wanda-sp"]
+    scores = dense_scores(loaded, ["wanda-sp"], CalibrationSpec("wikitext2", 64, 512, 0))["wanda-sp"]
     order_model(adapter, scores)
     dense = Subnet.dense(adapter.dims)
     test = dataset_windows(loaded.tokenizer, "wikitext2", seqlen=512, limit=4)

@@ -45,14 +45,15 @@ from evaluators.data import CalibrationSpec, dataset_windows  # noqa: E402
 from evaluators.environment import environment  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
 from reform.local import output_stats, stats_overrides  # noqa: E402
-from reform.methods import METHODS  # noqa: E402
+from reform.spec import METHODS  # noqa: E402
 from reform.rectify import ReformSpec, rectify  # noqa: E402
-from search.allocation import allocate  # noqa: E402
-from search.oneshot import importance_scores, order_model  # noqa: E402
+from search.oneshot.allocation import allocate  # noqa: E402
+from search.prepare import dense_scores
+from space.order import order_model  # noqa: E402
 from space.adapters import adapter_for  # noqa: E402
 from space.export import write_json  # noqa: E402
 from space.models import load_model  # noqa: E402
-from space.slicing import subnet_view  # noqa: E402
+from space.views import subnet_view  # noqa: E402
 from space.subnet import Subnet  # noqa: E402
 
 log = logging.getLogger("reform_table")
@@ -190,8 +191,8 @@ def main(argv=None) -> int:
     adapter = adapter_for(loaded.model)
     calibration = CalibrationSpec("wikitext2", args.importance_nsamples, args.calib_seqlen, args.seed)
     args.scores_cache.parent.mkdir(parents=True, exist_ok=True)
-    scores = importance_scores(adapter, loaded.tokenizer, [args.importance], calibration=calibration,
-                               source=loaded.source.path, cache=args.scores_cache)
+    scores = dense_scores(loaded, [args.importance], calibration,
+                               copy_to=args.scores_cache)
     _, ordered = order_model(adapter, scores[args.importance])
     subnets = {r: allocate(args.allocation, adapter.dims, ordered, ratio=r) for r in args.ratios}
     table.data["subnets"] = {str(r): {"block_ratio": s.ratio(), "total_ratio": s.total_ratio(),

@@ -22,18 +22,21 @@ from pathlib import Path
 import optuna
 import torch
 
-from evaluators.data import CalibrationSpec, dataset_windows
+from evaluators.data import dataset_windows
 from evaluators.environment import environment
 from evaluators.perplexity import perplexity
 from reform.rectify import ReformSpec, rectify
-from search.allocation import allocate
-from search.job import JOURNAL, STUDY_NAME, SearchConfig, run_search
-from search.oneshot import importance_scores, order_model
+from search.oneshot.allocation import allocate
+from search.config import SearchConfig
+from search.job import run_search
+from search.rundir import JOURNAL, STUDY_NAME
+from search.prepare import dense_scores
+from space.order import order_model
 from space.adapters import adapter_for
 from space.export import write_json
-from space.importance import score_spec
+from space.scores import score_spec
 from space.models import load_model
-from space.slicing import subnet_view
+from space.views import subnet_view
 from space.subnet import LayerWidths, Subnet
 
 RESULTS = Path(__file__).parent / "results"
@@ -97,8 +100,8 @@ def rank_agreement(args, out: dict) -> None:
     config = search_config(args, 0.5, "evolution")
     loaded = load_model("smollm2-135m", dtype=torch.float32)
     adapter = adapter_for(loaded.model)
-    scores = importance_scores(adapter, loaded.tokenizer, [config.importance], calibration=config.calibration_spec(),
-                               source=loaded.source.path, cache=run_dir / "importance.pt")[config.importance]
+    scores = dense_scores(loaded, [config.importance], config.calibration_spec(),
+                               copy_to=run_dir / "importance.pt")[config.importance]
     order_model(adapter, scores)
     solvers = output_solvers(adapter, config.calibration_spec().windows(loaded.tokenizer))
     windows = config.calibration_spec("fitness_windows").windows(loaded.tokenizer)
@@ -120,8 +123,7 @@ def baselines(args, out: dict, test: torch.Tensor, ratios: list[float]) -> None:
     config = search_config(args, 0.5, "evolution")
     calibration = config.calibration_spec().windows(loaded.tokenizer)
     adapter = adapter_for(loaded.model)
-    scores = importance_scores(adapter, loaded.tokenizer, [args.importance], calibration=config.calibration_spec(),
-                               source=loaded.source.path)[args.importance]
+    scores = dense_scores(loaded, [args.importance], config.calibration_spec())[args.importance]
     _, ordered = order_model(adapter, scores)
     for ratio in ratios:
         for allocation in ("uniform-mlp", "global"):

@@ -11,19 +11,16 @@ rectify any later subnet with triangular solves only (:func:`output_solvers`,
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
 from reform.lstsq import DEFAULT_DAMPING, PrefixLstsq
-from reform.methods import Problem, Rectified, method_spec, take_columns
+from reform.spec import Problem, Rectified, ReformSpec, method_spec, take_columns
 from reform.targets import layer_targets
-from space.activations import InputStats, StatsRequest, walk_layers
+from space.calibration import InputStats, StatsRequest, walk_layers
 from space.adapters import LayerAdapter, ModelAdapter
 from space.subnet import Subnet
-
-if TYPE_CHECKING:
-    from reform.rectify import ReformSpec
 
 OUTPUTS = ("o", "down")
 
@@ -50,7 +47,7 @@ def rectify_local(
     subnet: Subnet,
     windows: torch.Tensor,
     *,
-    spec: "ReformSpec",
+    spec: ReformSpec,
     batch_size: int = 8,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> dict[str, torch.Tensor]:
@@ -67,7 +64,7 @@ def stats_overrides(
     subnet: Subnet,
     stats: Iterable[tuple[LayerAdapter, dict[str, InputStats]]],
     *,
-    spec: "ReformSpec",
+    spec: ReformSpec,
 ) -> dict[str, torch.Tensor]:
     """The ``overrides`` of ``subnet`` from dense statistics (streamed from :func:`output_stats`,
     or cached from it to rectify many subnets without another calibration pass)."""

@@ -7,7 +7,7 @@ that best re-express the dense output from the kept inputs are
 
 so the omitted columns still contribute, through the target ``W X``. λ = damping · mean(diag C).
 
-Units are in importance order (space/slicing.py), so ``K`` is usually a prefix of the columns.
+Units are in importance order (space/order.py), so ``K`` is usually a prefix of the columns.
 Then one Cholesky factor ``L Lᵀ = C + λI`` serves every width: ``L[:k, :k]`` factors the leading
 k-block, and a width costs two triangular solves against ``B = C Wᵀ`` (:class:`PrefixLstsq`).
 This is what keeps least squares affordable inside a search fitness. A kept set that is not a

@@ -1,6 +1,6 @@
 """Rectify a subnet's inherited weights: the entry point of ``reform/``.
 
-Usage, on a model permuted into importance order (:func:`search.oneshot.order_model`)::
+Usage, on a model permuted into importance order (:func:`space.order.order_model`)::
 
     overrides = rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", "local"))
     with subnet_view(adapter, subnet, overrides): ...          # evaluate
@@ -9,7 +9,7 @@ Usage, on a model permuted into importance order (:func:`search.oneshot.order_mo
 ``overrides`` maps full state-dict keys to tensors of the pruned shapes: rectified o_proj /
 down_proj weights (``...o_proj.weight``, d_out x kept) and compensation biases (``...bias``).
 
-Methods (reform/methods.py, one registry): ``none``, ``bias`` (FLAP), ``lstsq`` (closed form,
+Methods (reform/spec.py, one registry): ``none``, ``bias`` (FLAP), ``lstsq`` (closed form,
 reform/lstsq.py), ``admm`` (reform/admm.py). Modes: ``local`` (reform/local.py: statistics of
 the dense model's inputs, one pass) and ``sequential`` (reform/sequential.py: inputs from the
 pruned upstream model, targets from the dense one). Only partly pruned output projections are
@@ -32,66 +32,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
 from typing import Callable, Iterable
 
 import torch
 
-from reform.admm import DEFAULT_ITERATIONS, DEFAULT_RHO
-from reform.local import output_solvers, output_stats, rectify_local, solver_overrides, stats_overrides
-from reform.lstsq import DEFAULT_DAMPING, PrefixLstsq
-from reform.methods import METHODS, method_spec
+from reform.local import rectify_local
 from reform.sequential import rectify_sequential
+from reform.spec import ReformSpec, method_spec
 from space.adapters import ModelAdapter
-from space.errors import UserError
 from space.subnet import Subnet
 
 log = logging.getLogger(__name__)
 
 DRIVERS = {"local": rectify_local, "sequential": rectify_sequential}
-DEFAULT_METHOD = "lstsq"
-# Local, measured on SmolLM2-135M (experiments/results/reform.md): the sequential fit reproduces the
-# dense projection's output from the pruned stream's inputs, and over 30 pruned layers it chases
-# errors it cannot express (WikiText-2 ppl at MLP 512/1536 everywhere: local 125, sequential 1166).
-DEFAULT_MODE = "local"
-
-__all__ = [
-    "METHODS", "PrefixLstsq", "ReformSpec", "output_solvers", "output_stats", "rectify", "solver_overrides",
-    "stats_overrides",
-]
-
-
-@dataclass(frozen=True)
-class ReformSpec:
-    """Which method, in which mode, with which settings (recorded in every result)."""
-
-    method: str = DEFAULT_METHOD
-    mode: str = DEFAULT_MODE
-    damping: float = DEFAULT_DAMPING
-    rho: float = DEFAULT_RHO
-    iterations: int = DEFAULT_ITERATIONS
-
-    def __post_init__(self):
-        method = method_spec(self.method)
-        if self.mode not in DRIVERS:
-            raise UserError(f"unknown reformation mode {self.mode!r}; known: {', '.join(DRIVERS)}")
-        if self.mode == "sequential" and not method.sequential:
-            raise UserError(f"method {self.method!r} has no sequential mode; use the local mode")
-        if self.damping < 0:
-            raise UserError(f"damping must be >= 0, got {self.damping}")
-        if self.rho <= 0 or self.iterations < 1:
-            raise UserError(f"ADMM needs rho > 0 and at least one iteration, got {self.rho}, {self.iterations}")
-
-    def to_dict(self) -> dict:
-        """The settings that matter for this method."""
-        if method_spec(self.method).solve is None:
-            return {"method": self.method}
-        data = asdict(self)
-        if self.method != "admm":
-            del data["rho"], data["iterations"]
-        if not method_spec(self.method).gram:
-            del data["damping"]
-        return data
 
 
 def rectify(

@@ -19,20 +19,17 @@ projection's moments: independent of depth.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from reform.methods import Problem, method_spec
+from reform.spec import Problem, ReformSpec, method_spec
 from reform.targets import Target, layer_targets
-from space.activations import BlockInputs, InputStats, capture_block_inputs, run_block
+from space.calibration import BlockInputs, InputStats, capture_block_inputs, run_block
 from space.adapters import ModelAdapter
-from space.slicing import subnet_view
+from space.views import subnet_view
 from space.subnet import LayerWidths, Subnet
-
-if TYPE_CHECKING:
-    from reform.rectify import ReformSpec
 
 
 class _Reached(Exception):
@@ -102,7 +99,7 @@ def rectify_sequential(
     subnet: Subnet,
     windows: torch.Tensor,
     *,
-    spec: "ReformSpec",
+    spec: ReformSpec,
     batch_size: int = 8,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 Only o_proj and down_proj can be compensated (their removed input columns carried signal the
 kept ones can re-express); a sub-layer is rectified when some but not all of its units are kept.
 Keys are full state-dict keys (``model.layers.7.mlp.down_proj.weight``), the form
-:func:`space.slicing.subnet_view` and :func:`space.export.export_subnet` take as ``overrides``.
+:func:`space.views.subnet_view` and :func:`space.export.export_subnet` take as ``overrides``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from reform.methods import Rectified
+from reform.spec import Rectified
 from space.adapters import LayerAdapter, ModelAdapter
-from space.slicing import _kept_q, _module_names, layer_prefix
+from space.views import kept_q, layer_prefix, module_names
 from space.subnet import LayerWidths, ModelDims
 
 
@@ -43,14 +43,14 @@ def o_columns(widths: LayerWidths, dims: ModelDims) -> int | torch.Tensor:
     if widths.q_per_kv == dims.group_size:
         return widths.heads * dims.head_dim
     columns = torch.arange(dims.num_heads * dims.head_dim)[None]
-    return _kept_q(columns, widths, dims, rows=False)[0]
+    return kept_q(columns, widths, dims, rows=False)[0]
 
 
 def layer_targets(adapter: ModelAdapter, layer: LayerAdapter, widths: LayerWidths) -> list[Target]:
     """The partly pruned output projections of one layer, attention first (its rectification
     changes what the MLP sees in the sequential mode)."""
     dims = adapter.dims
-    names = _module_names(layer)
+    names = module_names(layer)
     prefix = layer_prefix(adapter, layer)
     targets = []
     if 0 < widths.heads < dims.num_heads:

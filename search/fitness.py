@@ -21,8 +21,9 @@ from typing import Callable
 import torch
 
 from evaluators.perplexity import iter_nll
+from reform.local import solver_overrides
 from space.adapters import ModelAdapter
-from space.slicing import subnet_view
+from space.views import subnet_view
 from space.subnet import LayerWidths, Subnet
 
 
@@ -88,16 +89,10 @@ class Fitness:
         self.dtype = next(adapter.model.parameters()).dtype
         self.cache = _LayerCache(cache_bytes)
 
-    @property
-    def num_batches(self) -> int:
-        return math.ceil(self.windows.shape[0] / self.batch_size)
-
     def overrides(self, subnet: Subnet) -> dict[str, torch.Tensor]:
         """Rectified o_proj/down_proj weights of every pruned layer (cached per layer)."""
         if self.solvers is None:
             return {}
-        from reform.local import solver_overrides
-
         out: dict[str, torch.Tensor] = {}
         dense = self.adapter.dims.dense_layer()
         for layer, widths in zip(self.adapter.layers, subnet.layers):

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from optuna.distributions import BaseDistribution, IntDistribution
 
-from space.subnet import Bounds, LayerWidths, ModelDims, Subnet, project
+from space.budget import Bounds, project
+from space.subnet import LayerWidths, ModelDims, Subnet
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ class ModelSource:
     """Where a model comes from, as recorded in every result file."""
 
     spec: str
-    kind: str  # "folder" | "gguf" | "hub"
-    path: str  # folder, GGUF file, or hub id
+    kind: str  # "folder" | "gguf" | "hub" | "memory" (a model object handed to the Python API)
+    path: str  # folder, GGUF file, or hub id (for "memory", the config's name_or_path)
     hub_id: str | None = None
 
     def to_dict(self) -> dict:
@@ -58,6 +58,18 @@ class LoadedModel:
     tokenizer: object
     source: ModelSource
     extra: dict = field(default_factory=dict)
+
+
+def as_loaded(model, tokenizer=None, **load_options) -> LoadedModel:
+    """``model`` as a :class:`LoadedModel`: loaded when it is a path, hub id or alias (see
+    :func:`load_model` for ``load_options``), wrapped when it already is a model object (then the
+    tokenizer must come with it wherever text is tokenised)."""
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, (str, Path)):
+        return load_model(str(model), **load_options)
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return LoadedModel(model=model, tokenizer=tokenizer, source=ModelSource(spec=name, kind="memory", path=name))
 
 
 def cache_root() -> Path:

@@ -1,0 +1,88 @@
+"""What the subcommands share: dtype names, option groups, argument types, progress bars."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from evaluators.data import CalibrationSpec, calibration_text, parse_dataset
+from reform.spec import DEFAULT_METHOD, DEFAULT_MODE, METHODS, MODES, ReformSpec, method_spec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REFORM_NSAMPLES = 128  # calibration windows of the reformation (the paper's count)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own code to run")
+
+
+def add_calibration_options(parser: argparse.ArgumentParser, *, nsamples: int = 64) -> None:
+    parser.add_argument("--calib", default="wikitext2", help="calibration dataset (never a test split)")
+    parser.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration windows (default {nsamples})")
+    parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+
+
+def calibration_from(args, nsamples: int | None = None) -> CalibrationSpec:
+    """The calibration the options name; its text is read now, so a missing or test split fails
+    before any model loads."""
+    calibration_text(args.calib)
+    return CalibrationSpec(args.calib, nsamples or args.nsamples, args.calib_seqlen, args.seed)
+
+
+def add_reform_options(parser: argparse.ArgumentParser, *, method_flag: str, mode_flag: str) -> None:
+    defaults = ReformSpec()
+    parser.add_argument(method_flag, dest="reform_method", choices=list(METHODS), default=DEFAULT_METHOD,
+                        help="rectification of o_proj/down_proj: "
+                             + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+                             + f" (default {DEFAULT_METHOD})")
+    parser.add_argument(mode_flag, dest="reform_mode", choices=list(MODES),
+                        help="local: dense inputs; sequential: inputs from the pruned upstream model "
+                             f"(default {DEFAULT_MODE} where the method has it, else local)")
+    parser.add_argument("--damping", type=float, default=defaults.damping,
+                        help=f"least-squares ridge, relative to mean(diag XᵀX) (default {defaults.damping:g})")
+    parser.add_argument("--admm-rho", type=float, default=defaults.rho,
+                        help=f"ADMM penalty, relative to mean(diag XᵀX) (default {defaults.rho:g})")
+    parser.add_argument("--admm-iterations", type=int, default=defaults.iterations,
+                        help=f"ADMM iterations (default {defaults.iterations})")
+
+
+def reform_spec(args) -> ReformSpec:
+    mode = args.reform_mode or (DEFAULT_MODE if method_spec(args.reform_method).sequential else "local")
+    return ReformSpec(args.reform_method, mode, damping=args.damping, rho=args.admm_rho,
+                      iterations=args.admm_iterations)
+
+
+def ppl_list(text: str) -> list[str]:
+    names = [t for t in (s.strip() for s in text.split(",")) if t and t != "none"]
+    for name in names:
+        parse_dataset(name)
+    return names
+
+
+def ratio(value: str) -> float:
+    try:
+        kept = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}")
+    if not 0 < kept <= 1 or math.isnan(kept):
+        raise argparse.ArgumentTypeError(f"ratio must be in (0, 1] (the kept fraction of block weights), got {value}")
+    return kept
+
+
+def progress(quiet: bool):
+    from tqdm.auto import tqdm
+
+    def wrap(iterable, **kwargs):
+        return iterable if quiet else tqdm(iterable, leave=False, **kwargs)
+
+    return wrap
+
+
+def save_dtype(args) -> torch.dtype | None:
+    return DTYPES[args.save_dtype] if args.save_dtype else None

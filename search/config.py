@@ -1,0 +1,86 @@
+"""What defines a search (:class:`SearchConfig`) and every check of it, made before any model loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from evaluators.data import CalibrationSpec
+from search.samplers import MULTI_OBJECTIVE, SEARCHERS
+from search.samplers.evolution import PRESETS as EVOLUTION_PRESETS
+from search.widths import PRESETS as WIDTH_PRESETS
+from space.errors import UserError
+from space.scores import score_spec
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything that defines a search; all but the ``RUNTIME`` fields must match to resume."""
+
+    model: str
+    ratio: float
+    searcher: str = "evolution"
+    trials: int = 100
+    seed: int = 0
+    ratio_min: float | None = None  # nsga2: the front spans [ratio_min, ratio]
+    preset: str = "wide"
+    mlp_step: int | None = None
+    evolution: str = "cpu"
+    importance: str = "wanda-sp"
+    calibration: dict = field(default_factory=lambda: CalibrationSpec("wikitext2", 64, 512, 0).to_dict())
+    fitness_windows: dict = field(default_factory=lambda: CalibrationSpec("wikitext2", 8, 512, 1).to_dict())
+    fitness_reform: str = "lstsq"  # lstsq | none: rectify candidates before scoring them
+    damping: float = 1e-4
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    pruner: str = "none"  # none | median (in-process only)
+    final_top_k: int = 5
+    final_windows: dict = field(default_factory=lambda: CalibrationSpec("wikitext2", 32, 512, 2).to_dict())
+    export_reform: str = "local"  # reformation mode of the exported winner (lstsq), as in the fitness
+    eval_windows: int | None = 32  # WikiText-2 test windows of 2048 for the export (None: all)
+
+    RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows")
+
+    def to_dict(self) -> dict:
+        """The config as plain JSON types (what config.yaml, the study and best.json record)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def identity(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME}
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.searcher in MULTI_OBJECTIVE
+
+    def calibration_spec(self, which: str = "calibration") -> CalibrationSpec:
+        d = getattr(self, which)
+        return CalibrationSpec(f"{d['dataset']}:{d['split']}", d["nsamples"], d["seqlen"], d["seed"])
+
+    def check(self) -> None:
+        """Every mistake a user can make in a search's settings, as a :class:`UserError`."""
+        if self.searcher not in SEARCHERS:
+            raise UserError(f"unknown searcher {self.searcher!r}; known: {', '.join(SEARCHERS)}")
+        if not 0 < self.ratio <= 1:
+            raise UserError(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.ratio_min is not None and not 0 < self.ratio_min < self.ratio:
+            raise UserError(f"--ratio-min must be in (0, ratio), got {self.ratio_min}")
+        if self.multi_objective and self.ratio_min is None:
+            raise UserError(f"searcher {self.searcher} searches a ratio range: give --ratio-min too")
+        if self.trials < 1:
+            raise UserError("--trials must be at least 1")
+        if self.fitness_reform not in ("lstsq", "none"):
+            raise UserError("--fitness-reform must be lstsq or none")
+        if self.pruner not in ("none", "median"):
+            raise UserError("--pruner must be none or median")
+        if self.preset not in WIDTH_PRESETS:
+            raise UserError(f"unknown width preset {self.preset!r}; known: {', '.join(WIDTH_PRESETS)}")
+        if self.evolution not in EVOLUTION_PRESETS:
+            raise UserError(f"unknown evolution preset {self.evolution!r}; known: {', '.join(EVOLUTION_PRESETS)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if self.export_reform not in ("local", "sequential"):
+            raise UserError("--export-reform must be local or sequential")
+        score_spec(self.importance)

@@ -1,0 +1,143 @@
+"""The search loop: ask the sampler, dispatch widths to the pool, tell the study what came back.
+
+One driver writes the study; workers only receive widths and return scores. Every proposal is
+projected onto the budget before it is dispatched, and each new best's width profile is attached
+to its trial for the dashboard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import optuna
+
+from evaluators.workers import InProcessPool
+from search.artifacts import attach_profile
+from search.config import SearchConfig
+from search.widths import WidthSpace
+from space.subnet import Subnet
+
+log = logging.getLogger(__name__)
+
+
+def trial_subnet(config: SearchConfig, space: WidthSpace, params: dict) -> Subnet:
+    """The subnet a trial evaluates: its widths projected onto the budget (for a range, the
+    nearest ratio inside it)."""
+    proposal = space.decode(params)
+    ratio = config.ratio
+    if config.ratio_min is not None:
+        ratio = min(max(proposal.ratio(), config.ratio_min), config.ratio)
+    return space.repair(proposal, ratio)
+
+
+def finished_count(study: optuna.Study) -> int:
+    states = [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def run_loop(study: optuna.Study, config: SearchConfig, space: WidthSpace, pool, show_progress: bool,
+             run_dir: Path) -> float:
+    """Ask, dispatch, tell until ``config.trials`` trials are finished; return the wall time."""
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    report_batches = isinstance(pool, InProcessPool) and config.pruner != "none" and not config.multi_objective
+    inflight: dict[int, tuple[optuna.trial.Trial, Subnet]] = {}
+    retry: list[tuple[optuna.trial.Trial, Subnet]] = []  # jobs whose worker died
+    done = finished_count(study)
+    bar = tqdm(total=config.trials, initial=min(done, config.trials), disable=not show_progress,
+               desc="trials", unit="trial", dynamic_ncols=True)
+    try:
+        while done < config.trials or inflight or retry:
+            while pool.capacity > 0 and (retry or done + len(inflight) < config.trials):
+                trial, subnet = retry.pop(0) if retry else _ask(study, config, space)
+                inflight[trial.number] = (trial, subnet)
+                pool.submit(trial.number, {"subnet": subnet.to_dict()},
+                            **({"on_batch": _reporter(trial)} if report_batches else {}))
+            for outcome in pool.wait():
+                trial, subnet = inflight.pop(outcome.job_id)
+                if outcome.worker_died:
+                    retry.append((trial, subnet))
+                elif outcome.error is not None:
+                    log.error("trial %d failed: %s", trial.number, outcome.error)
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                else:
+                    done += _tell(study, trial, subnet, outcome, config.multi_objective, run_dir)
+                    bar.update(1)
+                    _set_postfix(bar, study, config.multi_objective)
+    except KeyboardInterrupt:
+        for trial, _ in list(inflight.values()) + retry:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+        log.warning("interrupted: %d finished trials are in the study; re-run the same command to resume", done)
+        raise
+    finally:
+        bar.close()
+    return time.time() - started
+
+
+def _ask(study: optuna.Study, config: SearchConfig, space: WidthSpace) -> tuple[optuna.trial.Trial, Subnet]:
+    trial = study.ask(fixed_distributions=space.distributions())
+    subnet = trial_subnet(config, space, trial.params)
+    _describe(trial, subnet)
+    return trial, subnet
+
+
+def _reporter(trial: optuna.trial.Trial) -> Callable[[int, float], bool]:
+    def report(step: int, value: float) -> bool:
+        trial.report(value, step)
+        return trial.should_prune()
+
+    return report
+
+
+def _describe(trial: optuna.trial.Trial, subnet: Subnet) -> None:
+    trial.set_user_attr("widths", [[w.kv_heads, w.q_per_kv, w.channels] for w in subnet.layers])
+    trial.set_user_attr("block_ratio", subnet.ratio())
+    trial.set_user_attr("total_ratio", subnet.total_ratio())
+    trial.set_user_attr("params", subnet.total_params())
+    trial.set_user_attr("block_params", subnet.block_params())
+    trial.set_user_attr("gflops_per_token_512", subnet.flops_per_token(512) / 1e9)
+    trial.set_user_attr("attention_ratio", subnet.attention_ratio())
+    trial.set_user_attr("mlp_ratio", subnet.mlp_ratio())
+
+
+def _tell(study, trial, subnet: Subnet, outcome, multi: bool, run_dir: Path) -> int:
+    result = outcome.result
+    trial.set_user_attr("eval_seconds", result["seconds"])
+    trial.set_user_attr("worker", outcome.worker)
+    if result.get("pruned"):
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return 1
+    if not multi and outcome.worker != "in-process":
+        for step, value in enumerate(result["batch_ppl"]):  # intermediate values, for the record
+            trial.report(value, step)
+    value = result["ppl"]
+    if not math.isfinite(value):
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return 0
+    if not multi and value < _best_value(study):
+        attach_profile(study, trial, subnet, run_dir)  # the dashboard shows each new best's widths
+    study.tell(trial, [value, subnet.ratio()] if multi else value)
+    return 1
+
+
+def _best_value(study) -> float:
+    try:
+        return study.best_value
+    except ValueError:
+        return float("inf")
+
+
+def _set_postfix(bar, study, multi: bool) -> None:
+    try:
+        if multi:
+            bar.set_postfix(front=len(study.best_trials))
+        else:
+            bar.set_postfix(best=f"{study.best_value:.3f}")
+    except ValueError:
+        pass

@@ -1,0 +1,116 @@
+"""What the driver and every worker prepare once: the dense model, permuted into importance order
+(scores from the run folder's cache), and the fitness built on it.
+
+Only the config and the run folder travel to a worker (:class:`SearchEvaluator` is the picklable
+factory Ray gets); each worker then loads and prepares its own copy.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluators.data import CalibrationSpec
+from reform.local import output_solvers
+from search.config import SearchConfig
+from search.fitness import Fitness
+from search.oneshot.allocation import ALLOCATIONS
+from search.rundir import IMPORTANCE
+from search.widths import WidthSpace
+from space.adapters import adapter_for
+from space.models import LoadedModel, load_model
+from space.order import order_model
+from space.scores.base import LayerScores, standardize
+from space.scores.cache import ScoreCache
+from space.subnet import Subnet
+
+
+def dense_scores(loaded: LoadedModel, names: list[str], calibration: CalibrationSpec, *, ratio: float | None = None,
+                 copy_to: Path | None = None) -> dict[str, list[LayerScores]]:
+    """Scores ``names`` of the dense ``loaded`` model on ``calibration``, through the shared score
+    cache (and ``copy_to``, a run folder's file)."""
+    scored = ScoreCache().scores(
+        adapter_for(loaded.model), names, windows=lambda: calibration.windows(loaded.tokenizer),
+        source=loaded.source.path, calibration=calibration.to_dict(), ratio=ratio, copy_to=copy_to,
+    )
+    return scored.scores
+
+
+def load_prepared(config: SearchConfig, run_dir: Path):
+    """The permuted dense model (float32) and its sorted scores, from the run folder's cache."""
+    loaded = load_model(config.model, dtype=torch.float32, device=config.device)
+    adapter = adapter_for(loaded.model)
+    # scores that depend on the target (newton's mask keeps that fraction) get the search's ratio;
+    # for an nsga2 front, its upper end
+    scores = dense_scores(loaded, [config.importance], config.calibration_spec(), ratio=config.ratio,
+                          copy_to=run_dir / IMPORTANCE)
+    orders, ordered = order_model(adapter, scores[config.importance])
+    return loaded, adapter, orders, ordered
+
+
+@functools.lru_cache(maxsize=1)
+def _fitness_parts(config_json: str, run_dir: str):
+    """Permuted model in the search dtype and its prefix solvers: built once per process and
+    shared by the search's fitness and the final re-scoring (one calibration pass, not two)."""
+    config = SearchConfig(**json.loads(config_json))
+    loaded, adapter, _, _ = load_prepared(config, Path(run_dir))
+    solvers = None
+    if config.fitness_reform == "lstsq":
+        solvers = output_solvers(adapter, config.calibration_spec().windows(loaded.tokenizer), damping=config.damping,
+                                 precompute=torch.float32)
+    adapter.model.to(getattr(torch, config.dtype))
+    return adapter, solvers, loaded.tokenizer
+
+
+def build_fitness(config: SearchConfig, run_dir: Path, *, windows: str = "fitness_windows") -> Fitness:
+    """The fitness of this search on the windows ``windows`` names (a field of the config)."""
+    adapter, solvers, tokenizer = _fitness_parts(json.dumps(config.to_dict(), sort_keys=True), str(run_dir))
+    return Fitness(adapter, config.calibration_spec(windows).windows(tokenizer), solvers=solvers)
+
+
+def release_fitness() -> None:
+    """Drop this process's prepared fitness (its model and solvers)."""
+    _fitness_parts.cache_clear()
+
+
+class SearchEvaluator:
+    """What a worker runs: widths in, scores out (picklable factory for Ray)."""
+
+    def __init__(self, config: dict, run_dir: str):
+        self.config = config
+        self.run_dir = run_dir
+
+    def __call__(self):
+        fitness = build_fitness(SearchConfig(**self.config), Path(self.run_dir))
+
+        def evaluate(payload: dict) -> dict:
+            started = time.time()
+            result = fitness.evaluate(Subnet.from_dict(payload["subnet"]), on_batch=payload.get("on_batch"))
+            return {"ppl": result.ppl, "batch_ppl": result.batch_ppl, "pruned": result.pruned,
+                    "seconds": time.time() - started, "cache_hits": fitness.cache.hits}
+
+        return evaluate
+
+
+def channel_scores(ordered) -> list[np.ndarray]:
+    """Per layer, sorted channel scores standardised within the layer (comparable across layers)."""
+    return [standardize(s.channels.double()).numpy() for s in ordered]
+
+
+def starts_for(config: SearchConfig, space: WidthSpace, ordered, standardized: bool) -> list[Subnet]:
+    """Importance-based allocations the search starts from, inside the space's bounds."""
+    starts = []
+    for name in ("uniform-mlp", "global", "uniform"):
+        try:
+            proposal = ALLOCATIONS[name](space.dims, ordered, ratio=config.ratio, standardized=standardized)
+            start = space.repair(proposal, config.ratio)
+        except ValueError:
+            continue
+        if start not in starts:
+            starts.append(start)
+    return starts

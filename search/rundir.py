@@ -1,0 +1,122 @@
+"""A search's run folder and the Optuna study in it.
+
+Run folder (``--run-dir``)::
+
+    config.yaml      the resolved configuration; a re-run must match it (else refused)
+    study.journal    the Optuna study (JournalStorage; ``optuna-dashboard study.journal`` opens it)
+    importance.pt    cached importance scores of the dense model
+    search.log       the job's log
+    artifacts/       width-profile pictures of the best trials (shown by the dashboard)
+    best.json        the chosen subnet, its scores and the test perplexity of its export
+    export/          the exported model
+    report.md        tables and pictures
+
+Re-running the same command resumes: trials left RUNNING by a killed job are marked FAIL and
+their parameters queued again; finished trials are never lost (each ``tell`` is appended and
+fsynced to the journal before the next trial starts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import optuna
+import yaml
+
+from search.config import SearchConfig
+from space.errors import UserError
+from space.export.atomic import write_text
+
+log = logging.getLogger(__name__)
+
+STUDY_NAME = "search"
+JOURNAL = "study.journal"
+CONFIG = "config.yaml"
+IMPORTANCE = "importance.pt"
+BEST = "best.json"
+EXPORT = "export"
+
+
+def open_run_dir(run_dir: Path, config: SearchConfig) -> None:
+    """Create the run folder with its config, or check that an existing run is the same search."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CONFIG
+    if path.is_file():
+        previous = yaml.safe_load(path.read_text()) or {}
+        stored = {k: v for k, v in previous.items() if k not in SearchConfig.RUNTIME}
+        mine = config.identity()
+        different = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+        if different:
+            details = "; ".join(f"{k}: run has {stored.get(k)!r}, asked {mine.get(k)!r}" for k in different)
+            raise UserError(f"{run_dir} holds a different search ({details}); use another --run-dir")
+    elif any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} exists and is not a search run folder (no {CONFIG})")
+    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def journal_path(run_dir: Path) -> Path:
+    """The study journal of a run folder (or the journal file itself)."""
+    return run_dir if run_dir.is_file() else run_dir / JOURNAL
+
+
+def heal_journal(path: Path) -> None:
+    """Drop a partial last line a killed writer may have left (the journal would not load)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        data = f.seek(0) or f.read()
+        keep = data.rfind(b"\n") + 1
+        log.warning("journal %s ended in a partial record (%d bytes); dropping it", path, len(data) - keep)
+        f.truncate(keep)
+
+
+def journal_storage(path: Path) -> optuna.storages.JournalStorage:
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def open_study(run_dir: Path, config: SearchConfig, sampler, storage_url: str | None) -> optuna.Study:
+    if storage_url:
+        storage = storage_url
+    else:
+        heal_journal(run_dir / JOURNAL)
+        storage = journal_storage(run_dir / JOURNAL)
+    directions = ["minimize", "maximize"] if config.multi_objective else ["minimize"]
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if config.pruner == "median" else optuna.pruners.NopPruner()
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner,
+                                directions=directions, load_if_exists=True)
+    if len(study.directions) != len(directions):
+        raise UserError("the stored study has other objectives than this searcher")
+    with warnings.catch_warnings():  # experimental in Optuna, stable enough for a label
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["calibration perplexity", "block ratio"][: len(directions)])
+    return study
+
+
+def recover_interrupted(study: optuna.Study) -> int:
+    """Mark trials a killed job left RUNNING as FAIL and queue their parameters again."""
+    stale = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING])
+    for trial in stale:
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        if trial.params:
+            study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+    if stale:
+        log.info("resuming: %d interrupted trial(s) queued again", len(stale))
+    return len(stale)
+
+
+def finished_result(run_dir: Path, config: SearchConfig, completed: int) -> dict | None:
+    """``best.json`` of a run that already finished these trials with this config (re-running the
+    command of a finished search then re-scores, exports and evaluates nothing), else None."""
+    path = run_dir / BEST
+    if not path.is_file() or not (run_dir / EXPORT / "subnet.json").is_file():
+        return None
+    best = json.loads(path.read_text())
+    same = best.get("config") == config.to_dict()
+    return best if same and best.get("completed_trials") == completed else None

@@ -1,0 +1,9 @@
+"""Exports: a subnet written as a Hugging Face folder that reloads with ``from_pretrained``
+(:mod:`space.export.folder`), its config (:mod:`.config`), its state dict (:mod:`.state`), and
+the atomic writes every result file goes through (:mod:`.atomic`)."""
+
+from space.export.atomic import staged_folder, write_json
+from space.export.folder import SUBNET_FILE, check_destination, export_subnet, read_subnet_record, update_subnet_record
+
+__all__ = ["SUBNET_FILE", "check_destination", "export_subnet", "read_subnet_record", "staged_folder",
+           "update_subnet_record", "write_json"]

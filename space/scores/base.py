@@ -1,0 +1,138 @@
+"""Importance scores: how much each unit of a layer matters (METHODS.md section 2).
+
+A score function takes one layer (its real modules) and the statistics of that layer's
+calibration inputs, and returns per-query-head, per-KV-group and per-channel scores, higher
+meaning more important. Scores are registered by name (:func:`register_score`); each declares the
+statistics it needs, so one calibration pass (:func:`compute_scores`) collects only those. The
+score modules of this package (statistics, gradients, newton, influence) register themselves
+when ``space.scores`` is imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from space.adapters import ModelAdapter
+from space.calibration import StatsRequest, walk_layers
+from space.errors import UserError
+
+
+@dataclass
+class LayerScores:
+    """Scores of one layer's units, in the layer's current (original) order."""
+
+    heads: torch.Tensor  # (num_heads,) one per query head
+    groups: torch.Tensor  # (num_kv_heads,) one per KV group
+    channels: torch.Tensor  # (intermediate_size,)
+
+    def to(self, dtype=torch.float64) -> "LayerScores":
+        return LayerScores(self.heads.to(dtype), self.groups.to(dtype), self.channels.to(dtype))
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    name: str
+    fn: Callable[..., LayerScores | list[LayerScores]]
+    request: StatsRequest
+    standardized: bool  # already comparable across layers (FLAP standardises inside the score)
+    source: str
+    whole_model: bool = False  # fn(adapter, windows, ctx, batch_size=, progress=) -> every layer's scores
+    uses_ratio: bool = False  # depends on the target ratio (ScoreContext.ratio)
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.request.inputs) or self.whole_model
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    head_dim: int
+    group_size: int
+    ratio: float | None = None  # the target budget, for scores that depend on it (newton)
+
+
+SCORES: dict[str, ScoreSpec] = {}
+
+
+def register_score(name: str, *, request: StatsRequest = StatsRequest((), ()), standardized: bool = False,
+                   source: str = "", whole_model: bool = False, uses_ratio: bool = False):
+    """Register a score. Per-layer scores take ``(layer, stats, ctx)`` and the statistics named by
+    ``request``; ``whole_model`` scores (gradients, block outputs) make their own calibration pass
+    and take ``(adapter, windows, ctx, *, batch_size, progress)``."""
+
+    def decorate(fn):
+        SCORES[name] = ScoreSpec(name, fn, request, standardized, source, whole_model, uses_ratio)
+        return fn
+
+    return decorate
+
+
+def score_spec(name: str) -> ScoreSpec:
+    if name not in SCORES:
+        raise UserError(f"unknown importance score {name!r}; known: {', '.join(sorted(SCORES))}")
+    return SCORES[name]
+
+
+# --- helpers shared by the scores ------------------------------------------------------------
+
+
+def heads_from_columns(per_column: torch.Tensor, head_dim: int, reduce: str = "sum") -> torch.Tensor:
+    """Per query head, the sum (or mean) of its ``head_dim`` o_proj columns' scores."""
+    per_head = per_column.reshape(-1, head_dim)
+    return per_head.sum(1) if reduce == "sum" else per_head.mean(1)
+
+
+def groups_from_heads(heads: torch.Tensor, group_size: int) -> torch.Tensor:
+    return heads.reshape(-1, group_size).sum(1)
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """(x − mean) / std, so that scores of different layers share one scale; a constant (or
+    single-element) x is only centred."""
+    std = x.std() if x.numel() > 1 else x.new_zeros(())
+    return (x - x.mean()) / (std if std > 0 else 1.0)
+
+
+def weight64(module) -> torch.Tensor:
+    return module.weight.detach().double()
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+
+def compute_scores(
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    names: list[str],
+    *,
+    batch_size: int = 8,
+    ratio: float | None = None,
+    progress: Callable = lambda it: it,
+) -> dict[str, list[LayerScores]]:
+    """Every requested score for every layer: the per-layer ones from one shared block-by-block
+    calibration pass, the whole-model ones from their own passes. ``ratio``: the target budget,
+    for the scores that depend on it."""
+    ctx = ScoreContext(adapter.dims.head_dim, adapter.dims.group_size, ratio)
+    results: dict[str, list[LayerScores]] = {}
+    for spec in (score_spec(n) for n in names):
+        if spec.whole_model:
+            layers = spec.fn(adapter, windows, ctx, batch_size=batch_size, progress=progress)
+            results[spec.name] = [s.to() for s in layers]
+    specs = [score_spec(n) for n in names if not score_spec(n).whole_model]
+    request = StatsRequest((), ())
+    for spec in specs:
+        request = request.merged(spec.request)
+    results.update({spec.name: [] for spec in specs})
+    if not request.inputs:  # weights only: no calibration pass needed
+        for layer in adapter.layers:
+            for spec in specs:
+                results[spec.name].append(spec.fn(layer, None, ctx).to())
+        return results
+    for stats in walk_layers(adapter, windows, request, batch_size=batch_size, progress=progress):
+        layer = adapter.layers[stats.index]
+        for spec in specs:
+            results[spec.name].append(spec.fn(layer, stats, ctx).to())
+    return results

@@ -1,0 +1,395 @@
+"""Reformation (reform/): least squares, ADMM, bias, the local and sequential drivers, the CLI.
+
+Everything runs on a tiny random GQA Llama (3 layers, 6 heads of 8 dims in 2 KV groups, MLP 96),
+permuted into wanda-sp order, with a subnet that exercises every case: o_proj columns that are
+not a prefix (2 of 3 heads per group), a prefix (one whole group), attention removed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from reform.admm import admm
+from reform.local import output_solvers, output_stats, solver_overrides
+from reform.lstsq import PrefixLstsq, damping_value
+from reform.spec import METHODS
+from reform.rectify import DRIVERS, ReformSpec, rectify
+from reform.targets import layer_targets
+from search.cli import main as cli
+from space.order import order_model, orders_from_kept
+from space.adapters import adapter_for
+from space.errors import UserError
+from space.export import export_subnet
+from space.scores import compute_scores
+from space.views import subnet_view
+from space.subnet import LayerWidths, Subnet
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tests are many small solves: one thread each is faster than two that contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def setup(make_model):
+    """(adapter, orders, calibration windows) of a tiny model permuted into importance order."""
+    model = make_model("llama", seed=0)
+    adapter = adapter_for(model)
+    windows = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(5))
+    orders, _ = order_model(adapter, compute_scores(adapter, windows, ["wanda-sp"])["wanda-sp"])
+    return adapter, orders, windows
+
+
+@pytest.fixture
+def subnet(setup) -> Subnet:
+    adapter = setup[0]
+    return Subnet(adapter.dims, [LayerWidths(2, 2, 40), LayerWidths(1, 3, 60), LayerWidths(0, 0, 50)])
+
+
+@torch.no_grad()
+def projection_inputs(adapter, windows, modules, subnet=None, overrides=None) -> dict:
+    """The inputs (tokens x width) every module in ``modules`` receives on ``windows``; in the
+    pruned model when ``subnet`` is given."""
+    seen = {m: [] for m in modules}
+    handles = [m.register_forward_pre_hook(lambda mod, a: seen[mod].append(a[0].reshape(-1, a[0].shape[-1])))
+               for m in modules]
+    try:
+        if subnet is None:
+            adapter.model(windows, use_cache=False)
+        else:
+            with subnet_view(adapter, subnet, overrides) as model:
+                model(windows, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {m: torch.cat(x).double() for m, x in seen.items()}
+
+
+def all_targets(adapter, subnet):
+    return [t for layer, w in zip(adapter.layers, subnet.layers) for t in layer_targets(adapter, layer, w)]
+
+
+def kept_columns(t: torch.Tensor, kept) -> torch.Tensor:
+    return t[:, :kept] if isinstance(kept, int) else t[:, kept]
+
+
+# --- the solvers ---------------------------------------------------------------------------------
+
+
+def test_prefix_solver_equals_the_direct_solve_at_every_width_and_index_set(setup):
+    adapter, _, windows = setup
+    layer, stats = next(output_stats(adapter, windows))
+    for name in ("o", "down"):
+        weight = layer.linears()[name].weight.detach().double()
+        gram = stats[name].gram
+        lam = damping_value(gram, 1e-4)
+        solver = PrefixLstsq(weight, gram, damping=1e-4)
+        eye = torch.eye(gram.shape[0], dtype=torch.float64)
+
+        def direct(index):
+            block = gram[index][:, index] + lam * eye[: len(index), : len(index)]
+            return torch.linalg.solve(block, gram[index] @ weight.T).T
+
+        for k in range(1, gram.shape[0]):
+            torch.testing.assert_close(solver.solve(k), direct(torch.arange(k)), rtol=1e-7, atol=1e-10)
+        index = torch.randperm(gram.shape[0], generator=torch.Generator().manual_seed(0))[: gram.shape[0] // 3]
+        torch.testing.assert_close(solver.solve(index), direct(index), rtol=1e-7, atol=1e-10)
+
+
+def test_precomputed_prefix_solves_match_the_exact_ones(setup):
+    adapter, _, windows = setup
+    layer, stats = next(output_stats(adapter, windows))
+    for name in ("o", "down"):
+        weight = layer.linears()[name].weight.detach().double()
+        exact = PrefixLstsq(weight, stats[name].gram, damping=1e-4)
+        fast = PrefixLstsq(weight, stats[name].gram, damping=1e-4).precompute(torch.float32)
+        for k in range(1, weight.shape[1]):
+            reference = exact.solve(k)
+            error = (fast.solve(k) - reference).norm() / reference.norm()
+            assert error < 1e-4, (name, k, float(error))
+
+
+def test_full_width_is_the_identity_and_a_dense_subnet_is_left_alone(setup):
+    adapter, _, windows = setup
+    layer, stats = next(output_stats(adapter, windows))
+    weight = layer.mlp_output().weight
+    assert PrefixLstsq(weight, stats["down"].gram).solve(weight.shape[1]) is weight
+    dense = Subnet.dense(adapter.dims)
+    for method in METHODS:
+        for mode in DRIVERS:
+            if mode == "sequential" and not METHODS[method].sequential:
+                continue
+            assert rectify(adapter, dense, windows, spec=ReformSpec(method, mode)) == {}
+
+
+def test_a_singular_gram_without_damping_falls_back_and_says_so(caplog):
+    torch.manual_seed(0)
+    x = torch.randn(6, 10, dtype=torch.float64)  # 6 tokens, 10 inputs: C has rank 6
+    gram = x.T @ x
+    weight = torch.randn(4, 10, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="reform.lstsq"):
+        solver = PrefixLstsq(weight, gram, damping=0.0)
+        solution = solver.solve(8)
+    assert "eigendecomposition" in caplog.text
+    assert torch.isfinite(solution).all()
+    # Still a least-squares fit: with 8 kept inputs and 6 tokens the dense output is reproduced.
+    torch.testing.assert_close(x[:, :8] @ solution.T, x @ weight.T, rtol=1e-6, atol=1e-6)
+
+
+def test_admm_converges_to_the_closed_form(setup):
+    adapter, _, windows = setup
+    layer, stats = next(output_stats(adapter, windows))
+    weight = layer.mlp_output().weight.detach().double()
+    gram = stats["down"].gram
+    kept = 40
+    mask = torch.arange(weight.shape[1]) < kept
+    closed = PrefixLstsq(weight, gram).solve(kept)
+
+    def gap(iterations):
+        result = admm(weight, gram, mask, iterations=iterations)  # the paper's rho = 1
+        assert (result[:, kept:] == 0).all()  # projected onto the kept entries
+        return float((result[:, :kept] - closed).norm() / closed.norm())
+
+    early, late = gap(3), gap(300)
+    assert late <= 1e-6 and early > 1e-3
+
+
+def test_admm_solves_element_masks_row_by_row(setup):
+    adapter, _, windows = setup
+    layer, stats = next(output_stats(adapter, windows))
+    weight = layer.mlp_output().weight.detach().double()
+    gram = stats["down"].gram
+    mask = torch.rand(weight.shape, generator=torch.Generator().manual_seed(2)) < 0.6
+    result = admm(weight, gram, mask, iterations=300)
+    assert (result[~mask] == 0).all()
+    lam = damping_value(gram, 1e-4)
+    for row in range(0, weight.shape[0], 7):  # each row is its own least-squares problem
+        index = mask[row].nonzero()[:, 0]
+        block = gram[index][:, index] + lam * torch.eye(len(index), dtype=torch.float64)
+        expected = torch.linalg.solve(block, gram[index] @ weight[row])
+        assert float((result[row, index] - expected).norm() / expected.norm()) <= 1e-6
+
+
+# --- the drivers ---------------------------------------------------------------------------------
+
+
+def test_reconstruction_error_of_every_rectified_layer_lstsq_le_bias_le_none(setup, subnet):
+    adapter, _, windows = setup
+    targets = all_targets(adapter, subnet)
+    assert [t.name for t in targets] == ["o", "down", "o", "down", "down"]
+    dense_inputs = projection_inputs(adapter, windows, [t.module for t in targets])
+    overrides = {m: rectify(adapter, subnet, windows, spec=ReformSpec(m, "local")) for m in ("bias", "lstsq")}
+    for t in targets:
+        x = dense_inputs[t.module]
+        weight = t.module.weight.detach().double()
+        goal = x @ weight.T
+        x_kept, w_kept = kept_columns(x, t.kept), kept_columns(weight, t.kept)
+        errors = {
+            "none": (goal - x_kept @ w_kept.T).norm(),
+            "bias": (goal - x_kept @ w_kept.T - overrides["bias"][f"{t.key}.bias"].double()).norm(),
+            "lstsq": (goal - x_kept @ overrides["lstsq"][f"{t.key}.weight"].double().T).norm(),
+        }
+        assert errors["lstsq"] <= errors["bias"] <= errors["none"], (t.key, errors)
+        assert errors["lstsq"] < 0.9 * errors["none"], (t.key, errors)
+
+
+def test_kept_columns_are_what_the_pruned_projection_receives(setup, subnet):
+    adapter, _, windows = setup
+    first = adapter.layers[0]
+    for widths in (subnet.layers[0], LayerWidths(1, 3, 96), LayerWidths(2, 1, 96), LayerWidths(2, 3, 30)):
+        # Only the first layer pruned: its projections' dense inputs are known exactly.
+        one = Subnet(adapter.dims, [widths] + list(Subnet.dense(adapter.dims).layers[1:]))
+        targets = layer_targets(adapter, first, widths)
+        assert targets
+        target = targets[0]
+        dense = projection_inputs(adapter, windows, [target.module])[target.module]
+        pruned = projection_inputs(adapter, windows, [target.module], one)[target.module]
+        torch.testing.assert_close(pruned, kept_columns(dense, target.kept), rtol=1e-5, atol=1e-6)
+
+
+def test_bias_is_the_removed_columns_mean_contribution(setup, subnet):
+    adapter, _, windows = setup
+    targets = all_targets(adapter, subnet)
+    dense_inputs = projection_inputs(adapter, windows, [t.module for t in targets])
+    overrides = rectify(adapter, subnet, windows, spec=ReformSpec("bias", "local"))
+    for t in targets:
+        weight = t.module.weight.detach().double()
+        removed = torch.ones(weight.shape[1], dtype=torch.bool)
+        removed[torch.arange(t.kept) if isinstance(t.kept, int) else t.kept] = False
+        expected = weight[:, removed] @ dense_inputs[t.module][:, removed].mean(0)
+        torch.testing.assert_close(overrides[f"{t.key}.bias"].double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_cached_prefix_solvers_equal_the_local_driver(setup, subnet):
+    adapter, _, windows = setup
+    solvers = output_solvers(adapter, windows)
+    for widths in (subnet, Subnet(adapter.dims, [LayerWidths(1, 2, 10), LayerWidths(2, 3, 95), LayerWidths(2, 1, 1)])):
+        expected = rectify(adapter, widths, windows, spec=ReformSpec("lstsq", "local"))
+        got = solver_overrides(adapter, widths, solvers)
+        assert got.keys() == expected.keys()
+        for key in got:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_sequential_differs_from_local_and_is_never_worse_on_its_targets(setup, subnet):
+    adapter, _, windows = setup
+    targets = all_targets(adapter, subnet)
+    modules = [t.module for t in targets]
+    local = rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", "local", damping=0.0))
+    sequential = rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", "sequential", damping=0.0))
+    assert local.keys() == sequential.keys()
+    assert max(float((local[k] - sequential[k]).abs().max()) for k in local) > 1e-3
+
+    dense = projection_inputs(adapter, windows, modules)
+    in_sequential = projection_inputs(adapter, windows, modules, subnet, sequential)
+    in_local = projection_inputs(adapter, windows, modules, subnet, local)
+    for t in targets:
+        goal = dense[t.module] @ t.module.weight.detach().double().T
+        key = f"{t.key}.weight"
+
+        def error(inputs, overrides):
+            return float((goal - inputs[t.module] @ overrides[key].double().T).norm())
+
+        # The sequential fit is optimal for the inputs the pruned model gives the projection...
+        assert error(in_sequential, sequential) <= error(in_sequential, local) * (1 + 1e-9), t.key
+        # ...and, on this model, also beats the local fit in the local model's own stream.
+        assert error(in_sequential, sequential) <= error(in_local, local), t.key
+
+
+def test_sequential_bias_restores_the_dense_mean_in_the_pruned_stream(setup, subnet):
+    adapter, _, windows = setup
+    targets = all_targets(adapter, subnet)
+    modules = [t.module for t in targets]
+    overrides = rectify(adapter, subnet, windows, spec=ReformSpec("bias", "sequential"))
+    dense = projection_inputs(adapter, windows, modules)
+    pruned = projection_inputs(adapter, windows, modules, subnet, overrides)
+    for t in targets:
+        weight = t.module.weight.detach().double()
+        dense_mean = (dense[t.module] @ weight.T).mean(0)
+        pruned_mean = (pruned[t.module] @ kept_columns(weight, t.kept).T).mean(0) + overrides[f"{t.key}.bias"]
+        torch.testing.assert_close(pruned_mean.double(), dense_mean, rtol=1e-4, atol=1e-5)
+
+
+def test_admm_has_no_sequential_mode_and_unknown_names_are_refused():
+    with pytest.raises(UserError, match="no sequential mode"):
+        ReformSpec("admm", "sequential")
+    with pytest.raises(UserError, match="unknown reformation method"):
+        ReformSpec("ols", "local")
+    with pytest.raises(UserError, match="unknown reformation mode"):
+        ReformSpec("lstsq", "global")
+
+
+@pytest.mark.parametrize("method", ["bias", "lstsq"])
+def test_a_rectified_export_reloads_with_the_same_logits(setup, subnet, token_ids, tmp_path, method):
+    adapter, orders, windows = setup
+    overrides = rectify(adapter, subnet, windows, spec=ReformSpec(method, "sequential"))
+    with torch.no_grad(), subnet_view(adapter, subnet, overrides) as model:
+        expected = model(token_ids).logits
+    with torch.no_grad(), subnet_view(adapter, subnet) as model:
+        unrectified = model(token_ids).logits
+    assert float((expected - unrectified).abs().max()) > 1e-3  # the overrides matter
+    export_subnet(adapter, subnet, orders, tmp_path / "export", overrides=overrides)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config.get("llm_pruner_output_bias", False) == (method == "bias")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True,
+                                                    dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = reloaded(token_ids).logits
+    assert float((got - expected).abs().max()) <= 1e-4
+
+
+def test_orders_rebuilt_from_an_export_keep_the_same_units(setup, subnet):
+    adapter, orders, _ = setup
+    kept = [order.kept(widths) for order, widths in zip(orders, subnet.layers)]
+    rebuilt = orders_from_kept(kept, adapter.dims)
+    assert [order.kept(widths) for order, widths in zip(rebuilt, subnet.layers)] == kept
+    for order in rebuilt:  # each a permutation
+        assert sorted(order.channels.tolist()) == list(range(adapter.dims.intermediate_size))
+        assert sorted(order.heads.reshape(-1).tolist()) == list(range(adapter.dims.num_heads))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prefix_solver_runs_on_the_device(setup):
+    adapter, _, windows = setup
+    layer, stats = next(output_stats(adapter, windows))
+    weight = layer.mlp_output().weight
+    on_cpu = PrefixLstsq(weight, stats["down"].gram).solve(40)
+    solver = PrefixLstsq(weight.cuda(), stats["down"].gram.cuda())
+    assert solver.factor.is_cuda
+    torch.testing.assert_close(solver.solve(40).cpu(), on_cpu, rtol=1e-5, atol=1e-6)
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def _prune(model_dir, out, *extra) -> int:
+    return cli(["-q", "prune", "--model", str(model_dir), "--ratio", "0.7", "--out", str(out), "--nsamples", "4",
+                "--calib-seqlen", "32", *extra])
+
+
+def test_prune_records_the_reformation_and_reform_redoes_it_from_the_source(tiny_model_dir, tiny_data, tmp_path):
+    settings = ["--reform-nsamples", "6", "--damping", "1e-3"]
+    assert _prune(tiny_model_dir, tmp_path / "direct", "--reform", "lstsq", "--reform-mode", "local", *settings) == 0
+    record = json.loads((tmp_path / "direct" / "subnet.json").read_text())
+    assert record["recipe"]["compensation"] == "lstsq"
+    assert record["recipe"]["reform"] == {
+        "method": "lstsq", "mode": "local", "damping": 1e-3,
+        "calibration": {"dataset": "wikitext2", "split": "validation", "nsamples": 6, "seqlen": 32, "seed": 0},
+    }
+    assert _prune(tiny_model_dir, tmp_path / "plain", "--reform", "none") == 0
+    assert json.loads((tmp_path / "plain" / "subnet.json").read_text())["recipe"]["compensation"] == "none"
+    assert cli(["-q", "reform", str(tmp_path / "plain"), "--out", str(tmp_path / "again"), "--method", "lstsq",
+                "--mode", "local", "--nsamples", "6", "--calib-seqlen", "32", "--damping", "1e-3"]) == 0
+    again = json.loads((tmp_path / "again" / "subnet.json").read_text())
+    assert again["recipe"]["reform"] == record["recipe"]["reform"]
+    assert again["kept"] == record["kept"] and again["reformed_from"] == str(tmp_path / "plain")
+    direct = load_file(tmp_path / "direct" / "model.safetensors")
+    rebuilt = load_file(tmp_path / "again" / "model.safetensors")
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    assert direct.keys() == rebuilt.keys()
+    for key in direct:
+        torch.testing.assert_close(rebuilt[key], direct[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(plain[k], direct[k]) for k in direct if "down_proj" in k)
+
+
+def test_cli_refuses_bad_reformation_requests(tiny_model_dir, tiny_data, tmp_path, capsys):
+    assert _prune(tiny_model_dir, tmp_path / "x", "--reform", "admm", "--reform-mode", "sequential") == 2
+    assert "no sequential mode" in capsys.readouterr().err
+    assert _prune(tiny_model_dir, tmp_path / "x", "--damping", "-1") == 2
+    assert "damping" in capsys.readouterr().err
+    assert cli(["-q", "reform", str(tiny_model_dir), "--out", str(tmp_path / "y")]) == 2
+    assert "not an llm-pruner export" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_least_squares_beats_no_compensation_on_smollm2(real_model, real_data):
+    from evaluators.data import CalibrationSpec, dataset_windows
+    from evaluators.perplexity import perplexity
+    from search.oneshot.allocation import allocate
+
+    model = copy.deepcopy(real_model.model)  # the session's model stays in its original order
+    adapter = adapter_for(model)
+    windows = CalibrationSpec("wikitext2", 16, 512, 0).windows(real_model.tokenizer)
+    _, ordered = order_model(adapter, compute_scores(adapter, windows, ["wanda-sp"])["wanda-sp"])
+    subnet = allocate("uniform-mlp", adapter.dims, ordered, ratio=0.7)
+    overrides = rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", "local"))
+    test = dataset_windows(real_model.tokenizer, "wikitext2", seqlen=512, limit=4)
+    with subnet_view(adapter, subnet) as pruned:
+        plain = perplexity(pruned, test)
+    with subnet_view(adapter, subnet, overrides) as pruned:
+        rectified = perplexity(pruned, test)
+    assert rectified < 0.9 * plain, (rectified, plain)

@@ -1,0 +1,103 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from search.cli import main
+
+PRUNE = ["prune", "--nsamples", "4", "--calib-seqlen", "16", "--batch-size", "2"]
+
+
+def run(argv, capsys):
+    """Exit status and output of the command; argparse's own errors exit through SystemExit."""
+    try:
+        code = main(["-q", *argv])
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr()
+
+
+def test_prune_exports_a_model_that_reloads(tiny_model_dir, tiny_data, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code, io = run([*PRUNE, "--model", str(tiny_model_dir), "--ratio", "0.6", "--importance", "obs",
+                    "--allocation", "global", "--out", str(out), "--eval", "wikitext2", "--eval-seqlen", "32"], capsys)
+    assert code == 0, io.err
+    record = json.loads((out / "subnet.json").read_text())
+    assert abs(record["block_ratio"] - 0.6) <= 0.003
+    assert record["recipe"]["importance"] == "obs" and record["recipe"]["allocation"] == "global"
+    assert record["recipe"]["calibration"]["split"] == "validation"
+    assert record["metrics"]["ppl"]["wikitext2"] > 1
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert sum(p.numel() for p in model.parameters()) == record["subnet"]["total_params"]
+    assert (out / "importance.pt").is_file()
+
+
+def test_eval_writes_the_promised_json(tiny_model_dir, tiny_data, tmp_path, capsys):
+    path = tmp_path / "eval.json"
+    code, io = run(["eval", str(tiny_model_dir), "--ppl", "wikitext2", "--seqlen", "32", "--limit-windows", "3",
+                    "--json", str(path)], capsys)
+    assert code == 0, io.err
+    result = json.loads(path.read_text())
+    assert set(result) >= {"ppl", "seqlen", "windows", "dtype", "params", "model", "environment", "seconds"}
+    assert result["windows"] == {"wikitext2": 3} and result["seqlen"] == 32
+    assert result["params"]["block"] < result["params"]["total"]
+    assert "| wikitext2 | 3 |" in io.out
+
+
+BAD = [
+    (["--model", "/nonexistent/model", "--ratio", "0.5"], "model not found"),
+    (["--ratio", "0"], "ratio must be in (0, 1]"),
+    (["--ratio", "1.5"], "ratio must be in (0, 1]"),
+    (["--ratio", "0.5", "--importance", "entropy"], "unknown importance score"),
+    (["--ratio", "0.5", "--allocation", "zigzag"], "unknown allocation"),
+    (["--ratio", "0.5", "--calib", "imagenet"], "unknown dataset"),
+    (["--ratio", "0.5", "--calib", "ptb"], "not found locally"),  # the tiny data folder has no PTB
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD)
+def test_bad_prune_input_is_one_message_and_exit_2(tiny_model_dir, tiny_data, tmp_path, capsys, extra, message):
+    argv = [*PRUNE, *(["--model", str(tiny_model_dir)] if "--model" not in extra else []), *extra,
+            "--out", str(tmp_path / "out")]
+    code, io = run(argv, capsys)
+    assert code == 2
+    assert message in io.err and "Traceback" not in io.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_folder_that_is_not_ours_is_refused_untouched(tiny_model_dir, tiny_data, tmp_path, capsys):
+    out = tmp_path / "important"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not delete")
+    code, io = run([*PRUNE, "--model", str(tiny_model_dir), "--ratio", "0.5", "--out", str(out)], capsys)
+    assert code == 2 and "not an llm-pruner export" in io.err
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+def test_text_shorter_than_one_window(tiny_model_dir, tiny_data, capsys):
+    code, io = run(["eval", str(tiny_model_dir), "--seqlen", "100000"], capsys)
+    assert code == 2 and "fewer than one window" in io.err
+
+
+def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "search.cli", "eval", str(tmp_path / "no-such-model")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "model not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_importance_is_computed_once_per_model_and_calibration(tiny_model_dir, tiny_data, tmp_path, capsys,
+                                                               monkeypatch):
+    argv = [*PRUNE, "--model", str(tiny_model_dir), "--importance", "wanda-sp"]
+    assert run([*argv, "--ratio", "0.7", "--out", str(tmp_path / "a")], capsys)[0] == 0
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("importance was computed again")
+
+    monkeypatch.setattr("space.scores.cache.compute_scores", must_not_run)
+    code, io = run([*argv, "--ratio", "0.5", "--out", str(tmp_path / "b")], capsys)
+    assert code == 0, io.err
+    with pytest.raises(AssertionError, match="computed again"):  # another calibration seed: recomputed
+        run([*argv, "--ratio", "0.5", "--seed", "1", "--out", str(tmp_path / "c")], capsys)

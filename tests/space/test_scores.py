@@ -1,0 +1,144 @@
+import pytest
+import torch
+
+from space.calibration import InputStats, StatsRequest, walk_layers
+from space.adapters import adapter_for
+from space.errors import UserError
+from space.scores import SCORES, compute_scores, score_spec
+from space.scores.cache import ScoreCache, load_scores, save_scores
+
+
+def hooked_inputs(model, token_ids, layer_index):
+    """Inputs of o_proj and down_proj of one layer from an ordinary full forward pass."""
+    layer = model.model.layers[layer_index]
+    seen = {}
+    hooks = [
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("o", a[0].detach())),
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("down", a[0].detach())),
+    ]
+    with torch.no_grad():
+        model(token_ids)
+    for h in hooks:
+        h.remove()
+    return {k: v.reshape(-1, v.shape[-1]).double() for k, v in seen.items()}
+
+
+def test_block_by_block_statistics_equal_a_full_forward(make_model, token_ids):
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    stats = list(walk_layers(adapter, token_ids, StatsRequest(("o", "down"), gram=("down",)), batch_size=3))
+    assert [s.index for s in stats] == [0, 1, 2]
+    x = hooked_inputs(model, token_ids, 2)
+    down = stats[2].inputs["down"]
+    assert down.count == x["down"].shape[0]
+    torch.testing.assert_close(down.sum, x["down"].sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(down.gram, x["down"].T @ x["down"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats[2].inputs["o"].variance, x["o"].var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+
+
+def test_scores_follow_their_formulas(make_model, token_ids):
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    scores = compute_scores(adapter, token_ids, ["magnitude", "wanda-sp", "fluctuation"])
+    x = hooked_inputs(model, token_ids, 1)
+    down = model.model.layers[1].mlp.down_proj.weight.double()
+    o = model.model.layers[1].self_attn.o_proj.weight.double()
+    torch.testing.assert_close(scores["magnitude"][1].channels, down.norm(dim=0))
+    torch.testing.assert_close(scores["magnitude"][1].heads, o.norm(dim=0).view(6, 8).sum(1))
+    wanda = down.abs().mean(0) * x["down"].norm(dim=0)
+    torch.testing.assert_close(scores["wanda-sp"][1].channels, wanda, rtol=1e-5, atol=1e-8)
+    fluct = scores["fluctuation"][1].channels  # standardised per layer and module
+    assert abs(float(fluct.mean())) < 1e-9 and abs(float(fluct.std()) - 1) < 1e-9
+    raw = x["down"].var(0, unbiased=False) * down.square().sum(0)
+    assert torch.equal(torch.argsort(fluct), torch.argsort(raw))
+
+
+def test_groups_aggregate_their_heads(make_model, token_ids):
+    model = make_model("llama")
+    s = compute_scores(adapter_for(model), token_ids, ["wanda-sp"])["wanda-sp"][0]
+    torch.testing.assert_close(s.groups, s.heads.view(2, 3).sum(1))
+
+
+def test_obs_matches_its_definition_on_down_proj(make_model, token_ids):
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    obs = compute_scores(adapter, token_ids, ["obs"])["obs"][0]
+    layer = model.model.layers[0]
+    captured = {}
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("down", a[0])),
+             layer.mlp.gate_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("gate", a[0]))]
+    with torch.no_grad():
+        model(token_ids)
+    for h in hooks:
+        h.remove()
+
+    def inv_diag(x):
+        x = x.reshape(-1, x.shape[-1]).double()
+        h = 2 * x.T @ x
+        h += 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+        return torch.linalg.inv(h).diagonal()
+
+    down, gate, up = (m.weight.double() for m in (layer.mlp.down_proj, layer.mlp.gate_proj, layer.mlp.up_proj))
+    expected = (down.square() / inv_diag(captured["down"])).sum(0)
+    expected += ((gate.square() + up.square()) / inv_diag(captured["gate"])).sum(1)
+    torch.testing.assert_close(obs.channels, expected, rtol=1e-4, atol=1e-6)
+    assert torch.all(obs.heads > 0) and torch.all(obs.groups > obs.heads.view(2, 3).sum(1))
+
+
+def test_unknown_score_is_a_user_error():
+    with pytest.raises(UserError, match="known: bip, block-influence, fluctuation, magnitude, newton, ntk, obs"):
+        score_spec("entropy")
+
+
+def test_every_score_declares_a_source():
+    assert all(spec.source for spec in SCORES.values())
+
+
+def test_score_cache_round_trip_and_invalidation(make_model, token_ids, tmp_path):
+    scores = compute_scores(adapter_for(make_model("llama")), token_ids, ["wanda-sp"])
+    path = tmp_path / "importance.pt"
+    save_scores(path, scores, {"calibration": 1}, seconds=2.5)
+    again, seconds = load_scores(path, {"calibration": 1})
+    torch.testing.assert_close(again["wanda-sp"][2].channels, scores["wanda-sp"][2].channels)
+    assert seconds == 2.5
+    assert load_scores(path, {"calibration": 2}) is None
+
+
+def test_score_cache_reuses_by_model_calibration_ratio_and_dtype(make_model, token_ids, tmp_path, monkeypatch):
+    """One cache for every caller: memory first, then the shared folder; the key names the model
+    file, the calibration, the ratio (for ratio-dependent scores) and a non-float32 dtype."""
+    model_file = tmp_path / "model.gguf"
+    model_file.write_bytes(b"weights")
+    adapter = adapter_for(make_model("llama"))
+    calls = []
+
+    def windows():
+        calls.append(1)
+        return token_ids
+
+    def scores(cache, **changes):
+        options = dict(windows=windows, source=str(model_file), calibration={"seed": 0}, ratio=0.5)
+        return cache.scores(adapter, ["newton"], **{**options, **changes})
+
+    first = scores(ScoreCache())
+    assert not first.reused and len(calls) == 1
+    assert scores(ScoreCache()).reused and len(calls) == 1  # a new process: from the shared folder
+    assert not scores(ScoreCache(), ratio=0.6).reused  # newton depends on the ratio
+    assert not scores(ScoreCache(), calibration={"seed": 1}).reused
+    adapter.model.to(torch.bfloat16)
+    assert not scores(ScoreCache()).reused  # computed in another dtype
+    adapter.model.to(torch.float32)
+    model_file.write_bytes(b"other weights")  # the file changed: its fingerprint too
+    assert not scores(ScoreCache()).reused
+    memory_only = ScoreCache()
+    assert not scores(memory_only, source=None).reused and scores(memory_only, source=None).reused
+    assert not scores(ScoreCache(), source=None).reused  # nothing on disk for a model without a file
+
+
+def test_input_stats_accumulate_in_float64():
+    stats = InputStats(3, gram=True, device=torch.device("cpu"))
+    x = torch.tensor([[1e4, 1.0, -2.0], [1e4 + 1, 3.0, 2.0]])
+    stats.add(x[:1])
+    stats.add(x[1:])
+    assert stats.sum.dtype == torch.float64
+    torch.testing.assert_close(stats.variance, torch.tensor([0.25, 1.0, 4.0], dtype=torch.float64))
