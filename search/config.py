@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 from evaluators.data import CalibrationSpec
-from search.samplers import MULTI_OBJECTIVE, SEARCHERS
+from search.samplers import MULTI_OBJECTIVE, SAMPLERS
 from search.samplers.evolution import PRESETS as EVOLUTION_PRESETS
 from search.widths import PRESETS as WIDTH_PRESETS
 from space.errors import UserError
@@ -61,8 +61,8 @@ class SearchConfig:
 
     def check(self) -> None:
         """Every mistake a user can make in a search's settings, as a :class:`UserError`."""
-        if self.searcher not in SEARCHERS:
-            raise UserError(f"unknown searcher {self.searcher!r}; known: {', '.join(SEARCHERS)}")
+        if self.searcher not in SAMPLERS:
+            raise UserError(f"unknown searcher {self.searcher!r}; known: {', '.join(SAMPLERS)}")
         if not 0 < self.ratio <= 1:
             raise UserError(f"ratio must be in (0, 1], got {self.ratio}")
         if self.ratio_min is not None and not 0 < self.ratio_min < self.ratio:

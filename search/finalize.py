@@ -22,7 +22,7 @@ from search.artifacts import attach_summary, trial_subnet_of
 from search.config import SearchConfig
 from search.prepare import build_fitness, load_prepared, release_fitness
 from search.rundir import BEST, EXPORT
-from space.export import export_subnet, update_subnet_record, write_json
+from space.export import export_subnet, record_header, update_subnet_record, write_json
 from space.models import load_model
 from space.subnet import Subnet
 
@@ -79,10 +79,7 @@ def export_winner(subnet: Subnet, trial_number: int, config: SearchConfig, run_d
     spec = ReformSpec("lstsq", config.export_reform, damping=config.damping)
     overrides = rectify(adapter, subnet, config.calibration_spec().windows(loaded.tokenizer), spec=spec)
     record = {
-        "source": loaded.source.to_dict(),
-        "target_ratio": config.ratio,
-        "block_ratio": subnet.ratio(),
-        "total_ratio": subnet.total_ratio(),
+        **record_header(loaded.source, subnet, config.ratio),
         "recipe": {"method": "search", "searcher": config.searcher, "importance": config.importance,
                    "preset": config.preset, "trial": trial_number, "compensation": spec.to_dict(),
                    "calibration": config.calibration, "fitness_windows": config.fitness_windows,

@@ -29,7 +29,6 @@ from transformers.models.qwen3.configuration_qwen3 import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
 
 MODEL_TYPE_PREFIX = "llm_pruner_"
-WIDTH_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 
 class SkippedAttention(nn.Module):

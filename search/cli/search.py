@@ -9,7 +9,7 @@ from evaluators.data import CalibrationSpec
 from search.cli import common
 from search.config import DTYPES, SearchConfig
 from search.job import run_search
-from search.samplers import SEARCHERS
+from search.samplers import SAMPLERS
 from search.samplers.evolution import PRESETS as EVOLUTION
 from search.widths import PRESETS as WIDTHS
 from space.errors import UserError
@@ -22,7 +22,7 @@ def add(sub) -> None:
     p.add_argument("--ratio", required=True, type=common.ratio,
                    help="kept fraction of block weights (nsga2: the top of the range)")
     p.add_argument("--ratio-min", type=common.ratio, help="nsga2: the bottom of the ratio range")
-    p.add_argument("--searcher", default="evolution", help=" | ".join(SEARCHERS))
+    p.add_argument("--searcher", default="evolution", help=" | ".join(SAMPLERS))
     p.add_argument("--trials", type=int, default=100, help="finished trials to reach (a re-run may raise it)")
     p.add_argument("--run-dir", required=True, type=Path, help="run folder (re-running the command resumes it)")
     p.add_argument("--workers", type=int, default=0, help="Ray actors (0: evaluate in this process)")

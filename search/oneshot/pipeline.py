@@ -27,7 +27,7 @@ from search.oneshot.selection import SELECTIONS
 from search.oneshot.steps import OneShotCache, cache_source, compensate, plain_candidate, shape
 from space.adapters import ModelAdapter, adapter_for
 from space.errors import UserError
-from space.export import export_subnet
+from space.export import export_subnet, record_header
 from space.models import LoadedModel, as_loaded
 from space.order import LayerOrder, orders_from_kept, permute_model
 from space.scores import LayerScores, score_spec
@@ -88,10 +88,7 @@ def run_recipe(
                                          cache=cache, progress=progress)
     finished = time.time()
     record = {
-        "source": loaded.source.to_dict(),
-        "target_ratio": ratio,
-        "block_ratio": subnet.ratio(),
-        "total_ratio": subnet.total_ratio(),
+        **record_header(loaded.source, subnet, ratio),
         "recipe": _recipe_record(recipe, candidate),
         "seconds": {
             "importance": round(candidate.seconds, 3),
@@ -192,9 +189,8 @@ def reform_export(
         overrides = rectify(adapter, subnet, calibration.windows(loaded.tokenizer), spec=reform,
                             batch_size=batch_size, progress=progress)
     reform_entry = {**reform.to_dict(), "calibration": calibration.to_dict() if reform.method != "none" else None}
-    kept_fields = ("source", "target_ratio", "block_ratio", "total_ratio")
     new_record = {
-        **{key: record[key] for key in kept_fields if key in record},
+        **record_header(loaded.source, subnet, record.get("target_ratio")),
         "recipe": {**record.get("recipe", {}), "compensation": reform.method, "reform": reform_entry},
         "reformed_from": reformed_from,
         "seconds": {"reform": round(time.time() - reform_started, 3)},

@@ -3,7 +3,14 @@
 the atomic writes every result file goes through (:mod:`.atomic`)."""
 
 from space.export.atomic import staged_folder, write_json
-from space.export.folder import SUBNET_FILE, check_destination, export_subnet, read_subnet_record, update_subnet_record
+from space.export.folder import (
+    SUBNET_FILE,
+    check_destination,
+    export_subnet,
+    read_subnet_record,
+    record_header,
+    update_subnet_record,
+)
 
-__all__ = ["SUBNET_FILE", "check_destination", "export_subnet", "read_subnet_record", "staged_folder",
+__all__ = ["SUBNET_FILE", "check_destination", "export_subnet", "read_subnet_record", "record_header", "staged_folder",
            "update_subnet_record", "write_json"]

@@ -25,6 +25,7 @@ from space.errors import UserError
 from space.export.atomic import staged_folder, write_json
 from space.export.config import pruned_config
 from space.export.state import sliced_state_dict
+from space.models import ModelSource
 from space.modeling_llm_pruner import MODEL_TYPE_PREFIX, PRUNED_CLASSES
 from space.order import LayerOrder
 from space.subnet import Subnet
@@ -33,11 +34,10 @@ SUBNET_FILE = "subnet.json"
 
 
 def check_destination(out_dir: Path) -> None:
-    """Refuse a destination that exists and is neither empty nor an export of ours."""
+    """Refuse a destination that exists and is neither empty nor an export of ours (missing parent
+    folders are created by the export)."""
     out_dir = Path(out_dir)
     if not out_dir.exists():
-        if not out_dir.parent.exists():
-            raise UserError(f"cannot write {out_dir}: its parent folder does not exist")
         return
     if not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a folder")
@@ -95,6 +95,17 @@ def export_subnet(
         }
         write_json(staging / SUBNET_FILE, record)
     return out_dir
+
+
+def record_header(source: ModelSource, subnet: Subnet, target_ratio: float | None) -> dict:
+    """The first fields of every ``subnet.json``: where the dense model came from, the budget asked
+    for and the ratios reached."""
+    return {
+        "source": source.to_dict(),
+        "target_ratio": target_ratio,
+        "block_ratio": subnet.ratio(),
+        "total_ratio": subnet.total_ratio(),
+    }
 
 
 def read_subnet_record(folder: Path) -> dict:

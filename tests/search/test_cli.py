@@ -101,3 +101,29 @@ def test_importance_is_computed_once_per_model_and_calibration(tiny_model_dir, t
     assert code == 0, io.err
     with pytest.raises(AssertionError, match="computed again"):  # another calibration seed: recomputed
         run([*argv, "--ratio", "0.5", "--seed", "1", "--out", str(tmp_path / "c")], capsys)
+
+
+def test_prune_by_parts_and_by_method_run_the_same_pipeline(tiny_model_dir, tiny_data, tmp_path, capsys,
+                                                            monkeypatch):
+    """``--importance/--allocation/--reform`` is an anonymous recipe: both forms reach run_recipe."""
+    from search.oneshot import pipeline
+
+    seen = []
+    real = pipeline.run_recipe
+
+    def spy(loaded, recipe, **options):
+        seen.append((recipe.name, recipe.importance, recipe.allocation, recipe.reform.method))
+        return real(loaded, recipe, **options)
+
+    monkeypatch.setattr(pipeline, "run_recipe", spy)
+    by_parts = [*PRUNE, "--model", str(tiny_model_dir), "--ratio", "0.7", "--importance", "magnitude",
+                "--allocation", "uniform", "--reform", "bias", "--out", str(tmp_path / "parts")]
+    assert run(by_parts, capsys)[0] == 0
+    by_method = [*PRUNE, "--model", str(tiny_model_dir), "--ratio", "0.7", "--method", "magnitude-sp",
+                 "--out", str(tmp_path / "method")]
+    assert run(by_method, capsys)[0] == 0
+    assert seen == [(None, "magnitude", "uniform", "bias"), ("magnitude-sp", "magnitude", "uniform", "none")]
+    for folder in ("parts", "method"):
+        record = json.loads((tmp_path / folder / "subnet.json").read_text())
+        assert set(record["recipe"]) >= {"method", "importance", "allocation", "compensation", "reform", "calibration"}
+        assert (tmp_path / folder / "importance.pt").is_file()

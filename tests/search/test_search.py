@@ -342,7 +342,6 @@ def test_nsga2_searches_a_ratio_range_and_reports_a_front(tiny_model_dir, tiny_d
 
 
 def test_fitness_rectifies_caches_and_stops_early(make_model, token_ids):
-    import torch
 
     from evaluators.perplexity import perplexity
     from reform.local import output_solvers, solver_overrides
