@@ -1,4 +1,4 @@
-"""Every recipe of search/recipes.py, and the engine's search, side by side at several budgets.
+"""Every recipe of search/oneshot/recipes.py, and the engine's search, side by side at several budgets.
 
     LLM_PRUNER_DATA=../shared/data nohup .venv/bin/python experiments/compare.py \\
         > runs/compare.log 2>&1 &
