@@ -208,13 +208,32 @@ def eval_windows(tokens: torch.Tensor, *, seqlen: int, limit: int | None = None)
     return tokens[: count * seqlen].view(count, seqlen)
 
 
-def random_windows(tokens: torch.Tensor, *, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets (the calibration recipe
-    of GPTQ/SparseGPT/Wanda/FLAP)."""
-    if tokens.numel() <= seqlen:
-        raise UserError(f"the text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+WHOLE = (0.0, 1.0)
+
+
+def region_bounds(count: int, region: tuple[float, float]) -> tuple[int, int]:
+    """The token positions ``[start, end)`` of a region given as fractions of ``count`` tokens."""
+    low, high = region
+    return int(low * count), int(high * count)
+
+
+def region_starts(count: int, *, nsamples: int, seqlen: int, seed: int,
+                  region: tuple[float, float] = WHOLE) -> torch.Tensor:
+    """Seeded random start positions of ``nsamples`` windows of ``seqlen`` tokens lying wholly
+    inside ``region`` of a text of ``count`` tokens."""
+    start, end = region_bounds(count, region)
+    if end - start <= seqlen:
+        where = "the text" if region == WHOLE else f"the region {region[0]:g}-{region[1]:g} of the text"
+        raise UserError(f"{where} has {end - start} tokens, fewer than one window of {seqlen}")
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=generator)
+    return start + torch.randint(0, end - start - seqlen, (nsamples,), generator=generator)
+
+
+def random_windows(tokens: torch.Tensor, *, nsamples: int, seqlen: int, seed: int,
+                   region: tuple[float, float] = WHOLE) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets (the calibration recipe
+    of GPTQ/SparseGPT/Wanda/FLAP), inside ``region`` (fractions of the text; default all of it)."""
+    starts = region_starts(tokens.numel(), nsamples=nsamples, seqlen=seqlen, seed=seed, region=region)
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
 
 
@@ -228,32 +247,54 @@ def dataset_windows(
 
 
 def calibration_windows(
-    tokenizer, spec: str, *, nsamples: int, seqlen: int, seed: int = 0, split: str | None = None
+    tokenizer, spec: str, *, nsamples: int, seqlen: int, seed: int = 0, split: str | None = None,
+    region: tuple[float, float] = WHOLE,
 ) -> torch.Tensor:
     """Calibration windows (default split: :func:`default_calibration_split`; never test)."""
     if split is not None:
         spec = f"{parse_dataset(spec)[0]}:{split}"
-    return random_windows(tokenize(tokenizer, calibration_text(spec)), nsamples=nsamples, seqlen=seqlen, seed=seed)
+    return random_windows(tokenize(tokenizer, calibration_text(spec)), nsamples=nsamples, seqlen=seqlen, seed=seed,
+                          region=region)
 
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """Which calibration windows: dataset spec, count, length, seed (recorded in every result)."""
+    """Which calibration windows: dataset spec, count, length, seed, and the region of the text
+    they are drawn from (fractions of its tokens; recorded in every result). Windows of specs on
+    disjoint regions of the same text never share a token (:meth:`overlaps`)."""
 
     dataset: str = "wikitext2"
     nsamples: int = 64
     seqlen: int = 512
     seed: int = 0
+    region: tuple[float, float] = WHOLE
 
     def __post_init__(self):
         parse_dataset(self.dataset)
+        object.__setattr__(self, "region", tuple(float(x) for x in self.region))
         if self.nsamples < 1 or self.seqlen < 2:
             raise UserError(f"calibration needs nsamples >= 1 and seqlen >= 2, got {self.nsamples} x {self.seqlen}")
+        if len(self.region) != 2 or not 0 <= self.region[0] < self.region[1] <= 1:
+            raise UserError(f"a calibration region is two fractions 0 <= start < end <= 1, got {self.region}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CalibrationSpec":
+        return cls(f"{d['dataset']}:{d['split']}", d["nsamples"], d["seqlen"], d["seed"], tuple(d.get("region", WHOLE)))
 
     def windows(self, tokenizer) -> torch.Tensor:
-        return calibration_windows(tokenizer, self.dataset, nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed)
+        return calibration_windows(tokenizer, self.dataset, nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed,
+                                   region=self.region)
+
+    def overlaps(self, other: "CalibrationSpec") -> bool:
+        """Whether windows of the two specs can share text (same split and overlapping regions)."""
+        same_text = {k: v for k, v in self.to_dict().items() if k in ("dataset", "split")} == \
+            {k: v for k, v in other.to_dict().items() if k in ("dataset", "split")}
+        return same_text and self.region[0] < other.region[1] and other.region[0] < self.region[1]
 
     def to_dict(self) -> dict:
         name, split = parse_dataset(self.dataset)
-        return {"dataset": name, "split": split or default_calibration_split(name),
+        data = {"dataset": name, "split": split or default_calibration_split(name),
                 "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}
+        if self.region != WHOLE:  # a whole-text spec keeps the record (and cache keys) of earlier versions
+            data["region"] = list(self.region)
+        return data

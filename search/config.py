@@ -14,6 +14,12 @@ from space.errors import UserError
 from space.scores import score_spec
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Disjoint regions of the calibration text (fractions of its tokens): the statistics of the scores and
+# of the least squares, the fitness windows, and the final re-scoring windows never share a token, so
+# the fitness cannot reward a fit to its own tokens and the re-scoring is held out from both.
+STATISTICS_REGION = (0.0, 0.6)
+FITNESS_REGION = (0.6, 0.8)
+RESCORING_REGION = (0.8, 1.0)
 
 
 @dataclass(frozen=True)
@@ -30,19 +36,38 @@ class SearchConfig:
     mlp_step: int | None = None
     evolution: str = "cpu"
     importance: str = "wanda-sp"
-    calibration: dict = field(default_factory=lambda: CalibrationSpec("wikitext2", 64, 512, 0).to_dict())
-    fitness_windows: dict = field(default_factory=lambda: CalibrationSpec("wikitext2", 8, 512, 1).to_dict())
+    calibration: dict = field(
+        default_factory=lambda: CalibrationSpec("wikitext2", 64, 512, 0, STATISTICS_REGION).to_dict())
+    fitness_windows: dict = field(
+        default_factory=lambda: CalibrationSpec("wikitext2", 8, 512, 1, FITNESS_REGION).to_dict())
     fitness_reform: str = "lstsq"  # lstsq | none: rectify candidates before scoring them
     damping: float = 1e-4
     dtype: str = "bfloat16"
     device: str = "cpu"
     pruner: str = "none"  # none | median (in-process only)
     final_top_k: int = 5
-    final_windows: dict = field(default_factory=lambda: CalibrationSpec("wikitext2", 32, 512, 2).to_dict())
+    final_windows: dict = field(
+        default_factory=lambda: CalibrationSpec("wikitext2", 32, 512, 2, RESCORING_REGION).to_dict())
     export_reform: str = "local"  # reformation mode of the exported winner (lstsq), as in the fitness
     eval_windows: int | None = 32  # WikiText-2 test windows of 2048 for the export (None: all)
 
     RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows")
+
+    @classmethod
+    def create(cls, model: str, ratio: float, *, calib: str = "wikitext2", nsamples: int = 64,
+               calib_seqlen: int = 512, fitness_nsamples: int = 8, fitness_seqlen: int = 512,
+               final_nsamples: int | None = None, seed: int = 0, **options) -> "SearchConfig":
+        """A config whose statistics, fitness and re-scoring windows come from their disjoint regions
+        of ``calib`` (seeds ``seed``, ``seed + 1``, ``seed + 2``); ``final_nsamples`` defaults to
+        max(32, 4 x ``fitness_nsamples``). ``options``: the other fields."""
+        final = final_nsamples or max(32, fitness_nsamples * 4)
+        return cls(
+            model=model, ratio=ratio, seed=seed,
+            calibration=CalibrationSpec(calib, nsamples, calib_seqlen, seed, STATISTICS_REGION).to_dict(),
+            fitness_windows=CalibrationSpec(calib, fitness_nsamples, fitness_seqlen, seed + 1, FITNESS_REGION).to_dict(),
+            final_windows=CalibrationSpec(calib, final, fitness_seqlen, seed + 2, RESCORING_REGION).to_dict(),
+            **options,
+        )
 
     def to_dict(self) -> dict:
         """The config as plain JSON types (what config.yaml, the study and best.json record)."""
@@ -56,8 +81,8 @@ class SearchConfig:
         return self.searcher in MULTI_OBJECTIVE
 
     def calibration_spec(self, which: str = "calibration") -> CalibrationSpec:
-        d = getattr(self, which)
-        return CalibrationSpec(f"{d['dataset']}:{d['split']}", d["nsamples"], d["seqlen"], d["seed"])
+        """The windows of ``calibration`` (statistics), ``fitness_windows`` or ``final_windows``."""
+        return CalibrationSpec.from_dict(getattr(self, which))
 
     def check(self) -> None:
         """Every mistake a user can make in a search's settings, as a :class:`UserError`."""
@@ -84,3 +109,14 @@ class SearchConfig:
         if self.export_reform not in ("local", "sequential"):
             raise UserError("--export-reform must be local or sequential")
         score_spec(self.importance)
+        self.check_regions()
+
+    def check_regions(self) -> None:
+        """The statistics, fitness and re-scoring windows must come from disjoint text."""
+        specs = {name: self.calibration_spec(name) for name in ("calibration", "fitness_windows", "final_windows")}
+        names = list(specs)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if specs[a].overlaps(specs[b]):
+                    raise UserError(f"the {a} and {b} of a search are drawn from overlapping text "
+                                    f"({specs[a].to_dict()} and {specs[b].to_dict()}); give them disjoint regions")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from evaluators.data import CalibrationSpec
 from search.cli import common
 from search.config import DTYPES, SearchConfig
 from search.job import run_search
@@ -50,16 +49,13 @@ def add(sub) -> None:
 
 
 def config_from(args) -> SearchConfig:
-    calibration = CalibrationSpec(args.calib, args.nsamples, args.calib_seqlen, args.seed)
-    fitness = CalibrationSpec(args.calib, args.fitness_nsamples, args.fitness_seqlen, args.seed + 1)
-    final = CalibrationSpec(args.calib, max(32, args.fitness_nsamples * 4), args.fitness_seqlen, args.seed + 2)
-    return SearchConfig(
-        model=args.model, ratio=args.ratio, ratio_min=args.ratio_min, searcher=args.searcher, trials=args.trials,
-        seed=args.seed, preset=args.preset, mlp_step=args.mlp_step, evolution=args.evolution,
-        importance=args.importance, calibration=calibration.to_dict(), fitness_windows=fitness.to_dict(),
+    return SearchConfig.create(
+        args.model, args.ratio, calib=args.calib, nsamples=args.nsamples, calib_seqlen=args.calib_seqlen,
+        fitness_nsamples=args.fitness_nsamples, fitness_seqlen=args.fitness_seqlen, seed=args.seed,
+        ratio_min=args.ratio_min, searcher=args.searcher, trials=args.trials, preset=args.preset,
+        mlp_step=args.mlp_step, evolution=args.evolution, importance=args.importance,
         fitness_reform=args.fitness_reform, dtype=args.dtype, device=args.device, pruner=args.pruner,
-        final_top_k=args.final_top_k, final_windows=final.to_dict(), export_reform=args.export_reform,
-        eval_windows=args.eval_windows or 0,
+        final_top_k=args.final_top_k, export_reform=args.export_reform, eval_windows=args.eval_windows or 0,
     )
 
 

@@ -71,3 +71,4 @@ def test_wikitext_rows_match_the_hub_rows(real_data):
 def test_every_shipped_text_dataset_loads(real_data):
     for name, split in (("wikitext2", "validation"), ("ptb", "test"), ("ptb", "validation"), ("c4", "train")):
         assert len(load_text(name, split)) > 300_000
+

@@ -109,16 +109,11 @@ def test_mutation_moves_channels_from_low_to_high_importance():
 # --- whole jobs on a tiny model --------------------------------------------------------------
 
 
-def tiny_config(model_dir, **overrides) -> SearchConfig:
-    values = dict(model=str(model_dir), ratio=0.6, searcher="evolution", trials=12, evolution="tiny", mlp_step=1,
-                  calibration={"dataset": "wikitext2", "split": "validation", "nsamples": 8, "seqlen": 32, "seed": 0},
-                  fitness_windows={"dataset": "wikitext2", "split": "validation", "nsamples": 4, "seqlen": 32,
-                                   "seed": 1},
-                  final_windows={"dataset": "wikitext2", "split": "validation", "nsamples": 8, "seqlen": 32,
-                                 "seed": 2},
-                  final_top_k=2, eval_windows=1)
+def tiny_config(model_dir, ratio: float = 0.6, **overrides) -> SearchConfig:
+    values = dict(searcher="evolution", trials=12, evolution="tiny", mlp_step=1, final_top_k=2, eval_windows=1)
     values.update(overrides)
-    return SearchConfig(**values)
+    return SearchConfig.create(str(model_dir), ratio, nsamples=8, calib_seqlen=32, fitness_nsamples=4,
+                               fitness_seqlen=32, final_nsamples=8, **values)
 
 
 def finished(run_dir: Path) -> list[optuna.trial.FrozenTrial]:

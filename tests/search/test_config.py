@@ -1,0 +1,39 @@
+"""The search's configuration: every check made before a model loads, and the disjoint regions of
+calibration text its statistics, fitness and re-scoring windows come from."""
+
+import pytest
+
+from evaluators.data import CalibrationSpec, calibration_text, region_bounds, region_starts
+from search.config import SearchConfig
+from space.errors import UserError
+
+
+def test_calibration_regions_are_disjoint_and_recorded(tiny_data):
+    """The search's statistics, fitness and re-scoring windows never share a token."""
+    config = SearchConfig.create("m", 0.5, nsamples=64, calib_seqlen=16, fitness_nsamples=32, fitness_seqlen=16)
+    count = 5000
+    taken = {}
+    for name in ("calibration", "fitness_windows", "final_windows"):
+        spec = config.calibration_spec(name)
+        assert config.to_dict()[name]["region"] == list(spec.region)  # recorded in config.yaml
+        for seed in range(5):
+            starts = region_starts(count, nsamples=spec.nsamples, seqlen=spec.seqlen, seed=seed, region=spec.region)
+            positions = {int(s) + i for s in starts for i in range(spec.seqlen)}
+            low, high = region_bounds(count, spec.region)
+            assert min(positions) >= low and max(positions) < high
+            taken[name] = taken.get(name, set()) | positions
+    names = list(taken)
+    assert all(not taken[a] & taken[b] for a in names for b in names if a < b)
+    assert CalibrationSpec("wikitext2", 4, 16, region=(0.0, 0.5)).overlaps(CalibrationSpec("wikitext2", 4, 16))
+    assert not CalibrationSpec("wikitext2", 4, 16, region=(0.0, 0.5)).overlaps(CalibrationSpec("ptb", 4, 16))
+    whole = CalibrationSpec("wikitext2", 4, 16)
+    assert "region" not in whole.to_dict()  # the records and cache keys of whole-text specs are unchanged
+    assert CalibrationSpec.from_dict(config.fitness_windows) == config.calibration_spec("fitness_windows")
+    assert calibration_text("wikitext2")
+
+
+def test_a_search_with_overlapping_windows_is_refused():
+    whole = {"dataset": "wikitext2", "split": "validation", "nsamples": 4, "seqlen": 32, "seed": 0}
+    config = SearchConfig(model="m", ratio=0.5, calibration=whole, fitness_windows={**whole, "seed": 1})
+    with pytest.raises(UserError, match="overlapping text"):
+        config.check()
