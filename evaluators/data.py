@@ -49,25 +49,32 @@ def _wikitext_rows(raw: str) -> list[str]:
     return [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]
 
 
-def _read_wikitext(path: Path) -> str:
+def _read_wikitext(path: Path, split: str) -> str:
     return "\n\n".join(_wikitext_rows(path.read_text(encoding="utf-8")))
 
 
-def _read_ptb(path: Path) -> str:
+def _read_ptb(path: Path, split: str) -> str:
     # ptb_text_only: sentence = line.strip(); the pruning papers join sentences with one space.
     return " ".join(line.strip() for line in path.read_text(encoding="utf-8").splitlines())
 
 
-def _read_jsonl_text(path: Path) -> str:
+# The local C4 sample (the first 1000 documents of the train shard the papers calibrate on) in named
+# parts: ``calib`` to calibrate on, ``heldout`` to measure on text no step fitted.
+C4_DOCUMENTS = {"train": (0, 1000), "calib": (0, 500), "heldout": (500, 1000)}
+
+
+def _read_c4(path: Path, split: str) -> str:
+    first, last = C4_DOCUMENTS[split]
     with path.open(encoding="utf-8") as f:
-        return " ".join(json.loads(line)["text"] for line in f if line.strip())
+        rows = [json.loads(line)["text"] for line in f if line.strip()]
+    return " ".join(rows[first:last])
 
 
 @dataclass(frozen=True)
 class TextDataset:
     name: str
     local: dict[str, str]  # split -> path under $LLM_PRUNER_DATA
-    read_local: Callable[[Path], str]
+    read_local: Callable[[Path, str], str]  # (path, split) -> text
     hub: dict[str, Callable[[], str]]  # split -> loader through `datasets`
     eval_split: str
 
@@ -129,8 +136,8 @@ DATASETS: dict[str, TextDataset] = {
         name="c4",
         # Only a sample of the train shard the papers calibrate on ships locally; the papers'
         # C4 perplexity uses the first 1100 documents of the first validation shard.
-        local={"train": "c4/c4-train.00000-of-01024.first1000.jsonl"},
-        read_local=_read_jsonl_text,
+        local={split: "c4/c4-train.00000-of-01024.first1000.jsonl" for split in C4_DOCUMENTS},
+        read_local=_read_c4,
         hub={
             "train": _hub_c4("train", "en/c4-train.00000-of-01024.json.gz", 1000),
             "validation": _hub_c4("validation", "en/c4-validation.00000-of-00008.json.gz", 1100),
@@ -161,7 +168,7 @@ def load_text(name: str, split: str) -> str:
     relative = dataset.local.get(split)
     path = local_file(relative) if relative else None
     if path is not None:
-        return dataset.read_local(path)
+        return dataset.read_local(path, split)
     where = f"$LLM_PRUNER_DATA/{relative}" if relative else "no local copy of this split exists"
     if split not in dataset.hub:
         raise UserError(f"dataset {dataset.name}:{split}: not found ({where})")
@@ -176,10 +183,14 @@ def load_text(name: str, split: str) -> str:
         ) from exc
 
 
+HELD_OUT_SPLITS = ("test", "heldout")  # never calibrated on
+
+
 def default_calibration_split(name: str) -> str:
-    """The split calibration reads when none is named: C4's train sample (no local validation
-    text ships), the validation split of the others; never a test split."""
-    return "train" if name == "c4" else "validation"
+    """The split calibration reads when none is named: C4's ``calib`` part of the local sample
+    (no local validation text ships; ``heldout`` is the other part), the validation split of the
+    others; never a test split."""
+    return "calib" if name == "c4" else "validation"
 
 
 def calibration_text(spec: str) -> str:
@@ -187,8 +198,9 @@ def calibration_text(spec: str) -> str:
     a test split is refused. Reading it also checks, before any model loads, that it exists."""
     name, split = parse_dataset(spec)
     split = split or default_calibration_split(name)
-    if split == "test":
-        raise UserError("calibration on a test split would leak into the evaluation; use validation or train")
+    if split in HELD_OUT_SPLITS:
+        raise UserError(f"calibration on the {split} split would leak into the evaluation; use validation, "
+                        "train or c4's calib")
     return load_text(name, split)
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from evaluators.data import CalibrationSpec
+from evaluators.data import CalibrationSpec, parse_dataset
 from search.samplers import MULTI_OBJECTIVE, SAMPLERS
 from search.samplers.evolution import PRESETS as EVOLUTION_PRESETS
 from search.widths import PRESETS as WIDTH_PRESETS
@@ -49,9 +49,13 @@ class SearchConfig:
     final_windows: dict = field(
         default_factory=lambda: CalibrationSpec("wikitext2", 32, 512, 2, RESCORING_REGION).to_dict())
     export_reform: str = "local"  # reformation mode of the exported winner (lstsq), as in the fitness
-    eval_windows: int | None = 32  # WikiText-2 test windows of 2048 for the export (None: all)
+    eval_windows: int | None = 32  # test windows of 2048 per dataset for the export (None: all)
+    # Where the export's perplexity is measured: WikiText-2 test, and text no step calibrated on
+    # (PTB test, the held-out half of the local C4 sample), so that a gain that only fits the
+    # calibration source shows.
+    eval_datasets: tuple[str, ...] = ("wikitext2", "ptb", "c4:heldout")
 
-    RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows")
+    RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows", "eval_datasets")
 
     @classmethod
     def create(cls, model: str, ratio: float, *, calib: str = "wikitext2", nsamples: int = 64,
@@ -110,6 +114,8 @@ class SearchConfig:
             raise UserError("--export-reform must be local or sequential")
         score_spec(self.importance)
         self.check_regions()
+        if self.eval_windows != 0 and "wikitext2" not in {parse_dataset(d)[0] for d in self.eval_datasets}:
+            raise UserError("the export's evaluation needs wikitext2 among --eval-datasets (the headline number)")
 
     def check_regions(self) -> None:
         """The statistics, fitness and re-scoring windows must come from disjoint text."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from evaluators.data import dataset_windows
+from evaluators.data import DATASETS, dataset_windows, parse_dataset
 from evaluators.environment import environment
 from evaluators.perplexity import perplexity
 from reform.rectify import rectify
@@ -93,19 +93,27 @@ def export_winner(subnet: Subnet, trial_number: int, config: SearchConfig, run_d
     return spec
 
 
-def export_perplexity(config: SearchConfig, export_dir: Path) -> dict | None:
-    """WikiText-2 test perplexity of the export, loaded back from disk (float32)."""
+def export_perplexity(config: SearchConfig, export_dir: Path) -> dict[str, dict]:
+    """Perplexity of the export, loaded back from disk (float32), on the first ``eval_windows``
+    windows of 2048 of each of ``eval_datasets`` (their test or held-out split)."""
     if config.eval_windows == 0:
-        return None
+        return {}
     exported = load_model(str(export_dir), dtype=torch.float32, device=config.device)
-    windows = dataset_windows(exported.tokenizer, "wikitext2", seqlen=2048, limit=config.eval_windows)
-    return {"dataset": "wikitext2", "split": "test", "seqlen": 2048, "windows": int(windows.shape[0]),
-            "dtype": "float32", "ppl": perplexity(exported.model, windows)}
+    results = {}
+    for spec in config.eval_datasets:
+        name, split = parse_dataset(spec)
+        split = split or DATASETS[name].eval_split
+        windows = dataset_windows(exported.tokenizer, name, split=split, seqlen=2048, limit=config.eval_windows)
+        results[spec] = {"dataset": name, "split": split, "seqlen": 2048, "windows": int(windows.shape[0]),
+                         "dtype": "float32", "ppl": perplexity(exported.model, windows)}
+    return results
 
 
 def summarise(study, chosen, winner: dict, subnet: Subnet, rescored, front, *, run_dir: Path, spec: ReformSpec,
-              test: dict | None, seconds: dict) -> dict:
-    """What ``best.json`` holds."""
+              tests: dict[str, dict], seconds: dict) -> dict:
+    """What ``best.json`` holds: ``test`` is the WikiText-2 test perplexity (the headline number),
+    ``held_out`` the others."""
+    headline = next((spec for spec, t in tests.items() if t["dataset"] == "wikitext2"), None)
     return {
         "run_dir": str(run_dir),
         "config": study.user_attrs.get("config"),
@@ -118,7 +126,8 @@ def summarise(study, chosen, winner: dict, subnet: Subnet, rescored, front, *, r
         "front": [{"trial": t.number, "ppl": t.values[0], "ratio": t.values[1]} for t in front],
         "export": str(run_dir / EXPORT),
         "export_reform": spec.to_dict(),
-        "test": test,
+        "test": tests.get(headline),
+        "held_out": {spec: t for spec, t in tests.items() if spec != headline},
         "seconds": seconds,
         "environment": environment(),
     }
@@ -127,7 +136,8 @@ def summarise(study, chosen, winner: dict, subnet: Subnet, rescored, front, *, r
 def write_outputs(study, summary: dict, subnet: Subnet, config: SearchConfig, run_dir: Path, dims) -> None:
     """``best.json``, the pictures, the dashboard's attachments and ``report.md``."""
     if summary["test"] is not None:
-        update_subnet_record(run_dir / EXPORT, metrics={"wikitext2_test": summary["test"]})
+        held_out = {f"{spec.replace(':', '_')}": t for spec, t in summary["held_out"].items()}
+        update_subnet_record(run_dir / EXPORT, metrics={"wikitext2_test": summary["test"], **held_out})
     write_json(run_dir / BEST, summary)
     report.width_profile(subnet, run_dir / "width_profile.png", title=f"chosen subnet (trial {summary['best']['trial']})")
     if config.multi_objective:
@@ -152,10 +162,10 @@ def finalize(study: optuna.Study, config: SearchConfig, run_dir: Path, dims, *, 
     t0 = time.time()
     spec = export_winner(subnet, chosen.number, config, run_dir)
     export_seconds, t0 = time.time() - t0, time.time()
-    test = export_perplexity(config, run_dir / EXPORT)
+    tests = export_perplexity(config, run_dir / EXPORT)
     seconds = {"search": search_seconds, "rescore": rescore_seconds, "export": export_seconds,
                "test": time.time() - t0}
-    summary = summarise(study, chosen, winner, subnet, rescored, front, run_dir=run_dir, spec=spec, test=test,
+    summary = summarise(study, chosen, winner, subnet, rescored, front, run_dir=run_dir, spec=spec, tests=tests,
                         seconds=seconds)
     write_outputs(study, summary, subnet, config, run_dir, dims)
     log.info("best subnet: trial %d, re-scored %.3f; export in %s", chosen.number, winner["rescored"], run_dir / EXPORT)

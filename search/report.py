@@ -99,6 +99,12 @@ def markdown_report(summary: dict, path: Path) -> Path:
         t = summary["test"]
         lines += [f"Test perplexity: WikiText-2 test, {t['windows']} windows of {t['seqlen']} tokens, {t['dtype']}, "
                   f"of the export in `{summary['export']}` (rectified: {summary['export_reform']}).", ""]
+        held_out = summary.get("held_out") or {}
+        if held_out:
+            lines += ["On text no step calibrated on (the same windows and dtype):", "",
+                      "| dataset | split | perplexity |", "|---|---|---|"]
+            lines += [f"| {h['dataset']} | {h['split']} | {h['ppl']:.3f} |" for h in held_out.values()]
+            lines.append("")
     lines += ["![width profile](width_profile.png)", ""]
     if not summary.get("front"):
         lines += ["![search progress](progress.png)", ""]

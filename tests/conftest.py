@@ -87,7 +87,7 @@ def _tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="session")
 def tiny_text_dir(tmp_path_factory) -> Path:
-    """A $LLM_PRUNER_DATA folder whose WikiText-2 files are made of the tiny tokenizer's words."""
+    """A $LLM_PRUNER_DATA folder whose WikiText-2 files (and PTB test) are made of the tiny tokenizer's words."""
     root = tmp_path_factory.mktemp("data")
     folder = root / "wikitext-2-raw-v1"
     folder.mkdir()
@@ -96,6 +96,9 @@ def tiny_text_dir(tmp_path_factory) -> Path:
         rows = [" " + " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 1, (30,), generator=rng)) + " "
                 for _ in range(lines)]
         (folder / name).write_text("\n".join(rows) + "\n")
+    (root / "ptb").mkdir()
+    rows = [" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 1, (30,), generator=rng)) for _ in range(100)]
+    (root / "ptb" / "ptb.test.txt").write_text("\n".join(rows) + "\n")
     return root
 
 

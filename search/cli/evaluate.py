@@ -16,7 +16,7 @@ def add(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a model or export")
     p.add_argument("model", help="HF folder (exports of ours included), hub id, .gguf file, or alias")
     p.add_argument("--ppl", type=common.ppl_list, default=["wikitext2"],
-                   help="datasets, e.g. wikitext2,ptb,c4:train; 'none' for no perplexity")
+                   help="datasets, e.g. wikitext2,ptb,c4:heldout; 'none' for no perplexity")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--limit-windows", type=int, help="only the first N windows of each dataset")
     p.add_argument("--batch-size", type=int, default=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from evaluators.data import DATASETS, load_text, parse_dataset
 from search.cli import common
 from search.config import DTYPES, SearchConfig
 from search.job import run_search
@@ -39,7 +40,10 @@ def add(sub) -> None:
     p.add_argument("--final-top-k", type=int, default=5, help="re-score this many of the best at the end")
     p.add_argument("--export-reform", default="local", choices=("local", "sequential"),
                    help="least squares of the winner: local (default, as in the fitness) or sequential")
-    p.add_argument("--eval-windows", type=int, default=32, help="WikiText-2 test windows for the export (0: skip)")
+    p.add_argument("--eval-windows", type=int, default=32, help="test windows of 2048 per dataset for the export "
+                                                                   "(0: skip)")
+    p.add_argument("--eval-datasets", type=common.ppl_list, default=list(SearchConfig.eval_datasets),
+                   help="the export's perplexity (default: wikitext2,ptb,c4:heldout)")
     p.add_argument("--calib", default="wikitext2")
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows for scores and least squares")
     p.add_argument("--calib-seqlen", type=int, default=512)
@@ -56,6 +60,7 @@ def config_from(args) -> SearchConfig:
         mlp_step=args.mlp_step, evolution=args.evolution, importance=args.importance,
         fitness_reform=args.fitness_reform, dtype=args.dtype, device=args.device, pruner=args.pruner,
         final_top_k=args.final_top_k, export_reform=args.export_reform, eval_windows=args.eval_windows or 0,
+        eval_datasets=tuple(args.eval_datasets),
     )
 
 
@@ -64,6 +69,10 @@ def validate(args) -> None:
         raise UserError("--workers must be >= 0")
     args.config = config_from(args)
     args.config.check()
+    if args.config.eval_windows != 0:
+        for spec in args.config.eval_datasets:  # the texts the export is measured on exist
+            name, split = parse_dataset(spec)
+            load_text(name, split or DATASETS[name].eval_split)
     resolve(args.model)
     if args.workers and importlib.util.find_spec("ray") is None:
         raise UserError("--workers needs Ray: pip install 'llm-pruner[ray]'")
@@ -80,8 +89,9 @@ def main(args) -> int:
               f"{b['search_value']:.3f} (re-scored {b['rescored']:.3f})")
         if best.get("test"):
             t = best["test"]
-            print(f"export: {best['export']}  WikiText-2 test ppl {t['ppl']:.3f} "
-                  f"({t['windows']} x {t['seqlen']}, {t['dtype']})")
+            others = "".join(f", {spec} {h['ppl']:.3f}" for spec, h in best.get("held_out", {}).items())
+            print(f"export: {best['export']}  perplexity: WikiText-2 test {t['ppl']:.3f}{others} "
+                  f"({t['windows']} x {t['seqlen']} each, {t['dtype']})")
         print(f"report: {args.run_dir / 'report.md'}")
     print(f"dashboard: llm-pruner dashboard {args.run_dir}")
     return 0

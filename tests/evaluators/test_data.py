@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -45,6 +47,21 @@ def test_names_and_splits_are_checked():
 def test_calibration_never_uses_a_test_split(tiny_data):
     with pytest.raises(UserError, match="leak"):
         CalibrationSpec("wikitext2:test").windows(None)
+    with pytest.raises(UserError, match="leak"):
+        CalibrationSpec("c4:heldout").windows(None)
+    assert CalibrationSpec("c4").to_dict()["split"] == "calib"
+
+
+def test_c4_sample_splits_into_calibration_and_held_out_documents(tmp_path, monkeypatch):
+    folder = tmp_path / "c4"
+    folder.mkdir()
+    docs = [{"text": f"document {i}", "url": "", "timestamp": ""} for i in range(1000)]
+    (folder / "c4-train.00000-of-01024.first1000.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    monkeypatch.setenv("LLM_PRUNER_DATA", str(tmp_path))
+    calib, heldout = load_text("c4", "calib"), load_text("c4", "heldout")
+    assert calib.startswith("document 0 ") and calib.endswith("document 499")
+    assert heldout.startswith("document 500 ") and heldout.endswith("document 999")
+    assert load_text("c4", "train") == calib + " " + heldout
 
 
 def test_missing_local_file_without_network_is_a_user_error(tmp_path, monkeypatch):
@@ -71,4 +88,5 @@ def test_wikitext_rows_match_the_hub_rows(real_data):
 def test_every_shipped_text_dataset_loads(real_data):
     for name, split in (("wikitext2", "validation"), ("ptb", "test"), ("ptb", "validation"), ("c4", "train")):
         assert len(load_text(name, split)) > 300_000
+    assert len(load_text("c4", "calib")) > 300_000 and len(load_text("c4", "heldout")) > 300_000
 

@@ -110,7 +110,8 @@ def test_mutation_moves_channels_from_low_to_high_importance():
 
 
 def tiny_config(model_dir, ratio: float = 0.6, **overrides) -> SearchConfig:
-    values = dict(searcher="evolution", trials=12, evolution="tiny", mlp_step=1, final_top_k=2, eval_windows=1)
+    values = dict(searcher="evolution", trials=12, evolution="tiny", mlp_step=1, final_top_k=2, eval_windows=1,
+                  eval_datasets=("wikitext2", "ptb"))
     values.update(overrides)
     return SearchConfig.create(str(model_dir), ratio, nsamples=8, calib_seqlen=32, fitness_nsamples=4,
                                fitness_seqlen=32, final_nsamples=8, **values)
@@ -139,7 +140,8 @@ def test_in_process_search_completes_and_exports_a_model_that_reloads(searched):
     model = AutoModelForCausalLM.from_pretrained(run_dir / "export", trust_remote_code=True)
     assert sum(p.numel() for p in model.parameters()) == best["best"]["total_params"]
     assert abs(best["best"]["block_ratio"] - 0.6) <= 0.003
-    assert best["test"]["ppl"] > 1
+    assert best["test"]["ppl"] > 1 and best["test"]["split"] == "test"
+    assert best["held_out"]["ptb"]["ppl"] > 1 and best["held_out"]["ptb"]["windows"] == 1
     for name in ("report.md", "width_profile.png", "progress.png", "config.yaml", "importance.pt"):
         assert (run_dir / name).is_file(), name
     trial = finished(run_dir)[0]
