@@ -30,20 +30,26 @@ def _chunked_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 
 @torch.no_grad()
-def batch_nll(model: nn.Module, input_ids: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token NLL of a batch of windows (all positions but the first) and its count."""
-    targets = input_ids[:, 1:]
+def logit_chunks(model: nn.Module, input_ids: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """The float32 next-token logits of every position but the last, ``LOGIT_CHUNK`` positions at a
+    time: ``(first position, logits)`` pairs, so a long window's full logits never exist at once."""
     parts = _chunked_head(model)
-    total = 0.0
     if parts is None:
-        logits = model(input_ids, use_cache=False).logits[:, :-1].float()
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        return total, targets.numel()
+        yield 0, model(input_ids, use_cache=False).logits[:, :-1].float()
+        return
     decoder, head = parts
     hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     for start in range(0, hidden.shape[1], LOGIT_CHUNK):
-        logits = head(hidden[:, start : start + LOGIT_CHUNK]).float()
-        chunk_targets = targets[:, start : start + LOGIT_CHUNK]
+        yield start, head(hidden[:, start : start + LOGIT_CHUNK]).float()
+
+
+@torch.no_grad()
+def batch_nll(model: nn.Module, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token NLL of a batch of windows (all positions but the first) and its count."""
+    targets = input_ids[:, 1:]
+    total = 0.0
+    for start, logits in logit_chunks(model, input_ids):
+        chunk_targets = targets[:, start : start + logits.shape[1]]
         total += F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), chunk_targets.reshape(-1), reduction="sum"
         ).item()

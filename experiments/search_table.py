@@ -110,7 +110,7 @@ def rank_agreement(args, out: dict) -> None:
         adapter.model.to(getattr(torch, dtype))
         fitness = Fitness(adapter, windows, solvers=solvers)
         t = time.time()
-        values[dtype] = [fitness.evaluate(Subnet(adapter.dims, [LayerWidths(*w) for w in tr.user_attrs["widths"]])).ppl
+        values[dtype] = [fitness.evaluate(Subnet(adapter.dims, [LayerWidths(*w) for w in tr.user_attrs["widths"]])).value
                          for tr in trials]
         values[dtype + "_seconds"] = (time.time() - t) / len(trials)
     rho = spearmanr(values["float32"], values["bfloat16"]).statistic

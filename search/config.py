@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 from evaluators.data import CalibrationSpec, parse_dataset
+from search.fitness import KINDS as FITNESS_KINDS
 from search.samplers import MULTI_OBJECTIVE, SAMPLERS
 from search.samplers.evolution import PRESETS as EVOLUTION_PRESETS
 from search.widths import PRESETS as WIDTH_PRESETS
@@ -41,6 +42,8 @@ class SearchConfig:
     fitness_windows: dict = field(
         default_factory=lambda: CalibrationSpec("wikitext2", 8, 512, 1, FITNESS_REGION).to_dict())
     fitness_reform: str = "lstsq"  # lstsq | none: rectify candidates before scoring them
+    fitness: str = "ppl"  # ppl | kl: perplexity, or KL to the dense model's next-token distributions
+    fitness_top_k: int = 256  # kl: tokens of the dense distribution kept per position
     damping: float = 1e-4
     dtype: str = "bfloat16"
     device: str = "cpu"
@@ -81,6 +84,10 @@ class SearchConfig:
         return {k: v for k, v in self.to_dict().items() if k not in self.RUNTIME}
 
     @property
+    def fitness_name(self) -> str:
+        return "calibration KL to the dense model" if self.fitness == "kl" else "calibration perplexity"
+
+    @property
     def multi_objective(self) -> bool:
         return self.searcher in MULTI_OBJECTIVE
 
@@ -102,6 +109,10 @@ class SearchConfig:
             raise UserError("--trials must be at least 1")
         if self.fitness_reform not in ("lstsq", "none"):
             raise UserError("--fitness-reform must be lstsq or none")
+        if self.fitness not in FITNESS_KINDS:
+            raise UserError(f"--fitness must be one of {', '.join(FITNESS_KINDS)}")
+        if self.fitness_top_k < 1:
+            raise UserError("--fitness-top-k must be at least 1")
         if self.pruner not in ("none", "median"):
             raise UserError("--pruner must be none or median")
         if self.preset not in WIDTH_PRESETS:

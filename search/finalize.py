@@ -63,7 +63,7 @@ def rescore(trials, config: SearchConfig, run_dir: Path, dims) -> list[dict]:
     fitness = build_fitness(config, run_dir, windows="final_windows")
     rescored = []
     for t in trials:
-        value = fitness.evaluate(trial_subnet_of(t, dims)).ppl
+        value = fitness.evaluate(trial_subnet_of(t, dims)).value
         rescored.append({"trial": t.number, "search_value": t.values[0], "rescored": value})
         log.info("trial %d: search %.3f, re-scored %.3f", t.number, t.values[0], value)
     del fitness

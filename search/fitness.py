@@ -1,4 +1,7 @@
-"""The search fitness: calibration perplexity of a candidate after least-squares rectification.
+"""The search fitness: how far a candidate, after least-squares rectification, is from good text
+prediction on fixed calibration windows: its perplexity (``ppl``), or the KL divergence of its
+next-token distributions from the dense model's (``kl``, :mod:`evaluators.divergence`; the dense
+distributions are computed once, kept at their top-K tokens).
 
 The paper scores candidates before reformation and reforms only the winner; allocations tuned that
 way do not carry over (METHODS.md section 5), so here every candidate is scored with its o_proj
@@ -20,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from evaluators.divergence import iter_kl, reference
 from evaluators.perplexity import iter_nll
 from reform.local import solver_overrides
 from space.adapters import ModelAdapter
@@ -27,10 +31,13 @@ from space.views import subnet_view
 from space.subnet import LayerWidths, Subnet
 
 
+KINDS = ("ppl", "kl")
+
+
 @dataclass
 class FitnessResult:
-    ppl: float
-    batch_ppl: list[float]  # running perplexity after each batch
+    value: float  # perplexity, or mean KL per position (lower is better either way)
+    batch_values: list[float]  # the running value after each batch
     pruned: bool = False  # stopped early by the caller's callback
 
 
@@ -71,6 +78,8 @@ class Fitness:
             :func:`reform.local.output_solvers`; None scores candidates without rectification.
         batch_size: windows per forward pass (one intermediate value each).
         cache_bytes: memory for cached rectified layers.
+        kind: ``ppl`` or ``kl`` (to the dense model, computed here once, on the dense model).
+        top_k: tokens of the dense distribution kept per position for ``kl``.
     """
 
     def __init__(
@@ -81,13 +90,20 @@ class Fitness:
         solvers: list[dict] | None = None,
         batch_size: int = 8,
         cache_bytes: int = 1 << 30,
+        kind: str = "ppl",
+        top_k: int = 256,
     ):
+        if kind not in KINDS:
+            raise ValueError(f"fitness kind must be one of {KINDS}, got {kind!r}")
         self.adapter = adapter
         self.windows = windows
         self.solvers = solvers
         self.batch_size = batch_size
         self.dtype = next(adapter.model.parameters()).dtype
         self.cache = _LayerCache(cache_bytes)
+        self.kind = kind
+        # the dense model's distributions: the model is permuted, which does not change them
+        self.reference = reference(adapter.model, windows, top_k=top_k, batch_size=batch_size) if kind == "kl" else None
 
     def overrides(self, subnet: Subnet) -> dict[str, torch.Tensor]:
         """Rectified o_proj/down_proj weights of every pruned layer (cached per layer)."""
@@ -108,16 +124,21 @@ class Fitness:
             out.update(entry)
         return out
 
+    def _batches(self, model):
+        if self.reference is not None:
+            return iter_kl(model, self.windows, self.reference)
+        return iter_nll(model, self.windows, batch_size=self.batch_size)
+
     @torch.no_grad()
     def evaluate(self, subnet: Subnet, *, on_batch: Callable[[int, float], bool] | None = None) -> FitnessResult:
-        """Perplexity of ``subnet``; ``on_batch(step, running_ppl)`` returning True stops early."""
+        """The fitness of ``subnet``; ``on_batch(step, running value)`` returning True stops early."""
         total, count, running = 0.0, 0, []
         overrides = self.overrides(subnet)
         with subnet_view(self.adapter, subnet, overrides) as model:
-            for step, (nll, n) in enumerate(iter_nll(model, self.windows, batch_size=self.batch_size)):
-                total += nll
+            for step, (summed, n) in enumerate(self._batches(model)):
+                total += summed
                 count += n
-                running.append(math.exp(total / count))
+                running.append(total / count if self.kind == "kl" else math.exp(total / count))
                 if on_batch is not None and on_batch(step, running[-1]):
                     return FitnessResult(running[-1], running, pruned=True)
         return FitnessResult(running[-1], running)

@@ -114,9 +114,9 @@ def _tell(study, trial, subnet: Subnet, outcome, multi: bool, run_dir: Path) -> 
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return 1
     if not multi and outcome.worker != "in-process":
-        for step, value in enumerate(result["batch_ppl"]):  # intermediate values, for the record
+        for step, value in enumerate(result["batch_values"]):  # intermediate values, for the record
             trial.report(value, step)
-    value = result["ppl"]
+    value = result["value"]
     if not math.isfinite(value):
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return 0

@@ -70,7 +70,8 @@ def _fitness_parts(config_json: str, run_dir: str):
 def build_fitness(config: SearchConfig, run_dir: Path, *, windows: str = "fitness_windows") -> Fitness:
     """The fitness of this search on the windows ``windows`` names (a field of the config)."""
     adapter, solvers, tokenizer = _fitness_parts(json.dumps(config.to_dict(), sort_keys=True), str(run_dir))
-    return Fitness(adapter, config.calibration_spec(windows).windows(tokenizer), solvers=solvers)
+    return Fitness(adapter, config.calibration_spec(windows).windows(tokenizer), solvers=solvers, kind=config.fitness,
+                   top_k=config.fitness_top_k)
 
 
 def release_fitness() -> None:
@@ -91,7 +92,7 @@ class SearchEvaluator:
         def evaluate(payload: dict) -> dict:
             started = time.time()
             result = fitness.evaluate(Subnet.from_dict(payload["subnet"]), on_batch=payload.get("on_batch"))
-            return {"ppl": result.ppl, "batch_ppl": result.batch_ppl, "pruned": result.pruned,
+            return {"value": result.value, "batch_values": result.batch_values, "pruned": result.pruned,
                     "seconds": time.time() - started, "cache_hits": fitness.cache.hits}
 
         return evaluate

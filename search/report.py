@@ -52,7 +52,7 @@ def progress_plot(study: optuna.Study, path: Path, *, baselines: dict[str, float
         ax.axhline(value, linestyle="--", linewidth=1, label=name)
     ax.set_yscale("log")
     ax.set_xlabel("trial")
-    ax.set_ylabel("calibration perplexity")
+    ax.set_ylabel(fitness_label(study))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -70,7 +70,7 @@ def front_plot(study: optuna.Study, path: Path) -> Path:
     ax.plot([t.values[1] for t in best], [t.values[0] for t in best], "o-", color="black", ms=3, label="front")
     ax.set_yscale("log")
     ax.set_xlabel("block ratio (kept)")
-    ax.set_ylabel("calibration perplexity")
+    ax.set_ylabel(fitness_label(study))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -78,20 +78,26 @@ def front_plot(study: optuna.Study, path: Path) -> Path:
     return path
 
 
+def fitness_label(study: optuna.Study) -> str:
+    """What the study's first objective is (its metric name, as the dashboard shows it)."""
+    return (study.metric_names or ["calibration perplexity"])[0]
+
+
 def markdown_report(summary: dict, path: Path) -> Path:
     """``report.md`` of a run from the summary ``best.json`` holds."""
     c = summary["config"]
+    fitness = "KL to the dense model" if c.get("fitness") == "kl" else "calibration ppl"
     lines = [f"# Search report: {c['model']} at ratio {c['ratio']}", ""]
     lines += [f"Searcher `{c['searcher']}`, {summary['completed_trials']} trials, width preset `{c['preset']}`, "
-              f"importance `{c['importance']}`, fitness: calibration perplexity on "
+              f"importance `{c['importance']}`, fitness: {fitness} on "
               f"{c['fitness_windows']['nsamples']} x {c['fitness_windows']['seqlen']} tokens of "
               f"{c['fitness_windows']['dataset']} {c['fitness_windows']['split']} "
               f"({'after least-squares rectification' if c['fitness_reform'] == 'lstsq' else 'without rectification'}, "
               f"{c['dtype']}).", ""]
     best = summary["best"]
     lines += ["## Chosen subnet", "",
-              "| trial | block ratio | total ratio | attention kept | MLP kept | calibration ppl (search) | "
-              "calibration ppl (re-scored) | WikiText-2 test ppl |", "|---|---|---|---|---|---|---|---|",
+              "| trial | block ratio | total ratio | attention kept | MLP kept | "
+              f"{fitness} (search) | {fitness} (re-scored) | WikiText-2 test ppl |", "|---|---|---|---|---|---|---|---|",
               f"| {best['trial']} | {best['block_ratio']:.4f} | {best['total_ratio']:.4f} | "
               f"{best['attention_ratio']:.1%} | {best['mlp_ratio']:.1%} | {best['search_value']:.3f} | "
               f"{best['rescored']:.3f} | {(summary.get('test') or {}).get('ppl', float('nan')):.3f} |", ""]
@@ -109,7 +115,7 @@ def markdown_report(summary: dict, path: Path) -> Path:
     if not summary.get("front"):
         lines += ["![search progress](progress.png)", ""]
     if summary.get("front"):
-        lines += ["## Front (NSGA-II)", "", "![front](front.png)", "", "| trial | block ratio | calibration ppl |",
+        lines += ["## Front (NSGA-II)", "", "![front](front.png)", "", f"| trial | block ratio | {fitness} |",
                   "|---|---|---|"]
         lines += [f"| {f['trial']} | {f['ratio']:.4f} | {f['ppl']:.3f} |" for f in summary["front"]]
         lines.append("")

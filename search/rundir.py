@@ -95,7 +95,7 @@ def open_study(run_dir: Path, config: SearchConfig, sampler, storage_url: str | 
         raise UserError("the stored study has other objectives than this searcher")
     with warnings.catch_warnings():  # experimental in Optuna, stable enough for a label
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(["calibration perplexity", "block ratio"][: len(directions)])
+        study.set_metric_names([config.fitness_name, "block ratio"][: len(directions)])
     return study
 
 

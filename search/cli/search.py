@@ -34,6 +34,8 @@ def add(sub) -> None:
     p.add_argument("--evolution", default="cpu", help="evolution sizes: " + " | ".join(EVOLUTION))
     p.add_argument("--importance", default="wanda-sp", help="unit order inside layers and the starts")
     p.add_argument("--fitness-reform", default="lstsq", help="lstsq | none: rectify candidates before scoring")
+    p.add_argument("--fitness", default="ppl", help="ppl | kl: calibration perplexity, or KL to the dense model")
+    p.add_argument("--fitness-top-k", type=int, default=256, help="kl: dense tokens kept per position (default 256)")
     p.add_argument("--fitness-nsamples", type=int, default=8)
     p.add_argument("--fitness-seqlen", type=int, default=512)
     p.add_argument("--pruner", default="none", help="none | median (stop hopeless candidates early; in-process)")
@@ -58,7 +60,7 @@ def config_from(args) -> SearchConfig:
         fitness_nsamples=args.fitness_nsamples, fitness_seqlen=args.fitness_seqlen, seed=args.seed,
         ratio_min=args.ratio_min, searcher=args.searcher, trials=args.trials, preset=args.preset,
         mlp_step=args.mlp_step, evolution=args.evolution, importance=args.importance,
-        fitness_reform=args.fitness_reform, dtype=args.dtype, device=args.device, pruner=args.pruner,
+        fitness_reform=args.fitness_reform, fitness=args.fitness, fitness_top_k=args.fitness_top_k, dtype=args.dtype, device=args.device, pruner=args.pruner,
         final_top_k=args.final_top_k, export_reform=args.export_reform, eval_windows=args.eval_windows or 0,
         eval_datasets=tuple(args.eval_datasets),
     )
@@ -85,7 +87,7 @@ def main(args) -> int:
     print(f"\n{result.completed} trials in {args.run_dir}")
     if best:
         b = best["best"]
-        print(f"best: trial {b['trial']}, block ratio {b['block_ratio']:.4f}, calibration ppl "
+        print(f"best: trial {b['trial']}, block ratio {b['block_ratio']:.4f}, {args.config.fitness_name} "
               f"{b['search_value']:.3f} (re-scored {b['rescored']:.3f})")
         if best.get("test"):
             t = best["test"]

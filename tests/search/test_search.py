@@ -184,6 +184,14 @@ def test_a_ratio_dependent_order_searches_at_its_target(tiny_model_dir, tiny_dat
     assert torch.load(tmp_path / "run" / "importance.pt")["meta"]["ratio"] == 0.6
 
 
+def test_a_search_with_the_kl_fitness_records_it(tiny_model_dir, tiny_data, tmp_path):
+    result = run_search(tiny_config(tiny_model_dir, fitness="kl", fitness_top_k=16, trials=4), tmp_path / "run",
+                        progress=False, final=False)
+    assert result.completed == 4 and result.study.metric_names[0] == "calibration KL to the dense model"
+    values = [t.value for t in finished(tmp_path / "run")]
+    assert all(0 < v < 10 for v in values)  # nats per position, not a perplexity
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -301,7 +309,7 @@ class _InterruptingPool:
         from evaluators.workers import Outcome
 
         done, self.done = self.done, []
-        return [Outcome(j, {}, result={"ppl": 10.0 + j, "batch_ppl": [10.0 + j], "seconds": 0.0}, worker="w")
+        return [Outcome(j, {}, result={"value": 10.0 + j, "batch_values": [10.0 + j], "seconds": 0.0}, worker="w")
                 for j in done]
 
 
@@ -339,7 +347,6 @@ def test_nsga2_searches_a_ratio_range_and_reports_a_front(tiny_model_dir, tiny_d
 
 
 def test_fitness_rectifies_caches_and_stops_early(make_model, token_ids):
-
     from evaluators.perplexity import perplexity
     from reform.local import output_solvers, solver_overrides
     from search.fitness import Fitness
@@ -356,11 +363,49 @@ def test_fitness_rectifies_caches_and_stops_early(make_model, token_ids):
     subnet = Subnet(adapter.dims, [LayerWidths(2, 3, 40), LayerWidths(1, 3, 96), LayerWidths(2, 2, 10)])
     result = fitness.evaluate(subnet)
     with subnet_view(adapter, subnet, solver_overrides(adapter, subnet, solvers)) as view:
-        assert result.ppl == pytest.approx(perplexity(view, token_ids), rel=1e-6)
+        assert result.value == pytest.approx(perplexity(view, token_ids), rel=1e-6)
     with subnet_view(adapter, subnet) as view:
-        assert result.ppl < perplexity(view, token_ids)  # rectified beats unrectified on its own data
-    assert len(result.batch_ppl) == 4 and fitness.cache.misses == 3
+        assert result.value < perplexity(view, token_ids)  # rectified beats unrectified on its own data
+    assert len(result.batch_values) == 4 and fitness.cache.misses == 3
     again = fitness.evaluate(subnet)
-    assert again.ppl == result.ppl and fitness.cache.hits == 3  # every layer from the cache
+    assert again.value == result.value and fitness.cache.hits == 3  # every layer from the cache
     stopped = fitness.evaluate(subnet, on_batch=lambda step, value: step == 1)
-    assert stopped.pruned and len(stopped.batch_ppl) == 2
+    assert stopped.pruned and len(stopped.batch_values) == 2
+
+
+@pytest.mark.parametrize("top_k", [128, 8])
+def test_kl_fitness_equals_a_direct_computation(make_model, token_ids, top_k):
+    """KL(dense || candidate) per position; with K below the vocabulary (128), the distributions
+    coarsened to the dense model's top K tokens and 'the rest'."""
+    import torch.nn.functional as F
+
+    from reform.local import output_solvers, solver_overrides
+    from search.fitness import Fitness
+    from space.adapters import adapter_for
+    from space.order import order_model
+    from space.scores import compute_scores
+    from space.views import subnet_view
+
+    model = make_model("llama").double()
+    adapter = adapter_for(model)
+    order_model(adapter, compute_scores(adapter, token_ids, ["wanda-sp"])["wanda-sp"])
+    solvers = output_solvers(adapter, token_ids)
+    fitness = Fitness(adapter, token_ids, solvers=solvers, batch_size=3, kind="kl", top_k=top_k)
+    subnet = Subnet(adapter.dims, [LayerWidths(2, 3, 40), LayerWidths(1, 3, 96), LayerWidths(2, 2, 10)])
+    with torch.no_grad():  # float32 logits, as the fitness forms them
+        p = F.log_softmax(model(token_ids).logits[:, :-1].float(), dim=-1)
+        with subnet_view(adapter, subnet, solver_overrides(adapter, subnet, solvers)) as view:
+            q = F.log_softmax(view(token_ids).logits[:, :-1].float(), dim=-1)
+    top = p.topk(top_k, dim=-1).indices
+    p_top, q_top = p.gather(-1, top), q.gather(-1, top)
+    direct = (p_top.exp() * (p_top - q_top)).sum(-1)
+    if top_k < p.shape[-1]:
+        p_rest, q_rest = 1 - p_top.exp().sum(-1), 1 - q_top.exp().sum(-1)
+        direct = direct + p_rest * (p_rest.log() - q_rest.log())
+    else:  # the whole vocabulary: the plain KL divergence
+        torch.testing.assert_close(direct, (p.exp() * (p - q)).sum(-1))
+    result = fitness.evaluate(subnet)
+    # float32 arithmetic (1 − Σ p over the top K loses digits the direct sum keeps)
+    assert result.value == pytest.approx(float(direct.mean()), rel=1e-5 if top_k == 128 else 1e-3)
+    assert len(result.batch_values) == 2 and result.value > 0
+    assert fitness.evaluate(Subnet.dense(adapter.dims)).value == pytest.approx(0.0, abs=1e-9)
