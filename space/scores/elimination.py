@@ -1,0 +1,111 @@
+"""``obs-elimination``: a unit order that is good for the reformation we apply (ZipLM / OSSCAR / Týr).
+
+The prefix of a layer's order is what a subnet keeps, and the kept output-projection columns are
+then refitted by least squares. Ranking units by a one-shot score (magnitude, Wanda) ignores that
+refit: two redundant channels both score high, though either one can stand in for the other. Here
+each output projection W (d_out x d_in) is ordered by greedy backward elimination on the damped
+second moment of its inputs, H = XᵀX + λI: the error of keeping the columns K, after the refit
+Ŵ_K = W H[:, K] H[K, K]⁻¹, is
+
+    E(K) = tr(W H Wᵀ) − tr(W H[:, K] H[K, K]⁻¹ H[K, :] Wᵀ),
+
+and removing a set S of kept units (a channel: one column; a head: its head_dim columns) from the
+current refitted weights W' and inverse G = H[K, K]⁻¹ raises it by (optimal brain surgeon)
+
+    ΔE(S) = tr(W'_S (G_SS)⁻¹ W'_Sᵀ),  then  W' ← W' − W'_S (G_SS)⁻¹ G_S,:,  G ← G − G_:,S (G_SS)⁻¹ G_S,:.
+
+Each step removes the ``step`` units of smallest ΔE alone, as one set (its exact ΔE is recorded).
+A unit's score is the error E (relative to E of removing everything, tr(W H Wᵀ)) reached when it is
+removed: it grows along the elimination, so sorting by score gives back the order (last removed
+first), and it is comparable across layers. KV groups score the sum of their heads' scores; a
+head's place inside its group follows its own score (whole-head pruning inside GQA groups keeps the
+shapes valid; choosing heads jointly with the group shape is not done here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from space.adapters import LayerAdapter
+from space.calibration import LayerStats, StatsRequest
+from space.scores.base import LayerScores, ScoreContext, register_score, weight64
+
+DAMPING = 1e-2  # λ = DAMPING · mean diag(XᵀX): the greedy order's ridge (ZipLM's setting)
+CHANNELS_PER_STEP = 16
+
+
+@dataclass
+class Elimination:
+    removed: list[list[int]]  # the units removed at each step, in order
+    increase: list[float]  # ΔE of each step, predicted before it was taken
+    error: list[float]  # E after each step
+    total: float  # tr(W H Wᵀ): E with every unit removed
+
+
+def damped(gram: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    h = gram.double().clone()
+    h.diagonal().add_(damping * float(h.diagonal().mean().clamp_min(1e-12)))
+    return h
+
+
+def eliminate(weight: torch.Tensor, h: torch.Tensor, *, unit: int = 1, step: int = 1) -> Elimination:
+    """Greedy backward elimination of the units (``unit`` consecutive columns each) of ``weight``
+    under the damped second moment ``h``, ``step`` units at a time."""
+    w = weight.detach().double().to(h.device).clone()
+    units = w.shape[1] // unit
+    g = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    columns = torch.arange(w.shape[1], device=h.device).view(units, unit)
+    alive = list(range(units))
+    total = float(torch.einsum("ij,jk,ik->", w, h, w))
+    result = Elimination([], [], [], total)
+    error = 0.0
+    while alive:
+        costs = _costs(w, g, columns, alive)
+        chosen = [alive[i] for i in torch.argsort(costs, stable=True)[:step].tolist()]
+        s = columns[chosen].reshape(-1)
+        block_inv = torch.linalg.inv(g[s][:, s])
+        increase = float(torch.einsum("ij,jk,ik->", w[:, s], block_inv, w[:, s]))
+        w -= w[:, s] @ block_inv @ g[s]
+        g -= g[:, s] @ block_inv @ g[s]
+        g[s] = 0
+        g[:, s] = 0
+        error += increase
+        result.removed.append(chosen)
+        result.increase.append(increase)
+        result.error.append(error)
+        alive = [u for u in alive if u not in set(chosen)]
+    return result
+
+
+def _costs(w: torch.Tensor, g: torch.Tensor, columns: torch.Tensor, alive: list[int]) -> torch.Tensor:
+    """ΔE of removing each alive unit alone."""
+    if columns.shape[1] == 1:
+        index = columns[alive, 0]
+        return w[:, index].square().sum(0) / g.diagonal()[index]
+    return torch.stack([torch.einsum("ij,jk,ik->", w[:, columns[u]], torch.linalg.inv(g[columns[u]][:, columns[u]]),
+                                     w[:, columns[u]]) for u in alive])
+
+
+def unit_scores(result: Elimination, units: int) -> torch.Tensor:
+    """Per unit, the relative error reached when it was removed (later removed: higher)."""
+    scores = torch.empty(units, dtype=torch.float64)
+    for chosen, error in zip(result.removed, result.error):
+        scores[chosen] = error / max(result.total, 1e-30)
+    return scores
+
+
+@register_score(
+    "obs-elimination",
+    request=StatsRequest(("o", "down"), gram=("o", "down")),
+    standardized=True,
+    source="greedy OBS elimination under least-squares refit (ZipLM / OSSCAR / Týr-style)",
+)
+def obs_elimination(layer: LayerAdapter, stats: LayerStats, ctx: ScoreContext) -> LayerScores:
+    o, down = layer.attention_output(), layer.mlp_output()
+    heads = eliminate(weight64(o), damped(stats.inputs["o"].gram), unit=ctx.head_dim)
+    channels = eliminate(weight64(down), damped(stats.inputs["down"].gram), step=CHANNELS_PER_STEP)
+    head_scores = unit_scores(heads, o.in_features // ctx.head_dim)
+    return LayerScores(head_scores, head_scores.view(-1, ctx.group_size).sum(1),
+                       unit_scores(channels, down.in_features))

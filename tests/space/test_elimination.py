@@ -1,0 +1,71 @@
+"""The greedy OBS elimination order (space/scores/elimination.py)."""
+
+import pytest
+import torch
+
+from space.adapters import adapter_for
+from space.scores import compute_scores
+from space.scores.elimination import damped, eliminate, unit_scores
+
+
+def refit_error(w: torch.Tensor, h: torch.Tensor, kept: torch.Tensor) -> float:
+    """E(K) by a direct least-squares refit: tr(W H Wᵀ) − tr(W H[:, K] H[K, K]⁻¹ H[K, :] Wᵀ)."""
+    total = float(torch.einsum("ij,jk,ik->", w, h, w))
+    if kept.numel() == 0:
+        return total
+    a = w @ h[:, kept]
+    return total - float(torch.einsum("ij,jk,ik->", a, torch.linalg.inv(h[kept][:, kept]), a))
+
+
+def problem(d_out=12, d_in=24, tokens=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d_in, generator=g, dtype=torch.float64) @ torch.randn(d_in, d_in, generator=g,
+                                                                                    dtype=torch.float64)
+    return torch.randn(d_out, d_in, generator=g, dtype=torch.float64), damped(x.T @ x)
+
+
+@pytest.mark.parametrize("unit,step", [(1, 1), (1, 3), (4, 1)])
+def test_each_predicted_increase_is_the_refit_s_actual_increase(unit, step):
+    w, h = problem()
+    result = eliminate(w, h, unit=unit, step=step)
+    units = w.shape[1] // unit
+    removed: list[int] = []
+    before = 0.0
+    for chosen, increase, error in zip(result.removed, result.increase, result.error):
+        removed += chosen
+        kept = torch.tensor([c for u in range(units) if u not in removed for c in range(u * unit, (u + 1) * unit)],
+                            dtype=torch.long)
+        actual = refit_error(w, h, kept)
+        assert increase == pytest.approx(actual - before, rel=1e-6, abs=1e-9 * result.total)
+        assert error == pytest.approx(actual, rel=1e-6)
+        before = actual
+    assert sorted(removed) == list(range(units)) and result.error[-1] == pytest.approx(result.total, rel=1e-6)
+    scores = unit_scores(result, units)
+    last_removed_first = torch.argsort(scores, descending=True, stable=True).tolist()
+    assert last_removed_first[:len(result.removed[-1])] == sorted(result.removed[-1])
+
+
+def test_elimination_prefixes_beat_a_magnitude_order_on_redundant_channels():
+    """Two copies of each strong input: magnitude keeps both copies, the elimination keeps one
+    copy of each and lets the refit carry the other."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(400, 4, generator=g, dtype=torch.float64)
+    x = torch.cat([base, base + 1e-3 * torch.randn(400, 4, generator=g, dtype=torch.float64),
+                   0.3 * torch.randn(400, 4, generator=g, dtype=torch.float64)], dim=1)
+    w = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    w[:, :8] *= 3
+    h = damped(x.T @ x, 1e-6)
+    order = torch.argsort(unit_scores(eliminate(w, h), 12), descending=True, stable=True)
+    magnitude = torch.argsort(w.norm(dim=0) * x.norm(dim=0), descending=True, stable=True)
+    ours = [refit_error(w, h, order[:k]) for k in range(1, 12)]
+    theirs = [refit_error(w, h, magnitude[:k]) for k in range(1, 12)]
+    assert all(a <= b * (1 + 1e-9) for a, b in zip(ours, theirs))
+    assert ours[5] < 0.5 * theirs[5]  # 6 kept: one of each pair + two others, vs both copies of three
+
+
+def test_the_score_orders_every_layer_of_a_model(make_model, token_ids):
+    adapter = adapter_for(make_model("llama"))
+    scores = compute_scores(adapter, token_ids, ["obs-elimination"])["obs-elimination"]
+    for s in scores:
+        assert s.heads.shape == (6,) and s.groups.shape == (2,) and s.channels.shape == (96,)
+        assert 0 < float(s.channels.min()) and float(s.channels.max()) == pytest.approx(1.0)
