@@ -198,11 +198,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_dashboard_serves_the_trials_with_their_attributes(searched):
+def test_dashboard_serves_the_trials_with_their_attributes(searched, tmp_path):
     run_dir, _ = searched
     port = _free_port()
+    # the server's output goes to a file: a pipe nobody reads could fill up and block the server
+    log = (tmp_path / "dashboard.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "search.cli", "dashboard", str(run_dir), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                              stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 180  # a loaded CI machine imports optuna-dashboard slowly
         while True:
@@ -212,7 +214,8 @@ def test_dashboard_serves_the_trials_with_their_attributes(searched):
             except OSError as exc:
                 if time.time() > deadline or server.poll() is not None:
                     server.kill()
-                    raise AssertionError(f"the dashboard did not answer ({exc}): {server.communicate()[1]!r}")
+                    server.wait()
+                    raise AssertionError(f"the dashboard did not answer ({exc}): {(tmp_path / 'dashboard.log').read_text()}")
                 time.sleep(0.5)
         study_id = studies["study_summaries"][0]["study_id"]
         detail = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=60))
@@ -224,7 +227,8 @@ def test_dashboard_serves_the_trials_with_their_attributes(searched):
     finally:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
-            assert server.wait(timeout=60) == 0
+            assert server.wait(timeout=120) == 0, (tmp_path / "dashboard.log").read_text()
+        log.close()
 
 
 @pytest.mark.slow
