@@ -73,7 +73,7 @@ def token_ids():
     return torch.randint(0, VOCAB, (4, 24), generator=torch.Generator().manual_seed(1))
 
 
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer of ``VOCAB`` entries, trained in memory on a fixed text."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -107,7 +107,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A Hugging Face folder with a tiny GQA Llama and its tokenizer."""
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_model("llama").save_pretrained(folder)
-    _tiny_tokenizer().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
     return folder
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import _tiny_tokenizer, tiny_model
+from tests.conftest import tiny_tokenizer, tiny_model
 from search.oneshot import RECIPES, OneShotCache, prune, run_recipe
 from space.adapters import adapter_for
 from space.scores import ScoreContext, compute_scores
@@ -36,7 +36,7 @@ def small(name: str, **selection):
 
 
 def loaded_tiny(seed: int = 0) -> LoadedModel:
-    return LoadedModel(tiny_model("llama", layers=LAYERS, seed=seed), _tiny_tokenizer(),
+    return LoadedModel(tiny_model("llama", layers=LAYERS, seed=seed), tiny_tokenizer(),
                        ModelSource("tiny", "memory", "tiny"))
 
 

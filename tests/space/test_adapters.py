@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import FAMILIES
+from tests.conftest import FAMILIES
 from space.adapters import adapter_for, family, supported_model_types
 from space.errors import UserError
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import FAMILIES
+from tests.conftest import FAMILIES
 from space.order import order_model
 from space.adapters import adapter_for
 from space.errors import UserError

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import FAMILIES
+from tests.conftest import FAMILIES
 from space.order import order_model
 from space.adapters import adapter_for
 from space.scores import compute_scores

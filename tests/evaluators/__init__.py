@@ -1,0 +1,1 @@
+"""Tests of llm-pruner, mirroring its packages."""
