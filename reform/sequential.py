@@ -1,4 +1,14 @@
-"""Sequential rectification: blocks in order, inputs from the pruned model, targets from the dense.
+"""Sequential rectification: blocks in order, inputs from the pruned model.
+
+Two modes walk the blocks with the pruned model's hidden states:
+
+* ``sequential``: the target is the dense model's output (the dense stream runs beside the pruned
+  one), so a layer also tries to correct the error its pruned upstream left.
+* ``upstream`` (Týr-the-Pruner's reconstruction): the target is the layer's own dense weights applied
+  to the inputs the pruned model gives it, ``min ‖W X̂ − Ŵ_K X̂_K‖²`` with X̂ from the pruned upstream
+  model: the local problem, on the statistics the layer will really see.
+
+The ``sequential`` mode in detail:
 
 Two streams of hidden states run side by side from the first block's captured inputs: the dense
 model's and the pruned-and-rectified model's, each fed from its own previous block. For each
@@ -24,12 +34,12 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from reform.spec import Problem, ReformSpec, method_spec
+from reform.spec import Problem, ReformSpec, method_spec, take_columns
 from reform.targets import Target, layer_targets
 from space.calibration import BlockInputs, InputStats, capture_block_inputs, run_block
 from space.adapters import ModelAdapter
 from space.views import subnet_view
-from space.subnet import LayerWidths, Subnet
+from space.subnet import LayerWidths, ModelDims, Subnet
 
 
 class _Reached(Exception):
@@ -126,6 +136,42 @@ def rectify_sequential(
                 stats.add(x_pruned, x_dense)
             mine.update(target.overrides(method.solve(stats.problem(target), spec)))
         dense = dense.with_hidden(dense_out)
+        with _layer_view(adapter, layer.index, widths, mine):
+            pruned = pruned.with_hidden(run_block(layer.layer, pruned))
+        overrides.update(mine)
+    return overrides
+
+
+def _with_dense(widths: LayerWidths, dims: ModelDims, target: Target) -> LayerWidths:
+    """``widths`` with the target's sub-layer whole: its input then has every column X̂."""
+    if target.name == "o":
+        return LayerWidths(dims.num_kv_heads, dims.group_size, widths.channels)
+    return LayerWidths(widths.kv_heads, widths.q_per_kv, dims.intermediate_size)
+
+
+@torch.no_grad()
+def rectify_upstream(
+    adapter: ModelAdapter,
+    subnet: Subnet,
+    windows: torch.Tensor,
+    *,
+    spec: ReformSpec,
+    batch_size: int = 8,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> dict[str, torch.Tensor]:
+    method = method_spec(spec.method)
+    pruned = capture_block_inputs(adapter, windows, batch_size=batch_size)
+    overrides: dict[str, torch.Tensor] = {}
+    for layer, widths in progress(list(zip(adapter.layers, subnet.layers))):
+        mine: dict[str, torch.Tensor] = {}
+        for target in layer_targets(adapter, layer, widths):  # attention first: the MLP sees it rectified
+            stats = InputStats(target.module.in_features, gram=method.gram, device=target.module.weight.device)
+            with _layer_view(adapter, layer.index, _with_dense(widths, adapter.dims, target), mine):
+                for hidden, args, kwargs in pruned.calls():
+                    stats.add(_input_of(layer.layer, target.module, hidden, args, kwargs)[0])
+            seen_mean = take_columns(stats.mean[None], target.kept)[0]
+            problem = Problem(target.module.weight, target.kept, stats.mean, seen_mean, gram=stats.gram)
+            mine.update(target.overrides(method.solve(problem, spec)))
         with _layer_view(adapter, layer.index, widths, mine):
             pruned = pruned.with_hidden(run_block(layer.layer, pruned))
         overrides.update(mine)

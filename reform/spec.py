@@ -19,7 +19,7 @@ from reform.bias import compensation_bias
 from reform.lstsq import DEFAULT_DAMPING, PrefixLstsq
 from space.errors import UserError
 
-MODES = ("local", "sequential")
+MODES = ("local", "sequential", "upstream")
 DEFAULT_METHOD = "lstsq"
 # Local, measured on SmolLM2-135M (experiments/results/reform.md): the sequential fit reproduces the
 # dense projection's output from the pruned stream's inputs, and over 30 pruned layers it chases

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 from evaluators.data import CalibrationSpec, parse_dataset
+from reform.spec import MODES
 from search.fitness import KINDS as FITNESS_KINDS
 from search.samplers import MULTI_OBJECTIVE, SAMPLERS
 from search.samplers.evolution import PRESETS as EVOLUTION_PRESETS
@@ -121,8 +122,8 @@ class SearchConfig:
             raise UserError(f"unknown evolution preset {self.evolution!r}; known: {', '.join(EVOLUTION_PRESETS)}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
-        if self.export_reform not in ("local", "sequential"):
-            raise UserError("--export-reform must be local or sequential")
+        if self.export_reform not in MODES:
+            raise UserError(f"--export-reform must be one of {', '.join(MODES)}")
         score_spec(self.importance)
         self.check_regions()
         if self.eval_windows != 0 and "wikitext2" not in {parse_dataset(d)[0] for d in self.eval_datasets}:

@@ -42,7 +42,9 @@ def add_reform_options(parser: argparse.ArgumentParser, *, method_flag: str, mod
                              + "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
                              + f" (default {DEFAULT_METHOD})")
     parser.add_argument(mode_flag, dest="reform_mode", choices=list(MODES),
-                        help="local: dense inputs; sequential: inputs from the pruned upstream model "
+                        help="local: dense inputs; sequential: inputs from the pruned upstream model, dense "
+                             "outputs as target; upstream: inputs from the pruned upstream model, the layer's own "
+                             "dense weights as target "
                              f"(default {DEFAULT_MODE} where the method has it, else local)")
     parser.add_argument("--damping", type=float, default=defaults.damping,
                         help=f"least-squares ridge, relative to mean(diag XᵀX) (default {defaults.damping:g})")

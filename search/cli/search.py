@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from evaluators.data import DATASETS, load_text, parse_dataset
+from reform.spec import MODES
 from search.cli import common
 from search.config import DTYPES, SearchConfig
 from search.job import run_search
@@ -40,8 +41,8 @@ def add(sub) -> None:
     p.add_argument("--fitness-seqlen", type=int, default=512)
     p.add_argument("--pruner", default="none", help="none | median (stop hopeless candidates early; in-process)")
     p.add_argument("--final-top-k", type=int, default=5, help="re-score this many of the best at the end")
-    p.add_argument("--export-reform", default="local", choices=("local", "sequential"),
-                   help="least squares of the winner: local (default, as in the fitness) or sequential")
+    p.add_argument("--export-reform", default="local", choices=MODES,
+                   help="least squares of the winner: local (default, as in the fitness), sequential or upstream")
     p.add_argument("--eval-windows", type=int, default=32, help="test windows of 2048 per dataset for the export "
                                                                    "(0: skip)")
     p.add_argument("--eval-datasets", type=common.ppl_list, default=list(SearchConfig.eval_datasets),

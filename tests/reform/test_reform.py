@@ -267,6 +267,36 @@ def test_sequential_differs_from_local_and_is_never_worse_on_its_targets(setup, 
         assert error(in_sequential, sequential) <= error(in_local, local), t.key
 
 
+def test_upstream_fits_each_projection_to_its_own_weights_on_the_pruned_stream(setup, subnet):
+    """Týr's reconstruction: Ŵ_K = argmin ‖W X̂ − Ŵ_K X̂_K‖, X̂ the inputs the projection gets from
+    the pruned and already rectified upstream model (its own sub-layer whole)."""
+    adapter, _, windows = setup
+    upstream = rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", "upstream", damping=0.0))
+    local = rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", "local", damping=0.0))
+    assert upstream.keys() == local.keys()
+    first = [k for k in local if k.startswith("model.layers.0.self_attn")]
+    for key in first:  # nothing upstream of layer 0's attention is pruned: the local fit
+        torch.testing.assert_close(upstream[key], local[key], rtol=1e-4, atol=1e-5)
+    assert max(float((local[k] - upstream[k]).abs().max()) for k in local) > 1e-3
+    dims = adapter.dims
+    for t in all_targets(adapter, subnet):
+        index = int(t.key.split(".")[2])
+        layers = list(subnet.layers)
+        w = layers[index]
+        layers[index] = (LayerWidths(dims.num_kv_heads, dims.group_size, w.channels) if t.name == "o"
+                         else LayerWidths(w.kv_heads, w.q_per_kv, dims.intermediate_size))
+        others = {k: v for k, v in upstream.items() if not k.startswith(t.key)}
+        x = projection_inputs(adapter, windows, [t.module], Subnet(dims, layers), others)[t.module]
+        goal, x_kept = x @ t.module.weight.detach().double().T, kept_columns(x, t.kept)
+        best = torch.linalg.lstsq(x_kept, goal).solution.T  # (GQA inputs are rank-deficient: compare errors)
+
+        def error(w):
+            return float((goal - x_kept @ w.double().T).norm())
+
+        assert error(upstream[f"{t.key}.weight"]) <= error(best) * (1 + 1e-6) + 1e-9, t.key
+        assert error(upstream[f"{t.key}.weight"]) <= error(local[f"{t.key}.weight"]) * (1 + 1e-9), t.key
+
+
 def test_sequential_bias_restores_the_dense_mean_in_the_pruned_stream(setup, subnet):
     adapter, _, windows = setup
     targets = all_targets(adapter, subnet)

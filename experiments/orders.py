@@ -1,0 +1,89 @@
+"""Unit orders under the same one-shot pipeline: which order's prefixes survive least squares best.
+
+For each ratio and order (importance score), SmolLM2-135M is pruned one-shot with attention whole
+and one MLP width in every layer (uniform-mlp), its o_proj/down_proj refitted by local least
+squares, and measured in float32 on the first windows of 2048 tokens of WikiText-2 test, PTB test
+and the held-out half of the local C4 sample (c4:heldout, documents 501-1000). Scores and least
+squares use WikiText-2 validation windows (64 x 512 for the scores, 128 x 512 for the refit), never
+a test or held-out split. Resumable: cells already in the JSON are kept.
+
+    LLM_PRUNER_DATA=../shared/data python experiments/orders.py --ratios 0.7 0.5 \\
+        --orders wanda-sp obs-elimination --windows 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import evaluators
+import search
+import space
+from evaluators.environment import environment
+from reform import ReformSpec
+from space.export import write_json
+
+RESULTS = Path(__file__).parent / "results"
+DATASETS = ["wikitext2", "ptb", "c4:heldout"]
+
+
+def cell(ratio: float, order: str, windows: int) -> dict:
+    loaded = space.load_model("smollm2-135m", dtype=torch.float32)
+    started = time.time()
+    pruned = search.prune(loaded, ratio=ratio, importance=order, allocation="uniform-mlp",
+                          reform=ReformSpec("lstsq", "local"),
+                          calibration=evaluators.CalibrationSpec("wikitext2", 64, 512, 0),
+                          reform_calibration=evaluators.CalibrationSpec("wikitext2", 128, 512, 0))
+    prune_seconds = time.time() - started
+    with space.subnet_view(pruned.adapter, pruned.subnet, pruned.overrides) as model:
+        result = evaluators.evaluate(model, loaded.tokenizer, ppl=DATASETS, seqlen=2048, limit=windows)
+    return {"ratio": ratio, "order": order, "block_ratio": pruned.subnet.ratio(), "ppl": result["ppl"],
+            "windows": result["windows"], "seconds": {"prune": round(prune_seconds, 1),
+                                                       "importance": pruned.record["seconds"]["importance"],
+                                                       "eval": result["seconds"]["total"]}}
+
+
+def report(data: dict) -> str:
+    lines = ["# Unit orders under one-shot pruning + local least squares (SmolLM2-135M)", "",
+             "Attention whole, one MLP width everywhere, o_proj/down_proj refitted by local least squares "
+             "(128 x 512 WikiText-2 validation tokens; scores on 64 x 512). Perplexity in float32 on the "
+             f"first {data['windows']} windows of 2048 of each text. Command:", "", f"    {data['command']}", "",
+             "| ratio | order | WikiText-2 test | PTB test | C4 held-out | score s | prune s |",
+             "|---|---|---|---|---|---|---|"]
+    for c in sorted(data["cells"].values(), key=lambda c: (-c["ratio"], c["order"])):
+        p = c["ppl"]
+        lines.append(f"| {c['ratio']} | {c['order']} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
+                     f"{c['seconds']['importance']:.0f} | {c['seconds']['prune']:.0f} |")
+    env = data["environment"]["machine"]
+    lines += ["", f"Machine: {env['cpu']}, {env['threads']} threads; {data['environment']['git_commit']}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5])
+    parser.add_argument("--orders", nargs="+", default=["wanda-sp", "obs-elimination"])
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=RESULTS / "orders")
+    args = parser.parse_args(argv)
+    path = args.out.with_suffix(".json")
+    data = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
+    data.update(windows=args.windows, environment=environment(),
+                command="LLM_PRUNER_DATA=../shared/data python experiments/orders.py " + " ".join(sys.argv[1:]))
+    for ratio in args.ratios:
+        for order in args.orders:
+            key = f"{order}/{ratio}/{args.windows}"
+            if key not in data["cells"]:
+                data["cells"][key] = cell(ratio, order, args.windows)
+                write_json(path, data)
+                print(key, data["cells"][key]["ppl"], flush=True)
+    args.out.with_suffix(".md").write_text(report(data))
+
+
+if __name__ == "__main__":
+    main()
