@@ -1,14 +1,19 @@
-"""Unit orders under the same one-shot pipeline: which order's prefixes survive least squares best.
+"""Unit orders and reformation modes under the same one-shot pipeline: which order's prefixes, refitted
+how, keep the most quality.
 
 For each ratio and order (importance score), SmolLM2-135M is pruned one-shot with attention whole
 and one MLP width in every layer (uniform-mlp), its o_proj/down_proj refitted by local least
 squares, and measured in float32 on the first windows of 2048 tokens of WikiText-2 test, PTB test
 and the held-out half of the local C4 sample (c4:heldout, documents 501-1000). Scores and least
 squares use WikiText-2 validation windows (64 x 512 for the scores, 128 x 512 for the refit), never
-a test or held-out split. Resumable: cells already in the JSON are kept.
+a test or held-out split. ``--reform-modes``: local (statistics of the dense model) and/or upstream
+(statistics from the pruned upstream model, Týr's reconstruction). Resumable: cells already in the
+JSON are kept.
 
     LLM_PRUNER_DATA=../shared/data python experiments/orders.py --ratios 0.7 0.5 \\
         --orders wanda-sp obs-elimination --windows 32
+    LLM_PRUNER_DATA=../shared/data python experiments/orders.py --ratios 0.7 0.5 \\
+        --orders wanda-sp --reform-modes upstream --windows 32
 """
 
 from __future__ import annotations
@@ -32,17 +37,17 @@ RESULTS = Path(__file__).parent / "results"
 DATASETS = ["wikitext2", "ptb", "c4:heldout"]
 
 
-def cell(ratio: float, order: str, windows: int) -> dict:
+def cell(ratio: float, order: str, windows: int, mode: str = "local") -> dict:
     loaded = space.load_model("smollm2-135m", dtype=torch.float32)
     started = time.time()
     pruned = search.prune(loaded, ratio=ratio, importance=order, allocation="uniform-mlp",
-                          reform=ReformSpec("lstsq", "local"),
+                          reform=ReformSpec("lstsq", mode),
                           calibration=evaluators.CalibrationSpec("wikitext2", 64, 512, 0),
                           reform_calibration=evaluators.CalibrationSpec("wikitext2", 128, 512, 0))
     prune_seconds = time.time() - started
     with space.subnet_view(pruned.adapter, pruned.subnet, pruned.overrides) as model:
         result = evaluators.evaluate(model, loaded.tokenizer, ppl=DATASETS, seqlen=2048, limit=windows)
-    return {"ratio": ratio, "order": order, "block_ratio": pruned.subnet.ratio(), "ppl": result["ppl"],
+    return {"ratio": ratio, "order": order, "reform_mode": mode, "block_ratio": pruned.subnet.ratio(), "ppl": result["ppl"],
             "windows": result["windows"], "seconds": {"prune": round(prune_seconds, 1),
                                                        "importance": pruned.record["seconds"]["importance"],
                                                        "eval": result["seconds"]["total"]}}
@@ -52,12 +57,14 @@ def report(data: dict) -> str:
     lines = ["# Unit orders under one-shot pruning + local least squares (SmolLM2-135M)", "",
              "Attention whole, one MLP width everywhere, o_proj/down_proj refitted by local least squares "
              "(128 x 512 WikiText-2 validation tokens; scores on 64 x 512). Perplexity in float32 on the "
-             f"first {data['windows']} windows of 2048 of each text. Command:", "", f"    {data['command']}", "",
-             "| ratio | order | WikiText-2 test | PTB test | C4 held-out | score s | prune s |",
-             "|---|---|---|---|---|---|---|"]
-    for c in sorted(data["cells"].values(), key=lambda c: (-c["ratio"], c["order"])):
+             f"first {data['windows']} windows of 2048 of each text. Commands:", "",
+             *[f"    {c}" for c in data["commands"]], "",
+             "| ratio | order | least squares | WikiText-2 test | PTB test | C4 held-out | score s | prune s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in sorted(data["cells"].values(), key=lambda c: (-c["ratio"], c["order"], c.get("reform_mode", "local"))):
         p = c["ppl"]
-        lines.append(f"| {c['ratio']} | {c['order']} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
+        lines.append(f"| {c['ratio']} | {c['order']} | {c.get('reform_mode', 'local')} | {p['wikitext2']:.2f} | "
+                     f"{p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
                      f"{c['seconds']['importance']:.0f} | {c['seconds']['prune']:.0f} |")
     env = data["environment"]["machine"]
     lines += ["", f"Machine: {env['cpu']}, {env['threads']} threads; {data['environment']['git_commit']}.", ""]
@@ -69,17 +76,22 @@ def main(argv=None) -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--orders", nargs="+", default=["wanda-sp", "obs-elimination"])
     parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--reform-modes", nargs="+", default=["local"], help="local | upstream | sequential")
     parser.add_argument("--out", type=Path, default=RESULTS / "orders")
     args = parser.parse_args(argv)
     path = args.out.with_suffix(".json")
     data = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
-    data.update(windows=args.windows, environment=environment(),
-                command="LLM_PRUNER_DATA=../shared/data python experiments/orders.py " + " ".join(sys.argv[1:]))
+    command = "LLM_PRUNER_DATA=../shared/data python experiments/orders.py " + " ".join(sys.argv[1:])
+    data.update(windows=args.windows, environment=environment())
+    data["commands"] = list(dict.fromkeys(data.get("commands", [data.get("command")] if "command" in data else [])
+                                          + [command]))
     for ratio in args.ratios:
         for order in args.orders:
-            key = f"{order}/{ratio}/{args.windows}"
-            if key not in data["cells"]:
-                data["cells"][key] = cell(ratio, order, args.windows)
+            for mode in args.reform_modes:
+                key = f"{order}/{ratio}/{args.windows}" + ("" if mode == "local" else f"/{mode}")
+                if key in data["cells"]:
+                    continue
+                data["cells"][key] = cell(ratio, order, args.windows, mode)
                 write_json(path, data)
                 print(key, data["cells"][key]["ppl"], flush=True)
     args.out.with_suffix(".md").write_text(report(data))

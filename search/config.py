@@ -108,6 +108,12 @@ class SearchConfig:
             raise UserError(f"searcher {self.searcher} searches a ratio range: give --ratio-min too")
         if self.trials < 1:
             raise UserError("--trials must be at least 1")
+        if self.final_top_k < 1:
+            raise UserError("--final-top-k must be at least 1 (the candidates re-scored at the end)")
+        if self.eval_windows is not None and self.eval_windows < 0:
+            raise UserError("--eval-windows must be 0 (no test) or more")
+        if self.mlp_step is not None and self.mlp_step < 1:
+            raise UserError("--mlp-step must be at least 1")
         if self.fitness_reform not in ("lstsq", "none"):
             raise UserError("--fitness-reform must be lstsq or none")
         if self.fitness not in FITNESS_KINDS:

@@ -43,6 +43,7 @@ EXPORT = "export"
 
 def open_run_dir(run_dir: Path, config: SearchConfig) -> None:
     """Create the run folder with its config, or check that an existing run is the same search."""
+    check_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CONFIG
     if path.is_file():
@@ -56,6 +57,12 @@ def open_run_dir(run_dir: Path, config: SearchConfig) -> None:
     elif any(run_dir.iterdir()):
         raise UserError(f"{run_dir} exists and is not a search run folder (no {CONFIG})")
     write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run folder path that names something other than a folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} exists and is not a folder")
 
 
 def journal_path(run_dir: Path) -> Path:

@@ -9,6 +9,7 @@ import torch
 
 from evaluators.data import CalibrationSpec, calibration_text, parse_dataset
 from reform.spec import DEFAULT_METHOD, DEFAULT_MODE, METHODS, MODES, ReformSpec, method_spec
+from space.errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REFORM_NSAMPLES = 128  # calibration windows of the reformation (the paper's count)
@@ -25,7 +26,7 @@ def add_calibration_options(parser: argparse.ArgumentParser, *, nsamples: int = 
     parser.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration windows (default {nsamples})")
     parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="calibration batch size")
 
 
 def calibration_from(args, nsamples: int | None = None) -> CalibrationSpec:
@@ -63,8 +64,21 @@ def reform_spec(args) -> ReformSpec:
 def ppl_list(text: str) -> list[str]:
     names = [t for t in (s.strip() for s in text.split(",")) if t and t != "none"]
     for name in names:
-        parse_dataset(name)
+        try:
+            parse_dataset(name)
+        except UserError as exc:  # argparse turns only its own error types into a usage message
+            raise argparse.ArgumentTypeError(str(exc)) from exc
     return names
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}")
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
 
 
 def ratio(value: str) -> float:

@@ -19,11 +19,11 @@ def add(sub) -> None:
                    help="datasets, e.g. wikitext2,ptb,c4:heldout; 'none' for no perplexity")
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--limit-windows", type=int, help="only the first N windows of each dataset")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=common.positive_int, default=1)
     p.add_argument("--zeroshot", help="zero-shot tasks as lm-evaluation-harness scores them, comma-separated "
                                       "(boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa or all)")
     p.add_argument("--limit", type=int, help="zero-shot: only the first N examples of each task")
-    p.add_argument("--zeroshot-batch-size", type=int, default=16)
+    p.add_argument("--zeroshot-batch-size", type=common.positive_int, default=16)
     p.add_argument("--json", type=Path, help="write the result here")
     common.add_model_options(p)
     p.set_defaults(validate=validate, main=main)

@@ -10,6 +10,7 @@ from reform.spec import MODES
 from search.cli import common
 from search.config import DTYPES, SearchConfig
 from search.job import run_search
+from search.rundir import check_run_dir
 from search.samplers import SAMPLERS
 from search.samplers.evolution import PRESETS as EVOLUTION
 from search.widths import PRESETS as WIDTHS
@@ -72,6 +73,7 @@ def validate(args) -> None:
         raise UserError("--workers must be >= 0")
     args.config = config_from(args)
     args.config.check()
+    check_run_dir(args.run_dir)
     if args.config.eval_windows != 0:
         for spec in args.config.eval_datasets:  # the texts the export is measured on exist
             name, split = parse_dataset(spec)

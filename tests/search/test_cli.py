@@ -127,3 +127,24 @@ def test_prune_by_parts_and_by_method_run_the_same_pipeline(tiny_model_dir, tiny
         record = json.loads((tmp_path / folder / "subnet.json").read_text())
         assert set(record["recipe"]) >= {"method", "importance", "allocation", "compensation", "reform", "calibration"}
         assert (tmp_path / folder / "importance.pt").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "{model}", "--ppl", "nosuch"], "unknown dataset"),
+    (["eval", "{model}", "--batch-size", "0"], "at least 1"),
+    (["prune", "--model", "{model}", "--ratio", "0.5", "--out", "{tmp}/out", "--batch-size", "0"], "at least 1"),
+    (["prune", "--model", "{model}", "--ratio", "0.5", "--out", "{tmp}/out", "--calib", "wikitext2:test"], "leak"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/file"], "not a folder"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--final-top-k", "0"], "final-top-k"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--eval-windows", "-1"],
+     "eval-windows"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--mlp-step", "-8"], "mlp-step"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--fitness", "bleu"], "--fitness"),
+])
+def test_bad_inputs_end_in_one_message_and_exit_2(argv, message, tiny_model_dir, tiny_data, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a run folder")
+    before = sorted(tmp_path.rglob("*"))
+    code, io = run([a.format(model=tiny_model_dir, tmp=tmp_path) for a in argv], capsys)
+    assert code == 2, io.err
+    assert message in io.err and "Traceback" not in io.err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing created
