@@ -54,9 +54,12 @@ def cell(ratio: float, order: str, windows: int, mode: str = "local") -> dict:
 
 
 def report(data: dict) -> str:
-    lines = ["# Unit orders under one-shot pruning + local least squares (SmolLM2-135M)", "",
-             "Attention whole, one MLP width everywhere, o_proj/down_proj refitted by local least squares "
-             "(128 x 512 WikiText-2 validation tokens; scores on 64 x 512). Perplexity in float32 on the "
+    lines = ["# Unit orders and least-squares modes under one-shot pruning (SmolLM2-135M)", "",
+             "Attention whole, one MLP width everywhere, o_proj/down_proj refitted by least squares on 128 x 512 "
+             "WikiText-2 validation tokens (local: statistics of the dense model; upstream: of the pruned upstream "
+             "model, the layer's own weights as target); scores on 64 x 512. Times: score s is what computing the "
+             "scores took (reused from the cache after the first ratio), prune s the wall time of the cell on a "
+             "shared machine (other jobs ran beside the first cells). Perplexity in float32 on the "
              f"first {data['windows']} windows of 2048 of each text. Commands:", "",
              *[f"    {c}" for c in data["commands"]], "",
              "| ratio | order | least squares | WikiText-2 test | PTB test | C4 held-out | score s | prune s |",
