@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from reform.lstsq import DEFAULT_DAMPING, PrefixLstsq
-from reform.spec import Problem, Rectified, ReformSpec, method_spec, take_columns
+from reform.spec import Rectified, ReformSpec, method_spec
 from reform.targets import layer_targets
 from space.calibration import InputStats, StatsRequest, walk_layers
 from space.adapters import LayerAdapter, ModelAdapter
@@ -72,9 +72,7 @@ def stats_overrides(
     overrides: dict[str, torch.Tensor] = {}
     for layer, layer_stats in stats:
         for target in layer_targets(adapter, layer, subnet.layers[layer.index]):
-            s = layer_stats[target.name]
-            seen_mean = take_columns(s.mean[None], target.kept)[0]
-            problem = Problem(target.module.weight, target.kept, s.mean, seen_mean, gram=s.gram)
+            problem = target.local_problem(layer_stats[target.name])
             overrides.update(target.overrides(method.solve(problem, spec)))
     return overrides
 

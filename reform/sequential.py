@@ -34,7 +34,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from reform.spec import Problem, ReformSpec, method_spec, take_columns
+from reform.spec import Problem, ReformSpec, method_spec
 from reform.targets import Target, layer_targets
 from space.calibration import BlockInputs, InputStats, capture_block_inputs, run_block
 from space.adapters import ModelAdapter
@@ -169,9 +169,7 @@ def rectify_upstream(
             with _layer_view(adapter, layer.index, _with_dense(widths, adapter.dims, target), mine):
                 for hidden, args, kwargs in pruned.calls():
                     stats.add(_input_of(layer.layer, target.module, hidden, args, kwargs)[0])
-            seen_mean = take_columns(stats.mean[None], target.kept)[0]
-            problem = Problem(target.module.weight, target.kept, stats.mean, seen_mean, gram=stats.gram)
-            mine.update(target.overrides(method.solve(problem, spec)))
+            mine.update(target.overrides(method.solve(target.local_problem(stats), spec)))
         with _layer_view(adapter, layer.index, widths, mine):
             pruned = pruned.with_hidden(run_block(layer.layer, pruned))
         overrides.update(mine)

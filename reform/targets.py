@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from reform.spec import Rectified
+from reform.spec import Problem, Rectified, take_columns
 from space.adapters import LayerAdapter, ModelAdapter
+from space.calibration import InputStats
 from space.views import kept_q, layer_prefix, module_names
 from space.subnet import LayerWidths, ModelDims
 
@@ -25,6 +26,12 @@ class Target:
     module: nn.Linear
     kept: int | torch.Tensor  # kept input columns of the permuted layer: a prefix width or indices
     key: str  # state-dict name of the module
+
+    def local_problem(self, stats: InputStats) -> Problem:
+        """The problem of refitting the kept columns to this projection's own output on the inputs
+        ``stats`` describes (all its input columns): the local mode's, and the upstream mode's."""
+        seen_mean = take_columns(stats.mean[None], self.kept)[0]
+        return Problem(self.module.weight, self.kept, stats.mean, seen_mean, gram=stats.gram)
 
     def overrides(self, rectified: Rectified) -> dict[str, torch.Tensor]:
         weight = self.module.weight

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from evaluators.data import CalibrationSpec, parse_dataset
 from reform.spec import MODES
 from search.fitness import KINDS as FITNESS_KINDS
+from search.fitness import NAMES as FITNESS_NAMES
 from search.samplers import MULTI_OBJECTIVE, SAMPLERS
 from search.samplers.evolution import PRESETS as EVOLUTION_PRESETS
 from search.widths import PRESETS as WIDTH_PRESETS
@@ -86,7 +87,7 @@ class SearchConfig:
 
     @property
     def fitness_name(self) -> str:
-        return "calibration KL to the dense model" if self.fitness == "kl" else "calibration perplexity"
+        return FITNESS_NAMES[self.fitness]
 
     @property
     def multi_objective(self) -> bool:

@@ -31,7 +31,8 @@ from space.views import subnet_view
 from space.subnet import LayerWidths, Subnet
 
 
-KINDS = ("ppl", "kl")
+NAMES = {"ppl": "calibration perplexity", "kl": "calibration KL to the dense model"}  # what each kind measures
+KINDS = tuple(NAMES)
 
 
 @dataclass

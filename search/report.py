@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 
+from search.fitness import NAMES as FITNESS_NAMES  # noqa: E402
 from space.subnet import Subnet  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def fitness_label(study: optuna.Study) -> str:
 def markdown_report(summary: dict, path: Path) -> Path:
     """``report.md`` of a run from the summary ``best.json`` holds."""
     c = summary["config"]
-    fitness = "KL to the dense model" if c.get("fitness") == "kl" else "calibration ppl"
+    fitness = FITNESS_NAMES[c.get("fitness", "ppl")]
     lines = [f"# Search report: {c['model']} at ratio {c['ratio']}", ""]
     lines += [f"Searcher `{c['searcher']}`, {summary['completed_trials']} trials, width preset `{c['preset']}`, "
               f"importance `{c['importance']}`, fitness: {fitness} on "
