@@ -269,11 +269,19 @@ def calibration_windows(
                           region=region)
 
 
+def share(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` counts as equal as can be (the first ones larger)."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
 @dataclass(frozen=True)
 class CalibrationSpec:
     """Which calibration windows: dataset spec, count, length, seed, and the region of the text
     they are drawn from (fractions of its tokens; recorded in every result). Windows of specs on
-    disjoint regions of the same text never share a token (:meth:`overlaps`)."""
+    disjoint regions of the same text never share a token (:meth:`overlaps`).
+
+    A spec may name several sources joined by ``+`` (``wikitext2+c4:calib``): the windows are shared
+    among them equally, each drawn from the same region of its own text."""
 
     dataset: str = "wikitext2"
     nsamples: int = 64
@@ -282,7 +290,8 @@ class CalibrationSpec:
     region: tuple[float, float] = WHOLE
 
     def __post_init__(self):
-        parse_dataset(self.dataset)
+        for part in self.parts():
+            parse_dataset(part)
         object.__setattr__(self, "region", tuple(float(x) for x in self.region))
         if self.nsamples < 1 or self.seqlen < 2:
             raise UserError(f"calibration needs nsamples >= 1 and seqlen >= 2, got {self.nsamples} x {self.seqlen}")
@@ -291,21 +300,37 @@ class CalibrationSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CalibrationSpec":
-        return cls(f"{d['dataset']}:{d['split']}", d["nsamples"], d["seqlen"], d["seed"], tuple(d.get("region", WHOLE)))
+        parts = "+".join(f"{n}:{s}" for n, s in zip(d["dataset"].split("+"), d["split"].split("+")))
+        return cls(parts, d["nsamples"], d["seqlen"], d["seed"], tuple(d.get("region", WHOLE)))
+
+    def parts(self) -> list[str]:
+        """The sources, each ``name:split`` (default split filled in)."""
+        out = []
+        for part in self.dataset.split("+"):
+            name, split = parse_dataset(part)
+            out.append(f"{name}:{split or default_calibration_split(name)}")
+        return out
+
+    def check_text(self) -> None:
+        """Read every source now, so that a missing or test split fails before any model loads."""
+        for part in self.parts():
+            calibration_text(part)
 
     def windows(self, tokenizer) -> torch.Tensor:
-        return calibration_windows(tokenizer, self.dataset, nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed,
-                                   region=self.region)
+        parts = self.parts()
+        return torch.cat([
+            calibration_windows(tokenizer, part, nsamples=n, seqlen=self.seqlen, seed=self.seed, region=self.region)
+            for part, n in zip(parts, share(self.nsamples, len(parts))) if n
+        ])
 
     def overlaps(self, other: "CalibrationSpec") -> bool:
-        """Whether windows of the two specs can share text (same split and overlapping regions)."""
-        same_text = {k: v for k, v in self.to_dict().items() if k in ("dataset", "split")} == \
-            {k: v for k, v in other.to_dict().items() if k in ("dataset", "split")}
+        """Whether windows of the two specs can share text (a common source, overlapping regions)."""
+        same_text = bool(set(self.parts()) & set(other.parts()))
         return same_text and self.region[0] < other.region[1] and other.region[0] < self.region[1]
 
     def to_dict(self) -> dict:
-        name, split = parse_dataset(self.dataset)
-        data = {"dataset": name, "split": split or default_calibration_split(name),
+        names, splits = zip(*(part.split(":") for part in self.parts()))
+        data = {"dataset": "+".join(names), "split": "+".join(splits),
                 "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}
         if self.region != WHOLE:  # a whole-text spec keeps the record (and cache keys) of earlier versions
             data["region"] = list(self.region)

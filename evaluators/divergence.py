@@ -14,7 +14,7 @@ K = 256 are 8 MB, where full float32 distributions of a 49k vocabulary would be 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -33,6 +33,15 @@ class Reference:
     log_rest: list[torch.Tensor]
     batch_size: int
     top_k: int
+    _whole: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+
+    def select(self, rows: list[int]) -> "Reference":
+        """The reference of the windows ``rows`` (in that order), batched like this one."""
+        if self._whole is None:  # every window's tensors in one piece; the batches become views of it
+            self._whole = tuple(torch.cat(store) for store in (self.log_probs, self.ids, self.log_rest))
+            self.log_probs, self.ids, self.log_rest = (list(whole.split(self.batch_size)) for whole in self._whole)
+        parts = [list(whole[list(rows)].split(self.batch_size)) for whole in self._whole]
+        return Reference(*parts, batch_size=self.batch_size, top_k=self.top_k)
 
     @property
     def nbytes(self) -> int:

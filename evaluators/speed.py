@@ -110,6 +110,25 @@ def _tokens(model, batch: int, length: int, *, seed: int) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(_device(model))
 
 
+@torch.inference_mode()
+def matmul_tflops(dtype: torch.dtype = torch.bfloat16, *, size: int = 2048, device: str = "cpu",
+                  seconds: float = 2.0) -> float:
+    """The achieved TFLOP/s of square ``size`` matmuls in ``dtype`` (best of about ``seconds``): the
+    machine's practical peak, to quote beside any throughput measured in the same run."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    a @ b  # warm-up
+    while time.perf_counter() < deadline or best == float("inf"):
+        _sync(a.device)
+        t = time.perf_counter()
+        a @ b
+        _sync(a.device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e12
+
+
 def _forward_kwargs(model) -> dict:
     # HF causal LMs take logits_to_keep; models that do not compute all logits (noted in results).
     import inspect

@@ -114,14 +114,28 @@ class PrefixLstsq:
                 solution = _eigh_solve(self.regularised[:kept, :kept], rhs, self.lam)
         else:
             index = kept.to(self.rhs.device)
-            rhs = self.rhs[index]
-            if self.factor is not None:
-                rows = self.factor[index]
-                block = rows @ rows.T  # (C + λI)[K, K], recovered from the factor
-            else:
-                block = self.regularised[index][:, index]
-            solution = _spd_solve(block, rhs, self.lam)
+            solution = _spd_solve(self._block(index), self.rhs[index], self.lam)
         return solution.T.to(dtype=self.weight.dtype, device=self.weight.device).contiguous()
+
+    def explained(self, kept: int | torch.Tensor) -> float:
+        """How much of the dense output the kept set re-expresses: ``tr(B_Kᵀ (C_KK + λI)⁻¹ B_K)``.
+
+        The least-squares residual is ``tr(W C Wᵀ) − explained(K)`` (ridge term included), so the
+        difference of two kept sets' values is exactly how much more error the smaller one leaves
+        after its refit: comparable across layers, unlike importance scores. For a prefix it is
+        ``‖P[:k]‖²`` (free after :meth:`precompute`)."""
+        if isinstance(kept, int) and (kept == 0 or self._projected is not None):
+            return 0.0 if kept == 0 else float(self._projected[:kept].double().pow(2).sum())
+        index = (torch.arange(kept) if isinstance(kept, int) else kept).to(self.rhs.device)
+        rhs = self.rhs[index]
+        return float((_spd_solve(self._block(index), rhs, self.lam) * rhs).sum())
+
+    def _block(self, index: torch.Tensor) -> torch.Tensor:
+        """(C + λI)[K, K], recovered from the factor when there is one."""
+        if self.factor is not None:
+            rows = self.factor[index]
+            return rows @ rows.T
+        return self.regularised[index][:, index]
 
 
 def _spd_solve(matrix: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ from search.fitness import KINDS as FITNESS_KINDS
 from search.fitness import NAMES as FITNESS_NAMES
 from search.samplers import MULTI_OBJECTIVE, SAMPLERS
 from search.samplers.evolution import PRESETS as EVOLUTION_PRESETS
+from search.samplers.staged import PRESETS as STAGED_PRESETS
 from search.widths import PRESETS as WIDTH_PRESETS
 from space.errors import UserError
 from space.scores import score_spec
@@ -64,16 +65,22 @@ class SearchConfig:
 
     @classmethod
     def create(cls, model: str, ratio: float, *, calib: str = "wikitext2", nsamples: int = 64,
-               calib_seqlen: int = 512, fitness_nsamples: int = 8, fitness_seqlen: int = 512,
+               calib_seqlen: int = 512, fitness_nsamples: int | None = None, fitness_seqlen: int = 512,
                final_nsamples: int | None = None, seed: int = 0, **options) -> "SearchConfig":
         """A config whose statistics, fitness and re-scoring windows come from their disjoint regions
-        of ``calib`` (seeds ``seed``, ``seed + 1``, ``seed + 2``); ``final_nsamples`` defaults to
-        max(32, 4 x ``fitness_nsamples``). ``options``: the other fields."""
-        final = final_nsamples or max(32, fitness_nsamples * 4)
+        of ``calib`` (seeds ``seed``, ``seed + 1``, ``seed + 2``). ``fitness_nsamples`` defaults to 8
+        (staged evolution: its stages' windows, 4 generations' worth); ``final_nsamples`` to
+        max(32, 4 x the windows a candidate is scored on). ``options``: the other fields."""
+        staged = STAGED_PRESETS.get(options.get("evolution", cls.evolution))
+        scored = fitness_nsamples or 8
+        if staged is not None and options.get("searcher", cls.searcher) == "evolution":
+            fitness_nsamples = fitness_nsamples or 4 * staged.pool
+            scored = staged.windows[-1]
+        final = final_nsamples or max(32, scored * 4)
         return cls(
             model=model, ratio=ratio, seed=seed,
             calibration=CalibrationSpec(calib, nsamples, calib_seqlen, seed, STATISTICS_REGION).to_dict(),
-            fitness_windows=CalibrationSpec(calib, fitness_nsamples, fitness_seqlen, seed + 1, FITNESS_REGION).to_dict(),
+            fitness_windows=CalibrationSpec(calib, fitness_nsamples or 8, fitness_seqlen, seed + 1, FITNESS_REGION).to_dict(),
             final_windows=CalibrationSpec(calib, final, fitness_seqlen, seed + 2, RESCORING_REGION).to_dict(),
             **options,
         )
@@ -88,6 +95,11 @@ class SearchConfig:
     @property
     def fitness_name(self) -> str:
         return FITNESS_NAMES[self.fitness]
+
+    @property
+    def staged(self):
+        """The staged-evolution preset of this search, or None."""
+        return STAGED_PRESETS.get(self.evolution) if self.searcher == "evolution" else None
 
     @property
     def multi_objective(self) -> bool:
@@ -125,8 +137,11 @@ class SearchConfig:
             raise UserError("--pruner must be none or median")
         if self.preset not in WIDTH_PRESETS:
             raise UserError(f"unknown width preset {self.preset!r}; known: {', '.join(WIDTH_PRESETS)}")
-        if self.evolution not in EVOLUTION_PRESETS:
-            raise UserError(f"unknown evolution preset {self.evolution!r}; known: {', '.join(EVOLUTION_PRESETS)}")
+        if self.evolution not in EVOLUTION_PRESETS and self.evolution not in STAGED_PRESETS:
+            known = ", ".join([*EVOLUTION_PRESETS, *STAGED_PRESETS])
+            raise UserError(f"unknown evolution preset {self.evolution!r}; known: {known}")
+        if self.staged is not None:
+            self.check_staged()
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
         if self.export_reform not in MODES:
@@ -135,6 +150,14 @@ class SearchConfig:
         self.check_regions()
         if self.eval_windows != 0 and "wikitext2" not in {parse_dataset(d)[0] for d in self.eval_datasets}:
             raise UserError("the export's evaluation needs wikitext2 among --eval-datasets (the headline number)")
+
+    def check_staged(self) -> None:
+        pool = self.calibration_spec("fitness_windows").nsamples
+        if pool < max(self.staged.windows):
+            raise UserError(f"--evolution {self.evolution} scores its last stage on {max(self.staged.windows)} "
+                            f"fitness windows: give --fitness-nsamples at least that (got {pool})")
+        if self.pruner != "none":
+            raise UserError("--pruner applies to the other searchers: staged evolution stops weak children itself")
 
     def check_regions(self) -> None:
         """The statistics, fitness and re-scoring windows must come from disjoint text."""

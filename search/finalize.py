@@ -22,6 +22,7 @@ from search.artifacts import attach_summary, trial_subnet_of
 from search.config import SearchConfig
 from search.prepare import build_fitness, load_prepared, release_fitness
 from search.rundir import BEST, EXPORT
+from search.stages import incumbent_trials
 from space.export import export_subnet, record_header, update_subnet_record, write_json
 from space.models import load_model
 from space.subnet import Subnet
@@ -52,6 +53,8 @@ def front_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def candidates(study: optuna.Study, config: SearchConfig) -> tuple[list, list]:
     """The trials to re-score, and the NSGA-II front (empty for one objective): for a front, its
     member nearest the top of the range is exported and the front itself is reported."""
+    if config.staged is not None:  # values of different generations are on different windows
+        return incumbent_trials(study, config.final_top_k), []
     if not config.multi_objective:
         return top_trials(study, config.final_top_k), []
     front = front_trials(study)

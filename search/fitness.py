@@ -125,18 +125,21 @@ class Fitness:
             out.update(entry)
         return out
 
-    def _batches(self, model):
+    def _batches(self, model, rows: list[int] | None):
+        windows = self.windows if rows is None else self.windows[list(rows)]
         if self.reference is not None:
-            return iter_kl(model, self.windows, self.reference)
-        return iter_nll(model, self.windows, batch_size=self.batch_size)
+            return iter_kl(model, windows, self.reference if rows is None else self.reference.select(rows))
+        return iter_nll(model, windows, batch_size=self.batch_size)
 
     @torch.no_grad()
-    def evaluate(self, subnet: Subnet, *, on_batch: Callable[[int, float], bool] | None = None) -> FitnessResult:
-        """The fitness of ``subnet``; ``on_batch(step, running value)`` returning True stops early."""
+    def evaluate(self, subnet: Subnet, *, rows: list[int] | None = None,
+                 on_batch: Callable[[int, float], bool] | None = None) -> FitnessResult:
+        """The fitness of ``subnet`` on every window, or on the windows ``rows`` (staged selection);
+        ``on_batch(step, running value)`` returning True stops early."""
         total, count, running = 0.0, 0, []
         overrides = self.overrides(subnet)
         with subnet_view(self.adapter, subnet, overrides) as model:
-            for step, (summed, n) in enumerate(self._batches(model)):
+            for step, (summed, n) in enumerate(self._batches(model, rows)):
                 total += summed
                 count += n
                 running.append(total / count if self.kind == "kl" else math.exp(total / count))

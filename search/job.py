@@ -18,9 +18,10 @@ from evaluators.workers import InProcessPool, RayPool
 from search.config import SearchConfig
 from search.finalize import finalize
 from search.loop import run_loop
-from search.prepare import SearchEvaluator, channel_scores, load_prepared, starts_for
+from search.prepare import SearchEvaluator, channel_scores, load_prepared, release_fitness, starts_for, unit_errors
 from search.rundir import finished_result, open_run_dir, open_study, recover_interrupted
 from search.samplers import make_sampler
+from search.stages import run_staged
 from search.widths import WidthSpace
 from space.scores import score_spec
 
@@ -55,11 +56,12 @@ def run_search(
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
-        study, space = _study(config, run_dir, storage_url)
+        study, space = _study(config, run_dir, storage_url, workers)
         factory = SearchEvaluator(config.to_dict(), str(run_dir))
         pool = RayPool(factory, workers, ray_address) if workers > 0 else InProcessPool(factory)
         try:
-            loop_seconds = run_loop(study, config, space, pool, progress, run_dir)
+            loop = run_staged if config.staged is not None else run_loop
+            loop_seconds = loop(study, config, space, pool, progress, run_dir)
         finally:
             pool.close()
         completed = len(study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE]))
@@ -76,20 +78,27 @@ def run_search(
         handler.close()
 
 
-def _study(config: SearchConfig, run_dir: Path, storage_url: str | None) -> tuple[optuna.Study, WidthSpace]:
+def _study(config: SearchConfig, run_dir: Path, storage_url: str | None,
+           workers: int) -> tuple[optuna.Study, WidthSpace]:
     """The study with its sampler, started from the one-shot allocations (the driver's model is
     dropped afterwards: the workers, or the in-process pool, prepare their own copy)."""
     _, adapter, _, ordered = load_prepared(config, run_dir)  # computes and caches importance
     space = WidthSpace(adapter.dims, preset=config.preset, mlp_step=config.mlp_step)
     starts = starts_for(config, space, ordered, score_spec(config.importance).standardized)
+    errors = None
+    if config.staged is not None:  # level switches are drawn by the fitness's own residuals
+        errors = unit_errors(config, run_dir, space)
+        if workers:
+            release_fitness()  # the workers build their own; the in-process pool reuses this one
     sampler = make_sampler(config.searcher, space=space, ratio=config.ratio, starts=starts,
                            channel_scores=channel_scores(ordered), seed=config.seed,
-                           evolution_preset=config.evolution)
+                           evolution_preset=config.evolution, errors=errors)
     study = open_study(run_dir, config, sampler, storage_url)
     study.set_user_attr("config", config.to_dict())
     study.set_user_attr("space", space.describe())
     if not study.trials and config.searcher != "evolution":
         for start in starts:  # the other samplers begin where the one-shot rules end
             study.enqueue_trial(space.encode(start))
-    recover_interrupted(study)
+    # staged evolution scores an interrupted generation again itself (its trials are not queued)
+    recover_interrupted(study, requeue=config.staged is None)
     return study, space

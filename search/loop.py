@@ -83,7 +83,7 @@ def run_loop(study: optuna.Study, config: SearchConfig, space: WidthSpace, pool,
 def _ask(study: optuna.Study, config: SearchConfig, space: WidthSpace) -> tuple[optuna.trial.Trial, Subnet]:
     trial = study.ask(fixed_distributions=space.distributions())
     subnet = trial_subnet(config, space, trial.params)
-    _describe(trial, subnet)
+    describe_trial(trial, subnet)
     return trial, subnet
 
 
@@ -95,7 +95,7 @@ def _reporter(trial: optuna.trial.Trial) -> Callable[[int, float], bool]:
     return report
 
 
-def _describe(trial: optuna.trial.Trial, subnet: Subnet) -> None:
+def describe_trial(trial: optuna.trial.Trial, subnet: Subnet) -> None:
     trial.set_user_attr("widths", [[w.kv_heads, w.q_per_kv, w.channels] for w in subnet.layers])
     trial.set_user_attr("block_ratio", subnet.ratio())
     trial.set_user_attr("total_ratio", subnet.total_ratio())

@@ -17,9 +17,11 @@ import torch
 
 from evaluators.data import CalibrationSpec
 from reform.local import output_solvers
+from reform.targets import o_columns
 from search.config import SearchConfig
 from search.fitness import Fitness
 from search.oneshot.allocation import ALLOCATIONS
+from search.samplers.levels import UnitErrors
 from search.rundir import IMPORTANCE
 from search.widths import WidthSpace
 from space.adapters import adapter_for
@@ -27,7 +29,7 @@ from space.models import LoadedModel, load_model
 from space.order import order_model
 from space.scores.base import LayerScores, standardize
 from space.scores.cache import ScoreCache
-from space.subnet import Subnet
+from space.subnet import LayerWidths, Subnet
 
 
 def dense_scores(loaded: LoadedModel, names: list[str], calibration: CalibrationSpec, *, ratio: float | None = None,
@@ -79,6 +81,24 @@ def release_fitness() -> None:
     _fitness_parts.cache_clear()
 
 
+def unit_errors(config: SearchConfig, run_dir: Path, space: WidthSpace) -> UnitErrors | None:
+    """The fitness's least-squares residual of every layer at every MLP width and attention shape
+    of ``space`` (from the prefix solvers the fitness uses; None when the fitness has none)."""
+    adapter, solvers, _ = _fitness_parts(json.dumps(config.to_dict(), sort_keys=True), str(run_dir))
+    if solvers is None:
+        return None
+    dims = adapter.dims
+    mlp, attention = [], []
+    for layer_solvers in solvers:
+        down, o = layer_solvers["down"], layer_solvers["o"]
+        whole = down.explained(dims.intermediate_size)
+        mlp.append(np.array([whole - down.explained(c) for c in space.grid]))
+        whole = o.explained(dims.num_heads * dims.head_dim)
+        kept = [o_columns(LayerWidths(kv, q, 0), dims) for kv, q in space.shapes]
+        attention.append(np.array([whole - (o.explained(k) if kv else 0.0) for k, (kv, _) in zip(kept, space.shapes)]))
+    return UnitErrors(mlp, attention)
+
+
 class SearchEvaluator:
     """What a worker runs: widths in, scores out (picklable factory for Ray)."""
 
@@ -91,7 +111,8 @@ class SearchEvaluator:
 
         def evaluate(payload: dict) -> dict:
             started = time.time()
-            result = fitness.evaluate(Subnet.from_dict(payload["subnet"]), on_batch=payload.get("on_batch"))
+            result = fitness.evaluate(Subnet.from_dict(payload["subnet"]), rows=payload.get("rows"),
+                                      on_batch=payload.get("on_batch"))
             return {"value": result.value, "batch_values": result.batch_values, "pruned": result.pruned,
                     "seconds": time.time() - started, "cache_hits": fitness.cache.hits}
 

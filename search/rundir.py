@@ -106,15 +106,15 @@ def open_study(run_dir: Path, config: SearchConfig, sampler, storage_url: str | 
     return study
 
 
-def recover_interrupted(study: optuna.Study) -> int:
-    """Mark trials a killed job left RUNNING as FAIL and queue their parameters again."""
+def recover_interrupted(study: optuna.Study, *, requeue: bool = True) -> int:
+    """Mark trials a killed job left RUNNING as FAIL and (``requeue``) queue their parameters again."""
     stale = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.RUNNING])
     for trial in stale:
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        if trial.params:
+        if trial.params and requeue:
             study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
     if stale:
-        log.info("resuming: %d interrupted trial(s) queued again", len(stale))
+        log.info("resuming: %d interrupted trial(s) %s", len(stale), "queued again" if requeue else "marked failed")
     return len(stale)
 
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from evaluators.data import CalibrationSpec, calibration_text, parse_dataset
+from evaluators.data import CalibrationSpec, parse_dataset
 from reform.spec import DEFAULT_METHOD, DEFAULT_MODE, METHODS, MODES, ReformSpec, method_spec
 from space.errors import UserError
 
@@ -32,8 +32,9 @@ def add_calibration_options(parser: argparse.ArgumentParser, *, nsamples: int = 
 def calibration_from(args, nsamples: int | None = None) -> CalibrationSpec:
     """The calibration the options name; its text is read now, so a missing or test split fails
     before any model loads."""
-    calibration_text(args.calib)
-    return CalibrationSpec(args.calib, nsamples or args.nsamples, args.calib_seqlen, args.seed)
+    spec = CalibrationSpec(args.calib, nsamples or args.nsamples, args.calib_seqlen, args.seed)
+    spec.check_text()
+    return spec
 
 
 def add_reform_options(parser: argparse.ArgumentParser, *, method_flag: str, mode_flag: str) -> None:

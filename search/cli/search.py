@@ -13,6 +13,7 @@ from search.job import run_search
 from search.rundir import check_run_dir
 from search.samplers import SAMPLERS
 from search.samplers.evolution import PRESETS as EVOLUTION
+from search.samplers.staged import PRESETS as STAGED
 from search.widths import PRESETS as WIDTHS
 from space.errors import UserError
 from space.models import resolve
@@ -33,12 +34,14 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="wide", help="per-layer width bounds: " + " | ".join(WIDTHS))
     p.add_argument("--mlp-step", type=int, help="MLP width step (default: about 1/48 of the width)")
-    p.add_argument("--evolution", default="cpu", help="evolution sizes: " + " | ".join(EVOLUTION))
+    p.add_argument("--evolution", default="cpu", help="evolution sizes: " + " | ".join([*EVOLUTION, *STAGED]) +
+                   " (staged: selection in stages with level-switch mutations)")
     p.add_argument("--importance", default="wanda-sp", help="unit order inside layers and the starts")
     p.add_argument("--fitness-reform", default="lstsq", help="lstsq | none: rectify candidates before scoring")
     p.add_argument("--fitness", default="ppl", help="ppl | kl: calibration perplexity, or KL to the dense model")
     p.add_argument("--fitness-top-k", type=int, default=256, help="kl: dense tokens kept per position (default 256)")
-    p.add_argument("--fitness-nsamples", type=int, default=8)
+    p.add_argument("--fitness-nsamples", type=int, help="fitness windows (default 8; staged evolution: the pool "
+                                                          "its stages draw from, 4 generations' worth)")
     p.add_argument("--fitness-seqlen", type=int, default=512)
     p.add_argument("--pruner", default="none", help="none | median (stop hopeless candidates early; in-process)")
     p.add_argument("--final-top-k", type=int, default=5, help="re-score this many of the best at the end")
@@ -73,6 +76,7 @@ def validate(args) -> None:
         raise UserError("--workers must be >= 0")
     args.config = config_from(args)
     args.config.check()
+    args.config.calibration_spec().check_text()  # a missing or test split fails before the model loads
     check_run_dir(args.run_dir)
     if args.config.eval_windows != 0:
         for spec in args.config.eval_datasets:  # the texts the export is measured on exist

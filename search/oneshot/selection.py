@@ -21,7 +21,7 @@ import optuna
 import torch
 import torch.nn.functional as F
 
-from evaluators.data import calibration_text, random_windows, tokenize
+from evaluators.data import calibration_text, random_windows, share, tokenize
 from evaluators.perplexity import perplexity
 from search.oneshot.recipes import Recipe
 from search.oneshot.steps import Candidate, OneShotCache, cache_source, dense_copy, score_windows, shape
@@ -39,11 +39,16 @@ def split_windows(tokenizer, recipe: Recipe, *, seed: int, nsamples: int | None 
     """Seeded random windows from the ``first`` or ``second`` half of the recipe's calibration
     text (its validation split), and their record."""
     cal = recipe.calibration
-    tokens = tokenize(tokenizer, calibration_text(cal.dataset))
-    half = tokens.numel() // 2
-    tokens = tokens[:half] if part == "first" else tokens[half:]
     nsamples, seqlen = nsamples or cal.nsamples, seqlen or cal.seqlen
-    windows = random_windows(tokens, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    chunks = []
+    for source, n in zip(cal.parts(), share(nsamples, len(cal.parts()))):
+        if not n:
+            continue
+        tokens = tokenize(tokenizer, calibration_text(source))
+        half = tokens.numel() // 2
+        tokens = tokens[:half] if part == "first" else tokens[half:]
+        chunks.append(random_windows(tokens, nsamples=n, seqlen=seqlen, seed=seed))
+    windows = torch.cat(chunks)
     dataset = cal.to_dict()
     return windows, {"dataset": dataset["dataset"], "split": dataset["split"], "part": f"{part} half", "nsamples": nsamples,
                      "seqlen": seqlen, "seed": seed}

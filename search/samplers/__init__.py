@@ -1,6 +1,8 @@
 """Searchers by name: the paper's evolution, and Optuna's own samplers over the same space.
 
-``evolution`` is :class:`search.samplers.evolution.EvolutionSampler`; ``tpe``, ``gp``, ``cmaes`` and
+``evolution`` is :class:`search.samplers.evolution.EvolutionSampler` (presets ``paper``, ``cpu``,
+``tiny``) or, with a staged preset (``staged``, ``staged-tiny``), EvoPress's selection in stages with
+level-switch mutations (:class:`search.samplers.staged.StagedEvolution`); ``tpe``, ``gp``, ``cmaes`` and
 ``random`` come from Optuna and see the same integer parameters (attention-shape index and MLP
 grid index per layer); ``nsga2`` is Optuna's NSGA-II on two objectives (calibration perplexity,
 kept block ratio) for a front of subnets over a ratio range. Every proposal is projected onto the
@@ -20,6 +22,9 @@ import optuna
 
 from search.samplers.evolution import PRESETS as EVOLUTION_PRESETS
 from search.samplers.evolution import EvolutionSampler
+from search.samplers.levels import UnitErrors
+from search.samplers.staged import PRESETS as STAGED_PRESETS
+from search.samplers.staged import StagedEvolution
 from search.widths import WidthSpace
 from space.errors import UserError
 from space.subnet import Subnet
@@ -40,9 +45,13 @@ def register_sampler(name: str, *, multi_objective: bool = False):
 
 
 @register_sampler("evolution")
-def _evolution(*, space, ratio, starts, channel_scores, seed, evolution_preset):
+def _evolution(*, space, ratio, starts, channel_scores, seed, evolution_preset, errors=None):
+    if evolution_preset in STAGED_PRESETS:
+        return StagedEvolution(space=space, ratio=ratio, starts=starts, preset=STAGED_PRESETS[evolution_preset],
+                               errors=errors, seed=seed)
     if evolution_preset not in EVOLUTION_PRESETS:
-        raise UserError(f"unknown evolution preset {evolution_preset!r}; known: {', '.join(EVOLUTION_PRESETS)}")
+        known = ", ".join([*EVOLUTION_PRESETS, *STAGED_PRESETS])
+        raise UserError(f"unknown evolution preset {evolution_preset!r}; known: {known}")
     p = EVOLUTION_PRESETS[evolution_preset]
     return EvolutionSampler(space=space, ratio=ratio, starts=starts, channel_scores=channel_scores,
                             population_size=p.population_size, num_mutants=p.num_mutants, top_k=p.top_k, seed=seed)
@@ -83,9 +92,12 @@ def make_sampler(
     channel_scores: Sequence[np.ndarray] | None,
     seed: int,
     evolution_preset: str = "cpu",
+    errors: UnitErrors | None = None,
 ) -> optuna.samplers.BaseSampler:
-    """The sampler ``name`` with its settings (starts are enqueued by the job for the others)."""
+    """The sampler ``name`` with its settings (starts are enqueued by the job for the others);
+    ``errors``: the fitness's least-squares residuals, which weight staged evolution's switches."""
     if name not in SAMPLERS:
         raise UserError(f"unknown searcher {name!r}; known: {', '.join(SAMPLERS)}")
+    extra = {"errors": errors} if name == "evolution" else {}
     return SAMPLERS[name](space=space, ratio=ratio, starts=starts, channel_scores=channel_scores, seed=seed,
-                          evolution_preset=evolution_preset)
+                          evolution_preset=evolution_preset, **extra)

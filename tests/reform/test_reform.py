@@ -120,6 +120,33 @@ def test_precomputed_prefix_solves_match_the_exact_ones(setup):
             assert error < 1e-4, (name, k, float(error))
 
 
+def test_explained_output_gives_the_refit_residual_of_any_kept_set(setup):
+    """tr(W C Wᵀ) − explained(K) is the ridge objective ‖(W − Ŵ_K) X‖² + λ‖Ŵ_K‖² at the refit,
+    computed directly; the precomputed prefix form agrees."""
+    adapter, _, windows = setup
+    layer, stats = next(output_stats(adapter, windows))
+    for name in ("o", "down"):
+        weight = layer.linears()[name].weight.detach().double()
+        gram = stats[name].gram.double()
+        lam = damping_value(gram, 1e-4)
+        solver = PrefixLstsq(weight, gram, damping=1e-4)
+        fast = PrefixLstsq(weight, gram, damping=1e-4).precompute(torch.float32)
+        dense = torch.trace(weight @ gram @ weight.T)
+
+        def objective(index):
+            w = solver.solve(index).double()
+            full = torch.zeros_like(weight)
+            full[:, index] = w
+            diff = weight - full
+            return float(torch.trace(diff @ gram @ diff.T) + lam * w.pow(2).sum())
+
+        index = torch.randperm(gram.shape[0], generator=torch.Generator().manual_seed(1))[: gram.shape[0] // 2]
+        for kept in (index, torch.arange(7)):
+            assert float(dense) - solver.explained(kept) == pytest.approx(objective(kept), rel=1e-6)
+        assert fast.explained(7) == pytest.approx(solver.explained(torch.arange(7)), rel=1e-4)
+        assert solver.explained(0) == 0.0
+
+
 def test_full_width_is_the_identity_and_a_dense_subnet_is_left_alone(setup):
     adapter, _, windows = setup
     layer, stats = next(output_stats(adapter, windows))

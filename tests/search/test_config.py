@@ -2,6 +2,7 @@
 calibration text its statistics, fitness and re-scoring windows come from."""
 
 import pytest
+import torch
 
 from evaluators.data import CalibrationSpec, calibration_text, region_bounds, region_starts
 from search.config import SearchConfig
@@ -37,3 +38,27 @@ def test_a_search_with_overlapping_windows_is_refused():
     config = SearchConfig(model="m", ratio=0.5, calibration=whole, fitness_windows={**whole, "seed": 1})
     with pytest.raises(UserError, match="overlapping text"):
         config.check()
+
+
+def test_calibration_from_two_sources_shares_its_windows_and_regions(tiny_text_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from tests.conftest import tiny_tokenizer
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_text_dir, data)
+    (data / "ptb" / "ptb.valid.txt").write_text((data / "ptb" / "ptb.test.txt").read_text())
+    monkeypatch.setenv("LLM_PRUNER_DATA", str(data))
+    spec = CalibrationSpec("wikitext2+ptb:validation", 5, 16, 0, (0.0, 0.6))
+    assert spec.to_dict()["dataset"] == "wikitext2+ptb" and spec.to_dict()["split"] == "validation+validation"
+    assert CalibrationSpec.from_dict(spec.to_dict()) == CalibrationSpec("wikitext2:validation+ptb:validation", 5, 16, 0,
+                                                                        (0.0, 0.6))
+    tokenizer = tiny_tokenizer()
+    windows = spec.windows(tokenizer)
+    alone = [CalibrationSpec(part, n, 16, 0, (0.0, 0.6)).windows(tokenizer)
+             for part, n in (("wikitext2", 3), ("ptb:validation", 2))]
+    assert windows.shape == (5, 16) and (windows == torch.cat(alone)).all()  # 3 + 2, each from its own text
+    assert spec.overlaps(CalibrationSpec("ptb:validation", 4, 16, region=(0.5, 1.0)))
+    assert not spec.overlaps(CalibrationSpec("ptb:validation", 4, 16, region=(0.6, 1.0)))
+    with pytest.raises(UserError, match="leak"):
+        CalibrationSpec("wikitext2+ptb:test", 4, 16).check_text()

@@ -413,3 +413,9 @@ def test_kl_fitness_equals_a_direct_computation(make_model, token_ids, top_k):
     assert result.value == pytest.approx(float(direct.mean()), rel=1e-5 if top_k == 128 else 1e-3)
     assert len(result.batch_values) == 2 and result.value > 0
     assert fitness.evaluate(Subnet.dense(adapter.dims)).value == pytest.approx(0.0, abs=1e-9)
+    rows = [3, 0, 2]  # staged selection scores a subset of the windows: the same as those windows alone
+    alone = Fitness(adapter, token_ids[rows], solvers=solvers, batch_size=3, kind="kl", top_k=top_k)
+    assert fitness.evaluate(subnet, rows=rows).value == pytest.approx(alone.evaluate(subnet).value, rel=1e-9)
+    ppl = Fitness(adapter, token_ids, solvers=solvers, batch_size=3)
+    assert ppl.evaluate(subnet, rows=rows).value == pytest.approx(
+        Fitness(adapter, token_ids[rows], solvers=solvers, batch_size=3).evaluate(subnet).value, rel=1e-9)

@@ -1,0 +1,140 @@
+"""The search-quality ablation of issue 13: the search with today's defaults, then the issue's items
+added one at a time, each row a full search of SmolLM2-135M whose export is measured in float32 on the
+first 32 windows of 2048 tokens of WikiText-2 test, PTB test and c4:heldout (documents 501-1000 of
+the local C4 sample, which no step calibrates on).
+
+Decisions (which item stays in the next rows, which becomes a default) are read from text no step
+fitted and no test split: the re-scoring region of WikiText-2 validation (the search's own held-out
+value) and PTB validation, both measured here too. Each search runs in its own folder under
+``--runs`` and resumes there; finished cells are kept in the JSON.
+
+    LLM_PRUNER_DATA=../shared/data python experiments/quality.py --ratios 0.7 0.5 --rows defaults kl
+    LLM_PRUNER_DATA=../shared/data python experiments/quality.py --ratios 0.5 --rows defaults --seeds 1
+    LLM_PRUNER_DATA=../shared/data python experiments/quality.py --ratios 0.5 --rows defaults --zeroshot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from evaluators.environment import environment
+from evaluators.speed import matmul_tflops
+from evaluators.tasks import TASKS
+from evaluators.zeroshot import evaluate_zeroshot
+from search.config import SearchConfig
+from search.job import run_search
+from space.export import write_json
+from space.models import load_model
+
+RESULTS = Path(__file__).parent / "results"
+EVAL = ("wikitext2", "ptb", "c4:heldout", "ptb:validation")  # the last is for decisions, not reported as test
+
+# Cumulative rows: each adds one item of the issue to the row before it (in the order built).
+ROWS: dict[str, dict] = {
+    "defaults": {},
+    "kl": {"fitness": "kl"},
+    "obs": {"fitness": "kl", "importance": "obs-elimination"},
+    "upstream": {"fitness": "kl", "export_reform": "upstream"},
+    "staged": {"fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 300},
+}
+
+
+def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int) -> dict:
+    options = {"trials": trials, **ROWS[row]}
+    config = SearchConfig.create("smollm2-135m", ratio, seed=seed, eval_windows=32, eval_datasets=EVAL, **options)
+    result = run_search(config, runs / f"{ratio}" / f"{row}-seed{seed}", progress=False)
+    best = result.best
+    ppl = {spec: t["ppl"] for spec, t in [("wikitext2", best["test"]), *best["held_out"].items()]}
+    return {"ratio": ratio, "row": row, "seed": seed, "options": options, "trials": result.completed,
+            "block_ratio": best["best"]["block_ratio"], "rescored": best["best"]["rescored"],
+            "fitness": config.fitness_name, "ppl": ppl, "windows": best["test"]["windows"],
+            "seconds": {k: round(v, 1) for k, v in best["seconds"].items()}, "export": best["export"]}
+
+
+def zeroshot_cell(export: str, limit: int) -> dict:
+    loaded = load_model(export, dtype=torch.float32)
+    started = time.time()
+    result = evaluate_zeroshot(loaded.model, loaded.tokenizer, list(TASKS), limit=limit, progress=False)
+    scores = {name: r[r["metric"]] for name, r in result["zeroshot"].items()}
+    return {"limit": limit, "scores": {**scores, "average": result["zeroshot_avg"]},
+            "seconds": round(time.time() - started, 1)}
+
+
+def dense_ppl() -> dict:
+    from evaluators.suite import evaluate
+
+    loaded = load_model("smollm2-135m", dtype=torch.float32)
+    return evaluate(loaded.model, loaded.tokenizer, ppl=list(EVAL), seqlen=2048, limit=32)["ppl"]
+
+
+def report(data: dict) -> str:
+    lines = ["# Search quality, item by item (SmolLM2-135M)", "",
+             "Each row is a whole search (`llm-pruner search`, its defaults except the row's options) whose export "
+             "is measured in float32 on the first 32 windows of 2048 tokens: WikiText-2 test, PTB test and "
+             "c4:heldout (C4 documents 501-1000, never calibrated on). Decisions use the re-scoring region of "
+             "WikiText-2 validation (`rescored`, the search's own held-out fitness, comparable within a fitness "
+             "kind) and PTB validation, never a test split. Dense: "
+             + ", ".join(f"{k} {v:.2f}" for k, v in data.get("dense", {}).items()) + ".", "",
+             f"Machine: {data['environment']['machine']['cpu']}, {data['environment']['machine']['threads']} threads; "
+             f"bfloat16 matmul peak measured in the same run: {data['bf16_tflops']:.2f} TFLOP/s "
+             f"(float32 {data['fp32_tflops']:.2f}).", "",
+             "| ratio | row | options | seed | WikiText-2 | PTB | c4:heldout | PTB valid | re-scored | search s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(data["cells"], key=lambda k: (-data["cells"][k]["ratio"], list(ROWS).index(data["cells"][k]["row"]),
+                                                    data["cells"][k]["seed"])):
+        c = data["cells"][key]
+        p = c["ppl"]
+        lines.append(f"| {c['ratio']} | {c['row']} | `{json.dumps(c['options'])}` | {c['seed']} | "
+                     f"{p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | {p['ptb:validation']:.2f} | "
+                     f"{c['rescored']:.4g} | {c['seconds']['search']:.0f} |")
+    if data.get("zeroshot"):
+        lines += ["", "Zero-shot accuracy (seven tasks, first 500 each, float32):", "",
+                  "| cell | " + " | ".join(TASKS) + " | average |", "|---|" + "---|" * (len(TASKS) + 1)]
+        for key, z in sorted(data["zeroshot"].items()):
+            s = z["scores"]
+            lines.append(f"| {key} | " + " | ".join(f"{s[t]:.3f}" for t in TASKS) + f" | {s['average']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--trials", type=int, default=100, help="trials of a row that does not set its own")
+    parser.add_argument("--zeroshot", action="store_true", help="also the zero-shot average of these cells")
+    parser.add_argument("--zeroshot-limit", type=int, default=500)
+    parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    args = parser.parse_args(argv)
+    data = json.loads(args.out.read_text()) if args.out.is_file() else {"cells": {}, "zeroshot": {}}
+    data["environment"] = environment()
+    if "dense" not in data:
+        data["dense"] = dense_ppl()
+    data["bf16_tflops"] = matmul_tflops(torch.bfloat16)
+    data["fp32_tflops"] = matmul_tflops(torch.float32)
+    data["command"] = "python experiments/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for ratio in args.ratios:
+        for row in args.rows:
+            for seed in args.seeds:
+                key = f"{ratio}/{row}/seed{seed}"
+                if key not in data["cells"]:
+                    data["cells"][key] = search_cell(ratio, row, seed, args.runs, args.trials)
+                    write_json(args.out, data)
+                if args.zeroshot and key not in data["zeroshot"]:
+                    data["zeroshot"][key] = zeroshot_cell(data["cells"][key]["export"], args.zeroshot_limit)
+                    write_json(args.out, data)
+                print(json.dumps(data["cells"][key]["ppl"]), key, flush=True)
+    args.out.with_suffix(".md").write_text(report(data))
+    print(report(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

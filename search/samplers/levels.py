@@ -1,0 +1,128 @@
+"""Level switches: mutations that move width between two layers of the same kind in equal
+parameter quanta (EvoPress, Týr-the-Pruner), so that a child has exactly its parent's size.
+
+An MLP switch takes ``quantum`` channels from one layer and gives them to another; an attention
+switch moves one layer to a smaller GQA shape and another to a larger one whose parameter counts
+differ by the same amount. No projection follows: the budget holds by construction, and a
+sub-layer may reach zero width where the width space allows it (depth pruning inside the search).
+
+Which layers give and receive is drawn from the exact least-squares residuals of the fitness
+(:class:`UnitErrors`): a layer gives where losing the quantum adds little error after the refit,
+and receives where gaining it removes much. Residuals are in units of the layer's output, so they
+compare across layers. Half of the draws are uniform, because the residual is a proxy of the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from search.widths import WidthSpace
+from space.subnet import LayerWidths, Subnet
+
+
+@dataclass(frozen=True)
+class UnitErrors:
+    """Per layer, the least-squares residual of its output projection after the refit (above the
+    dense layer's): ``mlp[l][i]`` at the MLP width ``grid[i]``, ``attention[l][j]`` at ``shapes[j]``."""
+
+    mlp: Sequence[np.ndarray]
+    attention: Sequence[np.ndarray]
+
+
+class LevelSwitches:
+    """Budget-exact mutations over a width space.
+
+    Args:
+        space: the width space (its grid and shapes bound every move).
+        errors: residuals that weight the choice of layers; None draws layers uniformly.
+        attention_prob: chance that a switch is an attention switch.
+        max_switches: a child has 1..max_switches switches.
+        explore: share of uniform draws mixed into the error-weighted ones.
+    """
+
+    def __init__(self, space: WidthSpace, *, errors: UnitErrors | None = None, attention_prob: float = 0.25,
+                 max_switches: int = 3, explore: float = 0.5):
+        self.space = space
+        self.errors = errors
+        self.attention_prob = attention_prob if len(space.shapes) > 1 else 0.0
+        self.max_switches = max_switches
+        self.explore = explore if errors is not None else 1.0
+        self.channels = {c: i for i, c in enumerate(space.grid)}
+        self.params = [space.dims.attention_params(*s) for s in space.shapes]
+
+    def mutate(self, parent: Subnet, rng: np.random.Generator, quantum: int) -> Subnet:
+        """A child of ``parent`` with the same parameter count; ``quantum``: MLP channels a switch moves."""
+        layers = list(parent.layers)
+        for _ in range(int(rng.integers(1, self.max_switches + 1))):
+            if not (rng.random() < self.attention_prob and self._switch_attention(layers, rng)):
+                self._switch_mlp(layers, rng, quantum)
+        return Subnet(parent.dims, layers)
+
+    # --- choosing layers --------------------------------------------------------------------
+
+    def _draw(self, costs: np.ndarray, rng: np.random.Generator, *, cheap: bool) -> int:
+        """An index, mixing uniform with weights ∝ 1 / cost (``cheap``) or ∝ cost."""
+        n = len(costs)
+        probs = np.full(n, self.explore / n)
+        if self.explore < 1:
+            safe = np.maximum(costs, 1e-12 * max(float(costs.max()), 1e-30))
+            weights = 1.0 / safe if cheap else safe
+            probs += (1 - self.explore) * weights / weights.sum()
+        return int(rng.choice(n, p=probs / probs.sum()))
+
+    def _mlp_error(self, layer: int, channels: int) -> float:
+        return 0.0 if self.errors is None else float(self.errors.mlp[layer][self.channels[channels]])
+
+    def _attention_error(self, layer: int, shape: int) -> float:
+        return 0.0 if self.errors is None else float(self.errors.attention[layer][shape])
+
+    # --- switches ---------------------------------------------------------------------------
+
+    def _switch_mlp(self, layers: list[LayerWidths], rng: np.random.Generator, quantum: int) -> bool:
+        givers = [i for i, w in enumerate(layers) if w.channels - quantum in self.channels]
+        if not givers:
+            return False
+        cost = np.array([self._mlp_error(i, layers[i].channels - quantum) - self._mlp_error(i, layers[i].channels)
+                         for i in givers])
+        giver = givers[self._draw(cost, rng, cheap=True)]
+        receivers = [i for i, w in enumerate(layers) if i != giver and w.channels + quantum in self.channels]
+        if not receivers:
+            return False
+        gain = np.array([self._mlp_error(i, layers[i].channels) - self._mlp_error(i, layers[i].channels + quantum)
+                         for i in receivers])
+        receiver = receivers[self._draw(gain, rng, cheap=False)]
+        for i, delta in ((giver, -quantum), (receiver, quantum)):
+            w = layers[i]
+            layers[i] = LayerWidths(w.kv_heads, w.q_per_kv, w.channels + delta)
+        return True
+
+    def _moves(self, layers: list[LayerWidths], down: bool) -> dict[int, list[tuple[int, int, float]]]:
+        """Per parameter delta, the (layer, new shape, error change) of every attention move."""
+        moves: dict[int, list[tuple[int, int, float]]] = {}
+        for i, w in enumerate(layers):
+            current = self.space.shapes.index((w.kv_heads, w.q_per_kv))
+            for j, p in enumerate(self.params):
+                delta = self.params[current] - p if down else p - self.params[current]
+                if delta > 0:
+                    change = abs(self._attention_error(i, j) - self._attention_error(i, current))
+                    moves.setdefault(delta, []).append((i, j, change))
+        return moves
+
+    def _switch_attention(self, layers: list[LayerWidths], rng: np.random.Generator) -> bool:
+        down, up = self._moves(layers, down=True), self._moves(layers, down=False)
+        deltas = sorted(d for d in down if d in up and any(g[0] != r[0] for g in down[d] for r in up[d]))
+        if not deltas:
+            return False
+        weights = 1.0 / np.square(np.array(deltas, dtype=float))  # small steps first: levels, not jumps
+        delta = deltas[int(rng.choice(len(deltas), p=weights / weights.sum()))]
+        giver, shape_g, _ = down[delta][self._draw(np.array([m[2] for m in down[delta]]), rng, cheap=True)]
+        receivers = [m for m in up[delta] if m[0] != giver]
+        if not receivers:
+            return False
+        receiver, shape_r, _ = receivers[self._draw(np.array([m[2] for m in receivers]), rng, cheap=False)]
+        for i, shape in ((giver, shape_g), (receiver, shape_r)):
+            layers[i] = LayerWidths(*self.space.shapes[shape], layers[i].channels)
+        return True

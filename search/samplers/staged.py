@@ -1,0 +1,124 @@
+"""Evolution with selection in stages (EvoPress): one incumbent, many children scored on few
+tokens, the best few re-scored on more fresh tokens, the last survivor against the incumbent re-scored
+on the same tokens (elitist).
+
+A generation's children are level switches of the incumbent (:mod:`search.samplers.levels`): the same
+size by construction. Their MLP quantum starts coarse and halves in each of ``rounds``
+coarse-to-fine rounds (Týr-the-Pruner). Every stage draws fresh windows from the fitness region,
+seeded by the generation, so a resumed job scores exactly what an uninterrupted one would.
+
+The driver runs the stages (:mod:`search.stages`); this sampler only decides what each trial
+is: the loop hands it the child a trial is for (:meth:`propose`), Optuna records the parameters.
+Generation 0 scores the one-shot starts the same way and keeps the best as the first incumbent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler
+
+from search.samplers.levels import LevelSwitches, UnitErrors
+from search.widths import WidthSpace
+from space.subnet import Subnet
+
+
+@dataclass(frozen=True)
+class StagedPreset:
+    offspring: int  # children per generation
+    survivors: tuple[int, ...]  # candidates entering each stage after the first (the last: 1)
+    windows: tuple[int, ...]  # fitness windows per stage, growing
+    rounds: int  # coarse-to-fine rounds
+    coarse_steps: int  # MLP grid steps a switch moves in the first round, halved every round
+
+    @property
+    def pool(self) -> int:
+        """Fitness windows a generation draws from (its stages never share one)."""
+        return sum(self.windows)
+
+
+PRESETS = {
+    # 16 children on 1 window of 512 tokens, the best 4 on 4 fresh windows, the best of those and the
+    # incumbent on 16 more: 64 window evaluations a generation, like 8 children on 8 windows.
+    "staged": StagedPreset(offspring=16, survivors=(4, 1), windows=(1, 4, 16), rounds=3, coarse_steps=4),
+    "staged-tiny": StagedPreset(offspring=4, survivors=(2, 1), windows=(1, 2, 3), rounds=2, coarse_steps=2),
+}
+
+
+class StagedEvolution(BaseSampler):
+    """The (1 + λ) evolution of EvoPress over per-layer widths, with level-switch mutations."""
+
+    def __init__(self, *, space: WidthSpace, ratio: float, starts: Sequence[Subnet], preset: StagedPreset,
+                 errors: UnitErrors | None = None, seed: int = 0):
+        if not starts:
+            raise ValueError("at least one start is needed")
+        self.space = space
+        self.preset = preset
+        self.starts = [space.repair(s, ratio) for s in starts]
+        self.switches = LevelSwitches(space, errors=errors)
+        self.seed = seed
+        self._proposed: dict[str, int] | None = None
+
+    # --- what the loop asks -----------------------------------------------------------------
+
+    def generations(self, trials: int) -> int:
+        """Generations that evaluate about ``trials`` children (generation 0: the starts)."""
+        return 1 + math.ceil(max(0, trials - len(self.starts)) / self.preset.offspring)
+
+    def quantum(self, generation: int, generations: int) -> int:
+        """MLP channels a switch moves in ``generation``: coarse first, halved every round."""
+        later = max(1, generations - 1)
+        round_ = min(self.preset.rounds - 1, (generation - 1) * self.preset.rounds // later)
+        return self.space.bounds.step * max(1, self.preset.coarse_steps >> max(0, round_))
+
+    def children(self, incumbent: Subnet, generation: int, generations: int) -> list[Subnet]:
+        """Generation 0: the starts; later: distinct level-switch children of ``incumbent``."""
+        if generation == 0:
+            return list(self.starts)
+        rng = np.random.default_rng([self.seed, generation])
+        quantum = self.quantum(generation, generations)
+        out: list[Subnet] = []
+        for _ in range(self.preset.offspring):
+            child = incumbent
+            for _attempt in range(20):  # a child equal to the incumbent or a sibling is wasted
+                child = self.switches.mutate(incumbent, rng, quantum)
+                if child != incumbent and child not in out:
+                    break
+            out.append(child)
+        return out
+
+    def stage_rows(self, generation: int, pool_size: int) -> list[list[int]]:
+        """The fitness windows of each stage of ``generation``: fresh, disjoint while the pool lasts."""
+        rng = np.random.default_rng([self.seed, generation, 1])
+        order = list(rng.permutation(pool_size))
+        rows, offset = [], 0
+        for n in self.preset.windows:
+            if offset + n > pool_size:  # a small pool: draw this stage anew
+                order, offset = list(rng.permutation(pool_size)), 0
+            rows.append([int(r) for r in order[offset: offset + min(n, pool_size)]])
+            offset += n
+        return rows
+
+    def propose(self, params: dict[str, int]) -> None:
+        """The parameters of the next trial the study asks for."""
+        self._proposed = params
+
+    # --- Optuna sampler interface -----------------------------------------------------------
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
+        return self.space.distributions()
+
+    def sample_relative(self, study, trial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        if self._proposed is None:
+            raise RuntimeError("staged evolution: every trial is proposed by the staged loop")
+        params, self._proposed = self._proposed, None
+        return params
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        raise RuntimeError(f"staged evolution: parameter {param_name} outside the width space")

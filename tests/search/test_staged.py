@@ -1,0 +1,140 @@
+"""Staged evolution: level switches keep the exact budget, stages draw fresh disjoint windows, and a
+staged job killed with -9 resumes to exactly the incumbents of an uninterrupted one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optuna
+import pytest
+
+from search.config import SearchConfig
+from search.rundir import JOURNAL, STUDY_NAME, journal_storage
+from search.samplers.levels import LevelSwitches, UnitErrors
+from search.samplers.staged import PRESETS, StagedEvolution
+from search.stages import STATE
+from search.widths import WidthSpace
+from space.errors import UserError
+from space.subnet import LayerWidths, ModelDims, Subnet
+
+DIMS = ModelDims(num_layers=12, hidden_size=64, head_dim=8, num_heads=8, num_kv_heads=4, intermediate_size=256)
+
+
+def start(space: WidthSpace, ratio: float = 0.6) -> Subnet:
+    return space.repair(Subnet(DIMS, [DIMS.dense_layer()] * DIMS.num_layers), ratio)
+
+
+@pytest.mark.parametrize("preset", ["wide", "full", "paper"])
+def test_level_switches_keep_the_exact_budget(preset):
+    space = WidthSpace(DIMS, preset=preset, mlp_step=16)
+    switches = LevelSwitches(space, attention_prob=0.5)
+    parent = start(space)
+    rng = np.random.default_rng(0)
+    changed = 0
+    for quantum in (16, 32, 64) * 100:
+        child = switches.mutate(parent, rng, quantum)
+        assert child.block_params() == parent.block_params()  # exactly, not projected
+        assert space.contains(child)
+        changed += child != parent
+        parent = child
+    assert changed > 250
+    if preset != "paper":  # depth inside the search: some sub-layer reached zero width
+        seen_empty = False
+        for _ in range(2000):
+            parent = switches.mutate(parent, rng, 64)
+            seen_empty |= any(w.channels == 0 for w in parent.layers)
+        assert seen_empty
+
+
+def test_switches_follow_the_residuals():
+    """A layer whose residual barely rises when it shrinks gives; one whose residual falls most when
+    it grows receives."""
+    space = WidthSpace(DIMS, preset="wide", mlp_step=16)
+    grid = np.array(space.grid, dtype=float)
+    mlp = [(256 - grid) * (0.01 if i == 0 else 10.0 if i == 11 else 1.0) for i in range(DIMS.num_layers)]
+    attention = [np.zeros(len(space.shapes)) for _ in range(DIMS.num_layers)]
+    switches = LevelSwitches(space, errors=UnitErrors(mlp, attention), attention_prob=0.0, max_switches=1)
+    parent = Subnet(DIMS, [LayerWidths(4, 2, 128)] * DIMS.num_layers)
+    rng = np.random.default_rng(0)
+    gained = np.zeros(DIMS.num_layers)
+    for _ in range(400):
+        child = switches.mutate(parent, rng, 16)
+        gained += [c.channels - p.channels for c, p in zip(child.layers, parent.layers)]
+    assert gained[0] == gained.min() < 0 < gained[11] == gained.max()
+
+
+def test_stages_draw_fresh_windows_and_coarse_steps_halve():
+    space = WidthSpace(DIMS, preset="wide", mlp_step=16)
+    sampler = StagedEvolution(space=space, ratio=0.6, starts=[start(space)], preset=PRESETS["staged"], seed=3)
+    rows = sampler.stage_rows(5, pool_size=84)
+    assert [len(r) for r in rows] == list(PRESETS["staged"].windows)
+    flat = [r for stage in rows for r in stage]
+    assert len(set(flat)) == len(flat)  # no window scores two stages of a generation
+    assert rows == sampler.stage_rows(5, pool_size=84) and rows != sampler.stage_rows(6, pool_size=84)
+    generations = sampler.generations(400)
+    quanta = [sampler.quantum(g, generations) for g in range(1, generations)]
+    assert quanta[0] == 64 and quanta[-1] == 16 and quanta == sorted(quanta, reverse=True)
+    children = sampler.children(start(space), 1, generations)
+    assert len(children) == 16 and len(set(map(str, children))) == 16
+    assert all(c.block_params() == start(space).block_params() for c in children)
+
+
+def test_staged_settings_are_checked(tiny_model_dir):
+    with pytest.raises(UserError, match="fitness-nsamples"):
+        SearchConfig.create(str(tiny_model_dir), 0.6, evolution="staged", fitness_nsamples=8).check()
+    with pytest.raises(UserError, match="pruner"):
+        SearchConfig.create(str(tiny_model_dir), 0.6, evolution="staged", pruner="median").check()
+    config = SearchConfig.create(str(tiny_model_dir), 0.6, evolution="staged")
+    assert config.fitness_windows["nsamples"] == 4 * PRESETS["staged"].pool
+
+
+def staged_command(model_dir, run_dir):
+    return [sys.executable, "-m", "search.cli", "-q", "search", "--model", str(model_dir), "--ratio", "0.6",
+            "--trials", "40", "--evolution", "staged-tiny", "--mlp-step", "4", "--run-dir", str(run_dir),
+            "--nsamples", "8", "--calib-seqlen", "32", "--fitness-seqlen", "32", "--eval-windows", "0",
+            "--final-top-k", "2"]
+
+
+def staged_state(run_dir):
+    study = optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(run_dir / JOURNAL))
+    return study.user_attrs.get(STATE), study
+
+
+@pytest.mark.slow
+def test_staged_search_resumes_after_kill_9_to_the_same_incumbents(tiny_model_dir, tiny_text_dir, tmp_path):
+    env = {**os.environ, "LLM_PRUNER_DATA": str(tiny_text_dir)}
+    reference = tmp_path / "reference"
+    done = subprocess.run(staged_command(tiny_model_dir, reference), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected, _ = staged_state(reference)
+    assert expected["generation"] == 10  # 1 + ceil((40 - starts) / 4) generations, the last is 10
+
+    run_dir = tmp_path / "killed"
+    job = subprocess.Popen(staged_command(tiny_model_dir, run_dir), env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while True:
+        assert job.poll() is None and time.time() < deadline, "the job ended before it could be killed"
+        if (run_dir / JOURNAL).is_file():
+            state, _ = staged_state(run_dir)
+            if state and state["generation"] >= 3:
+                break
+        time.sleep(0.1)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    interrupted, _ = staged_state(run_dir)
+    assert 3 <= interrupted["generation"] < expected["generation"]
+    done = subprocess.run(staged_command(tiny_model_dir, run_dir), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed, study = staged_state(run_dir)
+    drop_trials = [{k: v for k, v in e.items() if k != "trial"} for e in resumed["history"]]
+    assert drop_trials == [{k: v for k, v in e.items() if k != "trial"} for e in expected["history"]]
+    assert resumed["widths"] == expected["widths"]
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["best"]["trial"] in {e["trial"] for e in resumed["history"]}  # the winner is an incumbent
