@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from space.errors import JobFailed
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,12 @@ class InProcessPool:
     def submit(self, job_id: int, payload: dict, **options: Any) -> None:
         if self._evaluate is None:
             self._evaluate = self._factory()
-        result = self._evaluate({**payload, **options})
+        try:
+            result = self._evaluate({**payload, **options})
+        except Exception as exc:  # the evaluation raised (an OOM, an overflow, a bug): the trial fails, not the job
+            log.debug("job %d raised", job_id, exc_info=True)
+            self._done.append(Outcome(job_id, payload, error=f"{type(exc).__name__}: {exc}", worker="in-process"))
+            return
         self._done.append(Outcome(job_id, payload, result=result, worker="in-process"))
 
     def wait(self) -> list[Outcome]:
@@ -84,10 +93,16 @@ class RayPool:
     workers: int
     address: str | None = None
     max_restarts: int = 3
+    trial_timeout: float | None = None  # seconds; None: max(60, 10 x the median so far), 1 h before 3 are done
+    startup_timeout: float = 1800.0  # more for the first job of a (re)started actor: it loads the model first
     actors: list = field(default_factory=list)
     _idle: list = field(default_factory=list)
     _inflight: dict = field(default_factory=dict)
     _deaths: dict = field(default_factory=dict)
+    _durations: list = field(default_factory=list)
+    _fresh: set = field(default_factory=set)  # actors that have not finished a job since they (re)started
+    _resting: dict = field(default_factory=dict)  # actor -> (monotonic time it may take a job again, backoff)
+    _started_ray: bool = False
 
     def __post_init__(self):
         import ray
@@ -95,6 +110,7 @@ class RayPool:
         if not ray.is_initialized():
             ray.init(address=self.address, ignore_reinit_error=True, include_dashboard=False,
                      log_to_driver=False, logging_level=logging.WARNING)
+            self._started_ray = True
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         cpus = max(1, int(resources.get("CPU", 1)) // self.workers)
@@ -104,46 +120,106 @@ class RayPool:
         threads = None if "num_gpus" in options else cpus
         self.actors = [remote.remote(self.factory, threads) for _ in range(self.workers)]
         self._idle = list(self.actors)
+        self._fresh = set(self.actors)
 
     @property
     def capacity(self) -> int:
+        now = time.monotonic()
+        for actor, (until, backoff) in list(self._resting.items()):
+            if until is not None and until <= now:  # rested: back in the pool (its backoff kept until it works)
+                self._resting[actor] = (None, backoff)
+                if actor in self.actors:
+                    self._idle.append(actor)
         return len(self._idle)
+
+    def _rest(self, actor) -> None:
+        """An actor Ray calls unavailable (restarting): no job for it until a growing backoff passes,
+        so that the driver does not spin resubmitting to it."""
+        backoff = min(30.0, 2 * (self._resting.get(actor, (None, 0.5))[1]))
+        self._resting[actor] = (time.monotonic() + backoff, backoff)
 
     def submit(self, job_id: int, payload: dict, **options: Any) -> None:
         actor = self._idle.pop(0)
         ref = actor.evaluate.remote({**payload, **options})
-        self._inflight[ref] = (actor, job_id, payload)
+        # the job's clock: a (re)started actor builds its evaluator (loads the model) first
+        grace = self.startup_timeout if actor in self._fresh else 0.0
+        self._inflight[ref] = (actor, job_id, payload, time.monotonic() + grace)
 
-    def wait(self, timeout: float | None = None) -> list[Outcome]:
+    def deadline(self) -> float:
+        """Seconds a job may take before its actor is taken for stuck (``trial_timeout``)."""
+        if self.trial_timeout is not None:
+            return self.trial_timeout
+        if len(self._durations) < 3:
+            return 3600.0
+        return max(60.0, 10 * statistics.median(self._durations))
+
+    def wait(self) -> list[Outcome]:
+        """The jobs that finished next (at least one, unless a stuck one was taken back first)."""
         import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
         if not self._inflight:
+            due = [until for until, _ in self._resting.values() if until is not None]
+            if due:  # nothing running: wait for the first actor to come back from its rest
+                time.sleep(max(0.0, min(due) - time.monotonic()))
             return []
-        ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=timeout)
+        limit = self.deadline()
+        first_due = min(started for *_, started in self._inflight.values()) + limit
+        ready, _ = ray.wait(list(self._inflight), num_returns=1, timeout=max(0.0, first_due - time.monotonic()))
+        if not ready:
+            return self._take_back_stuck(limit)
         outcomes = []
         for ref in ready:
-            actor, job_id, payload = self._inflight.pop(ref)
+            actor, job_id, payload, started = self._inflight.pop(ref)
             try:
                 result = ray.get(ref)
                 outcomes.append(Outcome(job_id, payload, result=result, worker=result.get("worker", "")))
+                if actor not in self._fresh:  # a first job's time includes the actor's start
+                    self._durations.append(time.monotonic() - started)
+                self._fresh.discard(actor)
+                self._resting.pop(actor, None)
                 self._deaths.pop(actor, None)
                 self._idle.append(actor)
-            except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
+            except ActorUnavailableError as exc:  # transient (restarting, a network blip): the actor stays
+                log.warning("worker unavailable during job %d (%s); the job goes again", job_id, exc)
+                outcomes.append(Outcome(job_id, payload, error=str(exc), worker_died=True))
+                self._rest(actor)
+            except RayActorError as exc:
                 log.warning("worker died during job %d (%s); the job goes to another worker", job_id,
                             type(exc).__name__)
                 outcomes.append(Outcome(job_id, payload, error=str(exc), worker_died=True))
-                deaths = self._deaths[actor] = self._deaths.get(actor, 0) + 1
-                if deaths <= self.max_restarts:
-                    self._idle.append(actor)  # Ray restarts it and it rejoins the pool
-                else:
-                    self.actors.remove(actor)
-                    if not self.actors:
-                        raise RuntimeError("every Ray worker died more often than max_restarts allows")
+                self._retire_or_restart(actor)
             except Exception as exc:  # the evaluation itself raised: a bug or bad input, not a crash
                 outcomes.append(Outcome(job_id, payload, error=f"{type(exc).__name__}: {exc}"))
                 self._idle.append(actor)
         return outcomes
+
+    def _take_back_stuck(self, limit: float) -> list[Outcome]:
+        """Kill (Ray restarts them) the actors whose job ran past ``limit``; their jobs go again."""
+        import ray
+
+        outcomes = []
+        now = time.monotonic()
+        for ref, (actor, job_id, payload, started) in list(self._inflight.items()):
+            if now - started >= limit:
+                log.warning("job %d ran %.0f s, past the %.0f s deadline: its worker is restarted and the job "
+                            "goes again", job_id, now - started, limit)
+                del self._inflight[ref]
+                ray.kill(actor, no_restart=False)
+                outcomes.append(Outcome(job_id, payload, error="deadline", worker_died=True))
+                self._retire_or_restart(actor)
+        return outcomes
+
+    def _retire_or_restart(self, actor) -> None:
+        self._fresh.add(actor)
+        deaths = self._deaths[actor] = self._deaths.get(actor, 0) + 1
+        if deaths <= self.max_restarts:
+            self._idle.append(actor)  # Ray restarts it and it rejoins the pool
+            return
+        self.actors.remove(actor)
+        if not self.actors:
+            raise JobFailed("every Ray worker died (or hung) more often than max_restarts allows; finished trials "
+                            "are kept: re-run the same command to resume")
 
     def close(self) -> None:
         import ray
@@ -151,3 +227,6 @@ class RayPool:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors, self._idle, self._inflight = [], [], {}
+        if self._started_ray:  # a cluster we joined keeps running; the one we started goes
+            ray.shutdown()
+            self._started_ray = False

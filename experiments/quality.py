@@ -41,7 +41,9 @@ ROWS: dict[str, dict] = {
     "kl": {"fitness": "kl"},
     "obs": {"fitness": "kl", "importance": "obs-elimination"},
     "upstream": {"fitness": "kl", "export_reform": "upstream"},
-    "staged": {"fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 300},
+    "staged": {"fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 260},
+    "mixed": {"fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 260,
+              "calib": "wikitext2+c4:calib"},
 }
 
 

@@ -20,12 +20,11 @@ import argparse
 import json
 from pathlib import Path
 
-import optuna
+from search.rundir import load_run_study
 
 
 def study_trials(run_dir: Path) -> list[dict]:
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / "study.journal")))
-    study = optuna.load_study(study_name="search", storage=storage)
+    study = load_run_study(run_dir)
     return [{"number": t.number, "state": t.state.name, "value": t.value, "widths": t.user_attrs.get("widths")}
             for t in study.trials]
 

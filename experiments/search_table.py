@@ -29,7 +29,7 @@ from reform.rectify import ReformSpec, rectify
 from search.oneshot.allocation import allocate
 from search.config import SearchConfig
 from search.job import run_search
-from search.rundir import JOURNAL, STUDY_NAME
+from search.rundir import load_run_study
 from search.prepare import dense_scores
 from space.order import order_model
 from space.adapters import adapter_for
@@ -62,8 +62,7 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
 
 
 def study_stats(run_dir: Path, vocab: int, hidden: int) -> dict:
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / JOURNAL)))
-    study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    study = load_run_study(run_dir)
     trials = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
     best = json.loads((run_dir / "best.json").read_text())
     fitness = best["config"]["fitness_windows"]
@@ -94,8 +93,7 @@ def rank_agreement(args, out: dict) -> None:
     from reform.local import output_solvers
 
     run_dir = Path(args.runs) / "search-evolution-0.5"
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / JOURNAL)))
-    study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    study = load_run_study(run_dir)
     trials = study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])[: args.rank_candidates]
     config = search_config(args, 0.5, "evolution")
     loaded = load_model("smollm2-135m", dtype=torch.float32)

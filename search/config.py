@@ -60,8 +60,10 @@ class SearchConfig:
     # (PTB test, the held-out half of the local C4 sample), so that a gain that only fits the
     # calibration source shows.
     eval_datasets: tuple[str, ...] = ("wikitext2", "ptb", "c4:heldout")
+    max_failures: int = 3  # evaluations failing in a row that stop the job
+    trial_timeout: float | None = None  # Ray workers: seconds before a job's actor is taken for stuck
 
-    RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows", "eval_datasets")
+    RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows", "eval_datasets", "max_failures", "trial_timeout")
 
     @classmethod
     def create(cls, model: str, ratio: float, *, calib: str = "wikitext2", nsamples: int = 64,
@@ -121,6 +123,10 @@ class SearchConfig:
             raise UserError(f"searcher {self.searcher} searches a ratio range: give --ratio-min too")
         if self.trials < 1:
             raise UserError("--trials must be at least 1")
+        if self.max_failures < 1:
+            raise UserError("--max-failures must be at least 1")
+        if self.trial_timeout is not None and not self.trial_timeout > 0:
+            raise UserError("--trial-timeout must be a positive number of seconds")
         if self.final_top_k < 1:
             raise UserError("--final-top-k must be at least 1 (the candidates re-scored at the end)")
         if self.eval_windows is not None and self.eval_windows < 0:

@@ -8,6 +8,7 @@ report the winner (:mod:`search.finalize`). Re-running it with the same config r
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,11 @@ from search.config import SearchConfig
 from search.finalize import finalize
 from search.loop import run_loop
 from search.prepare import SearchEvaluator, channel_scores, load_prepared, release_fitness, starts_for, unit_errors
-from search.rundir import finished_result, open_run_dir, open_study, recover_interrupted
+from search.rundir import check_run_dir, finished_result, open_run_dir, open_study, recover_interrupted, run_lock
 from search.samplers import make_sampler
 from search.stages import run_staged
 from search.widths import WidthSpace
+from space.errors import UserError
 from space.scores import score_spec
 
 log = logging.getLogger(__name__)
@@ -51,14 +53,30 @@ def run_search(
     started = time.time()
     config.check()
     run_dir = Path(run_dir)
+    new_folder = not run_dir.exists()
+    check_run_dir(run_dir)
+    with run_lock(run_dir):
+        return _run_locked(config, run_dir, new_folder, started, workers=workers, ray_address=ray_address,
+                           storage_url=storage_url, progress=progress, final=final)
+
+
+def _run_locked(config: SearchConfig, run_dir: Path, new_folder: bool, started: float, *, workers: int,
+                ray_address: str | None, storage_url: str | None, progress: bool, final: bool) -> SearchResult:
     open_run_dir(run_dir, config)
     handler = logging.FileHandler(run_dir / "search.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     try:
-        study, space = _study(config, run_dir, storage_url, workers)
+        try:
+            study, space = _study(config, run_dir, storage_url, workers)
+        except UserError:
+            if new_folder:  # a mistake found once the model is known: leave no folder that claims this search
+                logging.getLogger().removeHandler(handler)
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         factory = SearchEvaluator(config.to_dict(), str(run_dir))
-        pool = RayPool(factory, workers, ray_address) if workers > 0 else InProcessPool(factory)
+        pool = (RayPool(factory, workers, ray_address, trial_timeout=config.trial_timeout) if workers > 0
+                else InProcessPool(factory))
         try:
             loop = run_staged if config.staged is not None else run_loop
             loop_seconds = loop(study, config, space, pool, progress, run_dir)

@@ -19,6 +19,7 @@ from evaluators.workers import InProcessPool
 from search.artifacts import attach_profile
 from search.config import SearchConfig
 from search.widths import WidthSpace
+from space.errors import JobFailed
 from space.subnet import Subnet
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,27 @@ def trial_subnet(config: SearchConfig, space: WidthSpace, params: dict) -> Subne
     if config.ratio_min is not None:
         ratio = min(max(proposal.ratio(), config.ratio_min), config.ratio)
     return space.repair(proposal, ratio)
+
+
+class FailureBudget:
+    """Stops a job whose evaluations fail systematically (an OOM, a float16 overflow, a bug): after
+    ``limit`` failures in a row it raises :class:`JobFailed`; a success resets the count. A failed
+    trial is FAIL with its error in ``user_attrs["error"]``, so a re-run after the fix continues."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_a_row = 0
+        self.last_error = ""
+
+    def record(self, error: str | None) -> None:
+        if error is None:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.last_error = error
+        if self.in_a_row >= self.limit:
+            raise JobFailed(f"{self.in_a_row} evaluations failed in a row (--max-failures {self.limit}); the last "
+                            f"error: {error}. Finished trials are kept: fix the cause and re-run the same command")
 
 
 def finished_count(study: optuna.Study) -> int:
@@ -48,6 +70,7 @@ def run_loop(study: optuna.Study, config: SearchConfig, space: WidthSpace, pool,
     report_batches = isinstance(pool, InProcessPool) and config.pruner != "none" and not config.multi_objective
     inflight: dict[int, tuple[optuna.trial.Trial, Subnet]] = {}
     retry: list[tuple[optuna.trial.Trial, Subnet]] = []  # jobs whose worker died
+    budget = FailureBudget(config.max_failures)
     done = finished_count(study)
     bar = tqdm(total=config.trials, initial=min(done, config.trials), disable=not show_progress,
                desc="trials", unit="trial", dynamic_ncols=True)
@@ -62,18 +85,21 @@ def run_loop(study: optuna.Study, config: SearchConfig, space: WidthSpace, pool,
                 trial, subnet = inflight.pop(outcome.job_id)
                 if outcome.worker_died:
                     retry.append((trial, subnet))
-                elif outcome.error is not None:
-                    log.error("trial %d failed: %s", trial.number, outcome.error)
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    continue
+                error = outcome.error if outcome.error is not None else _tell(study, trial, subnet, outcome,
+                                                                              config.multi_objective, run_dir)
+                if error is not None:
+                    fail_trial(study, trial, error)
                 else:
-                    done += _tell(study, trial, subnet, outcome, config.multi_objective, run_dir)
+                    done += 1
                     bar.update(1)
                     _set_postfix(bar, study, config.multi_objective)
-    except KeyboardInterrupt:
+                budget.record(error)
+    except (KeyboardInterrupt, JobFailed):
         for trial, _ in list(inflight.values()) + retry:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
-        log.warning("interrupted: %d finished trials are in the study; re-run the same command to resume", done)
+        log.warning("stopped: %d finished trials are in the study; re-run the same command to resume", done)
         raise
     finally:
         bar.close()
@@ -85,6 +111,13 @@ def _ask(study: optuna.Study, config: SearchConfig, space: WidthSpace) -> tuple[
     subnet = trial_subnet(config, space, trial.params)
     describe_trial(trial, subnet)
     return trial, subnet
+
+
+def fail_trial(study: optuna.Study, trial: optuna.trial.Trial, error: str) -> None:
+    """A trial whose evaluation failed: FAIL, with the error on the trial and in the log."""
+    log.error("trial %d failed: %s", trial.number, error)
+    trial.set_user_attr("error", error[:2000])
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
 def _reporter(trial: optuna.trial.Trial) -> Callable[[int, float], bool]:
@@ -106,24 +139,27 @@ def describe_trial(trial: optuna.trial.Trial, subnet: Subnet) -> None:
     trial.set_user_attr("mlp_ratio", subnet.mlp_ratio())
 
 
-def _tell(study, trial, subnet: Subnet, outcome, multi: bool, run_dir: Path) -> int:
+def _tell(study, trial, subnet: Subnet, outcome, multi: bool, run_dir: Path) -> str | None:
+    """Tell the study a finished evaluation; the error if its value cannot be used."""
     result = outcome.result
     trial.set_user_attr("eval_seconds", result["seconds"])
     trial.set_user_attr("worker", outcome.worker)
     if result.get("pruned"):
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        return 1
-    if not multi and outcome.worker != "in-process":
-        for step, value in enumerate(result["batch_values"]):  # intermediate values, for the record
-            trial.report(value, step)
+        return None
     value = result["value"]
     if not math.isfinite(value):
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        return 0
+        return f"the fitness is {value} (an overflow in a low-precision dtype?)"
+    if not multi and outcome.worker != "in-process":
+        for step, batch_value in enumerate(result["batch_values"]):  # intermediate values, for the record
+            trial.report(batch_value, step)
     if not multi and value < _best_value(study):
-        attach_profile(study, trial, subnet, run_dir)  # the dashboard shows each new best's widths
+        try:
+            attach_profile(study, trial, subnet, run_dir)  # the dashboard shows each new best's widths
+        except OSError as exc:  # a picture is not worth the trial
+            log.warning("trial %d: width profile not attached (%s)", trial.number, exc)
     study.tell(trial, [value, subnet.ratio()] if multi else value)
-    return 1
+    return None
 
 
 def _best_value(study) -> float:

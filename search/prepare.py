@@ -25,6 +25,7 @@ from search.samplers.levels import UnitErrors
 from search.rundir import IMPORTANCE
 from search.widths import WidthSpace
 from space.adapters import adapter_for
+from space.errors import UserError
 from space.models import LoadedModel, load_model
 from space.order import order_model
 from space.scores.base import LayerScores, standardize
@@ -47,6 +48,11 @@ def load_prepared(config: SearchConfig, run_dir: Path):
     """The permuted dense model (float32) and its sorted scores, from the run folder's cache."""
     loaded = load_model(config.model, dtype=torch.float32, device=config.device)
     adapter = adapter_for(loaded.model)
+    floor = WidthSpace(adapter.dims, preset=config.preset, mlp_step=config.mlp_step).bounds.min_ratio(adapter.dims)
+    low = config.ratio_min if config.ratio_min is not None else config.ratio
+    if low < floor - 1e-9:  # before the scores: the budget cannot be met inside these bounds
+        raise UserError(f"--preset {config.preset} keeps at least a block ratio of {floor:.3f} of this model; "
+                        f"ratio {low} needs a wider preset (wide or full)")
     # scores that depend on the target (newton's mask keeps that fraction) get the search's ratio;
     # for an nsga2 front, its upper end
     scores = dense_scores(loaded, [config.importance], config.calibration_spec(), ratio=config.ratio,

@@ -3,7 +3,9 @@
 Run folder (``--run-dir``)::
 
     config.yaml      the resolved configuration; a re-run must match it (else refused)
+    study.json       the study's name (unique to the run) and where it is stored
     study.journal    the Optuna study (JournalStorage; ``optuna-dashboard study.journal`` opens it)
+    .lock            held by the running driver (a second one is refused)
     importance.pt    cached importance scores of the dense model
     search.log       the job's log
     artifacts/       width-profile pictures of the best trials (shown by the dashboard)
@@ -18,11 +20,16 @@ fsynced to the journal before the next trial starts).
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import os
+import socket
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import optuna
 import yaml
@@ -33,7 +40,9 @@ from space.export.atomic import write_text
 
 log = logging.getLogger(__name__)
 
-STUDY_NAME = "search"
+LEGACY_STUDY_NAME = "search"  # the one name of runs made before names were per run
+STUDY_RECORD = "study.json"  # the study's name and where it is stored
+LOCK = ".lock"
 JOURNAL = "study.journal"
 CONFIG = "config.yaml"
 IMPORTANCE = "importance.pt"
@@ -54,9 +63,34 @@ def open_run_dir(run_dir: Path, config: SearchConfig) -> None:
         if different:
             details = "; ".join(f"{k}: run has {stored.get(k)!r}, asked {mine.get(k)!r}" for k in different)
             raise UserError(f"{run_dir} holds a different search ({details}); use another --run-dir")
-    elif any(run_dir.iterdir()):
+    elif any(p.name != LOCK for p in run_dir.iterdir()):
         raise UserError(f"{run_dir} exists and is not a search run folder (no {CONFIG})")
     write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder for one driver: a second one (same folder, any process on this host or
+    on a shared file system with locks) is refused with the first one's pid and host. The lock
+    goes with the process, so a killed job never leaves the folder locked."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(f"{run_dir} is in use by {holder}; wait for it, or stop it, before re-running") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -88,7 +122,47 @@ def journal_storage(path: Path) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
+def _storage_label(storage_url: str | None) -> str:
+    """Where a run's study lives, as recorded (an RDB URL without its password)."""
+    if not storage_url:
+        return JOURNAL
+    from sqlalchemy.engine import make_url
+
+    return make_url(storage_url).render_as_string(hide_password=True)
+
+
+def study_record(run_dir: Path, config: SearchConfig, storage_url: str | None) -> dict:
+    """The run's study name and storage, recorded at its first start: the name is unique to the run
+    (folder and config), so runs sharing one ``--storage`` database never share a study; a later
+    start with another storage is refused (it would begin an empty study beside the real one)."""
+    path = run_dir / STUDY_RECORD
+    label = _storage_label(storage_url)
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record["storage"] != label:
+            raise UserError(f"{run_dir} keeps its study in {record['storage']}; this command names {label}. "
+                            "Re-run with the same --storage (or none, for the run folder's journal)")
+        return record
+    if (run_dir / JOURNAL).is_file() and not storage_url:  # a run from before study names were recorded
+        record = {"study_name": LEGACY_STUDY_NAME, "storage": label}
+    else:
+        identity = json.dumps({"folder": str(run_dir.resolve()), **config.identity()}, sort_keys=True)
+        digest = hashlib.sha1(identity.encode()).hexdigest()[:10]
+        record = {"study_name": f"{run_dir.resolve().name}-{digest}", "storage": label}
+    write_text(path, json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def load_run_study(run_dir: Path, storage_url: str | None = None) -> optuna.Study:
+    """The study of an existing run folder (for reports and tools; the job opens it with :func:`open_study`)."""
+    record = json.loads((run_dir / STUDY_RECORD).read_text()) if (run_dir / STUDY_RECORD).is_file() else \
+        {"study_name": LEGACY_STUDY_NAME}
+    storage = storage_url or journal_storage(run_dir / JOURNAL)
+    return optuna.load_study(study_name=record["study_name"], storage=storage)
+
+
 def open_study(run_dir: Path, config: SearchConfig, sampler, storage_url: str | None) -> optuna.Study:
+    record = study_record(run_dir, config, storage_url)
     if storage_url:
         storage = storage_url
     else:
@@ -96,7 +170,7 @@ def open_study(run_dir: Path, config: SearchConfig, sampler, storage_url: str | 
         storage = journal_storage(run_dir / JOURNAL)
     directions = ["minimize", "maximize"] if config.multi_objective else ["minimize"]
     pruner = optuna.pruners.MedianPruner(n_startup_trials=5) if config.pruner == "median" else optuna.pruners.NopPruner()
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, pruner=pruner,
+    study = optuna.create_study(study_name=record["study_name"], storage=storage, sampler=sampler, pruner=pruner,
                                 directions=directions, load_if_exists=True)
     if len(study.directions) != len(directions):
         raise UserError("the stored study has other objectives than this searcher")

@@ -23,9 +23,10 @@ import optuna
 
 from search.artifacts import attach_profile
 from search.config import SearchConfig
-from search.loop import describe_trial
+from search.loop import FailureBudget, describe_trial
 from search.samplers.staged import StagedEvolution
 from search.widths import WidthSpace
+from space.errors import JobFailed
 from space.subnet import LayerWidths, Subnet
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,11 @@ def incumbent_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTri
     return [by_number[n] for n in numbers[:k]]
 
 
-def evaluate_all(pool, subnets: list[Subnet], rows: list[int]) -> list[float]:
-    """Fitness of every subnet on the windows ``rows`` (a failed evaluation scores infinity)."""
-    values = [math.inf] * len(subnets)
+def evaluate_all(pool, subnets: list[Subnet], rows: list[int], budget: FailureBudget) -> tuple[list[float], list]:
+    """Fitness of every subnet on the windows ``rows``, and each one's error (None if it worked); a
+    failed evaluation scores infinity and counts against ``budget``."""
+    values: list[float] = [math.inf] * len(subnets)
+    errors: list[str | None] = [None] * len(subnets)
     queue = list(range(len(subnets)))
     pending = 0
     while queue or pending:
@@ -61,13 +64,20 @@ def evaluate_all(pool, subnets: list[Subnet], rows: list[int]) -> list[float]:
             pending += 1
         for outcome in pool.wait():
             pending -= 1
+            i = outcome.job_id
             if outcome.worker_died:
-                queue.append(outcome.job_id)
-            elif outcome.error is not None:
-                log.error("a candidate's evaluation failed: %s", outcome.error)
+                queue.append(i)
+                continue
+            if outcome.error is not None:
+                errors[i] = outcome.error
+            elif not math.isfinite(outcome.result["value"]):
+                errors[i] = f"the fitness is {outcome.result['value']} (an overflow in a low-precision dtype?)"
             else:
-                values[outcome.job_id] = outcome.result["value"]
-    return [v if math.isfinite(v) else math.inf for v in values]
+                values[i] = outcome.result["value"]
+            if errors[i] is not None:
+                log.error("a candidate's evaluation failed: %s", errors[i])
+            budget.record(errors[i])
+    return values, errors
 
 
 def run_staged(study: optuna.Study, config: SearchConfig, space: WidthSpace, pool, show_progress: bool,
@@ -80,6 +90,7 @@ def run_staged(study: optuna.Study, config: SearchConfig, space: WidthSpace, poo
     state = committed(study)
     generations = sampler.generations(config.trials)
     pool_size = config.calibration_spec("fitness_windows").nsamples
+    budget = FailureBudget(config.max_failures)
     bar = tqdm(total=generations, initial=min(state["generation"] + 1, generations), disable=not show_progress,
                desc="generations", unit="gen", dynamic_ncols=True)
     try:
@@ -87,7 +98,7 @@ def run_staged(study: optuna.Study, config: SearchConfig, space: WidthSpace, poo
             incumbent = None if state["widths"] is None else _subnet(space, state["widths"])
             children = sampler.children(incumbent, generation, generations)
             rows = sampler.stage_rows(generation, pool_size)
-            state = _generation(study, space, pool, children, incumbent, rows, generation, state, run_dir)
+            state = _generation(study, space, pool, children, incumbent, rows, generation, state, run_dir, budget)
             bar.update(1)
             bar.set_postfix(incumbent=f"{state['history'][-1]['value']:.3f}")
     finally:
@@ -100,7 +111,7 @@ def _subnet(space: WidthSpace, widths: list[list[int]]) -> Subnet:
 
 
 def _generation(study, space: WidthSpace, pool, children: list[Subnet], incumbent: Subnet | None,
-                rows: list[list[int]], generation: int, state: dict, run_dir: Path) -> dict:
+                rows: list[list[int]], generation: int, state: dict, run_dir: Path, budget: FailureBudget) -> dict:
     """Score one generation in stages, tell its trials and commit the new incumbent."""
     sampler: StagedEvolution = study.sampler
     trials = []
@@ -111,8 +122,9 @@ def _generation(study, space: WidthSpace, pool, children: list[Subnet], incumben
         trial.set_user_attr("generation", generation)
         trials.append(trial)
     try:
-        values, alive, incumbent_value = _stages(pool, trials, children, incumbent, rows, sampler.preset.survivors)
-    except KeyboardInterrupt:
+        values, alive, incumbent_value = _stages(pool, trials, children, incumbent, rows, sampler.preset.survivors,
+                                                 budget)
+    except (KeyboardInterrupt, JobFailed):
         for trial in trials:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         log.warning("interrupted in generation %d; re-run the same command to resume at it", generation)
@@ -140,7 +152,7 @@ def _generation(study, space: WidthSpace, pool, children: list[Subnet], incumben
 
 
 def _stages(pool, trials, children: list[Subnet], incumbent: Subnet | None, rows: list[list[int]],
-            survivors: tuple[int, ...]) -> tuple[list[list[float]], list[int], float]:
+            survivors: tuple[int, ...], budget: FailureBudget) -> tuple[list[list[float]], list[int], float]:
     """Every stage of a generation: per child its values by stage, the last stage's children, and
     the incumbent's value on the last stage's windows (inf without one)."""
     values: list[list[float]] = [[] for _ in children]
@@ -151,11 +163,13 @@ def _stages(pool, trials, children: list[Subnet], incumbent: Subnet | None, rows
             alive = sorted(alive, key=lambda i: values[i][-1])[: survivors[stage - 1]]
         last = stage == len(rows) - 1
         jobs = [children[i] for i in alive] + ([incumbent] if last and incumbent is not None else [])
-        scored = evaluate_all(pool, jobs, stage_rows)
-        for i, value in zip(alive, scored):
+        scored, errors = evaluate_all(pool, jobs, stage_rows, budget)
+        for i, value, error in zip(alive, scored, errors):
             values[i].append(value)
-            if math.isfinite(value):
+            if error is None:
                 trials[i].report(value, stage)
+            else:
+                trials[i].set_user_attr("error", error[:2000])
         if last and incumbent is not None:
             incumbent_value = scored[-1]
     return values, alive, incumbent_value

@@ -31,6 +31,12 @@ class Bounds:
             grid = [0] + grid
         return grid
 
+    def min_ratio(self, dims: ModelDims) -> float:
+        """The smallest block ratio these bounds allow (every layer at its smallest widths)."""
+        attention = min(dims.attention_params(*s) for s in self.attention_shapes(dims))
+        smallest = attention + dims.mlp_params(self.channel_grid(dims)[0])
+        return smallest * dims.num_layers / dims.dense_block_params()
+
     def attention_shapes(self, dims: ModelDims) -> list[tuple[int, int]]:
         if self.shapes is None:
             return dims.attention_shapes()

@@ -12,7 +12,7 @@ import logging
 import sys
 
 from search.cli import bench, dashboard, evaluate, prune, recover, reform, search
-from space.errors import UserError
+from space.errors import JobFailed, UserError
 
 SUBCOMMANDS = (prune, reform, evaluate, bench, search, dashboard, recover)
 
@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"llm-pruner {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except JobFailed as exc:
+        print(f"llm-pruner {args.command}: stopped: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"llm-pruner {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -45,6 +45,11 @@ def add(sub) -> None:
     p.add_argument("--fitness-seqlen", type=int, default=512)
     p.add_argument("--pruner", default="none", help="none | median (stop hopeless candidates early; in-process)")
     p.add_argument("--final-top-k", type=int, default=5, help="re-score this many of the best at the end")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="stop the job (exit 1) after this many evaluations fail in a row (default 3)")
+    p.add_argument("--trial-timeout", type=float, help="Ray workers: seconds after which a job's worker is taken "
+                                                        "for stuck, restarted, and the job sent again (default: "
+                                                        "max(60, 10 x the median so far))")
     p.add_argument("--export-reform", default="local", choices=MODES,
                    help="least squares of the winner: local (default, as in the fitness), sequential or upstream")
     p.add_argument("--eval-windows", type=int, default=32, help="test windows of 2048 per dataset for the export "
@@ -67,7 +72,8 @@ def config_from(args) -> SearchConfig:
         mlp_step=args.mlp_step, evolution=args.evolution, importance=args.importance,
         fitness_reform=args.fitness_reform, fitness=args.fitness, fitness_top_k=args.fitness_top_k, dtype=args.dtype, device=args.device, pruner=args.pruner,
         final_top_k=args.final_top_k, export_reform=args.export_reform, eval_windows=args.eval_windows or 0,
-        eval_datasets=tuple(args.eval_datasets),
+        eval_datasets=tuple(args.eval_datasets), max_failures=args.max_failures,
+        trial_timeout=args.trial_timeout,
     )
 
 
@@ -78,6 +84,8 @@ def validate(args) -> None:
     args.config.check()
     args.config.calibration_spec().check_text()  # a missing or test split fails before the model loads
     check_run_dir(args.run_dir)
+    if args.storage:
+        check_storage_url(args.storage)
     if args.config.eval_windows != 0:
         for spec in args.config.eval_datasets:  # the texts the export is measured on exist
             name, split = parse_dataset(spec)
@@ -85,6 +93,18 @@ def validate(args) -> None:
     resolve(args.model)
     if args.workers and importlib.util.find_spec("ray") is None:
         raise UserError("--workers needs Ray: pip install 'llm-pruner[ray]'")
+
+
+def check_storage_url(url: str) -> None:
+    """A malformed URL or an unknown database driver, refused before anything is written."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise UserError(f"--storage {url!r} is not a database URL Optuna can open ({exc}); "
+                        "e.g. sqlite:///study.db or postgresql://user@host/db") from None
 
 
 def main(args) -> int:

@@ -14,13 +14,35 @@ from typing import Callable, Iterator
 import torch
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def replace_file(path: Path, write: Callable[[Path], object]) -> None:
-    """``write(tmp)`` a file beside ``path``, then rename it into place."""
+    """``write(tmp)`` a file beside ``path`` (a name no other writer uses), flush it to the disk,
+    then rename it into place: a reader sees the old file or the new one, even after a power cut,
+    and racing writers never share a temporary file (the last rename wins)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is private; the result gets the usual mode
+        fsync_path(tmp)
         tmp.replace(path)
+        fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -40,8 +62,34 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_folder(out_dir: Path) -> None:
+    """Undo what a crash inside :func:`replace_folder` left: when the new folder never arrived, the
+    old one (complete) goes back in place; the leftovers of replacements that did finish go."""
+    out_dir = Path(out_dir)
+    olds = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in olds:
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another writer is in the middle of its replacement
+        if not out_dir.exists():
+            os.replace(old, out_dir)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def replace_folder(staging: Path, out_dir: Path) -> None:
-    """Move a complete folder into place; an older folder there is removed only afterwards."""
+    """Move a complete folder into place; an older folder there is removed only afterwards (a crash
+    between the two renames is undone by :func:`recover_folder`)."""
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
@@ -57,6 +105,7 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
     ends normally and is removed when it raises (``out_dir`` is then left as it was)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    recover_folder(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         yield staging

@@ -140,6 +140,18 @@ def test_prune_by_parts_and_by_method_run_the_same_pipeline(tiny_model_dir, tiny
      "eval-windows"),
     (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--mlp-step", "-8"], "mlp-step"),
     (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--fitness", "bleu"], "--fitness"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--max-failures", "0"],
+     "max-failures"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--trial-timeout", "0"],
+     "trial-timeout"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--storage", "notaurl"],
+     "not a database URL"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--calib", "wikitext2+ptb:test"],
+     "leak"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--evolution", "staged",
+      "--fitness-nsamples", "8"], "fitness-nsamples"),
+    (["search", "--model", "{model}", "--ratio", "0.3", "--run-dir", "{tmp}/run", "--preset", "paper",
+      "--eval-windows", "0"], "needs a wider preset"),
 ])
 def test_bad_inputs_end_in_one_message_and_exit_2(argv, message, tiny_model_dir, tiny_data, tmp_path, capsys):
     (tmp_path / "file").write_text("not a run folder")

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from search.samplers.evolution import EvolutionSampler
 from search.config import SearchConfig
 from search.job import run_search
-from search.rundir import JOURNAL, STUDY_NAME
+from search.rundir import JOURNAL, load_run_study
 from search.widths import WidthSpace
 from space.subnet import LayerWidths, ModelDims, Subnet
 
@@ -118,8 +118,7 @@ def tiny_config(model_dir, ratio: float = 0.6, **overrides) -> SearchConfig:
 
 
 def finished(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run_dir / JOURNAL)))
-    study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    study = load_run_study(run_dir)
     return study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
 
 
@@ -335,7 +334,7 @@ def test_any_optuna_rdb_storage_works(tiny_model_dir, tiny_data, tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     run_search(tiny_config(tiny_model_dir, trials=3, searcher="tpe"), tmp_path / "run", storage_url=url,
                progress=False, final=False)
-    study = optuna.load_study(study_name=STUDY_NAME, storage=url)
+    study = load_run_study(tmp_path / "run", url)
     assert len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE])) == 3
     assert not (tmp_path / "run" / JOURNAL).exists()
 

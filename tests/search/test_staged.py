@@ -9,11 +9,10 @@ import sys
 import time
 
 import numpy as np
-import optuna
 import pytest
 
 from search.config import SearchConfig
-from search.rundir import JOURNAL, STUDY_NAME, journal_storage
+from search.rundir import JOURNAL, load_run_study
 from search.samplers.levels import LevelSwitches, UnitErrors
 from search.samplers.staged import PRESETS, StagedEvolution
 from search.stages import STATE
@@ -100,7 +99,7 @@ def staged_command(model_dir, run_dir):
 
 
 def staged_state(run_dir):
-    study = optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(run_dir / JOURNAL))
+    study = load_run_study(run_dir)
     return study.user_attrs.get(STATE), study
 
 
