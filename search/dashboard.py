@@ -3,19 +3,17 @@ when a dashboard is asked for)."""
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 from pathlib import Path
 from wsgiref.simple_server import make_server
 
 from search.artifacts import ARTIFACTS
 from search.rundir import journal_path, journal_storage
-from space.errors import UserError
+from space.errors import require_extra
 
 
 def check_available() -> None:
-    if importlib.util.find_spec("optuna_dashboard") is None:
-        raise UserError("the dashboard needs optuna-dashboard: pip install 'llm-pruner[dashboard]'")
+    require_extra("optuna_dashboard", "dashboard", "the dashboard")
 
 
 def dashboard_app(run_dir: Path):

@@ -10,3 +10,12 @@ class UserError(Exception):
 
 class JobFailed(Exception):
     """A job stopped on purpose (e.g. its evaluations failed too often); what it finished is kept."""
+
+
+def require_extra(module: str, extra: str, what: str) -> None:
+    """Refuse ``what`` with the install command when the optional ``module`` is missing (the core
+    job never needs one)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"{what} needs {module.replace('_', '-')}: pip install 'llm-pruner[{extra}]'")

@@ -18,9 +18,9 @@ def add(sub) -> None:
 
 
 def validate(args) -> None:
+    check_available()
     if not journal_path(args.run_dir).is_file():
         raise UserError(f"no study journal in {args.run_dir}")
-    check_available()
     if not 0 < args.port < 65536:
         raise UserError("--port must be in 1..65535")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from evaluators.environment import environment
 from reform.lora import LoraSpec, recover_export
 from search.cli import common
+from space.errors import require_extra
 from space.export import check_destination, read_subnet_record
 
 
@@ -29,6 +30,7 @@ def add(sub) -> None:
 
 
 def validate(args) -> None:
+    require_extra("peft", "recover", "LoRA recovery")
     read_subnet_record(args.export)
     check_destination(args.out)
     args.lora = LoraSpec(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, lr=args.lr,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from evaluators.data import DATASETS, load_text, parse_dataset
@@ -15,7 +14,7 @@ from search.samplers import SAMPLERS
 from search.samplers.evolution import PRESETS as EVOLUTION
 from search.samplers.staged import PRESETS as STAGED
 from search.widths import PRESETS as WIDTHS
-from space.errors import UserError
+from space.errors import UserError, require_extra
 from space.models import resolve
 
 
@@ -91,8 +90,8 @@ def validate(args) -> None:
             name, split = parse_dataset(spec)
             load_text(name, split or DATASETS[name].eval_split)
     resolve(args.model)
-    if args.workers and importlib.util.find_spec("ray") is None:
-        raise UserError("--workers needs Ray: pip install 'llm-pruner[ray]'")
+    if args.workers:
+        require_extra("ray", "ray", "--workers")
 
 
 def check_storage_url(url: str) -> None:

@@ -160,3 +160,20 @@ def test_bad_inputs_end_in_one_message_and_exit_2(argv, message, tiny_model_dir,
     assert code == 2, io.err
     assert message in io.err and "Traceback" not in io.err
     assert sorted(tmp_path.rglob("*")) == before  # nothing created
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["recover", "{tmp}/export", "--out", "{tmp}/out"], "pip install 'llm-pruner[recover]'"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--workers", "2", "--eval-windows", "0"],
+     "pip install 'llm-pruner[ray]'"),
+    (["dashboard", "{tmp}/run"], "pip install 'llm-pruner[dashboard]'"),
+])
+def test_a_command_that_needs_a_missing_extra_names_it(argv, message, tiny_model_dir, tiny_data, tmp_path, capsys,
+                                                      monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("peft", "ray", "optuna_dashboard") else real(name, *a))
+    code, io = run([a.format(model=tiny_model_dir, tmp=tmp_path) for a in argv], capsys)
+    assert code == 2 and message in io.err and "Traceback" not in io.err
