@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import time
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+
+import torch
 
 PACKAGES = ("torch", "transformers", "optuna", "numpy", "datasets", "ray", "lm-eval", "llm-pruner")
 
@@ -50,3 +53,23 @@ def environment() -> dict:
         "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "gpu": gpu},
         "git_commit": _git_commit(),
     }
+
+
+@torch.inference_mode()
+def matmul_tflops(dtype: torch.dtype = torch.bfloat16, *, size: int = 2048, device: str = "cpu",
+                  seconds: float = 2.0) -> float:
+    """The achieved TFLOP/s of square ``size`` matmuls in ``dtype`` (best of about ``seconds``): the
+    machine's practical peak, to quote beside any throughput measured in the same run."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    a @ b  # warm-up
+    while time.perf_counter() < deadline or best == float("inf"):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e12

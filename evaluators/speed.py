@@ -110,23 +110,12 @@ def _tokens(model, batch: int, length: int, *, seed: int) -> torch.Tensor:
     return torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(_device(model))
 
 
-@torch.inference_mode()
-def matmul_tflops(dtype: torch.dtype = torch.bfloat16, *, size: int = 2048, device: str = "cpu",
-                  seconds: float = 2.0) -> float:
-    """The achieved TFLOP/s of square ``size`` matmuls in ``dtype`` (best of about ``seconds``): the
-    machine's practical peak, to quote beside any throughput measured in the same run."""
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    a @ b  # warm-up
-    while time.perf_counter() < deadline or best == float("inf"):
-        _sync(a.device)
-        t = time.perf_counter()
-        a @ b
-        _sync(a.device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * size**3 / best / 1e12
+def cache_argument(model) -> str:
+    """The KV cache's argument (and output field) name: ``cache`` since transformers 5.24, where
+    ``past_key_values`` is deprecated (removed in 5.40); ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _forward_kwargs(model) -> dict:
@@ -161,10 +150,11 @@ def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, fl
     tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
     _sync(device)
     first = time.perf_counter()
-    cache = out.past_key_values
+    name = cache_argument(model)
+    cache = getattr(out, name)
     for _ in range(new_tokens - 1):
-        out = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=tokens[-1], use_cache=True, **{name: cache})
+        cache = getattr(out, name)
         tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
     _sync(device)
     return first - start, time.perf_counter() - first, torch.cat(tokens, dim=1)

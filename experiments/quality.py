@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from evaluators.environment import environment
-from evaluators.speed import matmul_tflops
+from evaluators.environment import environment, matmul_tflops
 from evaluators.tasks import TASKS
 from evaluators.zeroshot import evaluate_zeroshot
 from search.config import SearchConfig

@@ -29,6 +29,7 @@ from reform.rectify import ReformSpec, rectify
 from search.oneshot.allocation import allocate
 from search.config import SearchConfig
 from search.job import run_search
+from evaluators.environment import matmul_tflops
 from search.rundir import load_run_study
 from search.prepare import dense_scores
 from space.order import order_model
@@ -47,18 +48,6 @@ def search_config(args, ratio: float, searcher: str, **overrides) -> SearchConfi
                   importance=args.importance, evolution="cpu", eval_windows=args.windows)
     values.update(overrides)
     return SearchConfig(**values)
-
-
-def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
-    """GFLOP/s of a square matmul in ``dtype`` on this machine (best of ``repeats``)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
 
 
 def study_stats(run_dir: Path, vocab: int, hidden: int) -> dict:
@@ -179,7 +168,7 @@ def main() -> None:
         rank_agreement(args, out)
         write_json(args.out, out)
     if "matmul_gflops" not in out:
-        out["matmul_gflops"] = {"bfloat16": matmul_rate(torch.bfloat16), "float32": matmul_rate(torch.float32)}
+        out["matmul_gflops"] = {"bfloat16": 1e3 * matmul_tflops(torch.bfloat16), "float32": 1e3 * matmul_tflops(torch.float32)}
         write_json(args.out, out)
     write_markdown(out, args.out.with_suffix(".md"))
 

@@ -42,10 +42,11 @@ class SkippedAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
-        if past_key_values is not None:
+    def forward(self, hidden_states, *args, cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values  # the name since transformers 5.24, and before
+        if cache is not None:
             placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
-            past_key_values.update(placeholder, placeholder, self.layer_idx)
+            cache.update(placeholder, placeholder, self.layer_idx)
         return torch.zeros_like(hidden_states), None
 
 

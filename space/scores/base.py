@@ -41,6 +41,7 @@ class ScoreSpec:
     source: str
     whole_model: bool = False  # fn(adapter, windows, ctx, batch_size=, progress=) -> every layer's scores
     uses_ratio: bool = False  # depends on the target ratio (ScoreContext.ratio)
+    version: int = 1  # raised when the formula changes, so that cached scores of the old one are not served
 
     @property
     def needs_data(self) -> bool:
@@ -58,13 +59,14 @@ SCORES: dict[str, ScoreSpec] = {}
 
 
 def register_score(name: str, *, request: StatsRequest = StatsRequest((), ()), standardized: bool = False,
-                   source: str = "", whole_model: bool = False, uses_ratio: bool = False):
+                   source: str = "", whole_model: bool = False, uses_ratio: bool = False, version: int = 1):
     """Register a score. Per-layer scores take ``(layer, stats, ctx)`` and the statistics named by
     ``request``; ``whole_model`` scores (gradients, block outputs) make their own calibration pass
-    and take ``(adapter, windows, ctx, *, batch_size, progress)``."""
+    and take ``(adapter, windows, ctx, *, batch_size, progress)``. ``version``: raise it whenever
+    the formula changes (it keys the score cache)."""
 
     def decorate(fn):
-        SCORES[name] = ScoreSpec(name, fn, request, standardized, source, whole_model, uses_ratio)
+        SCORES[name] = ScoreSpec(name, fn, request, standardized, source, whole_model, uses_ratio, version)
         return fn
 
     return decorate

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from space.adapters import ModelAdapter
 from space.export.atomic import replace_file
 from space.models import cache_root, fingerprint
 from space.scores.base import LayerScores, compute_scores, score_spec
+
+log = logging.getLogger(__name__)
 
 IMPORTANCE_FILE = "importance.pt"
 
@@ -38,6 +41,9 @@ def score_key(names: list[str], *, source: str | None, calibration: dict | None,
         key["ratio"] = ratio
     if dtype != torch.float32:
         key["dtype"] = str(dtype).removeprefix("torch.")
+    versions = {n: score_spec(n).version for n in sorted(names) if score_spec(n).version != 1}
+    if versions:  # a corrected formula never serves the old one's scores (version 1 keys are unchanged)
+        key["versions"] = versions
     return key
 
 
@@ -140,4 +146,7 @@ class ScoreCache:
             self.put(key, *found)
         if copy_to is not None and copy_to.parent.is_dir() and load_scores(copy_to, key) is None:
             save_scores(copy_to, found[0], key, seconds=found[1])
+        if reused:
+            log.info("importance %s: reused from the cache (computed in %.0f s under the same model, data and "
+                     "settings)", ", ".join(names), found[1])
         return Scored(found[0], found[1], reused)

@@ -106,7 +106,8 @@ def test_score_cache_round_trip_and_invalidation(make_model, token_ids, tmp_path
 
 def test_score_cache_reuses_by_model_calibration_ratio_and_dtype(make_model, token_ids, tmp_path, monkeypatch):
     """One cache for every caller: memory first, then the shared folder; the key names the model
-    file, the calibration, the ratio (for ratio-dependent scores) and a non-float32 dtype."""
+    file, the calibration, the ratio (for ratio-dependent scores), a non-float32 dtype and the
+    score's version."""
     model_file = tmp_path / "model.gguf"
     model_file.write_bytes(b"weights")
     adapter = adapter_for(make_model("llama"))
@@ -128,6 +129,13 @@ def test_score_cache_reuses_by_model_calibration_ratio_and_dtype(make_model, tok
     adapter.model.to(torch.bfloat16)
     assert not scores(ScoreCache()).reused  # computed in another dtype
     adapter.model.to(torch.float32)
+    import dataclasses
+
+    from space.scores.base import SCORES
+
+    monkeypatch.setitem(SCORES, "newton", dataclasses.replace(SCORES["newton"], version=2))
+    assert not scores(ScoreCache()).reused  # a corrected formula: the old scores are not served
+    monkeypatch.setitem(SCORES, "newton", dataclasses.replace(SCORES["newton"], version=1))
     model_file.write_bytes(b"other weights")  # the file changed: its fingerprint too
     assert not scores(ScoreCache()).reused
     memory_only = ScoreCache()
