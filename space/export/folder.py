@@ -1,10 +1,12 @@
 """Export a subnet as a Hugging Face folder that loads with
-``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``.
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``, or without remote code
+when every layer has the same widths.
 
 The folder holds physically sliced safetensors, ``config.json`` (the source config plus the
 upstream ``per_layer_config`` widths, ``head_dim`` pinned, and an ``auto_map`` to our modelling
-file), ``modeling_llm_pruner.py``, the tokenizer, and ``subnet.json`` (widths, kept unit indices
-in the source model's numbering, the source, the recipe, metrics).
+file; for a uniform subnet without output biases, the family's own config with its widths),
+``modeling_llm_pruner.py`` (heterogeneous exports only), the tokenizer, and ``subnet.json`` (widths,
+kept unit indices in the source model's numbering, the source, the recipe, metrics, which config).
 
 The folder is written next to its destination and renamed into place only when complete, so a
 failure or an interruption leaves either the old folder or the new one, never a mixture. A
@@ -19,14 +21,15 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from space.adapters import ModelAdapter, family
 from space.errors import UserError
 from space.export.atomic import staged_folder, write_json
-from space.export.config import pruned_config
+from space.export.config import is_uniform, pruned_config, stock_config
 from space.export.state import sliced_state_dict
 from space.models import ModelSource
-from space.modeling_llm_pruner import MODEL_TYPE_PREFIX, PRUNED_CLASSES
+from space.modeling_llm_pruner import PRUNED_CLASSES
 from space.order import LayerOrder
 from space.subnet import Subnet
 
@@ -62,10 +65,15 @@ def export_subnet(
     check_destination(out_dir)
     started = time.time()
     output_bias = any(k.endswith(("o_proj.bias", "down_proj.bias")) for k in overrides or {})
-    config = pruned_config(adapter.config, subnet, dtype=dtype, output_bias=output_bias)
-    model_class = PRUNED_CLASSES[family(adapter.config.model_type)][1]
-    with torch.device("meta"):
-        pruned = model_class(config)
+    stock = is_uniform(subnet) and not output_bias  # a stock config says it: no remote code to load it
+    if stock:
+        config = stock_config(adapter.config, subnet, dtype=dtype)
+        with torch.device("meta"):
+            pruned = AutoModelForCausalLM.from_config(config)
+    else:
+        config = pruned_config(adapter.config, subnet, dtype=dtype, output_bias=output_bias)
+        with torch.device("meta"):
+            pruned = PRUNED_CLASSES[family(adapter.config.model_type)][1](config)
     # Saved from host memory: the kept slices of a model on an accelerator are copied once.
     state = {k: v.cpu() for k, v in sliced_state_dict(adapter, subnet, overrides=overrides, dtype=dtype).items()}
     if output_bias:  # every o_proj/down_proj of the export has a bias; zero where none was given
@@ -78,8 +86,9 @@ def export_subnet(
         raise RuntimeError(f"export state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if config.tie_word_embeddings:
         pruned.tie_weights()
-    type(pruned).register_for_auto_class("AutoModelForCausalLM")
-    type(config).register_for_auto_class("AutoConfig")
+    if not stock:
+        type(pruned).register_for_auto_class("AutoModelForCausalLM")
+        type(config).register_for_auto_class("AutoConfig")
 
     with staged_folder(out_dir) as staging:
         pruned.save_pretrained(staging)
@@ -87,7 +96,10 @@ def export_subnet(
             tokenizer.save_pretrained(staging)
         record = {
             "format": "llm-pruner subnet v1",
-            "model_type": MODEL_TYPE_PREFIX + family(adapter.config.model_type),
+            "model_type": config.model_type,
+            # stock: the family's own config, loads without trust_remote_code; per-layer: our
+            # modelling file (per_layer_config), loads with trust_remote_code=True
+            "config": "stock" if stock else "per-layer",
             "subnet": subnet.to_dict(),
             "kept": [order.kept(widths) for order, widths in zip(orders, subnet.layers)],
             "export_seconds": round(time.time() - started, 3),

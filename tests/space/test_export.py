@@ -42,6 +42,21 @@ def test_export_reloads_with_the_same_logits(make_model, token_ids, tmp_path, na
     assert type(reloaded.model.layers[2].mlp).__name__ == "SkippedMLP"
 
 
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_a_uniform_subnet_exports_a_stock_config_that_loads_without_remote_code(make_model, token_ids, tmp_path,
+                                                                              name):
+    layers = [LayerWidths(1, 2, 40)] * 3  # fewer groups and heads per group than the model: still stock GQA
+    _, subnet, _, expected = exported(make_model(name), token_ids, layers, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()  # no trust_remote_code
+    assert (reloaded(token_ids).logits - expected).abs().max() <= 1e-4
+    assert sum(p.numel() for p in reloaded.parameters()) == subnet.total_params()
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == name and "auto_map" not in config and "per_layer_config" not in config
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 40)
+    assert not (tmp_path / "out" / "modeling_llm_pruner.py").exists()
+    assert json.loads((tmp_path / "out" / SUBNET_FILE).read_text())["config"] == "stock"
+
+
 def test_reloaded_export_generates_like_a_cacheless_greedy_loop(make_model, token_ids, tmp_path):
     exported(make_model("llama"), token_ids, MIXED, tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
@@ -67,6 +82,7 @@ def test_export_records_the_subnet_and_the_kept_units(make_model, token_ids, tmp
     assert config["head_dim"] == 8 and config["model_type"] == "llm_pruner_llama"
     assert config["per_layer_config"]["1"]["skip"] == ["self_attn"]
     assert (tmp_path / "out" / "modeling_llm_pruner.py").is_file()
+    assert record["config"] == "per-layer"
 
 
 def test_a_folder_that_is_not_an_export_is_refused_untouched(make_model, token_ids, tmp_path):
