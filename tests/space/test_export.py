@@ -109,3 +109,22 @@ def test_a_failed_export_leaves_the_previous_export_intact(make_model, token_ids
         exported(make_model("llama", seed=1), token_ids, MIXED, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+@pytest.mark.parametrize("skipped_first", [False, True])
+def test_an_export_with_skipped_sublayers_generates_with_each_cache(make_model, token_ids, tmp_path, cache,
+                                                                    skipped_first):
+    """A layer without attention (the first one, whose cache length positions new tokens, or a
+    later one) and one without MLP: a static cache (sized per layer on first use) and the dynamic
+    one give the tokens of a cacheless greedy loop."""
+    layers = [MIXED[1], MIXED[0], MIXED[2]] if skipped_first else MIXED
+    exported(make_model("llama"), token_ids, layers, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    prompt = token_ids[:1, :8]
+    generated = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                               cache_implementation=cache)
+    ids = prompt
+    for _ in range(6):
+        ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(generated, ids)

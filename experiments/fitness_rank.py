@@ -1,0 +1,148 @@
+"""Which fitness ranks candidates like text no step fitted: calibration perplexity (``ppl``) or KL to
+the dense model (``kl``)? Issue 13, item 2.
+
+Candidates: SmolLM2-135M subnets at block ratios 0.5, 0.6, 0.7 and 0.8, each the one-shot starts of
+the search and level-switch mutants of them (``--per-ratio`` in all), o_proj/down_proj refitted by
+the search's local least squares. Each is scored by both fitness kinds on the search's fitness
+windows (8 x 512 from the fitness region of WikiText-2 validation, bfloat16, as in a search), and
+measured in float32 on 8 windows of 512 of: the re-scoring region of WikiText-2 validation, PTB
+validation and c4:heldout (never a test split); for ``--zeroshot`` of them, the seven tasks' average
+(first ``--zeroshot-limit`` each). The table gives Spearman's rank correlation of each fitness with
+each measure, over all candidates and within each ratio (where the search decides).
+
+    LLM_PRUNER_DATA=../shared/data python experiments/fitness_rank.py --per-ratio 10 --zeroshot 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluators.data import CalibrationSpec
+from evaluators.environment import environment
+from evaluators.perplexity import perplexity
+from evaluators.tasks import TASKS
+from evaluators.zeroshot import evaluate_zeroshot
+from reform.local import output_solvers, solver_overrides
+from search.config import FITNESS_REGION, RESCORING_REGION, STATISTICS_REGION, SearchConfig
+from search.fitness import Fitness
+from search.prepare import starts_for
+from search.samplers.levels import LevelSwitches
+from search.widths import WidthSpace
+from space.adapters import adapter_for
+from space.export import write_json
+from space.models import load_model
+from space.order import order_model
+from space.scores import score_spec
+from space.scores.cache import ScoreCache
+from space.views import subnet_view
+
+RESULTS = Path(__file__).parent / "results"
+RATIOS = (0.5, 0.6, 0.7, 0.8)
+MEASURES = {"wikitext2:rescoring": ("wikitext2", RESCORING_REGION), "ptb:validation": ("ptb:validation", (0.0, 1.0)),
+            "c4:heldout": ("c4:heldout", (0.0, 1.0))}
+
+
+def ranks(values: list[float]) -> np.ndarray:
+    """Ranks with ties averaged."""
+    order = np.argsort(values, kind="stable")
+    out = np.empty(len(values))
+    out[order] = np.arange(len(values), dtype=float)
+    for value in set(values):
+        tied = [i for i, v in enumerate(values) if v == value]
+        out[tied] = out[tied].mean()
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+def candidates(space: WidthSpace, ordered, per_ratio: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    switches = LevelSwitches(space, attention_prob=0.25, max_switches=6)
+    out = []
+    for ratio in RATIOS:  # the search's own starts at each ratio, then mutants of them
+        chosen = starts_for(SearchConfig(model="smollm2-135m", ratio=ratio), space, ordered,
+                            score_spec("wanda-sp").standardized)
+        while len(chosen) < per_ratio:
+            parent = chosen[int(rng.integers(len(chosen)))]
+            child = switches.mutate(parent, rng, space.bounds.step * int(rng.integers(1, 5)))
+            if child not in chosen:
+                chosen.append(child)
+        out += [(ratio, c) for c in chosen[:per_ratio]]
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--per-ratio", type=int, default=10)
+    parser.add_argument("--zeroshot", type=int, default=20, help="candidates (evenly spread) with zero-shot scores")
+    parser.add_argument("--zeroshot-limit", type=int, default=100)
+    parser.add_argument("--windows", type=int, default=8, help="windows of 512 per measure")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "fitness_rank.json")
+    args = parser.parse_args(argv)
+    started = time.time()
+    loaded = load_model("smollm2-135m", dtype=torch.float32)
+    adapter, tokenizer = adapter_for(loaded.model), loaded.tokenizer
+    statistics = CalibrationSpec("wikitext2", 64, 512, 0, STATISTICS_REGION)
+    scores = ScoreCache().scores(adapter, ["wanda-sp"], windows=lambda: statistics.windows(tokenizer),
+                                 source=loaded.source.path, calibration=statistics.to_dict()).scores["wanda-sp"]
+    _, ordered = order_model(adapter, scores)
+    solvers = output_solvers(adapter, statistics.windows(tokenizer), precompute=torch.float32)
+    space = WidthSpace(adapter.dims, preset="wide")
+    pool = candidates(space, ordered, args.per_ratio, args.seed)
+    measures = {name: CalibrationSpec(spec, args.windows, 512, 3, region).windows(tokenizer)
+                for name, (spec, region) in MEASURES.items()}
+    fitness_windows = CalibrationSpec("wikitext2", 8, 512, 1, FITNESS_REGION).windows(tokenizer)
+    rows = []
+    for i, (ratio, subnet) in enumerate(pool):
+        overrides = solver_overrides(adapter, subnet, solvers)
+        row = {"ratio": ratio, "block_ratio": subnet.ratio(), "widths": [[w.kv_heads, w.q_per_kv, w.channels]
+                                                                         for w in subnet.layers]}
+        with subnet_view(adapter, subnet, overrides) as model:
+            row.update({name: perplexity(model, w) for name, w in measures.items()})
+        adapter.model.to(torch.bfloat16)
+        for kind in ("ppl", "kl"):
+            fitness = Fitness(adapter, fitness_windows, solvers=solvers, kind=kind)
+            row[f"fitness_{kind}"] = fitness.evaluate(subnet).value
+        adapter.model.to(torch.float32)
+        if args.zeroshot and i % max(1, len(pool) // args.zeroshot) == 0 and \
+                sum("zeroshot" in r for r in rows) < args.zeroshot:
+            with subnet_view(adapter, subnet, overrides) as model:
+                row["zeroshot"] = evaluate_zeroshot(model, tokenizer, list(TASKS), limit=args.zeroshot_limit,
+                                                    progress=False)["zeroshot_avg"]
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "widths"}), flush=True)
+    table = {}
+    for measure in [*MEASURES, "zeroshot"]:
+        for kind in ("ppl", "kl"):
+            sign = -1.0 if measure == "zeroshot" else 1.0  # higher accuracy is better
+            pairs = [(r[f"fitness_{kind}"], sign * r[measure]) for r in rows if measure in r and math.isfinite(r[measure])]
+            within = [spearman(*zip(*[(r[f"fitness_{kind}"], sign * r[measure]) for r in rows
+                                      if r["ratio"] == ratio and measure in r]))
+                      for ratio in RATIOS if sum(measure in r and r["ratio"] == ratio for r in rows) > 2]
+            table[f"{measure}/{kind}"] = {"all": spearman(*zip(*pairs)) if len(pairs) > 2 else None,
+                                          "within_ratio_mean": float(np.mean(within)) if within else None}
+    data = {"rows": rows, "spearman": table, "seconds": round(time.time() - started, 1), "environment": environment(),
+            "command": "python experiments/fitness_rank.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    write_json(args.out, data)
+    lines = ["| measure | fitness | Spearman, all candidates | mean Spearman within a ratio |", "|---|---|---|---|"]
+    for key, v in table.items():
+        measure, kind = key.split("/")
+        lines.append(f"| {measure} | {kind} | {v['all'] if v['all'] is None else round(v['all'], 3)} | "
+                     f"{v['within_ratio_mean'] if v['within_ratio_mean'] is None else round(v['within_ratio_mean'], 3)} |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
