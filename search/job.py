@@ -19,6 +19,7 @@ from evaluators.workers import InProcessPool, RayPool
 from search.config import SearchConfig
 from search.finalize import finalize
 from search.loop import run_loop
+from search.plan import check_plan, plan_for
 from search.prepare import SearchEvaluator, channel_scores, load_prepared, release_fitness, starts_for, unit_errors
 from search.rundir import check_run_dir, finished_result, open_run_dir, open_study, recover_interrupted, run_lock
 from search.samplers import make_sampler
@@ -52,6 +53,7 @@ def run_search(
     candidates (0: this process). ``final``: re-score, export and test the winner at the end."""
     started = time.time()
     config.check()
+    check_plan(plan_for(config))  # a job that cannot fit its device stops now, not an hour in
     run_dir = Path(run_dir)
     new_folder = not run_dir.exists()
     check_run_dir(run_dir)

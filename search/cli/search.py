@@ -9,12 +9,14 @@ from reform.spec import MODES
 from search.cli import common
 from search.config import DTYPES, SearchConfig
 from search.job import run_search
+from search.plan import describe, plan_for
 from search.rundir import check_run_dir
 from search.samplers import SAMPLERS
 from search.samplers.evolution import PRESETS as EVOLUTION
 from search.samplers.staged import PRESETS as STAGED
 from search.widths import PRESETS as WIDTHS
 from space.errors import UserError, require_extra
+from space.export import write_json
 from space.models import resolve
 
 
@@ -60,6 +62,10 @@ def add(sub) -> None:
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16", help="dtype candidates are scored in: " + " | ".join(DTYPES))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan per worker and stop (the model "
+                                                          "may be a folder with only its config.json)")
+    p.add_argument("--json", type=Path, help="--dry-run: also write the plan here")
+    p.add_argument("--gpu-memory", type=float, help="GB of the device a worker runs on, when none is visible here")
     p.set_defaults(validate=validate, main=main)
 
 
@@ -81,6 +87,11 @@ def validate(args) -> None:
         raise UserError("--workers must be >= 0")
     args.config = config_from(args)
     args.config.check()
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        raise UserError("--gpu-memory must be a positive number of GB")
+    if args.dry_run:
+        resolve(args.model)
+        return
     args.config.calibration_spec().check_text()  # a missing or test split fails before the model loads
     check_run_dir(args.run_dir)
     if args.storage:
@@ -107,6 +118,12 @@ def check_storage_url(url: str) -> None:
 
 
 def main(args) -> int:
+    if args.dry_run:
+        plan = plan_for(args.config, gpu_memory_gb=args.gpu_memory)
+        print(describe(plan))
+        if args.json:
+            write_json(args.json, plan)
+        return 0
     result = run_search(args.config, args.run_dir, workers=args.workers, ray_address=args.ray_address,
                         storage_url=args.storage, progress=not args.quiet)
     best = result.best

@@ -1,0 +1,55 @@
+"""The memory plan: the solver state it counts is the fitness's, every published config gets a plan
+without weights, and a job that would not fit stops before it writes anything."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import search.plan as plan_module
+from reform.local import output_solvers
+from search.cli import main as cli
+from search.config import SearchConfig
+from search.job import run_search
+from search.plan import config_dims, memory_plan, solver_bytes
+from space.adapters import adapter_for
+from space.errors import UserError
+from tests.search.test_search import tiny_config
+
+CONFIGS = Path(__file__).resolve().parents[3] / "shared" / "configs"
+
+
+def test_the_planned_solver_state_is_what_the_fitness_holds(make_model, token_ids):
+    adapter = adapter_for(make_model("llama"))
+    solvers = output_solvers(adapter, token_ids, precompute=torch.float32)
+    held = sum(t.numel() * t.element_size() for layer in solvers for s in layer.values()
+               for t in (s.factor, s.rhs, s._inverse, s._projected))
+    assert solver_bytes(adapter.dims) == pytest.approx(held, rel=0.05)
+    assert config_dims(adapter.model.config) == adapter.dims  # counted on a weightless copy
+
+
+@pytest.mark.skipif(not CONFIGS.is_dir(), reason="the shared configs are not next to this checkout")
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-3.1-8b", "qwen2.5-7b", "llama-3.1-70b"])
+def test_dry_run_plans_a_published_config_without_weights(name, tmp_path, capsys):
+    status = cli(["-q", "search", "--model", str(CONFIGS / name), "--ratio", "0.5", "--run-dir", str(tmp_path / "r"),
+                  "--dry-run", "--gpu-memory", "80", "--json", str(tmp_path / "plan.json")])
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert status == 0 and "memory plan per worker" in capsys.readouterr().out
+    assert {"weights_bytes", "fitness_bytes", "cache_bytes", "activation_bytes", "peak_bytes", "fits"} <= set(plan)
+    assert plan["peak_bytes"] >= plan["weights_bytes"] + plan["fitness_bytes"] and not (tmp_path / "r").exists()
+
+
+def test_a_kl_fitness_counts_its_dense_logits(make_model):
+    dims = adapter_for(make_model("llama")).dims
+    ppl = memory_plan(SearchConfig(model="m", ratio=0.5), dims, 128, memory=None)
+    kl = memory_plan(SearchConfig(model="m", ratio=0.5, fitness="kl", fitness_top_k=16), dims, 128, memory=None)
+    assert ppl["logits_bytes"] == 0 and kl["logits_bytes"] == 8 * 511 * (16 * 8 + 4)
+    assert kl["peak_bytes"] - ppl["peak_bytes"] == kl["logits_bytes"] and ppl["fits"] is None
+
+
+def test_a_job_that_would_not_fit_stops_before_writing(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(plan_module, "device_memory", lambda device, gb: 1000)
+    with pytest.raises(UserError, match="needs about .* GB on cpu per worker"):
+        run_search(tiny_config(tiny_model_dir), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
