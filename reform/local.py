@@ -84,6 +84,7 @@ def output_solvers(
     damping: float = DEFAULT_DAMPING,
     device: torch.device | str | None = None,
     precompute: torch.dtype | None = None,
+    prefix_only: tuple[str, ...] = (),
     batch_size: int = 8,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> list[dict[str, PrefixLstsq]]:
@@ -92,7 +93,8 @@ def output_solvers(
     the layer's). Each layer's gram is dropped once factored: what stays is the factor and
     ``C Wᵀ``, (d_in² + d_in·d_out) float64 per projection. ``precompute``: a dtype in which to
     keep ``L⁻¹`` and ``L⁻¹ C Wᵀ`` too, making each prefix width one matrix product
-    (:meth:`PrefixLstsq.precompute`; the search fitness uses float32)."""
+    (:meth:`PrefixLstsq.precompute`; the search fitness uses float32); the projections named in
+    ``prefix_only`` then keep only those (the fitness: ``down``, always a prefix)."""
     solvers = []
     for layer, stats in output_stats(adapter, windows, batch_size=batch_size, progress=progress):
         linears = layer.linears()
@@ -101,8 +103,8 @@ def output_solvers(
             for name, s in stats.items()
         }
         if precompute is not None:
-            for solver in layer_solvers.values():
-                solver.precompute(precompute)
+            for name, solver in layer_solvers.items():
+                solver.precompute(precompute, prefix_only=name in prefix_only)
         solvers.append(layer_solvers)
     return solvers
 

@@ -4,8 +4,8 @@ Per worker, in bytes, from the model's config alone (built on the ``meta`` devic
 
 * ``weights_bytes``: the model in the search dtype;
 * ``fitness_bytes``: the least-squares solver state the fitness keeps per layer and output projection
-  (:class:`reform.lstsq.PrefixLstsq` after ``precompute``): the float64 factor of ``C + λI`` and
-  ``B = C Wᵀ``, and the float32 ``L⁻¹`` and ``P = L⁻¹ B`` (12 d_in² + 12 d_in d_out bytes);
+  (:class:`reform.lstsq.PrefixLstsq` after ``precompute``): the float32 ``L⁻¹`` and ``P = L⁻¹ B``,
+  and for o_proj (whose kept heads are not always a prefix) the float64 factor of ``C + λI`` and ``B``;
 * ``cache_bytes``: the fitness's cache of rectified layers (its bound);
 * ``activation_bytes``: one forward of a batch of fitness windows (hidden states, the widest MLP
   activations, one chunk of float32 logits and their log-softmax);
@@ -23,6 +23,7 @@ import torch
 
 from evaluators.perplexity import LOGIT_CHUNK
 from search.config import SearchConfig
+from search.prepare import PREFIX_ONLY
 from space.adapters import adapter_for
 from space.errors import UserError
 from space.models import resolve
@@ -54,10 +55,13 @@ def config_dims(hf_config) -> ModelDims:
 
 
 def solver_bytes(dims: ModelDims) -> int:
-    """Bytes of the fitness's prefix solvers over every layer (o_proj and down_proj)."""
+    """Bytes of the fitness's prefix solvers over every layer: o_proj's keep the float64 factor and
+    ``B`` beside the float32 ``L⁻¹`` and ``P`` (12 d_in² + 12 d_in d_out), down_proj's only the float32
+    pair (``PREFIX_ONLY``: 4 d_in² + 4 d_in d_out)."""
     per_layer = 0
-    for d_in in (dims.num_heads * dims.head_dim, dims.intermediate_size):
-        per_layer += 12 * d_in * d_in + 12 * d_in * dims.hidden_size
+    for name, d_in in (("o", dims.num_heads * dims.head_dim), ("down", dims.intermediate_size)):
+        bytes_per = 4 if name in PREFIX_ONLY else 12
+        per_layer += bytes_per * (d_in * d_in + d_in * dims.hidden_size)
     return dims.num_layers * per_layer
 
 

@@ -33,6 +33,9 @@ from space.scores.cache import ScoreCache
 from space.subnet import LayerWidths, Subnet
 
 
+PREFIX_ONLY = ("down",)  # MLP channels are importance prefixes: their solvers keep the prefix form only
+
+
 def dense_scores(loaded: LoadedModel, names: list[str], calibration: CalibrationSpec, *, ratio: float | None = None,
                  copy_to: Path | None = None) -> dict[str, list[LayerScores]]:
     """Scores ``names`` of the dense ``loaded`` model on ``calibration``, through the shared score
@@ -70,7 +73,7 @@ def _fitness_parts(config_json: str, run_dir: str):
     solvers = None
     if config.fitness_reform == "lstsq":
         solvers = output_solvers(adapter, config.calibration_spec().windows(loaded.tokenizer), damping=config.damping,
-                                 precompute=torch.float32)
+                                 precompute=torch.float32, prefix_only=PREFIX_ONLY)
     adapter.model.to(getattr(torch, config.dtype))
     return adapter, solvers, loaded.tokenizer
 

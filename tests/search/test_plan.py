@@ -13,6 +13,7 @@ from search.cli import main as cli
 from search.config import SearchConfig
 from search.job import run_search
 from search.plan import config_dims, memory_plan, solver_bytes
+from search.prepare import PREFIX_ONLY
 from space.adapters import adapter_for
 from space.errors import UserError
 from tests.search.test_search import tiny_config
@@ -22,11 +23,17 @@ CONFIGS = Path(__file__).resolve().parents[3] / "shared" / "configs"
 
 def test_the_planned_solver_state_is_what_the_fitness_holds(make_model, token_ids):
     adapter = adapter_for(make_model("llama"))
-    solvers = output_solvers(adapter, token_ids, precompute=torch.float32)
+    full = output_solvers(adapter, token_ids, precompute=torch.float32)
+    solvers = output_solvers(adapter, token_ids, precompute=torch.float32, prefix_only=PREFIX_ONLY)
     held = sum(t.numel() * t.element_size() for layer in solvers for s in layer.values()
-               for t in (s.factor, s.rhs, s._inverse, s._projected))
+               for t in (s.factor, s.rhs, s._inverse, s._projected) if t is not None)
     assert solver_bytes(adapter.dims) == pytest.approx(held, rel=0.05)
     assert config_dims(adapter.model.config) == adapter.dims  # counted on a weightless copy
+    for layer_full, layer in zip(full, solvers):  # the prefix-only form solves prefixes alike
+        for width in (1, 17, 95):
+            torch.testing.assert_close(layer["down"].solve(width), layer_full["down"].solve(width), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="prefix-only"):
+        solvers[0]["down"].solve(torch.tensor([0, 5]))
 
 
 @pytest.mark.skipif(not CONFIGS.is_dir(), reason="the shared configs are not next to this checkout")
