@@ -148,6 +148,9 @@ class SearchConfig:
             raise UserError(f"unknown evolution preset {self.evolution!r}; known: {known}")
         if self.staged is not None:
             self.check_staged()
+        elif self.preset == "depth":
+            raise UserError("--preset depth (whole sub-layers) is searched by --evolution staged: its level switches "
+                            "drop one sub-layer and restore another; the other searchers project onto the budget")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
         if self.export_reform not in MODES:

@@ -104,12 +104,12 @@ def _study(config: SearchConfig, run_dir: Path, storage_url: str | None,
     dropped afterwards: the workers, or the in-process pool, prepare their own copy)."""
     _, adapter, _, ordered = load_prepared(config, run_dir)  # computes and caches importance
     space = WidthSpace(adapter.dims, preset=config.preset, mlp_step=config.mlp_step)
-    starts = starts_for(config, space, ordered, score_spec(config.importance).standardized)
     errors = None
     if config.staged is not None:  # level switches are drawn by the fitness's own residuals
         errors = unit_errors(config, run_dir, space)
         if workers:
             release_fitness()  # the workers build their own; the in-process pool reuses this one
+    starts = starts_for(config, space, ordered, score_spec(config.importance).standardized, errors)
     sampler = make_sampler(config.searcher, space=space, ratio=config.ratio, starts=starts,
                            channel_scores=channel_scores(ordered), seed=config.seed,
                            evolution_preset=config.evolution, errors=errors)

@@ -21,7 +21,7 @@ from reform.targets import o_columns
 from search.config import SearchConfig
 from search.fitness import Fitness
 from search.oneshot.allocation import ALLOCATIONS
-from search.samplers.levels import UnitErrors
+from search.samplers.levels import UnitErrors, depth_start
 from search.rundir import IMPORTANCE
 from search.widths import WidthSpace
 from space.adapters import adapter_for
@@ -133,8 +133,12 @@ def channel_scores(ordered) -> list[np.ndarray]:
     return [standardize(s.channels.double()).numpy() for s in ordered]
 
 
-def starts_for(config: SearchConfig, space: WidthSpace, ordered, standardized: bool) -> list[Subnet]:
-    """Importance-based allocations the search starts from, inside the space's bounds."""
+def starts_for(config: SearchConfig, space: WidthSpace, ordered, standardized: bool,
+               errors: UnitErrors | None = None) -> list[Subnet]:
+    """Importance-based allocations the search starts from, inside the space's bounds (the depth
+    preset: whole sub-layers removed, the cheapest by ``errors`` first)."""
+    if space.preset == "depth":
+        return [depth_start(space, config.ratio, errors)]
     starts = []
     for name in ("uniform-mlp", "global", "uniform"):
         try:

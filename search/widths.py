@@ -12,6 +12,8 @@ Presets of per-layer bounds:
   the MLP at least 7 % of its channels.
 * ``wide``: attention keeps at least half its heads, the MLP anything down to nothing.
 * ``full``: any GQA-valid shape including no attention, any MLP width including none.
+* ``depth``: every attention and MLP sub-layer whole or removed (EvoPress's depth search with
+  ``--evolution staged``: its level switches drop one sub-layer and restore another of the same kind).
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ class Preset:
     min_heads_fraction: float  # of the layer's query heads; 0 allows an empty attention
     min_mlp_fraction: float
     allow_empty_mlp: bool
+    depth: bool = False  # every sub-layer whole or gone
 
 
 PRESETS = {
     "paper": Preset(min_heads_fraction=15 / 16, min_mlp_fraction=768 / 11008, allow_empty_mlp=False),
     "wide": Preset(min_heads_fraction=0.5, min_mlp_fraction=0.0, allow_empty_mlp=True),
     "full": Preset(min_heads_fraction=0.0, min_mlp_fraction=0.0, allow_empty_mlp=True),
+    "depth": Preset(min_heads_fraction=0.0, min_mlp_fraction=0.0, allow_empty_mlp=True, depth=True),
 }
 
 
@@ -52,10 +56,12 @@ class WidthSpace:
         self.dims = dims
         self.preset = preset
         p = PRESETS[preset]
-        step = mlp_step or default_step(dims)
+        step = dims.intermediate_size if p.depth else mlp_step or default_step(dims)
         low = int(p.min_mlp_fraction * dims.intermediate_size)
         shapes = [s for s in dims.attention_shapes()
                   if s[0] * s[1] >= p.min_heads_fraction * dims.num_heads - 1e-9]
+        if p.depth:
+            shapes = [(0, 0), (dims.num_kv_heads, dims.group_size)]
         self.bounds = Bounds(step=step, low=low, allow_empty_mlp=p.allow_empty_mlp, shapes=tuple(shapes))
         self.shapes = self.bounds.attention_shapes(dims)
         self.grid = self.bounds.channel_grid(dims)

@@ -126,3 +126,29 @@ class LevelSwitches:
         for i, shape in ((giver, shape_g), (receiver, shape_r)):
             layers[i] = LayerWidths(*self.space.shapes[shape], layers[i].channels)
         return True
+
+
+def depth_start(space: WidthSpace, ratio: float, errors: UnitErrors | None = None) -> Subnet:
+    """Whole sub-layers removed, the cheapest first, while that brings the block ratio nearer
+    ``ratio``: cheapest = least least-squares residual per parameter when ``errors`` are given
+    (the output a sub-layer alone contributes), else the last layers first."""
+    dims = space.dims
+    dense = dims.dense_layer()
+    sizes = {"attention": dims.attention_params(dense.kv_heads, dense.q_per_kv), "mlp": dims.mlp_params(dense.channels)}
+    costs = []
+    for i in range(dims.num_layers):
+        for kind in sizes:
+            if errors is None:
+                cost = float(dims.num_layers - i)
+            else:
+                table = errors.attention[i] if kind == "attention" else errors.mlp[i]
+                cost = float(table[0] - table[-1]) / sizes[kind]  # removed vs whole
+            costs.append((cost, i, kind))
+    target = (1 - ratio) * dims.dense_block_params()
+    removed, layers = 0, [dense] * dims.num_layers
+    for _, i, kind in sorted(costs):
+        if abs(removed + sizes[kind] - target) < abs(removed - target):
+            removed += sizes[kind]
+            w = layers[i]
+            layers[i] = LayerWidths(0, 0, w.channels) if kind == "attention" else LayerWidths(w.kv_heads, w.q_per_kv, 0)
+    return Subnet(dims, layers)

@@ -58,7 +58,9 @@ class StagedEvolution(BaseSampler):
             raise ValueError("at least one start is needed")
         self.space = space
         self.preset = preset
-        self.starts = [space.repair(s, ratio) for s in starts]
+        # starts inside the space are kept as they are (starts_for puts them on the budget; a depth start,
+        # as near it as whole sub-layers go, could not be projected); level switches keep their size
+        self.starts = [s if space.contains(s) else space.repair(s, ratio) for s in starts]
         self.switches = LevelSwitches(space, errors=errors)
         self.seed = seed
         self._proposed: dict[str, int] | None = None

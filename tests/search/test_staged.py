@@ -13,7 +13,7 @@ import pytest
 
 from search.config import SearchConfig
 from search.rundir import JOURNAL, load_run_study
-from search.samplers.levels import LevelSwitches, UnitErrors
+from search.samplers.levels import LevelSwitches, UnitErrors, depth_start
 from search.samplers.staged import PRESETS, StagedEvolution
 from search.stages import STATE
 from search.widths import WidthSpace
@@ -27,15 +27,17 @@ def start(space: WidthSpace, ratio: float = 0.6) -> Subnet:
     return space.repair(Subnet(DIMS, [DIMS.dense_layer()] * DIMS.num_layers), ratio)
 
 
-@pytest.mark.parametrize("preset", ["wide", "full", "paper"])
+@pytest.mark.parametrize("preset", ["wide", "full", "paper", "depth"])
 def test_level_switches_keep_the_exact_budget(preset):
     space = WidthSpace(DIMS, preset=preset, mlp_step=16)
     switches = LevelSwitches(space, attention_prob=0.5)
-    parent = start(space)
+    parent = depth_start(space, 0.6) if preset == "depth" else start(space)
+    if preset == "depth":  # whole sub-layers: the quantum is a whole MLP
+        assert space.grid == [0, 256] and abs(parent.ratio() - 0.6) < 0.05
     rng = np.random.default_rng(0)
     changed = 0
     for quantum in (16, 32, 64) * 100:
-        child = switches.mutate(parent, rng, quantum)
+        child = switches.mutate(parent, rng, 256 if preset == "depth" else quantum)
         assert child.block_params() == parent.block_params()  # exactly, not projected
         assert space.contains(child)
         changed += child != parent
@@ -44,7 +46,7 @@ def test_level_switches_keep_the_exact_budget(preset):
     if preset != "paper":  # depth inside the search: some sub-layer reached zero width
         seen_empty = False
         for _ in range(2000):
-            parent = switches.mutate(parent, rng, 64)
+            parent = switches.mutate(parent, rng, 256 if preset == "depth" else 64)
             seen_empty |= any(w.channels == 0 for w in parent.layers)
         assert seen_empty
 
@@ -137,3 +139,25 @@ def test_staged_search_resumes_after_kill_9_to_the_same_incumbents(tiny_model_di
     assert resumed["widths"] == expected["widths"]
     best = json.loads((run_dir / "best.json").read_text())
     assert best["best"]["trial"] in {e["trial"] for e in resumed["history"]}  # the winner is an incumbent
+
+
+def test_depth_start_removes_the_cheapest_sublayers_first():
+    space = WidthSpace(DIMS, preset="depth")
+    attention = [np.array([1.0 if i != 4 else 1e-3, 0.0]) for i in range(DIMS.num_layers)]
+    mlp = [np.array([5.0 if i != 7 else 1e-3, 0.0]) for i in range(DIMS.num_layers)]
+    chosen = depth_start(space, 0.9, UnitErrors(mlp, attention))
+    assert chosen.layers[4].heads == 0 and chosen.layers[7].channels == 0  # the cheapest go first
+    assert abs(chosen.ratio() - 0.9) < 0.02 and space.contains(chosen)
+
+
+def test_a_staged_depth_search_runs_and_keeps_whole_sublayers(tiny_model_dir, tiny_data, tmp_path):
+    from search.job import run_search
+    from tests.search.test_search import tiny_config
+
+    result = run_search(tiny_config(tiny_model_dir, preset="depth", evolution="staged-tiny", trials=10,
+                                    eval_windows=0), tmp_path / "run", progress=False)
+    widths = result.best["best"]["widths"]
+    assert all(w in ([0, 0], [2, 3]) for w in (x[:2] for x in widths)) and all(x[2] in (0, 96) for x in widths)
+    assert any(x[:2] == [0, 0] or x[2] == 0 for x in widths)
+    with pytest.raises(UserError, match="preset depth"):
+        SearchConfig.create("m", 0.6, preset="depth").check()
