@@ -25,7 +25,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,17 +107,36 @@ def journal_path(run_dir: Path) -> Path:
 
 
 def heal_journal(path: Path) -> None:
-    """Drop a partial last line a killed writer may have left (the journal would not load)."""
+    """Make a journal loadable again. A partial last line (a writer killed mid-write) is dropped. A
+    damaged line before the end (a disk error, a foreign writer) would stop every resume: the whole
+    journal is kept as ``<name>.damaged-<time>`` and cut before that line, so the trials recorded
+    before it resume (the loss is logged)."""
     if not path.is_file() or path.stat().st_size == 0:
         return
-    with path.open("rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    offset = 0
+    for number, line in enumerate(lines[:-1], start=1):
+        try:
+            json.loads(line)
+        except ValueError:
+            backup = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+            shutil.copy2(path, backup)
+            log.warning("journal %s: line %d of %d is damaged; resuming from the %d records before it (the whole "
+                        "journal is kept in %s)", path, number, len(lines) - 1, number - 1, backup)
+            _truncate(path, offset)
             return
-        data = f.seek(0) or f.read()
-        keep = data.rfind(b"\n") + 1
-        log.warning("journal %s ended in a partial record (%d bytes); dropping it", path, len(data) - keep)
-        f.truncate(keep)
+        offset += len(line) + 1
+    if lines[-1]:
+        log.warning("journal %s ended in a partial record (%d bytes); dropping it", path, len(lines[-1]))
+        _truncate(path, offset)
+
+
+def _truncate(path: Path, size: int) -> None:
+    with path.open("rb+") as f:
+        f.truncate(size)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def journal_storage(path: Path) -> optuna.storages.JournalStorage:

@@ -35,3 +35,22 @@ def test_two_runs_on_one_database_keep_separate_studies_and_their_storage(tiny_m
     with pytest.raises(UserError, match="keeps its study in sqlite"):  # switching to the folder's journal
         run_search(tiny_config(tiny_model_dir, trials=4, searcher="random"), tmp_path / "a", progress=False,
                    final=False)
+
+
+def test_a_damaged_line_inside_the_journal_is_cut_there_and_the_whole_kept(tmp_path):
+    from search.rundir import JOURNAL, heal_journal, journal_storage
+
+    path = tmp_path / JOURNAL
+    study = optuna.create_study(study_name="s", storage=journal_storage(path))
+    for value in range(6):
+        study.tell(study.ask(), float(value))
+    lines = path.read_bytes().split(b"\n")
+    middle = len(lines) // 2
+    damaged = lines[:middle] + [b'{"op_code": 5, "worker_id"\x00\x00'] + lines[middle + 1:]
+    path.write_bytes(b"\n".join(damaged))
+    heal_journal(path)
+    kept = optuna.load_study(study_name="s", storage=journal_storage(path))
+    assert 0 < len(kept.get_trials(states=[optuna.trial.TrialState.COMPLETE])) < 6
+    backups = list(tmp_path.glob(f"{JOURNAL}.damaged-*"))
+    assert len(backups) == 1 and backups[0].read_bytes() == b"\n".join(damaged)
+    assert path.read_bytes() == b"\n".join(lines[:middle]) + b"\n"
