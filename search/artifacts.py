@@ -31,14 +31,17 @@ def artifact_store(run_dir: Path):
 
 
 def attach_profile(study: optuna.Study, trial, subnet: Subnet, run_dir: Path) -> None:
-    """A width-profile picture on a running trial (finished trials cannot take artifacts)."""
+    """A width-profile picture on a running trial (finished trials cannot take artifacts). A picture
+    is not worth the trial: a failure to write it (a full disk...) is logged, and the trial goes on."""
     from optuna.artifacts import upload_artifact
 
-    png = report.width_profile(subnet, run_dir / f".profile-{trial.number}.png",
-                               title=f"trial {trial.number}: block ratio {subnet.ratio():.3f}")
+    png = run_dir / f".profile-{trial.number}.png"
     try:
+        report.width_profile(subnet, png, title=f"trial {trial.number}: block ratio {subnet.ratio():.3f}")
         upload_artifact(artifact_store=artifact_store(run_dir), file_path=str(png), study_or_trial=trial,
                         storage=study._storage, mimetype="image/png")
+    except OSError as exc:
+        log.warning("trial %d: width profile not attached (%s)", trial.number, exc)
     finally:
         png.unlink(missing_ok=True)
 

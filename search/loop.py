@@ -154,10 +154,7 @@ def _tell(study, trial, subnet: Subnet, outcome, multi: bool, run_dir: Path) -> 
         for step, batch_value in enumerate(result["batch_values"]):  # intermediate values, for the record
             trial.report(batch_value, step)
     if not multi and value < _best_value(study):
-        try:
-            attach_profile(study, trial, subnet, run_dir)  # the dashboard shows each new best's widths
-        except OSError as exc:  # a picture is not worth the trial
-            log.warning("trial %d: width profile not attached (%s)", trial.number, exc)
+        attach_profile(study, trial, subnet, run_dir)  # the dashboard shows each new best's widths
     study.tell(trial, [value, subnet.ratio()] if multi else value)
     return None
 

@@ -160,3 +160,17 @@ def test_a_hung_ray_worker_is_restarted_and_its_job_sent_again(tmp_path):
     finally:
         pool.close()
     assert not ray.is_initialized()  # the pool started Ray, so it shut it down
+
+
+def test_a_picture_that_cannot_be_written_does_not_fail_the_trial(tmp_path, monkeypatch):
+    import search.artifacts as artifacts
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(artifacts.report, "width_profile", full_disk)
+    study, space = study_and_space(tmp_path)
+    config = SearchConfig(model="m", ratio=0.6, searcher="random", trials=3)
+    pool, _ = pool_of(lambda n: 10.0 - n)  # every trial a new best: each would get a picture
+    run_loop(study, config, space, pool, False, tmp_path)
+    assert [t.state for t in study.trials] == [COMPLETE] * 3
