@@ -75,9 +75,10 @@ def rescore(trials, config: SearchConfig, run_dir: Path, dims) -> list[dict]:
     return rescored
 
 
-def export_winner(subnet: Subnet, trial_number: int, config: SearchConfig, run_dir: Path) -> ReformSpec:
+def export_winner(subnet: Subnet, trial_number: int, config: SearchConfig, run_dir: Path,
+                  out_dir: Path | None = None) -> ReformSpec:
     """Rectify the winner (float32, from the dense model, the same least squares as the fitness
-    unless ``export_reform`` says otherwise) and export it to ``run_dir/export``."""
+    unless ``export_reform`` says otherwise) and export it to ``out_dir`` (``run_dir/export``)."""
     loaded, adapter, orders, _ = load_prepared(config, run_dir)
     spec = ReformSpec("lstsq", config.export_reform, damping=config.damping)
     overrides = rectify(adapter, subnet, config.calibration_spec().windows(loaded.tokenizer), spec=spec)
@@ -89,7 +90,7 @@ def export_winner(subnet: Subnet, trial_number: int, config: SearchConfig, run_d
                    "fitness_reform": config.fitness_reform},
         "environment": environment(),
     }
-    export_subnet(adapter, subnet, orders, run_dir / EXPORT, tokenizer=loaded.tokenizer, metadata=record,
+    export_subnet(adapter, subnet, orders, out_dir or run_dir / EXPORT, tokenizer=loaded.tokenizer, metadata=record,
                   overrides=overrides)
     del loaded, adapter, overrides
     gc.collect()

@@ -148,6 +148,21 @@ def test_in_process_search_completes_and_exports_a_model_that_reloads(searched):
             "worker"} <= set(trial.user_attrs)
 
 
+def test_any_trial_exports_as_the_winner_does(searched, tiny_data, tmp_path, capsys):
+    from search.cli import main as cli
+
+    run_dir, result = searched
+    trial = [t for t in finished(run_dir) if t.number != result.best["best"]["trial"]][0]
+    assert cli(["-q", "export", str(run_dir), "--trial", str(trial.number), "--out", str(tmp_path / "t")]) == 0
+    record = json.loads((tmp_path / "t" / "subnet.json").read_text())
+    assert record["recipe"]["trial"] == trial.number
+    assert [[w["kv_heads"], w["q_per_kv"], w["channels"]] for w in record["subnet"]["layers"]] == trial.user_attrs["widths"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "t", trust_remote_code=True) is not None
+    assert cli(["-q", "export", str(run_dir), "--trial", "999", "--out", str(tmp_path / "u")]) == 2
+    assert cli(["-q", "export", str(run_dir), "--ratio", "0.5", "--out", str(tmp_path / "u")]) == 2
+    assert "use --trial" in capsys.readouterr().err and not (tmp_path / "u").exists()
+
+
 def test_rerunning_a_finished_search_keeps_its_result(searched, tiny_model_dir):
     run_dir, first = searched
     exported = (run_dir / "export" / "model.safetensors").stat().st_mtime_ns

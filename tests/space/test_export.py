@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -55,6 +57,14 @@ def test_a_uniform_subnet_exports_a_stock_config_that_loads_without_remote_code(
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 40)
     assert not (tmp_path / "out" / "modeling_llm_pruner.py").exists()
     assert json.loads((tmp_path / "out" / SUBNET_FILE).read_text())["config"] == "stock"
+    if name == "llama":  # in a fresh interpreter that never imported this package
+        torch.save({"ids": token_ids, "expected": expected}, tmp_path / "io.pt")
+        script = ("import sys, torch; from transformers import AutoModelForCausalLM; "
+                  "io = torch.load(sys.argv[2]); m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); "
+                  "print(float((m(io['ids']).logits - io['expected']).abs().max()))")
+        done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out"), str(tmp_path / "io.pt")],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0 and float(done.stdout.strip().splitlines()[-1]) <= 1e-4, done.stderr[-2000:]
 
 
 def test_reloaded_export_generates_like_a_cacheless_greedy_loop(make_model, token_ids, tmp_path):
