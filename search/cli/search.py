@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+
+import yaml
 
 from evaluators.data import DATASETS, load_text, parse_dataset
 from reform.spec import MODES
@@ -22,9 +25,10 @@ from space.models import resolve
 
 def add(sub) -> None:
     p = sub.add_parser("search", help="architecture search over per-layer widths (resumable, distributed)")
-    p.add_argument("--model", required=True, help="HF folder, hub id, .gguf file, or alias (smollm2-135m)")
-    p.add_argument("--ratio", required=True, type=common.ratio,
-                   help="kept fraction of block weights (nsga2: the top of the range)")
+    p.add_argument("--config", dest="config_file", type=Path, help="a YAML file of the search's settings (SearchConfig fields; a run's "
+                                                "config.yaml re-runs it); the flags given override it")
+    p.add_argument("--model", help="HF folder, hub id, .gguf file, or alias (smollm2-135m)")
+    p.add_argument("--ratio", type=common.ratio, help="kept fraction of block weights (nsga2: the top of the range)")
     p.add_argument("--ratio-min", type=common.ratio, help="nsga2: the bottom of the ratio range")
     p.add_argument("--searcher", default="evolution", help=" | ".join(SAMPLERS))
     p.add_argument("--trials", type=int, default=100, help="finished trials to reach (a re-run may raise it)")
@@ -67,9 +71,19 @@ def add(sub) -> None:
     p.add_argument("--json", type=Path, help="--dry-run: also write the plan here")
     p.add_argument("--gpu-memory", type=float, help="GB of the device a worker runs on, when none is visible here")
     p.set_defaults(validate=validate, main=main)
+    DEFAULTS.update({action.dest: action.default for action in p._actions})
+
+
+DEFAULTS: dict = {}  # the parser's defaults: a flag whose value differs was given, and overrides --config
+CALIBRATION_FLAGS = ("calib", "nsamples", "calib_seqlen", "fitness_nsamples", "fitness_seqlen", "seed")
+FIELDS = {f.name for f in dataclasses.fields(SearchConfig)}
 
 
 def config_from(args) -> SearchConfig:
+    if args.config_file is not None:
+        return config_from_file(args)
+    if args.model is None or args.ratio is None:
+        raise UserError("--model and --ratio are required (or a --config file that sets them)")
     return SearchConfig.create(
         args.model, args.ratio, calib=args.calib, nsamples=args.nsamples, calib_seqlen=args.calib_seqlen,
         fitness_nsamples=args.fitness_nsamples, fitness_seqlen=args.fitness_seqlen, seed=args.seed,
@@ -82,6 +96,35 @@ def config_from(args) -> SearchConfig:
     )
 
 
+def config_from_file(args) -> SearchConfig:
+    """The config of ``--config``, with the flags the command gave on top (the calibration flags
+    rebuild the three disjoint window regions from the file's values and theirs)."""
+    path = args.config_file
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    values = yaml.safe_load(path.read_text())
+    unknown = sorted(set(values) - FIELDS) if isinstance(values, dict) else None
+    if unknown is None or unknown:
+        raise UserError(f"--config {path} must map search settings ({', '.join(sorted(FIELDS))}) to values"
+                        + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+    if "eval_datasets" in values:
+        values["eval_datasets"] = tuple(values["eval_datasets"])
+    base = SearchConfig(**values)
+    given = {dest: value for dest, value in vars(args).items() if dest in DEFAULTS and value != DEFAULTS[dest]}
+    changes = {dest: value for dest, value in given.items() if dest in FIELDS}
+    if "eval_datasets" in changes:
+        changes["eval_datasets"] = tuple(changes["eval_datasets"])
+    if any(flag in given for flag in CALIBRATION_FLAGS):
+        statistics, fitness = base.calibration_spec(), base.calibration_spec("fitness_windows")
+        merged = {"calib": statistics.dataset, "nsamples": statistics.nsamples, "calib_seqlen": statistics.seqlen,
+                  "fitness_nsamples": fitness.nsamples, "fitness_seqlen": fitness.seqlen, "seed": base.seed,
+                  **{flag: given[flag] for flag in CALIBRATION_FLAGS if flag in given}}
+        rebuilt = SearchConfig.create(base.model, base.ratio, searcher=base.searcher, evolution=base.evolution, **merged)
+        changes.update(calibration=rebuilt.calibration, fitness_windows=rebuilt.fitness_windows,
+                       final_windows=rebuilt.final_windows)
+    return dataclasses.replace(base, **changes)
+
+
 def validate(args) -> None:
     if args.workers < 0:
         raise UserError("--workers must be >= 0")
@@ -90,7 +133,7 @@ def validate(args) -> None:
     if args.gpu_memory is not None and not args.gpu_memory > 0:
         raise UserError("--gpu-memory must be a positive number of GB")
     if args.dry_run:
-        resolve(args.model)
+        resolve(args.config.model)
         return
     args.config.calibration_spec().check_text()  # a missing or test split fails before the model loads
     check_run_dir(args.run_dir)
@@ -100,7 +143,7 @@ def validate(args) -> None:
         for spec in args.config.eval_datasets:  # the texts the export is measured on exist
             name, split = parse_dataset(spec)
             load_text(name, split or DATASETS[name].eval_split)
-    resolve(args.model)
+    resolve(args.config.model)
     if args.workers:
         require_extra("ray", "ray", "--workers")
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from transformers import AutoModelForCausalLM
 
 from search.cli import main
@@ -177,3 +178,24 @@ def test_a_command_that_needs_a_missing_extra_names_it(argv, message, tiny_model
                         lambda name, *a: None if name in ("peft", "ray", "optuna_dashboard") else real(name, *a))
     code, io = run([a.format(model=tiny_model_dir, tmp=tmp_path) for a in argv], capsys)
     assert code == 2 and message in io.err and "Traceback" not in io.err
+
+
+def test_a_runs_config_yaml_re_runs_it_and_flags_override_it(tiny_model_dir, tiny_data, tmp_path, capsys):
+    from search.cli.search import config_from, add
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add(parser.add_subparsers())
+    base = ["search", "--model", str(tiny_model_dir), "--ratio", "0.6", "--run-dir", str(tmp_path / "a"),
+            "--evolution", "tiny", "--fitness", "kl", "--nsamples", "8", "--calib-seqlen", "32"]
+    first = config_from(parser.parse_args(base))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(first.to_dict()))
+    again = config_from(parser.parse_args(["search", "--config", str(tmp_path / "config.yaml"), "--run-dir", "b"]))
+    assert again == first  # the same search, identically
+    changed = config_from(parser.parse_args(["search", "--config", str(tmp_path / "config.yaml"), "--run-dir", "b",
+                                             "--trials", "7", "--nsamples", "16"]))
+    assert changed.trials == 7 and changed.calibration["nsamples"] == 16 and changed.fitness == "kl"
+    assert changed.calibration["seqlen"] == 32 and changed.fitness_windows == first.fitness_windows
+    (tmp_path / "bad.yaml").write_text("model: m\nratio: 0.5\nwhatever: 1\n")
+    code, io = run(["search", "--config", str(tmp_path / "bad.yaml"), "--run-dir", str(tmp_path / "c")], capsys)
+    assert code == 2 and "unknown: whatever" in io.err
