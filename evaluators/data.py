@@ -6,8 +6,8 @@ file exists is the Hugging Face hub asked, through ``datasets``. Local files are
 they are small, and reading them exactly as the hub's loaders would (row joining included) is
 what keeps numbers comparable with the papers.
 
-Tokenised text is cut into windows: non-overlapping ones for evaluation, seeded random ones
-for calibration (deterministic for a given seed).
+Tokenised text is cut into windows: non-overlapping ones for evaluation, seeded random ones for
+calibration (deterministic for a given seed), which may also come from files (:mod:`evaluators.sources`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from evaluators.sources import FILE_SOURCE, file_source, file_text, fingerprint
 from space.errors import UserError
 
 DATA_ENV = "LLM_PRUNER_DATA"
@@ -193,9 +194,22 @@ def default_calibration_split(name: str) -> str:
     return "calib" if name == "c4" else "validation"
 
 
+def source_part(part: str) -> str:
+    """A calibration source as recorded: ``name:split`` (built-in) or ``file:PATH[:field]`` (:mod:`evaluators.sources`)."""
+    found = file_source(part)
+    if found is not None:
+        return found
+    name, split = parse_dataset(part)
+    return f"{name}:{split or default_calibration_split(name)}"
+
+
 def calibration_text(spec: str) -> str:
-    """The calibration text of a dataset spec (default split: :func:`default_calibration_split`);
-    a test split is refused. Reading it also checks, before any model loads, that it exists."""
+    """The calibration text of a dataset spec (default split: :func:`default_calibration_split`) or
+    of a file source (:func:`source_part`); a test split is refused. Reading it also checks, before
+    any model loads, that it exists."""
+    found = file_source(spec)
+    if found is not None:
+        return file_text(found)
     name, split = parse_dataset(spec)
     split = split or default_calibration_split(name)
     if split in HELD_OUT_SPLITS:
@@ -270,7 +284,7 @@ def calibration_windows(
 
 
 def share(total: int, parts: int) -> list[int]:
-    """``total`` split into ``parts`` counts as equal as can be (the first ones larger)."""
+    """``total`` in ``parts`` counts as equal as can be (the first ones larger)."""
     return [total // parts + (i < total % parts) for i in range(parts)]
 
 
@@ -280,8 +294,8 @@ class CalibrationSpec:
     they are drawn from (fractions of its tokens; recorded in every result). Windows of specs on
     disjoint regions of the same text never share a token (:meth:`overlaps`).
 
-    A spec may name several sources joined by ``+`` (``wikitext2+c4:calib``): the windows are shared
-    among them equally, each drawn from the same region of its own text."""
+    Several sources join by ``+`` (``wikitext2+c4:calib``, ``wikitext2+chats.jsonl:text``): the
+    windows are shared among them equally, each drawn from the same region of its own text."""
 
     dataset: str = "wikitext2"
     nsamples: int = 64
@@ -290,8 +304,7 @@ class CalibrationSpec:
     region: tuple[float, float] = WHOLE
 
     def __post_init__(self):
-        for part in self.parts():
-            parse_dataset(part)
+        self.parts()  # every source names a dataset or an existing file
         object.__setattr__(self, "region", tuple(float(x) for x in self.region))
         if self.nsamples < 1 or self.seqlen < 2:
             raise UserError(f"calibration needs nsamples >= 1 and seqlen >= 2, got {self.nsamples} x {self.seqlen}")
@@ -304,12 +317,8 @@ class CalibrationSpec:
         return cls(parts, d["nsamples"], d["seqlen"], d["seed"], tuple(d.get("region", WHOLE)))
 
     def parts(self) -> list[str]:
-        """The sources, each ``name:split`` (default split filled in)."""
-        out = []
-        for part in self.dataset.split("+"):
-            name, split = parse_dataset(part)
-            out.append(f"{name}:{split or default_calibration_split(name)}")
-        return out
+        """The sources, each ``name:split`` (default split filled in) or ``file:PATH[:field]``."""
+        return [source_part(part) for part in self.dataset.split("+")]
 
     def check_text(self) -> None:
         """Read every source now, so that a missing or test split fails before any model loads."""
@@ -329,9 +338,13 @@ class CalibrationSpec:
         return same_text and self.region[0] < other.region[1] and other.region[0] < self.region[1]
 
     def to_dict(self) -> dict:
-        names, splits = zip(*(part.split(":") for part in self.parts()))
+        parts = self.parts()
+        names, splits = zip(*(part.split(":", 1) for part in parts))
         data = {"dataset": "+".join(names), "split": "+".join(splits),
                 "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}
+        files = {part: fingerprint(part) for part in parts if part.startswith(FILE_SOURCE)}
+        if files:  # an edited file is other data: cached scores and resumed runs must not take it for the same
+            data["files"] = files
         if self.region != WHOLE:  # a whole-text spec keeps the record (and cache keys) of earlier versions
             data["region"] = list(self.region)
         return data

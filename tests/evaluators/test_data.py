@@ -90,3 +90,34 @@ def test_every_shipped_text_dataset_loads(real_data):
         assert len(load_text(name, split)) > 300_000
     assert len(load_text("c4", "calib")) > 300_000 and len(load_text("c4", "heldout")) > 300_000
 
+
+
+def test_calibration_from_a_text_file_or_a_jsonl_field(tiny_data, tmp_path):
+    from evaluators.data import calibration_windows
+    from space.errors import UserError
+    from tests.conftest import tiny_tokenizer
+
+    words = " ".join(f"w{i % 50}" for i in range(400))
+    (tmp_path / "mine.txt").write_text(words)
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps({"text": words[i:i + 200], "id": i})
+                                                   for i in range(0, len(words), 200)) + "\n")
+    tokenizer = tiny_tokenizer()
+    text = CalibrationSpec(str(tmp_path / "mine.txt"), 4, 16, 0)
+    jsonl = CalibrationSpec(f"{tmp_path / 'mine.jsonl'}:text", 4, 16, 0)
+    assert text.windows(tokenizer).shape == (4, 16) and jsonl.windows(tokenizer).shape == (4, 16)
+    record = jsonl.to_dict()
+    assert record["dataset"] == "file" and record["split"] == f"{tmp_path / 'mine.jsonl'}:text"
+    assert CalibrationSpec.from_dict(record).to_dict() == record and len(record["files"]) == 1
+    mixed = CalibrationSpec(f"wikitext2+{tmp_path / 'mine.txt'}", 4, 16, 0, (0.0, 0.6))
+    assert mixed.windows(tokenizer).shape == (4, 16) and not mixed.overlaps(CalibrationSpec("wikitext2", 4, 16, 0, (0.6, 1)))
+    before = text.to_dict()["files"]
+    (tmp_path / "mine.txt").write_text(words + " w1")
+    assert text.to_dict()["files"] != before  # edited: other data for every cache and resume check
+    with pytest.raises(UserError, match="not found"):
+        CalibrationSpec(str(tmp_path / "missing.txt"), 4, 16)
+    with pytest.raises(UserError, match="name its text field"):
+        CalibrationSpec(str(tmp_path / "mine.jsonl"), 4, 16)
+    with pytest.raises(UserError, match="has no field 'body'"):
+        CalibrationSpec(f"{tmp_path / 'mine.jsonl'}:body", 4, 16).windows(tokenizer)
+    with pytest.raises(UserError, match="tokens, fewer than one window"):
+        calibration_windows(tokenizer, str(tmp_path / "mine.txt"), nsamples=2, seqlen=4096)
