@@ -280,7 +280,7 @@ def test_ray_workers_survive_an_actor_killed_mid_trial(tiny_model_dir, tiny_data
     def submit_then_kill_once(self, job_id, payload, **options):
         submit(self, job_id, payload, **options)
         if not killed:  # the actor now holds this trial: kill it before it can answer
-            actor = next(a for a, j, _ in self._inflight.values() if j == job_id)
+            actor = next(a for a, j, *_ in self._inflight.values() if j == job_id)
             ray.kill(actor, no_restart=False)
             killed.append(job_id)
 
