@@ -32,7 +32,8 @@ from space.export import write_json
 from space.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
-EVAL = ("wikitext2", "ptb", "c4:heldout", "ptb:validation")  # the last is for decisions, not reported as test
+EVAL = ("wikitext2", "ptb", "c4:heldout")  # the protocol's texts, 32 windows of 2048 each
+VALIDATION = ("ptb:validation", 8)  # for decisions (never a test split): 8 windows of 2048
 
 # Cumulative rows: each adds one item of the issue to the row before it (in the order built).
 ROWS: dict[str, dict] = {
@@ -52,10 +53,20 @@ def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int) -> d
     result = run_search(config, runs / f"{ratio}" / f"{row}-seed{seed}", progress=False)
     best = result.best
     ppl = {spec: t["ppl"] for spec, t in [("wikitext2", best["test"]), *best["held_out"].items()]}
+    if VALIDATION[0] not in ppl:
+        ppl[VALIDATION[0]] = validation_ppl(best["export"])
     return {"ratio": ratio, "row": row, "seed": seed, "options": options, "trials": result.completed,
             "block_ratio": best["best"]["block_ratio"], "rescored": best["best"]["rescored"],
             "fitness": config.fitness_name, "ppl": ppl, "windows": best["test"]["windows"],
             "seconds": {k: round(v, 1) for k, v in best["seconds"].items()}, "export": best["export"]}
+
+
+def validation_ppl(export: str) -> float:
+    from evaluators.suite import evaluate
+
+    loaded = load_model(export, dtype=torch.float32)
+    return evaluate(loaded.model, loaded.tokenizer, ppl=[VALIDATION[0]], seqlen=2048, limit=VALIDATION[1])["ppl"][
+        VALIDATION[0]]
 
 
 def zeroshot_cell(export: str, limit: int) -> dict:
@@ -80,20 +91,19 @@ def report(data: dict) -> str:
              "is measured in float32 on the first 32 windows of 2048 tokens: WikiText-2 test, PTB test and "
              "c4:heldout (C4 documents 501-1000, never calibrated on). Decisions use the re-scoring region of "
              "WikiText-2 validation (`rescored`, the search's own held-out fitness, comparable within a fitness "
-             "kind) and PTB validation, never a test split. Dense: "
+             "kind) and PTB validation (32 windows in the first cells, 8 after), never a test split. Dense: "
              + ", ".join(f"{k} {v:.2f}" for k, v in data.get("dense", {}).items()) + ".", "",
              f"Machine: {data['environment']['machine']['cpu']}, {data['environment']['machine']['threads']} threads; "
-             f"bfloat16 matmul peak measured in the same run: {data['bf16_tflops']:.2f} TFLOP/s "
-             f"(float32 {data['fp32_tflops']:.2f}).", "",
-             "| ratio | row | options | seed | WikiText-2 | PTB | c4:heldout | PTB valid | re-scored | search s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "`bf16` is the bfloat16 matmul peak (2048^3, TFLOP/s) measured in the same run as the cell.", "",
+             "| ratio | row | options | seed | WikiText-2 | PTB | c4:heldout | PTB valid | re-scored | search s | bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(data["cells"], key=lambda k: (-data["cells"][k]["ratio"], list(ROWS).index(data["cells"][k]["row"]),
                                                     data["cells"][k]["seed"])):
         c = data["cells"][key]
         p = c["ppl"]
         lines.append(f"| {c['ratio']} | {c['row']} | `{json.dumps(c['options'])}` | {c['seed']} | "
                      f"{p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | {p['ptb:validation']:.2f} | "
-                     f"{c['rescored']:.4g} | {c['seconds']['search']:.0f} |")
+                     f"{c['rescored']:.4g} | {c['seconds']['search']:.0f} | {c.get('bf16_tflops', float('nan')):.2f} |")
     if data.get("zeroshot"):
         lines += ["", "Zero-shot accuracy (seven tasks, first 500 each, float32):", "",
                   "| cell | " + " | ".join(TASKS) + " | average |", "|---|" + "---|" * (len(TASKS) + 1)]
@@ -113,20 +123,23 @@ def main(argv=None) -> int:
     parser.add_argument("--zeroshot-limit", type=int, default=500)
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    parser.add_argument("--report", action="store_true", help="only write the table of the cells measured so far")
     args = parser.parse_args(argv)
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"cells": {}, "zeroshot": {}}
+    if args.report:
+        args.out.with_suffix(".md").write_text(report(data))
+        return 0
     data["environment"] = environment()
     if "dense" not in data:
         data["dense"] = dense_ppl()
-    data["bf16_tflops"] = matmul_tflops(torch.bfloat16)
-    data["fp32_tflops"] = matmul_tflops(torch.float32)
+    peak = {"bf16_tflops": matmul_tflops(torch.bfloat16), "fp32_tflops": matmul_tflops(torch.float32)}
     data["command"] = "python experiments/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for ratio in args.ratios:
         for row in args.rows:
             for seed in args.seeds:
                 key = f"{ratio}/{row}/seed{seed}"
-                if key not in data["cells"]:
-                    data["cells"][key] = search_cell(ratio, row, seed, args.runs, args.trials)
+                if key not in data["cells"]:  # the machine's matmul peak, measured in the same run as the cell
+                    data["cells"][key] = {**search_cell(ratio, row, seed, args.runs, args.trials), **peak}
                     write_json(args.out, data)
                 if args.zeroshot and key not in data["zeroshot"]:
                     data["zeroshot"][key] = zeroshot_cell(data["cells"][key]["export"], args.zeroshot_limit)
