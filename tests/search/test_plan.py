@@ -2,6 +2,7 @@
 without weights, and a job that would not fit stops before it writes anything."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,10 @@ from space.adapters import adapter_for
 from space.errors import UserError
 from tests.search.test_search import tiny_config
 
-CONFIGS = Path(__file__).resolve().parents[3] / "shared" / "configs"
+# beside the data folder ($LLM_PRUNER_DATA is shared/data), or beside this checkout
+CONFIGS = next((p for p in (Path(os.environ.get("LLM_PRUNER_DATA", "../shared/data")).resolve().parent / "configs",
+                            Path(__file__).resolve().parents[3] / "shared" / "configs") if p.is_dir()),
+               Path("shared/configs"))
 
 
 def test_the_planned_solver_state_is_what_the_fitness_holds(make_model, token_ids):
