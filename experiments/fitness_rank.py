@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evaluators.data import CalibrationSpec
+from evaluators.data import CalibrationSpec, dataset_windows
 from evaluators.environment import environment
 from evaluators.perplexity import perplexity
 from evaluators.tasks import TASKS
@@ -46,8 +46,7 @@ from space.views import subnet_view
 
 RESULTS = Path(__file__).parent / "results"
 RATIOS = (0.5, 0.6, 0.7, 0.8)
-MEASURES = {"wikitext2:rescoring": ("wikitext2", RESCORING_REGION), "ptb:validation": ("ptb:validation", (0.0, 1.0)),
-            "c4:heldout": ("c4:heldout", (0.0, 1.0))}
+MEASURES = ("wikitext2:rescoring", "ptb:validation", "c4:heldout")
 
 
 def ranks(values: list[float]) -> np.ndarray:
@@ -100,8 +99,10 @@ def main(argv=None) -> int:
     solvers = output_solvers(adapter, statistics.windows(tokenizer), precompute=torch.float32)
     space = WidthSpace(adapter.dims, preset="wide")
     pool = candidates(space, ordered, args.per_ratio, args.seed)
-    measures = {name: CalibrationSpec(spec, args.windows, 512, 3, region).windows(tokenizer)
-                for name, (spec, region) in MEASURES.items()}
+    measures = {  # the re-scoring region's random windows; the first windows of the held-out texts
+        "wikitext2:rescoring": CalibrationSpec("wikitext2", args.windows, 512, 3, RESCORING_REGION).windows(tokenizer),
+        **{name: dataset_windows(tokenizer, name, seqlen=512, limit=args.windows)
+           for name in ("ptb:validation", "c4:heldout")}}
     fitness_windows = CalibrationSpec("wikitext2", 8, 512, 1, FITNESS_REGION).windows(tokenizer)
     rows = []
     for i, (ratio, subnet) in enumerate(pool):
