@@ -113,6 +113,11 @@ def _ask(study: optuna.Study, config: SearchConfig, space: WidthSpace) -> tuple[
     return trial, subnet
 
 
+def fitness_error(value: float) -> str | None:
+    """Why a fitness value cannot be used, or None."""
+    return None if math.isfinite(value) else f"the fitness is {value} (an overflow in a low-precision dtype?)"
+
+
 def fail_trial(study: optuna.Study, trial: optuna.trial.Trial, error: str) -> None:
     """A trial whose evaluation failed: FAIL, with the error on the trial and in the log."""
     log.error("trial %d failed: %s", trial.number, error)
@@ -148,8 +153,8 @@ def _tell(study, trial, subnet: Subnet, outcome, multi: bool, run_dir: Path) -> 
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return None
     value = result["value"]
-    if not math.isfinite(value):
-        return f"the fitness is {value} (an overflow in a low-precision dtype?)"
+    if fitness_error(value) is not None:
+        return fitness_error(value)
     if not multi and outcome.worker != "in-process":
         for step, batch_value in enumerate(result["batch_values"]):  # intermediate values, for the record
             trial.report(batch_value, step)

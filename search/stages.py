@@ -23,7 +23,7 @@ import optuna
 
 from search.artifacts import attach_profile
 from search.config import SearchConfig
-from search.loop import FailureBudget, describe_trial
+from search.loop import FailureBudget, describe_trial, fitness_error
 from search.samplers.staged import StagedEvolution
 from search.widths import WidthSpace
 from space.errors import JobFailed
@@ -70,10 +70,10 @@ def evaluate_all(pool, subnets: list[Subnet], rows: list[int], budget: FailureBu
                 continue
             if outcome.error is not None:
                 errors[i] = outcome.error
-            elif not math.isfinite(outcome.result["value"]):
-                errors[i] = f"the fitness is {outcome.result['value']} (an overflow in a low-precision dtype?)"
             else:
-                values[i] = outcome.result["value"]
+                errors[i] = fitness_error(outcome.result["value"])
+                if errors[i] is None:
+                    values[i] = outcome.result["value"]
             if errors[i] is not None:
                 log.error("a candidate's evaluation failed: %s", errors[i])
             budget.record(errors[i])
