@@ -4,6 +4,7 @@ when a dashboard is asked for)."""
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 from wsgiref.simple_server import make_server
 
@@ -27,18 +28,25 @@ def dashboard_app(run_dir: Path):
     return wsgi(journal_storage(path), artifact_store=FileSystemArtifactStore(str(artifacts)))
 
 
-def _stop(signum, frame):
-    raise KeyboardInterrupt
-
-
 def serve(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Serve the dashboard until Ctrl-C or SIGTERM."""
-    # SIGTERM (a service manager, `kill`) stops the server as Ctrl-C does; a job started in the
-    # background by a non-interactive shell ignores SIGINT, so SIGTERM is the portable stop.
-    signal.signal(signal.SIGTERM, _stop)
-    with make_server(host, port, dashboard_app(run_dir)) as server:
+    serve_app(dashboard_app(run_dir), host=host, port=port)
+
+
+def serve_app(app, *, host: str, port: int) -> None:
+    """Serve a WSGI app until SIGTERM (a service manager, `kill`) or Ctrl-C; the request in flight
+    is answered, then the process returns normally."""
+    with make_server(host, port, app) as server:
+        def stop(signum, frame):
+            # Raising KeyboardInterrupt here would be swallowed whenever the signal lands inside a
+            # request (wsgiref answers it with a 500 and keeps serving): ask the loop to stop instead.
+            # shutdown() waits for serve_forever to return, so it cannot run on this (the serving) thread.
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+        # SIGTERM is the portable stop: a job started in the background by a non-interactive shell
+        # ignores SIGINT (and keeps ignoring it here).
+        signal.signal(signal.SIGTERM, stop)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, stop)
         print(f"optuna-dashboard on http://{host}:{server.server_port}/ (Ctrl-C stops it)", flush=True)
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
+        server.serve_forever()

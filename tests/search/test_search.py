@@ -206,7 +206,7 @@ def test_a_search_with_the_kl_fitness_records_it(tiny_model_dir, tiny_data, tmp_
     assert all(0 < v < 10 for v in values)  # nats per position, not a perplexity
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -214,7 +214,7 @@ def _free_port() -> int:
 
 def test_dashboard_serves_the_trials_with_their_attributes(searched, tmp_path):
     run_dir, _ = searched
-    port = _free_port()
+    port = free_port()
     # the server's output goes to a file: a pipe nobody reads could fill up and block the server
     log = (tmp_path / "dashboard.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "search.cli", "dashboard", str(run_dir), "--port", str(port)],
