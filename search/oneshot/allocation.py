@@ -16,22 +16,9 @@ import torch
 
 from space.errors import UserError
 from space.budget import Bounds, project
+from space.order import best_shape
 from space.scores.base import LayerScores, standardize
 from space.subnet import LayerWidths, ModelDims, Subnet
-
-
-def kept_head_score(scores: LayerScores, dims: ModelDims, kv: int, q: int) -> float:
-    """Summed score of the heads a prefix shape keeps (scores in importance order)."""
-    return float(scores.heads.view(dims.num_kv_heads, dims.group_size)[:kv, :q].sum())
-
-
-def best_shape(dims: ModelDims, scores: LayerScores, heads: float) -> tuple[int, int]:
-    """The GQA-valid shape whose head count is nearest ``heads`` (ties: more heads), keeping the
-    most importance among shapes of that count."""
-    counts = sorted({kv * q for kv, q in dims.attention_shapes()})
-    count = min(counts, key=lambda c: (abs(c - heads), -c))
-    options = [(kv, q) for kv, q in dims.attention_shapes() if kv * q == count]
-    return max(options, key=lambda s: (kept_head_score(scores, dims, *s), s[0]))
 
 
 def uniform(dims: ModelDims, scores: list[LayerScores], *, ratio: float, mlp_step: int = 1, **_) -> Subnet:

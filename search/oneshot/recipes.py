@@ -19,11 +19,15 @@ from dataclasses import dataclass, field
 
 from evaluators.data import CalibrationSpec
 from reform.spec import ReformSpec
+from search.config import STATISTICS_REGION
 from search.oneshot.allocation import ALLOCATIONS
 from space.errors import UserError
 from space.scores import score_spec
 
 NONE = ReformSpec("none", "local")
+# The search's statistics (search/config.py defaults): the 2025 anchors calibrate on the same tokens
+# as the search they are compared with.
+SEARCH_STATISTICS = CalibrationSpec("wikitext2", 64, 512, 0, STATISTICS_REGION)
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,17 @@ for _recipe in (
                               "trials": 8, "heldout": 4, "heldout_seqlen": 256},
            notes="TPE over (calibration subset, LLM-Pruner metric); objective = perplexity on held-out "
                  "validation windows; pruning as LLM-Pruner; LoRA recovery is `llm-pruner recover`"),
+    Recipe("ziplm", "ZipLM (Kurtic et al., NeurIPS 2023): structured OBS", "ziplm", "uniform",
+           ReformSpec("lstsq", "local"), SEARCH_STATISTICS,
+           notes="greedy structured OBS, one head or one MLP channel per step, on the dense model's "
+                 "statistics; the kept columns refitted by least squares (what the OBS updates converge "
+                 "to, with our ridge 1e-4 for the refit and ZipLM's 1e-2 for the order); uniform widths, "
+                 "without ZipLM's latency-aware allocation"),
+    Recipe("osscar", "OSSCAR (Meng et al., ICML 2024)", "osscar", "uniform", ReformSpec("lstsq", "upstream"),
+           SEARCH_STATISTICS,
+           notes="greedy OBS (a head / 16 channels per step) then the local swap search on MLP channels at "
+                 "the uniform width, block by block on the pruned upstream model's statistics "
+                 "(space/scores/osscar.py); least-squares refit on the same statistics"),
     Recipe("shortgpt", "ShortGPT (Men et al., 2024)", "block-influence", "drop-blocks", NONE,
            CalibrationSpec("wikitext2", 64, 512, 0), notes="depth only: whole blocks removed"),
 ):

@@ -96,6 +96,79 @@ def unit_scores(result: Elimination, units: int) -> torch.Tensor:
     return scores
 
 
+@dataclass
+class Swaps:
+    kept: torch.Tensor  # the kept units after the local search (sorted)
+    error: float  # E(kept) after it
+    before: float  # E of the kept set it started from
+    accepted: int  # swaps taken
+
+
+def swap_search(weight: torch.Tensor, h: torch.Tensor, kept: torch.Tensor, *, rounds: int = 64,
+                candidates: int = 4) -> Swaps:
+    """OSSCAR's local search on single columns: from the kept set ``kept``, swap a kept column out
+    and an omitted one in whenever that lowers the refit error E, until no improving swap is found
+    among the ``candidates`` cheapest removals, or after ``rounds`` swaps.
+
+    With B = W H, the refit of K is Ŵ_K = B_K H_KK⁻¹ and removing i costs ‖Ŵ[:, i]‖² / G_ii
+    (G = H_KK⁻¹, the OBS cost); adding j to K' = K − {i} lowers E by ‖B_j − Ŵ_K' H_K'j‖² / s_j with
+    the Schur complement s_j = H_jj − H_jK' G' H_K'j. A swap is taken when the best addition gains
+    more than the removal costs."""
+    w = weight.detach().double().to(h.device)
+    b = w @ h
+    total = float(torch.einsum("ij,jk,ik->", w, h, w))
+    kept = torch.sort(kept.to(h.device)).values
+    before = error = _error(b, h, kept, total)
+    accepted = 0
+    for _ in range(rounds):
+        g = torch.cholesky_inverse(torch.linalg.cholesky(h[kept][:, kept]))
+        fitted = b[:, kept] @ g
+        costs = fitted.square().sum(0) / g.diagonal()
+        swapped = False
+        for i in torch.argsort(costs)[:candidates].tolist():
+            stay = torch.arange(len(kept), device=h.device) != i
+            rest = kept[stay]
+            g_rest = (g - torch.outer(g[:, i], g[i]) / g[i, i])[stay][:, stay]
+            fitted_rest = (fitted - torch.outer(fitted[:, i], g[i]) / g[i, i])[:, stay]
+            outside = _outside(h.shape[0], rest)
+            cross = h[rest][:, outside]
+            residual = b[:, outside] - fitted_rest @ cross
+            schur = h.diagonal()[outside] - (cross * (g_rest @ cross)).sum(0)
+            gains = residual.square().sum(0) / schur.clamp_min(1e-30)
+            best = int(torch.argmax(gains))
+            if int(outside[best]) != int(kept[i]) and float(gains[best]) > float(costs[i]) * (1 + 1e-9) + 1e-12 * total:
+                kept = torch.sort(torch.cat([rest, outside[best:best + 1]])).values
+                error = error + float(costs[i]) - float(gains[best])
+                accepted += 1
+                swapped = True
+                break
+        if not swapped:
+            break
+    return Swaps(kept.cpu(), _error(b, h, kept, total) if accepted else error, before, accepted)
+
+
+def _outside(width: int, kept: torch.Tensor) -> torch.Tensor:
+    mask = torch.ones(width, dtype=torch.bool, device=kept.device)
+    mask[kept] = False
+    return torch.nonzero(mask).reshape(-1)
+
+
+def _error(b: torch.Tensor, h: torch.Tensor, kept: torch.Tensor, total: float) -> float:
+    """E(K) = tr(W H Wᵀ) − tr(B_K H_KK⁻¹ B_Kᵀ)."""
+    bk = b[:, kept]
+    return total - float((bk * torch.linalg.solve(h[kept][:, kept], bk.T).T).sum())
+
+
+def elimination_scores(layer: LayerAdapter, stats: LayerStats, ctx: ScoreContext, *, channel_step: int) -> LayerScores:
+    """Per-layer scores from the greedy elimination of o_proj's heads and down_proj's channels."""
+    o, down = layer.attention_output(), layer.mlp_output()
+    heads = eliminate(weight64(o), damped(stats.inputs["o"].gram), unit=ctx.head_dim)
+    channels = eliminate(weight64(down), damped(stats.inputs["down"].gram), step=channel_step)
+    head_scores = unit_scores(heads, o.in_features // ctx.head_dim)
+    return LayerScores(head_scores, head_scores.view(-1, ctx.group_size).sum(1),
+                       unit_scores(channels, down.in_features))
+
+
 @register_score(
     "obs-elimination",
     request=StatsRequest(("o", "down"), gram=("o", "down")),
@@ -103,9 +176,14 @@ def unit_scores(result: Elimination, units: int) -> torch.Tensor:
     source="greedy OBS elimination under least-squares refit (ZipLM / OSSCAR / Týr-style)",
 )
 def obs_elimination(layer: LayerAdapter, stats: LayerStats, ctx: ScoreContext) -> LayerScores:
-    o, down = layer.attention_output(), layer.mlp_output()
-    heads = eliminate(weight64(o), damped(stats.inputs["o"].gram), unit=ctx.head_dim)
-    channels = eliminate(weight64(down), damped(stats.inputs["down"].gram), step=CHANNELS_PER_STEP)
-    head_scores = unit_scores(heads, o.in_features // ctx.head_dim)
-    return LayerScores(head_scores, head_scores.view(-1, ctx.group_size).sum(1),
-                       unit_scores(channels, down.in_features))
+    return elimination_scores(layer, stats, ctx, channel_step=CHANNELS_PER_STEP)
+
+
+@register_score(
+    "ziplm",
+    request=StatsRequest(("o", "down"), gram=("o", "down")),
+    standardized=True,
+    source="ZipLM's structured OBS: the same greedy elimination, one head or one channel per step",
+)
+def ziplm(layer: LayerAdapter, stats: LayerStats, ctx: ScoreContext) -> LayerScores:
+    return elimination_scores(layer, stats, ctx, channel_step=1)

@@ -252,3 +252,24 @@ def test_gradient_and_ratio_dependent_scores_work_in_a_custom_prune(tiny_model_d
                      "--out", str(out)]) == 0
         record = (out / "subnet.json").read_text()
         assert f'"importance": "{score}"' in record and '"split": "validation"' in record
+
+
+def test_osscar_selects_on_upstream_statistics_and_exports_its_selection(tiny_data):
+    recipe = small("osscar")
+    loaded = loaded_tiny()
+    windows = recipe.calibration.windows(loaded.tokenizer)
+    adapter = adapter_for(loaded.model)
+    dense = compute_scores(adapter, windows, ["obs-elimination"])["obs-elimination"]
+    ours = compute_scores(adapter, windows, ["osscar"], ratio=0.6)["osscar"]
+    # the pass restored the dense weights, and layer 0 sees the dense model's statistics
+    torch.testing.assert_close(compute_scores(adapter, windows, ["obs-elimination"])["obs-elimination"][3].channels,
+                               dense[3].channels, rtol=0, atol=0)
+    torch.testing.assert_close(ours[0].heads, dense[0].heads)
+    assert not torch.allclose(ours[1].heads, dense[1].heads)  # layer 1 sees the pruned layer 0
+    pruned = run_recipe(loaded_tiny(), recipe, ratio=0.6)
+    for scores, widths, order in zip(ours, pruned.subnet.layers, pruned.orders):
+        selected = set(torch.nonzero(scores.channels >= 1).reshape(-1).tolist())
+        assert abs(len(selected) - widths.channels) <= 2  # the provisional uniform width vs the allocation's
+        kept = set(order.channels[: widths.channels].tolist())
+        assert kept <= selected or selected <= kept
+    assert pruned.record["recipe"]["reform"]["mode"] == "upstream"

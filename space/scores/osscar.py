@@ -1,0 +1,131 @@
+"""``osscar``: OSSCAR's selection (Meng et al., 2024) at the target budget, block by block on the
+statistics of the pruned upstream model.
+
+Uniform allocation: every layer keeps the same number of heads and of channels (the budget's
+uniform widths, :func:`uniform_target`). Layer by layer, in order:
+
+1. the second moment of o_proj's inputs is collected with the upstream layers already pruned and
+   rectified (Týr's statistics, METHODS.md section 7; this layer still dense);
+2. heads: greedy OBS elimination (one head per step, space/scores/elimination.py); the GQA shape of
+   the target head count that keeps the most of the order wins, as in the uniform allocation;
+3. o_proj is refitted on the kept heads (least squares) and the removed heads' columns are zeroed,
+   which removes them from the block's output;
+4. the same for down_proj's channels with attention pruned: greedy elimination (16 channels per
+   step), then OSSCAR's local swap search at the target width (:func:`swap_search`);
+5. the block runs on the pruned stream and gives the next layer's inputs; the dense weights of
+   the layer are restored (the pipeline permutes, allocates and rectifies the dense model).
+
+Scores: each unit's greedy-elimination score, plus 1 for the units the selection keeps, so a
+prefix of the target width is exactly the selected set. Heads get no swap search (whole heads in
+GQA groups: a swap would have to respect the group shape). The compensation that goes with this
+order is least squares in ``upstream`` mode, on the same kind of statistics. Where the final
+allocation's channel count differs from the provisional one (a layer whose chosen head shape
+costs fewer parameters than the provisional shape), the prefix takes the next units of the order.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from space.adapters import LayerAdapter, ModelAdapter
+from space.budget import project
+from space.calibration import BlockInputs, StatsRequest, capture_block_inputs, collect_layer_stats, run_block
+from space.scores.base import LayerScores, ScoreContext, register_score, weight64
+from space.scores.elimination import CHANNELS_PER_STEP, damped, eliminate, swap_search, unit_scores
+from space.subnet import LayerWidths, ModelDims, Subnet
+
+log = logging.getLogger(__name__)
+
+SWAP_ROUNDS = 64  # at most this many swaps per layer (each costs one k x k inverse)
+# The ridge of the refit that produces the pruned stream: the reformation's default
+# (reform.lstsq.DEFAULT_DAMPING; space cannot import reform), so the stream is the one that the
+# export's upstream least squares sees.
+REFIT_DAMPING = 1e-4
+
+
+def uniform_target(dims: ModelDims, ratio: float) -> Subnet:
+    """The uniform widths on the budget, before any score is known (ties between head shapes of
+    one count go to more KV groups)."""
+    counts = sorted({kv * q for kv, q in dims.attention_shapes()})
+    count = min(counts, key=lambda c: (abs(c - ratio * dims.num_heads), -c))
+    kv, q = max((s for s in dims.attention_shapes() if s[0] * s[1] == count), key=lambda s: s[0])
+    layer = LayerWidths(kv, q, int(round(ratio * dims.intermediate_size)))
+    return project(Subnet(dims, [layer] * dims.num_layers), ratio=ratio)
+
+
+@register_score(
+    "osscar",
+    whole_model=True,
+    uses_ratio=True,
+    standardized=True,
+    source="OSSCAR: greedy OBS + local swap search at the uniform target width, statistics from the "
+           "pruned upstream model",
+)
+@torch.no_grad()
+def osscar(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, batch_size: int = 8,
+           progress=lambda it: it) -> list[LayerScores]:
+    if ctx.ratio is None:
+        raise ValueError("the osscar score needs the target ratio")
+    dims = adapter.dims
+    target = uniform_target(dims, ctx.ratio)
+    inputs = capture_block_inputs(adapter, windows, batch_size=batch_size)
+    scores = []
+    for layer, widths in progress(list(zip(adapter.layers, target.layers))):
+        o, down = layer.attention_output(), layer.mlp_output()
+        dense = (o.weight.data.clone(), down.weight.data.clone())
+        try:
+            heads = _select_heads(layer, inputs, dims, ctx.ratio)
+            channels = _select_channels(layer, inputs, widths.channels)
+            inputs = inputs.with_hidden(run_block(layer.layer, inputs))
+        finally:
+            o.weight.data, down.weight.data = dense
+        scores.append(LayerScores(heads, heads.view(-1, dims.group_size).sum(1), channels))
+    return scores
+
+
+def _select_heads(layer: LayerAdapter, inputs: BlockInputs, dims: ModelDims, ratio: float) -> torch.Tensor:
+    # imported here: space.order imports this package (scores), which imports this module
+    from space.order import LayerOrder, best_shape, expand, sorted_scores
+
+    o = layer.attention_output()
+    gram = _gram(layer, inputs, "o")
+    scores = unit_scores(eliminate(weight64(o), damped(gram), unit=dims.head_dim), dims.num_heads)
+    layer_scores = LayerScores(scores, scores.view(-1, dims.group_size).sum(1), torch.zeros(dims.intermediate_size))
+    order = LayerOrder.from_scores(layer_scores, dims)
+    kv, q = best_shape(dims, sorted_scores(layer_scores, order, dims), ratio * dims.num_heads)
+    kept = torch.tensor(order.kept(LayerWidths(kv, q, 0))["heads"], dtype=torch.long)
+    _keep_columns(o, expand(kept, dims.head_dim), gram)
+    return scores
+
+
+def _select_channels(layer: LayerAdapter, inputs: BlockInputs, width: int) -> torch.Tensor:
+    down = layer.mlp_output()
+    gram = _gram(layer, inputs, "down")
+    h = damped(gram)
+    greedy = unit_scores(eliminate(weight64(down), h, step=CHANNELS_PER_STEP), down.in_features)
+    start = torch.argsort(greedy, descending=True, stable=True)[:width]
+    swaps = swap_search(weight64(down), h, start, rounds=SWAP_ROUNDS)
+    log.info("osscar layer %d: %d swaps, refit error %.4g -> %.4g", layer.index, swaps.accepted, swaps.before,
+             swaps.error)
+    _keep_columns(down, swaps.kept, gram)
+    greedy[swaps.kept] += 1.0
+    return greedy
+
+
+def _gram(layer: LayerAdapter, inputs: BlockInputs, name: str) -> torch.Tensor:
+    """The second moment of one linear's inputs on the (pruned upstream) stream."""
+    stats, _ = collect_layer_stats(layer, inputs, StatsRequest((name,), gram=(name,)))
+    return stats.inputs[name].gram
+
+
+def _keep_columns(linear: torch.nn.Linear, kept: torch.Tensor, gram: torch.Tensor) -> None:
+    """Refit ``linear`` on its ``kept`` input columns by least squares, Ŵ_K = W H[:, K] H_KK⁻¹, and
+    zero the others: the pruned layer, in the dense shape."""
+    h = damped(gram, REFIT_DAMPING)
+    kept = kept.to(h.device)
+    w = weight64(linear).to(h.device)
+    pruned = torch.zeros_like(w)
+    pruned[:, kept] = torch.linalg.solve(h[kept][:, kept], h[kept] @ w.T).T
+    linear.weight.data = pruned.to(device=linear.weight.device, dtype=linear.weight.dtype)
