@@ -5,16 +5,21 @@
 
 Per recipe and ratio: the recipe runs on a fresh copy of the dense model (float32), the pruned
 model is cast to ``--dtype`` and evaluated in process through ``subnet_view(adapter, subnet,
-overrides)`` (equal to the reloaded export: tests/test_recipes.py, tests/test_reform.py) on
-WikiText-2 test: the first ``--windows`` windows of 2048 tokens, and the same tokens cut into
-windows of 128. Scores that do not depend on the ratio are computed once per recipe and reused
+overrides)`` (equal to the reloaded export: tests/test_recipes.py, tests/test_reform.py) on the
+protocol's texts (PROTOCOL.md): WikiText-2 test, the first ``--windows`` windows of 2048 tokens and
+the same tokens cut into windows of 128, and as many windows of 2048 of each ``--held-out`` text
+(PTB test, and c4:heldout: C4 documents no step calibrates on). ``--lstsq-rows`` adds, for every
+recipe without compensation of its own, a row "<recipe> + lstsq" with the search's least squares
+(local, on the search's statistics windows), so that allocation and compensation compare apart. Scores that do not depend on the ratio are computed once per recipe and reused
 (the wall time of every cell still counts them); cells run ratio by ratio. ``--max-calib-tokens`` caps each recipe's
 calibration windows (the papers' counts are far beyond a shared 2-core CPU); the JSON records
 what each cell used.
 
-The search row comes from the lead's run folders ``runs/search-<searcher>-<ratio>/`` (their
-export, evaluated here on the same windows); where none exists and ``--search-trials`` is given,
-:func:`search.job.run_search` runs with that budget; otherwise the row says pending.
+The search row comes from ``--search-cells``: the cells of experiments/quality.py (the same texts,
+windows and dtype; a row of its table, ``defaults`` being the defaults of the day), or else from
+run folders ``runs/search-<searcher>-<ratio>/`` (their export, evaluated here on the same windows);
+where neither exists and ``--search-trials`` is given, :func:`search.job.run_search` runs with that
+budget; otherwise the row says pending.
 
 Writes ``experiments/results/compare.json`` after every cell (config, versions, seed, wall
 times), then ``compare.md`` and ``compare.png``. Re-running resumes: finished cells are kept.
@@ -23,6 +28,7 @@ times), then ``compare.md`` and ``compare.png``. Re-running resumes: finished ce
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import logging
 import shlex
@@ -37,7 +43,9 @@ import torch  # noqa: E402
 from evaluators.data import dataset_windows  # noqa: E402
 from evaluators.environment import environment  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
+from reform.spec import ReformSpec  # noqa: E402
 from search.oneshot import RECIPES, OneShotCache, dense_copy, run_recipe  # noqa: E402
+from search.oneshot.recipes import SEARCH_STATISTICS  # noqa: E402
 from space.export import write_json  # noqa: E402
 from space.models import load_model  # noqa: E402
 from space.views import subnet_view  # noqa: E402
@@ -54,7 +62,13 @@ def parse_args(argv=None):
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--windows", type=int, default=32, help="first N WikiText-2 test windows of 2048 tokens")
     p.add_argument("--short-seqlen", type=int, default=128, help="the same tokens in windows of this length too")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="evaluation dtype")
+    p.add_argument("--held-out", nargs="*", default=["ptb", "c4:heldout"],
+                   help="texts evaluated in windows of 2048 beside WikiText-2 (as many windows)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="evaluation dtype")
+    p.add_argument("--lstsq-rows", action="store_true",
+                   help="also '<recipe> + lstsq' for every recipe without compensation of its own")
+    p.add_argument("--search-cells", nargs=2, metavar=("QUALITY_JSON", "ROW"),
+                   help="the search row from experiments/quality.py's cells of this row (seed 0)")
     p.add_argument("--max-calib-tokens", type=int, default=None,
                    help="cap each recipe's calibration at this many tokens (fewer windows of its length)")
     p.add_argument("--searcher", default="evolution", help="the search runs to read: runs/search-<searcher>-<ratio>")
@@ -65,6 +79,24 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "compare")
     return p.parse_args(argv)
+
+
+def with_lstsq(recipe):
+    """The recipe with the search's least squares as its compensation (local mode, on the
+    search's statistics windows)."""
+    return dataclasses.replace(recipe, name=f"{recipe.name} + lstsq", reform=ReformSpec("lstsq", "local"),
+                               reform_calibration=SEARCH_STATISTICS)
+
+
+def planned(args) -> list:
+    """The recipes of the comparison, with the '+ lstsq' variants after their recipe."""
+    recipes = []
+    for name in args.recipes:
+        recipe = capped(RECIPES[name], args.max_calib_tokens)
+        recipes.append(recipe)
+        if args.lstsq_rows and recipe.reform.method == "none":
+            recipes.append(with_lstsq(recipe))
+    return recipes
 
 
 def capped(recipe, max_tokens: int | None):
@@ -108,6 +140,24 @@ def recipe_cell(pristine, recipe, ratio: float, windows, dtype, cache, batch_siz
             "recipe_seconds": record["seconds"]["total"], "record": record}
 
 
+def quality_cell(args, ratio: float) -> dict | None:
+    """The search row from experiments/quality.py's cell of ``--search-cells`` ROW at ``ratio``
+    (measured on the same texts and windows, in float32)."""
+    import json
+
+    path, row = args.search_cells
+    quality = json.loads(Path(path).read_text())
+    cell = quality["cells"].get(f"{ratio}/{row}/seed0")
+    if cell is None:
+        return None
+    metrics = {f"{name}_2048": {"ppl": cell["ppl"][name]} for name in ["wikitext2", *args.held_out]}
+    seconds = {k: v for k, v in cell["seconds"].items() if k != "test"}  # the search, not its evaluation
+    return {"kind": "search", "ratio": ratio, "block_ratio": cell["block_ratio"], "metrics": metrics,
+            "recipe_seconds": sum(seconds.values()),
+            "record": {"from": f"{path} {ratio}/{row}/seed0", "options": cell["options"], "trials": cell["trials"],
+                       "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops")}}
+
+
 def search_cell(args, ratio: float, windows, dtype) -> dict | None:
     import json
 
@@ -142,9 +192,11 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path = args.out.with_suffix(".json")
     config = {"model": args.model, "windows_2048": args.windows, "short_seqlen": args.short_seqlen,
+              "held_out": args.held_out,
               "dtype": args.dtype, "max_calib_tokens": args.max_calib_tokens, "searcher": args.searcher,
               **({"label": args.label} if args.label else {}),
-              "eval": "WikiText-2 test, first windows; in-process subnet_view, model rectified in float32 then cast",
+              "eval": "WikiText-2 test and the held-out texts, first windows; in-process subnet_view, model "
+                      "rectified in float32 then cast",
               "seed": 0}
     results = load_results(json_path, config)
     results["command"] = "LLM_PRUNER_DATA=../shared/data .venv/bin/python experiments/compare.py " + shlex.join(
@@ -156,7 +208,9 @@ def main(argv=None) -> int:
     pristine = load_model(args.model, dtype=torch.float32)
     long = dataset_windows(pristine.tokenizer, "wikitext2", seqlen=2048, limit=args.windows)
     short = long.reshape(-1, args.short_seqlen)  # the same tokens
-    windows = {"wikitext2_2048": long, f"wikitext2_{args.short_seqlen}": short}
+    windows = {"wikitext2_2048": long, f"wikitext2_{args.short_seqlen}": short,
+               **{f"{name}_2048": dataset_windows(pristine.tokenizer, name, seqlen=2048, limit=args.windows)
+                  for name in args.held_out}}
     cells = results["cells"]
 
     def save():
@@ -168,10 +222,11 @@ def main(argv=None) -> int:
         cells["dense"] = {"kind": "dense", "ratio": 1.0, "metrics": evaluate(dense.model, windows)}
         del dense
         save()
-    caches = {name: OneShotCache() for name in args.recipes}  # per recipe, shared by its ratios
+    recipes = planned(args)
+    caches = {recipe.name: OneShotCache() for recipe in recipes}  # per recipe, shared by its ratios
     for ratio in args.ratios:  # every recipe at one ratio before the next ratio
-        for name in args.recipes:
-            recipe = capped(RECIPES[name], args.max_calib_tokens)
+        for recipe in recipes:
+            name = recipe.name
             key = f"{name}{args.label}:{ratio}"
             if key in cells:
                 continue
@@ -189,7 +244,7 @@ def main(argv=None) -> int:
         key = f"search:{ratio}"
         if key in cells:
             continue
-        cell = search_cell(args, ratio, windows, dtype)
+        cell = quality_cell(args, ratio) if args.search_cells else search_cell(args, ratio, windows, dtype)
         if cell is not None:
             cells[key] = cell
             save()

@@ -21,7 +21,7 @@ def _rows(results: dict) -> dict[str, dict[float, dict]]:
 
 
 def _ppl(cell: dict | None, metric: str) -> float | None:
-    if not cell or "metrics" not in cell:
+    if not cell or metric not in cell.get("metrics", {}):
         return None
     return cell["metrics"][metric]["ppl"]
 
@@ -35,7 +35,9 @@ def _fmt(value: float | None) -> str:
 def write_report(results: dict, out: Path) -> None:
     config = results["config"]
     short = f"wikitext2_{config['short_seqlen']}"
-    metrics = [("wikitext2_2048", "2048"), (short, str(config["short_seqlen"]))]
+    held_out = config.get("held_out", [])
+    metrics = [("wikitext2_2048", "WikiText-2, 2048 tokens"), (short, f"WikiText-2, {config['short_seqlen']} tokens"),
+               *((f"{name}_2048", f"{name}, 2048 tokens") for name in held_out)]
     rows = _rows(results)
     ratios = sorted({r for row in rows.values() for r in row} | set(results.get("ratios", [])), reverse=True)
     recipes = [name for name in rows if name != "search"]
@@ -50,7 +52,10 @@ def write_report(results: dict, out: Path) -> None:
         f"Command: `{results.get('command', '')}`",
         "",
         f"WikiText-2 test perplexity, the first {_count(config['windows_2048'], 'window')} of 2048 tokens and the "
-        f"same tokens in windows of {config['short_seqlen']}; {config['dtype']} evaluation in process "
+        f"same tokens in windows of {config['short_seqlen']}"
+        + (f"; as many windows of 2048 of {', '.join(held_out)} (held out: no method calibrates on them)"
+           if held_out else "")
+        + f"; {config['dtype']} evaluation in process "
         f"(`subnet_view`, rectified in float32 then cast). Calibration: WikiText-2 validation; {cap}. "
         "ratio = kept fraction of block weights. "
         f"Dense: {_fmt(_ppl(dense, 'wikitext2_2048'))} (2048) / {_fmt(_ppl(dense, short))} "
@@ -59,7 +64,7 @@ def write_report(results: dict, out: Path) -> None:
         "",
     ]
     for metric, label in metrics:
-        lines += [f"## Perplexity at {label} tokens", "", "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+        lines += [f"## Perplexity: {label}", "", "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |",
                   "|---|" + "---|" * len(ratios)]
         for name in recipes + ["search"]:
             row = rows.get(name, {})
@@ -75,24 +80,25 @@ def write_report(results: dict, out: Path) -> None:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Wall time of each recipe (seconds: scoring, selection, allocation, compensation; "
-              "search: trial loop, rescoring of the finalists, rectified export, test evaluation)", "",
+              "search: trial loop, rescoring of the finalists, rectified export; not its test evaluation)", "",
               "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
     for name in recipes + (["search"] if "search" in rows else []):
         row = rows[name]
         lines.append(f"| {name} | " + " | ".join(
             f"{row[r]['recipe_seconds']:.0f}" if r in row and row[r].get("recipe_seconds") is not None else "–"
             for r in ratios) + " |")
-    lines += ["", "## Strongest recipe and the search, per ratio (2048 tokens)", ""]
+    lines += ["", "## Strongest recipe and the search, per ratio and text (2048 tokens)", ""]
     for r in ratios:
-        scored = [(v, n) for n in recipes if (v := _ppl(rows[n].get(r), "wikitext2_2048")) is not None]
-        if not scored:
-            continue
-        best, name = min(scored)
-        search = _ppl(rows.get("search", {}).get(r), "wikitext2_2048")
-        verdict = ("search pending" if search is None else
-                   f"search {search:.2f}, {abs(best - search) / best:.1%} "
-                   f"{'lower (better)' if search < best else 'higher (worse)'}")
-        lines.append(f"- {r:g}: {name} {best:.2f}; {verdict}")
+        for metric in ["wikitext2_2048", *(f"{name}_2048" for name in held_out)]:
+            scored = [(v, n) for n in recipes if (v := _ppl(rows[n].get(r), metric)) is not None]
+            if not scored:
+                continue
+            best, name = min(scored)
+            search = _ppl(rows.get("search", {}).get(r), metric)
+            verdict = ("search pending" if search is None else
+                       f"search {search:.2f}, {abs(best - search) / best:.1%} "
+                       f"{'lower (better)' if search < best else 'higher (worse)'}")
+            lines.append(f"- {r:g}, {metric.removesuffix('_2048')}: {name} {best:.2f}; {verdict}")
     lines += ["", "## Settings each recipe ran with", "",
               "| method | importance | allocation | compensation | calibration used | chosen by its selection step |",
               "|---|---|---|---|---|---|"]
