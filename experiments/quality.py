@@ -26,7 +26,7 @@ import torch
 from evaluators.environment import environment, matmul_tflops
 from evaluators.tasks import TASKS
 from evaluators.zeroshot import evaluate_zeroshot
-from search.config import SearchConfig
+from search.config import SEARCH_METHODS, SearchConfig
 from search.job import run_search
 from space.export import write_json
 from space.models import load_model
@@ -44,6 +44,7 @@ ROWS: dict[str, dict] = {
     "staged": {"fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 260},
     "mixed": {"fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 260,
               "calib": "wikitext2+c4:calib"},
+    "tyr": SEARCH_METHODS["tyr"],  # llm-pruner search --method tyr: the staged row with the osscar order
 }
 
 

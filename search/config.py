@@ -25,6 +25,19 @@ STATISTICS_REGION = (0.0, 0.6)
 FITNESS_REGION = (0.6, 0.8)
 RESCORING_REGION = (0.8, 1.0)
 
+# Published search systems as settings of this search (``llm-pruner search --method NAME``; the
+# flags given on the command line override them).
+# Týr-the-Pruner (METHODS.md section 7): a nested level database per layer from the OSSCAR-style
+# local pruner on the pruned upstream model's statistics (the ``osscar`` order: its centre level is
+# the uniform width's selection), (1 + λ) evolution with level switches inside attention and inside
+# the MLP, selection in stages on growing token counts, top-K KL fitness, coarse-to-fine rounds, and
+# the winner refitted on the pruned upstream model's statistics. Scaled to a 2-core CPU: 3 rounds
+# (Týr: 4), 16 children, 1 / 4 / 16 windows of 512 tokens per stage, K = 256 (Týr: 8192).
+SEARCH_METHODS: dict[str, dict] = {
+    "tyr": {"importance": "osscar", "fitness": "kl", "evolution": "staged", "export_reform": "upstream",
+            "trials": 260},
+}
+
 
 @dataclass(frozen=True)
 class SearchConfig:

@@ -10,7 +10,7 @@ import yaml
 from evaluators.data import DATASETS, load_text, parse_dataset
 from reform.spec import MODES
 from search.cli import common
-from search.config import DTYPES, SearchConfig
+from search.config import DTYPES, SEARCH_METHODS, SearchConfig
 from search.job import run_search
 from search.plan import describe, plan_for
 from search.rundir import check_run_dir
@@ -29,9 +29,11 @@ def add(sub) -> None:
                                                 "config.yaml re-runs it); the flags given override it")
     p.add_argument("--model", help="HF folder, hub id, .gguf file, or alias (smollm2-135m)")
     p.add_argument("--ratio", type=common.ratio, help="kept fraction of block weights (nsga2: the top of the range)")
+    p.add_argument("--method", choices=list(SEARCH_METHODS),
+                   help="a published search system's settings (tyr: Týr-the-Pruner); the flags given override them")
     p.add_argument("--ratio-min", type=common.ratio, help="nsga2: the bottom of the ratio range")
     p.add_argument("--searcher", default="evolution", help=" | ".join(SAMPLERS))
-    p.add_argument("--trials", type=int, default=100, help="finished trials to reach (a re-run may raise it)")
+    p.add_argument("--trials", type=int, help="finished trials to reach (default 100; a re-run may raise it)")
     p.add_argument("--run-dir", required=True, type=Path, help="run folder (re-running the command resumes it)")
     p.add_argument("--workers", type=int, default=0, help="Ray actors (0: evaluate in this process)")
     p.add_argument("--ray-address", help="join an existing Ray cluster (e.g. auto)")
@@ -39,11 +41,11 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="wide", help="per-layer width bounds: " + " | ".join(WIDTHS))
     p.add_argument("--mlp-step", type=int, help="MLP width step (default: about 1/48 of the width)")
-    p.add_argument("--evolution", default="cpu", help="evolution sizes: " + " | ".join([*EVOLUTION, *STAGED]) +
+    p.add_argument("--evolution", help="evolution sizes (default cpu): " + " | ".join([*EVOLUTION, *STAGED]) +
                    " (staged: selection in stages with level-switch mutations)")
-    p.add_argument("--importance", default="wanda-sp", help="unit order inside layers and the starts")
+    p.add_argument("--importance", help="unit order inside layers and the starts (default wanda-sp)")
     p.add_argument("--fitness-reform", default="lstsq", help="lstsq | none: rectify candidates before scoring")
-    p.add_argument("--fitness", default="ppl", help="ppl | kl: calibration perplexity, or KL to the dense model")
+    p.add_argument("--fitness", help="ppl | kl: calibration perplexity (default), or KL to the dense model")
     p.add_argument("--fitness-top-k", type=int, default=256, help="kl: dense tokens kept per position (default 256)")
     p.add_argument("--fitness-nsamples", type=int, help="fitness windows (default 8; staged evolution: the pool "
                                                           "its stages draw from, 4 generations' worth)")
@@ -55,7 +57,7 @@ def add(sub) -> None:
     p.add_argument("--trial-timeout", type=float, help="Ray workers: seconds after which a job's worker is taken "
                                                         "for stuck, restarted, and the job sent again (default: "
                                                         "max(60, 10 x the median so far))")
-    p.add_argument("--export-reform", default="local", choices=MODES,
+    p.add_argument("--export-reform", choices=MODES,
                    help="least squares of the winner: local (default, as in the fitness), sequential or upstream")
     p.add_argument("--eval-windows", type=int, default=32, help="test windows of 2048 per dataset for the export "
                                                                    "(0: skip)")
@@ -75,13 +77,22 @@ def add(sub) -> None:
 
 
 DEFAULTS: dict = {}  # the parser's defaults: a flag whose value differs was given, and overrides --config
+# The flags a --method sets: their parser default is None (so that a flag given with the plain default
+# still overrides the method), and these are the plain defaults.
+METHOD_FLAGS = {"trials": 100, "evolution": "cpu", "importance": "wanda-sp", "fitness": "ppl", "export_reform": "local"}
 CALIBRATION_FLAGS = ("calib", "nsamples", "calib_seqlen", "fitness_nsamples", "fitness_seqlen", "seed")
 FIELDS = {f.name for f in dataclasses.fields(SearchConfig)}
 
 
 def config_from(args) -> SearchConfig:
     if args.config_file is not None:
+        if args.method is not None:
+            raise UserError("--method and --config both set the search's settings; give one of them")
         return config_from_file(args)
+    settings = {**METHOD_FLAGS, **(SEARCH_METHODS[args.method] if args.method else {})}
+    for dest, value in settings.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
     if args.model is None or args.ratio is None:
         raise UserError("--model and --ratio are required (or a --config file that sets them)")
     return SearchConfig.create(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from evaluators.data import CalibrationSpec
 from reform.spec import ReformSpec
-from search.config import STATISTICS_REGION
+from search.config import SEARCH_METHODS, STATISTICS_REGION
 from search.oneshot.allocation import ALLOCATIONS
 from space.errors import UserError
 from space.scores import score_spec
@@ -70,6 +70,8 @@ def register_recipe(recipe: Recipe) -> Recipe:
 
 
 def recipe_spec(name: str) -> Recipe:
+    if name in SEARCH_METHODS:
+        raise UserError(f"{name} is a search, not a one-shot recipe: llm-pruner search --method {name}")
     if name not in RECIPES:
         raise UserError(f"unknown method {name!r}; known: {', '.join(RECIPES)}")
     return RECIPES[name]

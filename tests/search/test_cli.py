@@ -153,6 +153,9 @@ def test_prune_by_parts_and_by_method_run_the_same_pipeline(tiny_model_dir, tiny
       "--fitness-nsamples", "8"], "fitness-nsamples"),
     (["search", "--model", "{model}", "--ratio", "0.3", "--run-dir", "{tmp}/run", "--preset", "paper",
       "--eval-windows", "0"], "needs a wider preset"),
+    (["search", "--method", "tyr", "--config", "{tmp}/file", "--run-dir", "{tmp}/run"], "give one of them"),
+    (["prune", "--model", "{model}", "--ratio", "0.5", "--out", "{tmp}/out", "--method", "tyr"],
+     "search --method tyr"),
 ])
 def test_bad_inputs_end_in_one_message_and_exit_2(argv, message, tiny_model_dir, tiny_data, tmp_path, capsys):
     (tmp_path / "file").write_text("not a run folder")
@@ -199,3 +202,18 @@ def test_a_runs_config_yaml_re_runs_it_and_flags_override_it(tiny_model_dir, tin
     (tmp_path / "bad.yaml").write_text("model: m\nratio: 0.5\nwhatever: 1\n")
     code, io = run(["search", "--config", str(tmp_path / "bad.yaml"), "--run-dir", str(tmp_path / "c")], capsys)
     assert code == 2 and "unknown: whatever" in io.err
+
+
+def test_a_search_method_sets_the_flags_not_given(tiny_model_dir, tmp_path):
+    from search.cli.search import config_from, add
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add(parser.add_subparsers())
+    base = ["search", "--model", str(tiny_model_dir), "--ratio", "0.6", "--run-dir", str(tmp_path / "a"), "--method", "tyr"]
+    tyr = config_from(parser.parse_args(base))
+    assert (tyr.importance, tyr.fitness, tyr.evolution, tyr.export_reform, tyr.trials) == (
+        "osscar", "kl", "staged", "upstream", 260)
+    assert tyr.staged is not None and tyr.calibration_spec("fitness_windows").nsamples == 4 * tyr.staged.pool
+    mine = config_from(parser.parse_args([*base, "--fitness", "ppl", "--trials", "40"]))
+    assert (mine.fitness, mine.trials, mine.importance) == ("ppl", 40, "osscar")
