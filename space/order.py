@@ -65,21 +65,6 @@ def sorted_scores(scores: LayerScores, order: LayerOrder, dims: ModelDims) -> La
     )
 
 
-
-def kept_head_score(scores: LayerScores, dims: ModelDims, kv: int, q: int) -> float:
-    """Summed score of the heads a prefix shape keeps (scores in importance order)."""
-    return float(scores.heads.view(dims.num_kv_heads, dims.group_size)[:kv, :q].sum())
-
-
-def best_shape(dims: ModelDims, scores: LayerScores, heads: float) -> tuple[int, int]:
-    """The GQA-valid shape whose head count is nearest ``heads`` (ties: more heads), keeping the
-    most importance among shapes of that count."""
-    counts = sorted({kv * q for kv, q in dims.attention_shapes()})
-    count = min(counts, key=lambda c: (abs(c - heads), -c))
-    options = [(kv, q) for kv, q in dims.attention_shapes() if kv * q == count]
-    return max(options, key=lambda s: (kept_head_score(scores, dims, *s), s[0]))
-
-
 def orders_key(orders: list[LayerOrder]) -> str:
     """A digest of every layer's order: statistics taken in one order are valid only for it."""
     digest = hashlib.sha1()

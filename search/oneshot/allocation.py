@@ -16,8 +16,7 @@ import torch
 
 from space.errors import UserError
 from space.budget import Bounds, project
-from space.order import best_shape
-from space.scores.base import LayerScores, standardize
+from space.scores.base import LayerScores, best_shape, standardize
 from space.subnet import LayerWidths, ModelDims, Subnet
 
 

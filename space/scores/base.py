@@ -18,6 +18,7 @@ import torch
 from space.adapters import ModelAdapter
 from space.calibration import StatsRequest, walk_layers
 from space.errors import UserError
+from space.subnet import ModelDims
 
 
 @dataclass
@@ -100,6 +101,29 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 
 def weight64(module) -> torch.Tensor:
     return module.weight.detach().double()
+
+
+def kept_heads(scores: LayerScores, dims: ModelDims, kv: int, q: int) -> torch.Tensor:
+    """The query heads a shape of ``kv`` groups x ``q`` heads keeps: the ``kv`` best groups and, in
+    each, its ``q`` best heads (the prefix of the importance order, space/order.py)."""
+    groups = torch.sort(scores.groups, descending=True, stable=True).indices[:kv]
+    heads = scores.heads.view(dims.num_kv_heads, dims.group_size)[groups]
+    within = torch.sort(heads, descending=True, stable=True).indices[:, :q]
+    return (groups[:, None] * dims.group_size + within).reshape(-1)
+
+
+def kept_head_score(scores: LayerScores, dims: ModelDims, kv: int, q: int) -> float:
+    """Summed score of the heads a shape keeps."""
+    return float(scores.heads[kept_heads(scores, dims, kv, q)].sum())
+
+
+def best_shape(dims: ModelDims, scores: LayerScores, heads: float) -> tuple[int, int]:
+    """The GQA-valid shape whose head count is nearest ``heads`` (ties: more heads), keeping the
+    most importance among shapes of that count."""
+    counts = sorted({kv * q for kv, q in dims.attention_shapes()})
+    count = min(counts, key=lambda c: (abs(c - heads), -c))
+    options = [(kv, q) for kv, q in dims.attention_shapes() if kv * q == count]
+    return max(options, key=lambda s: (kept_head_score(scores, dims, *s), s[0]))
 
 
 # --- driver ----------------------------------------------------------------------------------

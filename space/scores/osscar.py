@@ -32,7 +32,7 @@ import torch
 from space.adapters import LayerAdapter, ModelAdapter
 from space.budget import project
 from space.calibration import BlockInputs, StatsRequest, capture_block_inputs, collect_layer_stats, run_block
-from space.scores.base import LayerScores, ScoreContext, register_score, weight64
+from space.scores.base import LayerScores, ScoreContext, best_shape, kept_heads, register_score, weight64
 from space.scores.elimination import CHANNELS_PER_STEP, damped, eliminate, swap_search, unit_scores
 from space.subnet import LayerWidths, ModelDims, Subnet
 
@@ -48,9 +48,8 @@ REFIT_DAMPING = 1e-4
 def uniform_target(dims: ModelDims, ratio: float) -> Subnet:
     """The uniform widths on the budget, before any score is known (ties between head shapes of
     one count go to more KV groups)."""
-    counts = sorted({kv * q for kv, q in dims.attention_shapes()})
-    count = min(counts, key=lambda c: (abs(c - ratio * dims.num_heads), -c))
-    kv, q = max((s for s in dims.attention_shapes() if s[0] * s[1] == count), key=lambda s: s[0])
+    unknown = LayerScores(torch.zeros(dims.num_heads), torch.zeros(dims.num_kv_heads), torch.zeros(0))
+    kv, q = best_shape(dims, unknown, ratio * dims.num_heads)
     layer = LayerWidths(kv, q, int(round(ratio * dims.intermediate_size)))
     return project(Subnet(dims, [layer] * dims.num_layers), ratio=ratio)
 
@@ -86,17 +85,13 @@ def osscar(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, b
 
 
 def _select_heads(layer: LayerAdapter, inputs: BlockInputs, dims: ModelDims, ratio: float) -> torch.Tensor:
-    # imported here: space.order imports this package (scores), which imports this module
-    from space.order import LayerOrder, best_shape, expand, sorted_scores
-
     o = layer.attention_output()
     gram = _gram(layer, inputs, "o")
     scores = unit_scores(eliminate(weight64(o), damped(gram), unit=dims.head_dim), dims.num_heads)
     layer_scores = LayerScores(scores, scores.view(-1, dims.group_size).sum(1), torch.zeros(dims.intermediate_size))
-    order = LayerOrder.from_scores(layer_scores, dims)
-    kv, q = best_shape(dims, sorted_scores(layer_scores, order, dims), ratio * dims.num_heads)
-    kept = torch.tensor(order.kept(LayerWidths(kv, q, 0))["heads"], dtype=torch.long)
-    _keep_columns(o, expand(kept, dims.head_dim), gram)
+    kept = torch.zeros(dims.num_heads, dtype=torch.bool)
+    kept[kept_heads(layer_scores, dims, *best_shape(dims, layer_scores, ratio * dims.num_heads))] = True
+    _keep_columns(o, torch.nonzero(kept.repeat_interleave(dims.head_dim)).reshape(-1), gram)
     return scores
 
 
