@@ -161,3 +161,27 @@ def test_a_staged_depth_search_runs_and_keeps_whole_sublayers(tiny_model_dir, ti
     assert any(x[:2] == [0, 0] or x[2] == 0 for x in widths)
     with pytest.raises(UserError, match="preset depth"):
         SearchConfig.create("m", 0.6, preset="depth").check()
+
+
+def test_tyr_level_database_is_nested_in_equal_parameter_steps(make_model, token_ids):
+    """search --method tyr: a layer's levels are prefixes of its osscar order, so each level keeps
+    the next sparser level's units, and consecutive MLP levels differ by one grid step of channels."""
+    from space.adapters import adapter_for
+    from space.order import LayerOrder
+    from space.scores import compute_scores
+
+    adapter = adapter_for(make_model("llama"))
+    dims = adapter.dims
+    scores = compute_scores(adapter, token_ids, ["osscar"], ratio=0.6)["osscar"]
+    space = WidthSpace(dims, preset="wide", mlp_step=8)
+    for layer_scores in scores:
+        order = LayerOrder.from_scores(layer_scores, dims)
+        levels = [order.kept(LayerWidths(1, 1, c)) for c in space.grid]
+        for sparser, denser, low, high in zip(levels, levels[1:], space.grid, space.grid[1:]):
+            assert set(sparser["channels"]) < set(denser["channels"])
+            assert dims.mlp_params(high) - dims.mlp_params(low) == 8 * dims.mlp_params(1)
+        shapes = sorted(s for s in space.shapes if s[0] and s[1])
+        for kv, q in shapes:
+            for kv2, q2 in shapes:
+                if kv <= kv2 and q <= q2:
+                    assert set(order.kept(LayerWidths(kv, q, 0))["heads"]) <= set(order.kept(LayerWidths(kv2, q2, 0))["heads"])
