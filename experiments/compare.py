@@ -67,6 +67,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="evaluation dtype")
     p.add_argument("--lstsq-rows", action="store_true",
                    help="also '<recipe> + lstsq' for every recipe without compensation of its own")
+    p.add_argument("--depth-search-trials", type=int,
+                   help="also the row evopress-depth: EvoPress's search over which attention / MLP sub-layers to "
+                        "drop (search --preset depth --evolution staged --fitness kl), this many trials per ratio, "
+                        "in runs/compare-evopress-depth-<ratio>")
     p.add_argument("--search-cells", nargs=2, metavar=("QUALITY_JSON", "ROW"),
                    help="the search row from experiments/quality.py's cells of this row (seed 0)")
     p.add_argument("--max-calib-tokens", type=int, default=None,
@@ -158,6 +162,25 @@ def quality_cell(args, ratio: float) -> dict | None:
                        "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops")}}
 
 
+def depth_search_cell(args, ratio: float, windows, dtype) -> dict:
+    """EvoPress's depth search (whole attention / MLP sub-layers, staged evolution, KL fitness),
+    its export evaluated on the comparison's windows."""
+    from search.config import SearchConfig
+    from search.job import run_search
+
+    config = SearchConfig.create(args.model, ratio, preset="depth", evolution="staged", fitness="kl",
+                                 trials=args.depth_search_trials, eval_windows=0)
+    run_dir = ROOT / "runs" / f"compare-evopress-depth-{ratio}"
+    result = run_search(config, run_dir, progress=False)
+    exported = load_model(result.best["export"], dtype=dtype)
+    seconds = result.best.get("seconds", {})
+    return {"kind": "search", "ratio": ratio, "block_ratio": result.best["best"]["block_ratio"],
+            "metrics": evaluate(exported.model, windows), "widths": result.best["best"]["widths"],
+            "recipe_seconds": sum(seconds.values()) if seconds else None,
+            "record": {"run_dir": str(run_dir), "trials": result.completed, "config": config.to_dict(),
+                       "seconds": seconds}}
+
+
 def search_cell(args, ratio: float, windows, dtype) -> dict | None:
     import json
 
@@ -240,6 +263,13 @@ def main(argv=None) -> int:
             log.info("%s: %s", key, cells[key].get("metrics", cells[key].get("error")))
             save()
             gc.collect()
+    for ratio in args.ratios if args.depth_search_trials else []:
+        key = f"evopress-depth:{ratio}"
+        if key not in cells:
+            started = time.time()
+            cells[key] = depth_search_cell(args, ratio, windows, dtype)
+            cells[key]["wall_seconds"] = round(time.time() - started, 1)
+            save()
     for ratio in args.ratios if not args.label else []:
         key = f"search:{ratio}"
         if key in cells:
