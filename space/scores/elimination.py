@@ -24,6 +24,7 @@ shapes valid; choosing heads jointly with the group shape is not done here).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -169,21 +170,10 @@ def elimination_scores(layer: LayerAdapter, stats: LayerStats, ctx: ScoreContext
                        unit_scores(channels, down.in_features))
 
 
-@register_score(
-    "obs-elimination",
-    request=StatsRequest(("o", "down"), gram=("o", "down")),
-    standardized=True,
-    source="greedy OBS elimination under least-squares refit (ZipLM / OSSCAR / Týr-style)",
-)
-def obs_elimination(layer: LayerAdapter, stats: LayerStats, ctx: ScoreContext) -> LayerScores:
-    return elimination_scores(layer, stats, ctx, channel_step=CHANNELS_PER_STEP)
-
-
-@register_score(
-    "ziplm",
-    request=StatsRequest(("o", "down"), gram=("o", "down")),
-    standardized=True,
-    source="ZipLM's structured OBS: the same greedy elimination, one head or one channel per step",
-)
-def ziplm(layer: LayerAdapter, stats: LayerStats, ctx: ScoreContext) -> LayerScores:
-    return elimination_scores(layer, stats, ctx, channel_step=1)
+# The greedy order (Týr's 16 channels per step) and ZipLM's (one unit per step): one function, two steps.
+for _name, _step, _source in (
+    ("obs-elimination", CHANNELS_PER_STEP, "greedy OBS elimination under least-squares refit (ZipLM / OSSCAR / Týr-style)"),
+    ("ziplm", 1, "ZipLM's structured OBS: the same greedy elimination, one head or one channel per step"),
+):
+    register_score(_name, request=StatsRequest(("o", "down"), gram=("o", "down")), standardized=True,
+                   source=_source)(functools.partial(elimination_scores, channel_step=_step))
