@@ -73,6 +73,8 @@ def parse_args(argv=None):
                         "in runs/compare-evopress-depth-<ratio>")
     p.add_argument("--search-cells", nargs=2, metavar=("QUALITY_JSON", "ROW"),
                    help="the search row from experiments/quality.py's cells of this row (seed 0)")
+    p.add_argument("--tyr-row", metavar="ROW",
+                   help="with --search-cells: the tyr row (search --method tyr) from that file's cells of this row")
     p.add_argument("--max-calib-tokens", type=int, default=None,
                    help="cap each recipe's calibration at this many tokens (fewer windows of its length)")
     p.add_argument("--searcher", default="evolution", help="the search runs to read: runs/search-<searcher>-<ratio>")
@@ -144,12 +146,12 @@ def recipe_cell(pristine, recipe, ratio: float, windows, dtype, cache, batch_siz
             "recipe_seconds": record["seconds"]["total"], "record": record}
 
 
-def quality_cell(args, ratio: float) -> dict | None:
-    """The search row from experiments/quality.py's cell of ``--search-cells`` ROW at ``ratio``
-    (measured on the same texts and windows, in float32)."""
+def quality_cell(args, ratio: float, row: str) -> dict | None:
+    """A search row from experiments/quality.py's cell of ``row`` at ``ratio`` in the file of
+    ``--search-cells`` (measured on the same texts and windows, in float32)."""
     import json
 
-    path, row = args.search_cells
+    path = args.search_cells[0]
     quality = json.loads(Path(path).read_text())
     cell = quality["cells"].get(f"{ratio}/{row}/seed0")
     if cell is None:
@@ -274,8 +276,14 @@ def main(argv=None) -> int:
         key = f"search:{ratio}"
         if key in cells:
             continue
-        cell = quality_cell(args, ratio) if args.search_cells else search_cell(args, ratio, windows, dtype)
+        cell = (quality_cell(args, ratio, args.search_cells[1]) if args.search_cells else
+                search_cell(args, ratio, windows, dtype))
         if cell is not None:
+            cells[key] = cell
+            save()
+    for ratio in args.ratios if args.tyr_row and args.search_cells else []:
+        key = f"tyr:{ratio}"
+        if key not in cells and (cell := quality_cell(args, ratio, args.tyr_row)) is not None:
             cells[key] = cell
             save()
     save()

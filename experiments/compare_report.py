@@ -47,7 +47,7 @@ def write_report(results: dict, out: Path) -> None:
     if results.get("merged"):
         cap += " (rows with a label in parentheses: see the note under the settings table)"
     lines = [
-        "# Seed systems as recipes vs. the search, SmolLM2-135M",
+        "# Recipes and the 2025 anchors vs. the search, SmolLM2-135M",
         "",
         f"Command: `{results.get('command', '')}`",
         "",
@@ -103,7 +103,8 @@ def write_report(results: dict, out: Path) -> None:
               "| method | importance | allocation | compensation | calibration used | chosen by its selection step |",
               "|---|---|---|---|---|---|"]
     for name in recipes:
-        done = [(r, c["record"]["recipe"]) for r, c in sorted(rows[name].items(), reverse=True) if "record" in c]
+        done = [(r, c["record"]["recipe"]) for r, c in sorted(rows[name].items(), reverse=True)
+                if "recipe" in c.get("record", {})]  # searches (tyr, evopress-depth) have their own records
         if not done:
             continue
         recipe = done[0][1]
