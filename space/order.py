@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from space.adapters import LayerAdapter, ModelAdapter
-from space.scores.base import LayerScores
+from space.scores.base import LayerScores, kept_heads
 from space.subnet import LayerWidths, ModelDims
 
 
@@ -34,13 +34,11 @@ class LayerOrder:
 
     @classmethod
     def from_scores(cls, scores: LayerScores, dims: ModelDims) -> "LayerOrder":
-        # Stable descending sorts, so that ties keep the original order.
-        groups = torch.sort(scores.groups, descending=True, stable=True).indices
-        head_scores = scores.heads.view(dims.num_kv_heads, dims.group_size)[groups]
-        within = torch.sort(head_scores, descending=True, stable=True).indices
-        heads = groups[:, None] * dims.group_size + within
+        # Stable descending sorts, so that ties keep the original order; the heads of the full shape
+        # in the order kept_heads keeps them (groups, then heads within each group).
+        heads = kept_heads(scores, dims, dims.num_kv_heads, dims.group_size).view(dims.num_kv_heads, dims.group_size)
         channels = torch.sort(scores.channels, descending=True, stable=True).indices
-        return cls(groups, heads, channels)
+        return cls(heads[:, 0] // dims.group_size, heads, channels)
 
     def kept(self, widths: LayerWidths) -> dict[str, list[int]]:
         """Original indices of the units a prefix of ``widths`` keeps."""

@@ -77,11 +77,12 @@ def add(sub) -> None:
 
 
 DEFAULTS: dict = {}  # the parser's defaults: a flag whose value differs was given, and overrides --config
-# The flags a --method sets: their parser default is None (so that a flag given with the plain default
-# still overrides the method), and these are the plain defaults.
-METHOD_FLAGS = {"trials": 100, "evolution": "cpu", "importance": "wanda-sp", "fitness": "ppl", "export_reform": "local"}
 CALIBRATION_FLAGS = ("calib", "nsamples", "calib_seqlen", "fitness_nsamples", "fitness_seqlen", "seed")
 FIELDS = {f.name for f in dataclasses.fields(SearchConfig)}
+# The flags a --method sets: their parser default is None (so that a flag given with the plain default
+# still overrides the method), and their plain defaults are SearchConfig's.
+METHOD_FLAGS = {f.name: f.default for f in dataclasses.fields(SearchConfig)
+                if f.name in ("trials", "evolution", "importance", "fitness", "export_reform")}
 
 
 def config_from(args) -> SearchConfig:

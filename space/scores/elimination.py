@@ -126,7 +126,7 @@ def swap_search(weight: torch.Tensor, h: torch.Tensor, kept: torch.Tensor, *, ro
     b = w @ h
     total = float(torch.einsum("ij,jk,ik->", w, h, w))
     kept = torch.sort(kept.to(h.device)).values
-    before = error = _error(b, h, kept, total)
+    before = _error(b, h, kept, total)
     accepted = 0
     for _ in range(rounds):
         g = torch.cholesky_inverse(torch.linalg.cholesky(h[kept][:, kept]))
@@ -146,13 +146,12 @@ def swap_search(weight: torch.Tensor, h: torch.Tensor, kept: torch.Tensor, *, ro
             best = int(torch.argmax(gains))
             if int(outside[best]) != int(kept[i]) and float(gains[best]) > float(costs[i]) * (1 + 1e-9) + 1e-12 * total:
                 kept = torch.sort(torch.cat([rest, outside[best:best + 1]])).values
-                error = error + float(costs[i]) - float(gains[best])
                 accepted += 1
                 swapped = True
                 break
         if not swapped:
             break
-    return Swaps(kept.cpu(), _error(b, h, kept, total) if accepted else error, before, accepted)
+    return Swaps(kept.cpu(), _error(b, h, kept, total) if accepted else before, before, accepted)
 
 
 def _outside(width: int, kept: torch.Tensor) -> torch.Tensor:
