@@ -45,6 +45,8 @@ ROWS: dict[str, dict] = {
     "mixed": {"fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 260,
               "calib": "wikitext2+c4:calib"},
     "tyr": SEARCH_METHODS["tyr"],  # llm-pruner search --method tyr: the staged row with the osscar order
+    # tyr calibrated (statistics, fitness and re-scoring regions) on WikiText-2 validation + c4:calib
+    "tyr-mixed": {**SEARCH_METHODS["tyr"], "calib": "wikitext2+c4:calib"},
 }
 
 
