@@ -124,7 +124,7 @@ def rectify_sequential(
         for target in targets:
             last = target is targets[-1]  # its dense pass runs the whole block: the next dense input
             stats = None
-            for (dense_hidden, args, kwargs), pruned_hidden in zip(dense.calls(), pruned.hidden):
+            for (dense_hidden, args, kwargs), pruned_hidden in zip(dense.calls(layer.layer), pruned.hidden):
                 x_dense, out = _input_of(layer.layer, target.module, dense_hidden, args, kwargs, finish=last)
                 if last:
                     dense_out.append(out)
@@ -167,7 +167,7 @@ def rectify_upstream(
         for target in layer_targets(adapter, layer, widths):  # attention first: the MLP sees it rectified
             stats = InputStats(target.module.in_features, gram=method.gram, device=target.module.weight.device)
             with _layer_view(adapter, layer.index, _with_dense(widths, adapter.dims, target), mine):
-                for hidden, args, kwargs in pruned.calls():
+                for hidden, args, kwargs in pruned.calls(layer.layer):
                     stats.add(_input_of(layer.layer, target.module, hidden, args, kwargs)[0])
             mine.update(target.overrides(method.solve(target.local_problem(stats), spec)))
         with _layer_view(adapter, layer.index, widths, mine):

@@ -14,6 +14,12 @@ The units an adapter declares (METHODS.md section 1):
   GQA layer (the same number of query heads per kept KV head).
 * **MLP channel**: row j of gate_proj and up_proj, column j of down_proj.
 
+Parameters that span the heads besides the projections (OLMo-2's q_norm/k_norm over all heads)
+are declared by :meth:`LayerAdapter.head_norms` and sliced and permuted with the rows of q and k.
+Norms over ``head_dim`` shared by every head (Qwen3, Gemma 3) and norms around the sub-layers
+(Gemma's and OLMo-2's post-attention/feed-forward norms) are not pruned: a skipped sub-layer adds
+zero, and a norm of zero is zero.
+
 Adapters are chosen by ``config.model_type``, never by a name substring; exports of ours
 (``llm_pruner_<family>``) map back to their family.
 """
@@ -68,6 +74,11 @@ class LayerAdapter:
     def mlp_output(self) -> nn.Linear:
         return self.mlp.down_proj
 
+    def head_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
+        """The norms whose weight has one entry per row of q_proj (first) and of k_proj (second),
+        sliced and permuted with those rows; ``(None, None)`` where the family has none."""
+        return None, None
+
     def linears(self) -> dict[str, nn.Linear]:
         """Every prunable linear of the layer by its short name (q, k, v, o, gate, up, down)."""
         q, k, v = self.attention_inputs()
@@ -111,7 +122,10 @@ class ModelAdapter:
         heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         first = self.layers[0]
-        attention_weights = {id(m.weight) for m in first.linears().values()}
+        norms = [m for m in first.head_norms() if m is not None]
+        if norms and [m.weight.numel() for m in norms] != [heads * head_dim, kv_heads * head_dim]:
+            raise UserError(f"model type {c.model_type!r}: its q/k norms do not span the heads as its adapter declares")
+        sliced = {id(p) for m in [*first.linears().values(), *norms] for p in m.parameters()}
         dims = ModelDims(
             num_layers=len(self.layers),
             hidden_size=c.hidden_size,
@@ -122,9 +136,10 @@ class ModelAdapter:
             qkv_bias=first.attention_inputs()[0].bias is not None,
             o_bias=first.attention_output().bias is not None,
             mlp_bias=first.mlp_output().bias is not None,
+            head_norms=bool(norms),
             attention_fixed=sum(
                 p.numel() for p in first.attention.parameters()
-                if id(p) not in attention_weights and p.dim() == 1 and p.numel() == head_dim
+                if id(p) not in sliced and p.dim() == 1 and p.numel() == head_dim
             ),
         )
         # Everything outside the layers' prunable sub-layers: embeddings, head (once when tied), norms.
@@ -153,6 +168,52 @@ class Qwen3Adapter(ModelAdapter):
     notes = "q_norm/k_norm act on head_dim, shared by all heads: whole-head pruning leaves them as they are."
 
 
+class HeadNormLayerAdapter(LayerAdapter):
+    """A layer whose attention normalises q and k over all heads at once (``q_norm`` of
+    ``num_heads * head_dim`` entries, ``k_norm`` of ``num_kv_heads * head_dim``)."""
+
+    def head_norms(self) -> tuple[nn.Module | None, nn.Module | None]:
+        return self.attention.q_norm, self.attention.k_norm
+
+
+class Olmo2Adapter(ModelAdapter):
+    model_types = ("olmo2",)
+    layer_adapter = HeadNormLayerAdapter
+    notes = (
+        "q_norm/k_norm are RMS norms over all heads: their weights are permuted and sliced with the heads, and "
+        "a pruned layer normalises over its kept heads (what the view computes is what the export computes; "
+        "estimates read from dense activations, such as the least-squares fitness, are approximate for the kept "
+        "heads). Norms after attention and after the MLP (no norm before them) are not pruned."
+    )
+
+
+class Gemma2Adapter(ModelAdapter):
+    model_types = ("gemma2",)
+    notes = (
+        "Norms before and after attention and the MLP; the attention scale comes from query_pre_attn_scalar and "
+        "the soft-capping, sliding-window layers and embedding scale (sqrt(hidden_size)) do not depend on the "
+        "widths pruning changes."
+    )
+
+
+class Gemma3Adapter(ModelAdapter):
+    model_types = ("gemma3_text",)
+    notes = "Gemma 2's layout plus q_norm/k_norm over head_dim (shared by all heads) and per-layer-type RoPE."
+
+
+# Families that are recognised but refused, and why (never a silently wrong model).
+REFUSED: dict[str, str] = {
+    "phi3": (
+        "Phi-3 fuses q/k/v into one qkv_proj and gate/up into one gate_up_proj, and its attention splits qkv_proj "
+        "by the model-wide head counts; the scores, views and exports here slice separate q/k/v and gate/up "
+        "projections, so Phi-3 cannot be pruned yet"
+    ),
+    "gemma3": (
+        "this is the multimodal Gemma 3 (model type 'gemma3'); load its text model (Gemma3ForCausalLM, model type "
+        "'gemma3_text', e.g. gemma-3-1b) to prune it"
+    ),
+}
+
 _ADAPTERS: dict[str, type[ModelAdapter]] = {}
 
 
@@ -162,7 +223,7 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     return cls
 
 
-for _cls in (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter):
+for _cls in (LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, Olmo2Adapter, Gemma2Adapter, Gemma3Adapter):
     register_adapter(_cls)
 
 
@@ -178,6 +239,8 @@ def family(model_type: str) -> str:
 def adapter_for(model: nn.Module) -> ModelAdapter:
     """The adapter of ``model``'s family, chosen by ``config.model_type``."""
     model_type = family(getattr(model.config, "model_type", "") or "")
+    if model_type in REFUSED and model_type not in _ADAPTERS:
+        raise UserError(f"model type {model_type!r}: {REFUSED[model_type]}")
     if model_type not in _ADAPTERS:
         raise UserError(
             f"model type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"

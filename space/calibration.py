@@ -2,9 +2,11 @@
 blocks one at a time, collecting statistics of the inputs of chosen linears.
 
 Memory stays that of one block's activations plus one block's statistics, whatever the depth
-(the SparseGPT/Wanda loop). The first block's call is captured with all its positional and
+(the SparseGPT/Wanda loop). Every block's call is captured with all its positional and
 keyword arguments (position embeddings, masks, cache objects...), so nothing about the
-family's forward has to be known here.
+family's forward has to be known here: most families pass every block the same ones; where they
+differ (Gemma's sliding-window and full-attention layers get different masks and RoPE), a block
+gets its own (:meth:`BlockInputs.calls`).
 """
 
 from __future__ import annotations
@@ -19,42 +21,65 @@ from space.adapters import LayerAdapter, ModelAdapter
 
 
 class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass after the first block's inputs."""
+    """Raised by the last block's recorder to stop the forward pass before the head."""
+
+
+_ABSENT = object()
 
 
 @dataclass
 class BlockInputs:
-    """The calibration batches as they enter one block: hidden states and the rest of the call."""
+    """The calibration batches as they enter one block: hidden states and the rest of the call
+    (the first block's), and for each block called otherwise, per batch, the keyword arguments
+    that differ from the first block's."""
 
     hidden: list[torch.Tensor]
     args: list[tuple]
     kwargs: list[dict]
+    block_kwargs: dict[nn.Module, list[dict]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.hidden)
 
-    def calls(self) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
-        yield from zip(self.hidden, self.args, self.kwargs)
+    def calls(self, block: nn.Module | None = None) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
+        """Every batch's call of ``block`` (the first block's call when ``None``)."""
+        own = self.block_kwargs.get(block) if block is not None else None
+        for i, (hidden, args, kwargs) in enumerate(zip(self.hidden, self.args, self.kwargs)):
+            yield hidden, args, ({**kwargs, **own[i]} if own else kwargs)
 
     def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
-        return BlockInputs(hidden, self.args, self.kwargs)
+        return BlockInputs(hidden, self.args, self.kwargs, self.block_kwargs)
 
 
 @torch.no_grad()
 def capture_block_inputs(adapter: ModelAdapter, windows: torch.Tensor, *, batch_size: int = 8) -> BlockInputs:
-    """Run the embeddings on ``windows`` (n x seqlen token ids) and keep what the first block gets."""
-    first = adapter.decoder_layers()[0]
+    """Run the embeddings on ``windows`` (n x seqlen token ids) and keep what the first block gets,
+    and how every other block is called: each block's forward is swapped for a recorder that
+    passes its input on, and the last one stops the pass."""
+    blocks = list(adapter.decoder_layers())
     device = next(adapter.model.parameters()).device
     captured = BlockInputs([], [], [])
+    differing: dict[nn.Module, list[dict]] = {block: [] for block in blocks[1:]}
 
-    def hook(_module, args, kwargs):
-        hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
-        captured.hidden.append(hidden)
-        captured.args.append(rest)
-        captured.kwargs.append(kwargs)
-        raise _Captured
+    def recorder(index: int):
+        def forward(*args, **kwargs):
+            hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
+            if index == 0:
+                captured.hidden.append(hidden)
+                captured.args.append(rest)
+                captured.kwargs.append(kwargs)
+            else:
+                first = captured.kwargs[-1]
+                differing[blocks[index]].append({k: v for k, v in kwargs.items() if first.get(k, _ABSENT) is not v})
+            if index == len(blocks) - 1:
+                raise _Captured
+            return hidden
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        return forward
+
+    own_forwards = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's device hooks
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index)
     try:
         for start in range(0, windows.shape[0], batch_size):
             try:
@@ -62,7 +87,12 @@ def capture_block_inputs(adapter: ModelAdapter, windows: torch.Tensor, *, batch_
             except _Captured:
                 pass
     finally:
-        handle.remove()
+        for block, own in zip(blocks, own_forwards):
+            if own is None:
+                del block.forward
+            else:
+                block.forward = own
+    captured.block_kwargs = {block: calls for block, calls in differing.items() if any(calls)}
     return captured
 
 
@@ -73,7 +103,7 @@ def _block_output(output):
 @torch.no_grad()
 def run_block(layer: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     """The block's outputs for every calibration batch."""
-    return [_block_output(layer(hidden, *args, **kwargs)) for hidden, args, kwargs in inputs.calls()]
+    return [_block_output(layer(hidden, *args, **kwargs)) for hidden, args, kwargs in inputs.calls(layer)]
 
 
 class InputStats:

@@ -19,10 +19,16 @@ import copy
 import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
+from transformers.models.gemma2.configuration_gemma2 import Gemma2Config
+from transformers.models.gemma2.modeling_gemma2 import Gemma2ForCausalLM
+from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+from transformers.models.gemma3.modeling_gemma3 import Gemma3ForCausalLM
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 from transformers.models.mistral.configuration_mistral import MistralConfig
 from transformers.models.mistral.modeling_mistral import MistralForCausalLM
+from transformers.models.olmo2.configuration_olmo2 import Olmo2Config
+from transformers.models.olmo2.modeling_olmo2 import Olmo2ForCausalLM
 from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 from transformers.models.qwen3.configuration_qwen3 import Qwen3Config
@@ -154,6 +160,9 @@ PrunedLlamaConfig, PrunedLlamaForCausalLM = _pruned_classes(LlamaConfig, LlamaFo
 PrunedMistralConfig, PrunedMistralForCausalLM = _pruned_classes(MistralConfig, MistralForCausalLM)
 PrunedQwen2Config, PrunedQwen2ForCausalLM = _pruned_classes(Qwen2Config, Qwen2ForCausalLM)
 PrunedQwen3Config, PrunedQwen3ForCausalLM = _pruned_classes(Qwen3Config, Qwen3ForCausalLM)
+PrunedOlmo2Config, PrunedOlmo2ForCausalLM = _pruned_classes(Olmo2Config, Olmo2ForCausalLM)
+PrunedGemma2Config, PrunedGemma2ForCausalLM = _pruned_classes(Gemma2Config, Gemma2ForCausalLM)
+PrunedGemma3TextConfig, PrunedGemma3ForCausalLM = _pruned_classes(Gemma3TextConfig, Gemma3ForCausalLM)
 
 # stock model_type -> (config class, model class)
 PRUNED_CLASSES = {
@@ -161,4 +170,7 @@ PRUNED_CLASSES = {
     "mistral": (PrunedMistralConfig, PrunedMistralForCausalLM),
     "qwen2": (PrunedQwen2Config, PrunedQwen2ForCausalLM),
     "qwen3": (PrunedQwen3Config, PrunedQwen3ForCausalLM),
+    "olmo2": (PrunedOlmo2Config, PrunedOlmo2ForCausalLM),
+    "gemma2": (PrunedGemma2Config, PrunedGemma2ForCausalLM),
+    "gemma3_text": (PrunedGemma3TextConfig, PrunedGemma3ForCausalLM),
 }

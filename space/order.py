@@ -81,10 +81,10 @@ def expand(units: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _take_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
-    linear.weight.data = linear.weight.data[rows.to(linear.weight.device)].contiguous()
-    if linear.bias is not None:
-        linear.bias.data = linear.bias.data[rows.to(linear.bias.device)].contiguous()
+def _take_rows(module: nn.Module, rows: torch.Tensor) -> None:
+    """Reorder the rows (entries) of a linear's weight and bias, or of a norm's weight."""
+    for param in module.parameters(recurse=False):
+        param.data = param.data[rows.to(param.device)].contiguous()
 
 
 @torch.no_grad()
@@ -101,6 +101,9 @@ def permute_layer(layer: LayerAdapter, order: LayerOrder, dims: ModelDims) -> No
     _take_rows(q, q_rows)
     _take_rows(k, kv_rows)
     _take_rows(v, kv_rows)
+    for norm, rows in zip(layer.head_norms(), (q_rows, kv_rows)):
+        if norm is not None:
+            _take_rows(norm, rows)
     _take_columns(layer.attention_output(), q_rows)
     for linear in layer.mlp_inputs():
         _take_rows(linear, order.channels)

@@ -35,7 +35,8 @@ class ModelDims:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    attention_fixed: int = 0  # per attention sub-layer whatever its width (e.g. q/k norms)
+    attention_fixed: int = 0  # per attention sub-layer whatever its width (e.g. q/k norms over head_dim)
+    head_norms: bool = False  # q/k norms over all heads (OLMo-2): head_dim entries per kept q and KV head
 
     @property
     def group_size(self) -> int:
@@ -57,6 +58,7 @@ class ModelDims:
         if widths.kv_heads:
             total += self.attention_fixed + self.o_bias * self.hidden_size
             total += self.qkv_bias * self.head_dim * (widths.heads + 2 * widths.kv_heads)
+            total += self.head_norms * self.head_dim * (widths.heads + widths.kv_heads)
         if widths.channels:
             total += self.mlp_bias * (2 * widths.channels + self.hidden_size)
         return total

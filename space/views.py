@@ -39,32 +39,38 @@ def layer_tensors(layer: LayerAdapter, widths: LayerWidths, dims: ModelDims) -> 
     """The kept part of every prunable tensor of a permuted layer, keyed like its state dict
     (``self_attn.q_proj.weight``...); views wherever the layout allows."""
     out: dict[str, torch.Tensor] = {}
-    hd = dims.head_dim
+    names = module_names(layer)
     if widths.kv_heads:
         q, k, v = layer.attention_inputs()
+        q_norm, k_norm = layer.head_norms()
+        kv_rows = widths.kv_heads * dims.head_dim
+        for module, query in ((q, True), (k, False), (v, False), (q_norm, True), (k_norm, False)):
+            for key, tensor in _own_tensors(module, names).items():
+                if not query:
+                    out[key] = tensor[:kv_rows]
+                else:  # a weight (rows, in), or a bias or norm weight (rows,) taken as (rows, 1)
+                    rows = kept_q(tensor.view(tensor.shape[0], -1), widths, dims, rows=True)
+                    out[key] = rows.view(-1, *tensor.shape[1:])
         o = layer.attention_output()
-        names = module_names(layer)
-        out[names[q] + ".weight"] = kept_q(q.weight, widths, dims, rows=True)
-        if q.bias is not None:
-            out[names[q] + ".bias"] = kept_q(q.bias[:, None], widths, dims, rows=True)[:, 0]
-        for linear in (k, v):
-            out[names[linear] + ".weight"] = linear.weight[: widths.kv_heads * hd]
-            if linear.bias is not None:
-                out[names[linear] + ".bias"] = linear.bias[: widths.kv_heads * hd]
         out[names[o] + ".weight"] = kept_q(o.weight, widths, dims, rows=False)
         if o.bias is not None:
             out[names[o] + ".bias"] = o.bias
     if widths.channels:
-        names = module_names(layer)
         for linear in layer.mlp_inputs():
-            out[names[linear] + ".weight"] = linear.weight[: widths.channels]
-            if linear.bias is not None:
-                out[names[linear] + ".bias"] = linear.bias[: widths.channels]
+            for key, tensor in _own_tensors(linear, names).items():
+                out[key] = tensor[: widths.channels]
         down = layer.mlp_output()
         out[names[down] + ".weight"] = down.weight[:, : widths.channels]
         if down.bias is not None:
             out[names[down] + ".bias"] = down.bias
     return out
+
+
+def _own_tensors(module: nn.Module | None, names: dict[nn.Module, str]) -> dict[str, torch.Tensor]:
+    """A module's own parameters (weight, bias...) by state-dict key; none for ``None``."""
+    if module is None:
+        return {}
+    return {f"{names[module]}.{name}": p for name, p in module.named_parameters(recurse=False)}
 
 
 def module_names(layer: LayerAdapter) -> dict[nn.Module, str]:

@@ -14,10 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
@@ -30,6 +36,19 @@ FAMILIES = {
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+}
+# What a family's tiny config sets beyond the shared shape: Gemma's sliding-window layers (a window
+# shorter than the test sequences, so that it matters) between full-attention ones, and soft-capping
+# low enough to act on random weights.
+FAMILY_OVERRIDES = {
+    "olmo2": dict(eos_token_id=0, pad_token_id=0),
+    "gemma2": dict(sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                   query_pre_attn_scalar=10),
+    "gemma3_text": dict(sliding_window=6, layer_types=None, sliding_window_pattern=2, final_logit_softcapping=3.0,
+                        query_pre_attn_scalar=10),
 }
 VOCAB = 128
 
@@ -47,6 +66,7 @@ def tiny_config(family: str = "llama", *, kv_heads: int = 2, layers: int = 3, **
         num_attention_heads=6, num_key_value_heads=kv_heads, head_dim=8, max_position_embeddings=256,
         tie_word_embeddings=False,
     )
+    values.update(FAMILY_OVERRIDES.get(family, {}))
     values.update(overrides)
     return config_class(**values)
 
