@@ -7,21 +7,33 @@ they are small, and reading them exactly as the hub's loaders would (row joining
 what keeps numbers comparable with the papers.
 
 Tokenised text is cut into windows: non-overlapping ones for evaluation, seeded random ones for
-calibration (deterministic for a given seed), which may also come from files (:mod:`evaluators.sources`).
+calibration (deterministic for a given seed). Calibration may also read data of the user's own (a
+text or JSONL file, any dataset the ``datasets`` library opens; :mod:`evaluators.sources`), and may
+wrap each document in the model's chat template first. The datasets themselves: :mod:`evaluators.texts`.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from evaluators.sources import FILE_SOURCE, file_source, file_text, fingerprint
+from evaluators.sources import (
+    fingerprint,
+    own_documents,
+    own_source,
+    own_text,
+    refuse_held_out,
+    register_dataset,
+    render_chat,
+)
+from evaluators.texts import ALIASES, DATASETS, TextDataset, paragraphs
 from space.errors import UserError
+
+log = logging.getLogger(__name__)
 
 DATA_ENV = "LLM_PRUNER_DATA"
 
@@ -41,115 +53,6 @@ def local_file(relative: str) -> Path | None:
     return path if path.is_file() else None
 
 
-# --- how each dataset's rows become one text --------------------------------------------------
-
-
-def _wikitext_rows(raw: str) -> list[str]:
-    # The raw file has one paragraph per line and " " for blank lines; the hub's rows keep the
-    # newline of non-empty lines and turn blank lines into "" (see shared/data/MANIFEST.md).
-    return [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]
-
-
-def _read_wikitext(path: Path, split: str) -> str:
-    return "\n\n".join(_wikitext_rows(path.read_text(encoding="utf-8")))
-
-
-def _read_ptb(path: Path, split: str) -> str:
-    # ptb_text_only: sentence = line.strip(); the pruning papers join sentences with one space.
-    return " ".join(line.strip() for line in path.read_text(encoding="utf-8").splitlines())
-
-
-# The local C4 sample (the first 1000 documents of the train shard the papers calibrate on) in named
-# parts: ``calib`` to calibrate on, ``heldout`` to measure on text no step fitted.
-C4_DOCUMENTS = {"train": (0, 1000), "calib": (0, 500), "heldout": (500, 1000)}
-
-
-def _read_c4(path: Path, split: str) -> str:
-    first, last = C4_DOCUMENTS[split]
-    with path.open(encoding="utf-8") as f:
-        rows = [json.loads(line)["text"] for line in f if line.strip()]
-    return " ".join(rows[first:last])
-
-
-@dataclass(frozen=True)
-class TextDataset:
-    name: str
-    local: dict[str, str]  # split -> path under $LLM_PRUNER_DATA
-    read_local: Callable[[Path, str], str]  # (path, split) -> text
-    hub: dict[str, Callable[[], str]]  # split -> loader through `datasets`
-    eval_split: str
-
-
-def _hub_wikitext(split: str) -> Callable[[], str]:
-    def load() -> str:
-        import datasets
-
-        rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
-        return "\n\n".join(rows)
-
-    return load
-
-
-def _hub_ptb(split: str) -> Callable[[], str]:
-    def load() -> str:
-        import datasets
-
-        rows = datasets.load_dataset("ptb-text-only/ptb_text_only", split=split)["sentence"]
-        return " ".join(rows)
-
-    return load
-
-
-def _hub_c4(split: str, shard: str, first: int) -> Callable[[], str]:
-    def load() -> str:
-        import datasets
-
-        rows = datasets.load_dataset("allenai/c4", data_files={split: shard}, split=split)
-        return " ".join(rows.select(range(min(first, len(rows))))["text"])
-
-    return load
-
-
-DATASETS: dict[str, TextDataset] = {
-    "wikitext2": TextDataset(
-        name="wikitext2",
-        local={
-            "test": "wikitext-2-raw-v1/wiki.test.raw",
-            "validation": "wikitext-2-raw-v1/wiki.valid.raw",
-            "train": "wikitext-2-raw-v1/wiki.train.raw",
-        },
-        read_local=_read_wikitext,
-        hub={s: _hub_wikitext(s) for s in ("test", "validation", "train")},
-        eval_split="test",
-    ),
-    "ptb": TextDataset(
-        name="ptb",
-        local={
-            "test": "ptb/ptb.test.txt",
-            "validation": "ptb/ptb.valid.txt",
-            "train": "ptb/ptb.train.txt",
-        },
-        read_local=_read_ptb,
-        hub={s: _hub_ptb(s) for s in ("test", "validation", "train")},
-        eval_split="test",
-    ),
-    "c4": TextDataset(
-        name="c4",
-        # Only a sample of the train shard the papers calibrate on ships locally; the papers'
-        # C4 perplexity uses the first 1100 documents of the first validation shard.
-        local={split: "c4/c4-train.00000-of-01024.first1000.jsonl" for split in C4_DOCUMENTS},
-        read_local=_read_c4,
-        hub={
-            "train": _hub_c4("train", "en/c4-train.00000-of-01024.json.gz", 1000),
-            "validation": _hub_c4("validation", "en/c4-validation.00000-of-00008.json.gz", 1100),
-        },
-        eval_split="validation",
-    ),
-}
-
-ALIASES = {"wikitext": "wikitext2", "wikitext-2": "wikitext2", "wiki": "wikitext2"}
-
-
 def parse_dataset(spec: str) -> tuple[str, str | None]:
     """``"wikitext2"`` -> (wikitext2, None); ``"c4:train"`` -> (c4, train). Unknown names raise."""
     name, _, split = spec.strip().partition(":")
@@ -163,11 +66,17 @@ def parse_dataset(spec: str) -> tuple[str, str | None]:
     return name, split or None
 
 
+def split_file(dataset: TextDataset, split: str) -> Path | None:
+    """The local file of a built-in dataset's split, or None."""
+    relative = dataset.local.get(split)
+    return local_file(relative) if relative else None
+
+
 def load_text(name: str, split: str) -> str:
     """The whole text of one split, from ``$LLM_PRUNER_DATA`` if there, else from the hub."""
     dataset = DATASETS[parse_dataset(name)[0]]
     relative = dataset.local.get(split)
-    path = local_file(relative) if relative else None
+    path = split_file(dataset, split)
     if path is not None:
         return dataset.read_local(path, split)
     where = f"$LLM_PRUNER_DATA/{relative}" if relative else "no local copy of this split exists"
@@ -184,7 +93,12 @@ def load_text(name: str, split: str) -> str:
         ) from exc
 
 
-HELD_OUT_SPLITS = ("test", "heldout")  # never calibrated on
+def load_documents(name: str, split: str) -> list[str]:
+    """The documents of one split: its local file's (rows, sentences, paragraphs), else the
+    paragraphs of the hub's text."""
+    dataset = DATASETS[parse_dataset(name)[0]]
+    path = split_file(dataset, split)
+    return dataset.local_documents(path, split) if path is not None else paragraphs(load_text(name, split))
 
 
 def default_calibration_split(name: str) -> str:
@@ -194,9 +108,18 @@ def default_calibration_split(name: str) -> str:
     return "calib" if name == "c4" else "validation"
 
 
+def calibration_split(spec: str) -> tuple[str, str]:
+    """(name, split) of a built-in dataset spec to calibrate on (default split filled in; a test split refused)."""
+    name, split = parse_dataset(spec)
+    split = split or default_calibration_split(name)
+    refuse_held_out(split)
+    return name, split
+
+
 def source_part(part: str) -> str:
-    """A calibration source as recorded: ``name:split`` (built-in) or ``file:PATH[:field]`` (:mod:`evaluators.sources`)."""
-    found = file_source(part)
+    """A calibration source as recorded: ``name:split`` (built-in) or one of the user's own
+    (``file:PATH[:field]``, ``hf:...``, ``memory:...``; :mod:`evaluators.sources`)."""
+    found = own_source(part)
     if found is not None:
         return found
     name, split = parse_dataset(part)
@@ -205,17 +128,24 @@ def source_part(part: str) -> str:
 
 def calibration_text(spec: str) -> str:
     """The calibration text of a dataset spec (default split: :func:`default_calibration_split`) or
-    of a file source (:func:`source_part`); a test split is refused. Reading it also checks, before
-    any model loads, that it exists."""
-    found = file_source(spec)
-    if found is not None:
-        return file_text(found)
-    name, split = parse_dataset(spec)
-    split = split or default_calibration_split(name)
-    if split in HELD_OUT_SPLITS:
-        raise UserError(f"calibration on the {split} split would leak into the evaluation; use validation, "
-                        "train or c4's calib")
-    return load_text(name, split)
+    of a source of the user's own (:func:`source_part`); a test split is refused. Reading it also
+    checks, before any model loads, that it exists."""
+    found = own_source(spec)
+    return own_text(found) if found is not None else load_text(*calibration_split(spec))
+
+
+def calibration_documents(spec: str) -> list:
+    """The documents of a calibration source (what ``--chat-template`` wraps one by one)."""
+    found = own_source(spec)
+    return own_documents(found) if found is not None else load_documents(*calibration_split(spec))
+
+
+def source_tokens(tokenizer, spec: str, *, chat_template: bool = False) -> torch.Tensor:
+    """All token ids of a calibration source, its documents wrapped in the tokenizer's chat template
+    when ``chat_template``."""
+    if not chat_template:
+        return tokenize(tokenizer, calibration_text(spec))
+    return tokenize(tokenizer, render_chat(tokenizer, calibration_documents(spec)))
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -272,15 +202,41 @@ def dataset_windows(
     return eval_windows(tokenize(tokenizer, load_text(name, split)), seqlen=seqlen, limit=limit)
 
 
+def shortage(count: int, *, source: str, seqlen: int, region: tuple[float, float]) -> str | None:
+    """Why ``count`` tokens of ``source`` are too few for windows of ``seqlen`` tokens inside
+    ``region`` (:func:`region_starts`), or None when they are enough."""
+
+    def inside(total: int) -> int:
+        start, end = region_bounds(total, region)
+        return end - start
+
+    if inside(count) > seqlen:
+        return None
+    width = region[1] - region[0]
+    needed = int((seqlen + 1) / width) + 2  # enough, whatever the rounding; then the fewest from which all are
+    while inside(needed - 1) > seqlen:
+        needed -= 1
+    where = "" if region == WHOLE else f" from {width:.0%} of its tokens (region {region[0]:g}-{region[1]:g})"
+    return f"{source} has {count:,} tokens; windows of {seqlen} tokens{where} need at least {needed:,}"
+
+
 def calibration_windows(
     tokenizer, spec: str, *, nsamples: int, seqlen: int, seed: int = 0, split: str | None = None,
-    region: tuple[float, float] = WHOLE,
+    region: tuple[float, float] = WHOLE, chat_template: bool = False,
 ) -> torch.Tensor:
-    """Calibration windows (default split: :func:`default_calibration_split`; never test)."""
+    """Calibration windows (default split: :func:`default_calibration_split`; never test), the
+    documents wrapped in the tokenizer's chat template when ``chat_template``."""
     if split is not None:
         spec = f"{parse_dataset(spec)[0]}:{split}"
-    return random_windows(tokenize(tokenizer, calibration_text(spec)), nsamples=nsamples, seqlen=seqlen, seed=seed,
-                          region=region)
+    tokens, source = source_tokens(tokenizer, spec, chat_template=chat_template), source_part(spec)
+    short = shortage(tokens.numel(), source=source, seqlen=seqlen, region=region)
+    if short:
+        raise UserError(f"too little calibration text: {short}")
+    available = int((region[1] - region[0]) * tokens.numel())
+    if nsamples * seqlen > available:
+        log.warning("%d calibration windows of %d tokens overlap: %s has %d tokens to draw them from",
+                    nsamples, seqlen, source, available)
+    return random_windows(tokens, nsamples=nsamples, seqlen=seqlen, seed=seed, region=region)
 
 
 def share(total: int, parts: int) -> list[int]:
@@ -290,20 +246,25 @@ def share(total: int, parts: int) -> list[int]:
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """Which calibration windows: dataset spec, count, length, seed, and the region of the text
-    they are drawn from (fractions of its tokens; recorded in every result). Windows of specs on
-    disjoint regions of the same text never share a token (:meth:`overlaps`).
+    """Which calibration windows: dataset spec, count, length, seed, the region of the text they
+    are drawn from (fractions of its tokens; recorded in every result), and whether each document
+    goes through the model's chat template first. Windows of specs on disjoint regions of the same
+    text never share a token (:meth:`overlaps`).
 
     Several sources join by ``+`` (``wikitext2+c4:calib``, ``wikitext2+chats.jsonl:text``): the
-    windows are shared among them equally, each drawn from the same region of its own text."""
+    windows are shared among them equally, each drawn from the same region of its own text. The
+    data may also be a ``datasets.Dataset`` (its ``text`` column or its only one; this process only)."""
 
     dataset: str = "wikitext2"
     nsamples: int = 64
     seqlen: int = 512
     seed: int = 0
     region: tuple[float, float] = WHOLE
+    chat_template: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.dataset, str):
+            object.__setattr__(self, "dataset", register_dataset(self.dataset))
         self.parts()  # every source names a dataset or an existing file
         object.__setattr__(self, "region", tuple(float(x) for x in self.region))
         if self.nsamples < 1 or self.seqlen < 2:
@@ -314,21 +275,23 @@ class CalibrationSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "CalibrationSpec":
         parts = "+".join(f"{n}:{s}" for n, s in zip(d["dataset"].split("+"), d["split"].split("+")))
-        return cls(parts, d["nsamples"], d["seqlen"], d["seed"], tuple(d.get("region", WHOLE)))
+        return cls(parts, d["nsamples"], d["seqlen"], d["seed"], tuple(d.get("region", WHOLE)),
+                   d.get("chat_template", False))
 
     def parts(self) -> list[str]:
-        """The sources, each ``name:split`` (default split filled in) or ``file:PATH[:field]``."""
+        """The sources, each ``name:split`` (default split filled in) or one of the user's own (``file:``, ``hf:``, ...)."""
         return [source_part(part) for part in self.dataset.split("+")]
 
-    def check_text(self) -> None:
-        """Read every source now, so that a missing or test split fails before any model loads."""
-        for part in self.parts():
-            calibration_text(part)
+    def check_text(self, tokenizer=None) -> None:
+        """Read every source now, so that a missing or test split fails before any model loads
+        (:func:`check_calibration`)."""
+        check_calibration([self], tokenizer)
 
     def windows(self, tokenizer) -> torch.Tensor:
         parts = self.parts()
         return torch.cat([
-            calibration_windows(tokenizer, part, nsamples=n, seqlen=self.seqlen, seed=self.seed, region=self.region)
+            calibration_windows(tokenizer, part, nsamples=n, seqlen=self.seqlen, seed=self.seed, region=self.region,
+                                chat_template=self.chat_template)
             for part, n in zip(parts, share(self.nsamples, len(parts))) if n
         ])
 
@@ -342,9 +305,39 @@ class CalibrationSpec:
         names, splits = zip(*(part.split(":", 1) for part in parts))
         data = {"dataset": "+".join(names), "split": "+".join(splits),
                 "nsamples": self.nsamples, "seqlen": self.seqlen, "seed": self.seed}
-        files = {part: fingerprint(part) for part in parts if part.startswith(FILE_SOURCE)}
-        if files:  # an edited file is other data: cached scores and resumed runs must not take it for the same
+        files = {part: found for part in parts if (found := fingerprint(part))}
+        if files:  # an edited file or folder is other data: cached scores and resumed runs must not take it for the same
             data["files"] = files
         if self.region != WHOLE:  # a whole-text spec keeps the record (and cache keys) of earlier versions
             data["region"] = list(self.region)
+        if self.chat_template:  # likewise
+            data["chat_template"] = True
         return data
+
+
+def check_calibration(specs: list[CalibrationSpec], tokenizer=None) -> None:
+    """Read every source of ``specs`` now, so that a missing or test split fails before any model
+    loads; given the model's tokenizer, also count their tokens (through the chat template where a
+    spec asks for it): one UserError names every source too short for a spec's windows."""
+    counts, short = {}, []
+    for spec in specs:
+        for part in spec.parts():
+            if tokenizer is None:
+                calibration_text(part)
+                continue
+            key = (part, spec.chat_template)
+            if key not in counts:
+                counts[key] = source_tokens(tokenizer, part, chat_template=spec.chat_template).numel()
+            found = shortage(counts[key], source=part, seqlen=spec.seqlen, region=spec.region)
+            if found and found not in short:
+                short.append(found)
+    if short:
+        raise UserError("too little calibration text: " + "; ".join(short))
+
+
+def as_calibration(value, **options) -> CalibrationSpec | None:
+    """The calibration a Python API call was given: a :class:`CalibrationSpec` as it is, a dataset
+    spec or a ``datasets.Dataset`` as a spec of ``options`` (its other fields); None stays None."""
+    if value is None or isinstance(value, CalibrationSpec):
+        return value
+    return CalibrationSpec(value, **options)

@@ -24,6 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 STATISTICS_REGION = (0.0, 0.6)
 FITNESS_REGION = (0.6, 0.8)
 RESCORING_REGION = (0.8, 1.0)
+WINDOW_SETS = ("calibration", "fitness_windows", "final_windows")  # the fields of those windows
 
 # Published search systems as settings of this search (``llm-pruner search --method NAME``; the
 # flags given on the command line override them).
@@ -81,9 +82,11 @@ class SearchConfig:
     @classmethod
     def create(cls, model: str, ratio: float, *, calib: str = "wikitext2", nsamples: int = 64,
                calib_seqlen: int = 512, fitness_nsamples: int | None = None, fitness_seqlen: int = 512,
-               final_nsamples: int | None = None, seed: int = 0, **options) -> "SearchConfig":
+               final_nsamples: int | None = None, seed: int = 0, chat_template: bool = False,
+               **options) -> "SearchConfig":
         """A config whose statistics, fitness and re-scoring windows come from their disjoint regions
-        of ``calib`` (seeds ``seed``, ``seed + 1``, ``seed + 2``). ``fitness_nsamples`` defaults to 8
+        of ``calib`` (seeds ``seed``, ``seed + 1``, ``seed + 2``; each document through the model's
+        chat template when ``chat_template``). ``fitness_nsamples`` defaults to 8
         (staged evolution: its stages' windows, 4 generations' worth); ``final_nsamples`` to
         max(32, 4 x the windows a candidate is scored on). ``options``: the other fields."""
         staged = STAGED_PRESETS.get(options.get("evolution", cls.evolution))
@@ -94,9 +97,11 @@ class SearchConfig:
         final = final_nsamples or max(32, scored * 4)
         return cls(
             model=model, ratio=ratio, seed=seed,
-            calibration=CalibrationSpec(calib, nsamples, calib_seqlen, seed, STATISTICS_REGION).to_dict(),
-            fitness_windows=CalibrationSpec(calib, fitness_nsamples or 8, fitness_seqlen, seed + 1, FITNESS_REGION).to_dict(),
-            final_windows=CalibrationSpec(calib, final, fitness_seqlen, seed + 2, RESCORING_REGION).to_dict(),
+            calibration=CalibrationSpec(calib, nsamples, calib_seqlen, seed, STATISTICS_REGION, chat_template).to_dict(),
+            fitness_windows=CalibrationSpec(calib, fitness_nsamples or 8, fitness_seqlen, seed + 1, FITNESS_REGION,
+                                            chat_template).to_dict(),
+            final_windows=CalibrationSpec(calib, final, fitness_seqlen, seed + 2, RESCORING_REGION,
+                                          chat_template).to_dict(),
             **options,
         )
 
@@ -183,7 +188,7 @@ class SearchConfig:
 
     def check_regions(self) -> None:
         """The statistics, fitness and re-scoring windows must come from disjoint text."""
-        specs = {name: self.calibration_spec(name) for name in ("calibration", "fitness_windows", "final_windows")}
+        specs = {name: self.calibration_spec(name) for name in WINDOW_SETS}
         names = list(specs)
         for i, a in enumerate(names):
             for b in names[i + 1:]:

@@ -10,6 +10,7 @@ import torch
 from evaluators.data import CalibrationSpec, parse_dataset
 from reform.spec import DEFAULT_METHOD, DEFAULT_MODE, METHODS, MODES, ReformSpec, method_spec
 from space.errors import UserError
+from space.models import resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REFORM_NSAMPLES = 128  # calibration windows of the reformation (the paper's count)
@@ -21,20 +22,50 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own code to run")
 
 
+CALIB_HELP = ("calibration text (never a test split): wikitext2 | ptb | c4:calib (a built-in dataset[:split]), "
+              "a text file, FILE.jsonl:FIELD, hf:NAME[:CONFIG]:SPLIT:FIELD or hf:FOLDER[:SPLIT]:FIELD (any dataset "
+              "the datasets library opens, a save_to_disk folder), several joined by + (default wikitext2)")
+CHAT_TEMPLATE_HELP = ("wrap each calibration document (a JSONL record, a dataset row, a paragraph) in the model's "
+                      "chat template, as one user message or, for a field of role/content messages, as that "
+                      "conversation (for instruct models)")
+
+
+def add_calibration_flags(parser: argparse.ArgumentParser) -> None:
+    """``--calib`` and ``--chat-template``."""
+    parser.add_argument("--calib", default="wikitext2", help=CALIB_HELP)
+    parser.add_argument("--chat-template", action="store_true", help=CHAT_TEMPLATE_HELP)
+
+
 def add_calibration_options(parser: argparse.ArgumentParser, *, nsamples: int = 64) -> None:
-    parser.add_argument("--calib", default="wikitext2", help="calibration dataset (never a test split)")
+    add_calibration_flags(parser)
     parser.add_argument("--nsamples", type=int, default=nsamples, help=f"calibration windows (default {nsamples})")
     parser.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=positive_int, default=8, help="calibration batch size")
 
 
-def calibration_from(args, nsamples: int | None = None) -> CalibrationSpec:
+def calibration_from(args, nsamples: int | None = None, *, model: str | None = None) -> CalibrationSpec:
     """The calibration the options name; its text is read now, so a missing or test split fails
-    before any model loads."""
-    spec = CalibrationSpec(args.calib, nsamples or args.nsamples, args.calib_seqlen, args.seed)
-    spec.check_text()
+    before any model loads, and with ``model`` (a checked spec) its tokens are counted with the
+    model's tokenizer where that loads alone (:func:`model_tokenizer`)."""
+    spec = CalibrationSpec(args.calib, nsamples or args.nsamples, args.calib_seqlen, args.seed,
+                           chat_template=args.chat_template)
+    spec.check_text(model_tokenizer(model) if model else None)
     return spec
+
+
+def model_tokenizer(model: str):
+    """The tokenizer of a model folder, without its weights; None for a GGUF file or a hub id (their
+    tokenizer comes with the model) or when it does not load alone (the model's load says why)."""
+    source = resolve(model)
+    if source.kind != "folder":
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except Exception:  # remote code, a broken folder: loading the model reports it with its message
+        return None
 
 
 def add_reform_options(parser: argparse.ArgumentParser, *, method_flag: str, mode_flag: str) -> None:

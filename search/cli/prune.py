@@ -50,6 +50,8 @@ def validate(args) -> None:
                       mlp_step=args.mlp_step)
     check_destination(args.out)
     resolve(args.model)
+    if args.method is None:  # too little text for the windows, or no chat template: said before the model loads
+        common.calibration_from(args, model=args.model)
 
 
 def main(args) -> int:

@@ -22,7 +22,7 @@ def add(sub) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr:g})")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--calib", default="wikitext2", help="training text (never a test split)")
+    common.add_calibration_flags(p)  # the training text
     p.add_argument("--nsamples", type=int, default=256, help="training windows (default 256)")
     p.add_argument("--calib-seqlen", type=int, default=128, help="tokens per window (default 128)")
     p.add_argument("--seed", type=int, default=0)
@@ -35,7 +35,7 @@ def validate(args) -> None:
     check_destination(args.out)
     args.lora = LoraSpec(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, lr=args.lr,
                          epochs=args.epochs, batch_size=args.batch_size)
-    args.calibration = common.calibration_from(args)
+    args.calibration = common.calibration_from(args, model=str(args.export))
 
 
 def main(args) -> int:

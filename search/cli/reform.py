@@ -31,7 +31,7 @@ def validate(args) -> None:
     check_destination(args.out)
     args.source = args.record["source"]["path"]  # absolute for folders and files; the id for the hub
     resolve(args.source)
-    args.calibration = common.calibration_from(args)
+    args.calibration = common.calibration_from(args, model=args.source)
 
 
 def main(args) -> int:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from evaluators.data import DATASETS, load_text, parse_dataset
+from evaluators.data import DATASETS, check_calibration, load_text, parse_dataset
 from reform.spec import MODES
 from search.cli import common
-from search.config import DTYPES, SEARCH_METHODS, SearchConfig
+from search.config import DTYPES, SEARCH_METHODS, WINDOW_SETS, SearchConfig
 from search.job import run_search
 from search.plan import describe, plan_for
 from search.rundir import check_run_dir
@@ -63,7 +63,7 @@ def add(sub) -> None:
                                                                    "(0: skip)")
     p.add_argument("--eval-datasets", type=common.ppl_list, default=list(SearchConfig.eval_datasets),
                    help="the export's perplexity (default: wikitext2,ptb,c4:heldout)")
-    p.add_argument("--calib", default="wikitext2")
+    common.add_calibration_flags(p)
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows for scores and least squares")
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16", help="dtype candidates are scored in: " + " | ".join(DTYPES))
@@ -77,7 +77,7 @@ def add(sub) -> None:
 
 
 DEFAULTS: dict = {}  # the parser's defaults: a flag whose value differs was given, and overrides --config
-CALIBRATION_FLAGS = ("calib", "nsamples", "calib_seqlen", "fitness_nsamples", "fitness_seqlen", "seed")
+CALIBRATION_FLAGS = ("calib", "chat_template", "nsamples", "calib_seqlen", "fitness_nsamples", "fitness_seqlen", "seed")
 FIELDS = {f.name for f in dataclasses.fields(SearchConfig)}
 # The flags a --method sets: their parser default is None (so that a flag given with the plain default
 # still overrides the method), and their plain defaults are SearchConfig's.
@@ -97,7 +97,8 @@ def config_from(args) -> SearchConfig:
     if args.model is None or args.ratio is None:
         raise UserError("--model and --ratio are required (or a --config file that sets them)")
     return SearchConfig.create(
-        args.model, args.ratio, calib=args.calib, nsamples=args.nsamples, calib_seqlen=args.calib_seqlen,
+        args.model, args.ratio, calib=args.calib, chat_template=args.chat_template, nsamples=args.nsamples,
+        calib_seqlen=args.calib_seqlen,
         fitness_nsamples=args.fitness_nsamples, fitness_seqlen=args.fitness_seqlen, seed=args.seed,
         ratio_min=args.ratio_min, searcher=args.searcher, trials=args.trials, preset=args.preset,
         mlp_step=args.mlp_step, evolution=args.evolution, importance=args.importance,
@@ -128,7 +129,8 @@ def config_from_file(args) -> SearchConfig:
         changes["eval_datasets"] = tuple(changes["eval_datasets"])
     if any(flag in given for flag in CALIBRATION_FLAGS):
         statistics, fitness = base.calibration_spec(), base.calibration_spec("fitness_windows")
-        merged = {"calib": statistics.dataset, "nsamples": statistics.nsamples, "calib_seqlen": statistics.seqlen,
+        merged = {"calib": statistics.dataset, "chat_template": statistics.chat_template,
+                  "nsamples": statistics.nsamples, "calib_seqlen": statistics.seqlen,
                   "fitness_nsamples": fitness.nsamples, "fitness_seqlen": fitness.seqlen, "seed": base.seed,
                   **{flag: given[flag] for flag in CALIBRATION_FLAGS if flag in given}}
         rebuilt = SearchConfig.create(base.model, base.ratio, searcher=base.searcher, evolution=base.evolution, **merged)
@@ -156,6 +158,10 @@ def validate(args) -> None:
             name, split = parse_dataset(spec)
             load_text(name, split or DATASETS[name].eval_split)
     resolve(args.config.model)
+    # too little text for any of the three window sets, or no chat template: said before the model loads
+    tokenizer = common.model_tokenizer(args.config.model)
+    if tokenizer is not None:
+        check_calibration([args.config.calibration_spec(which) for which in WINDOW_SETS], tokenizer)
     if args.workers:
         require_extra("ray", "ray", "--workers")
 

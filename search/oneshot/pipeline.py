@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from evaluators.data import CalibrationSpec
+from evaluators.data import CalibrationSpec, as_calibration
 from evaluators.environment import environment
 from reform.rectify import rectify
 from reform.spec import ReformSpec
@@ -145,14 +145,17 @@ def prune(
 
     ``method``: a registered recipe (``importance`` then replaces its score). Without it, the
     anonymous recipe ``importance`` (default wanda-sp) x ``allocation`` x ``reform`` (default: no
-    compensation) with scores on ``calibration`` and the compensation on ``reform_calibration``.
+    compensation) with scores on ``calibration`` and the compensation on ``reform_calibration``
+    (each a :class:`CalibrationSpec`, or a dataset spec or ``datasets.Dataset`` to draw its
+    default windows from).
     """
     if method is not None:
         recipe = recipe_spec(method)
     else:
         recipe = custom_recipe(importance=importance or "wanda-sp", allocation=allocation,
-                               reform=reform or ReformSpec("none"), calibration=calibration or CalibrationSpec(),
-                               reform_calibration=reform_calibration, mlp_step=mlp_step)
+                               reform=reform or ReformSpec("none"),
+                               calibration=as_calibration(calibration) or CalibrationSpec(),
+                               reform_calibration=as_calibration(reform_calibration), mlp_step=mlp_step)
         importance = None
     loaded = as_loaded(model, tokenizer)
     pruned = run_recipe(loaded, recipe, ratio=ratio, importance=importance, batch_size=batch_size, cache=cache,

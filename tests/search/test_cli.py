@@ -217,3 +217,63 @@ def test_a_search_method_sets_the_flags_not_given(tiny_model_dir, tmp_path):
     assert tyr.staged is not None and tyr.calibration_spec("fitness_windows").nsamples == 4 * tyr.staged.pool
     mine = config_from(parser.parse_args([*base, "--fitness", "ppl", "--trials", "40"]))
     assert (mine.fitness, mine.trials, mine.importance) == ("ppl", 40, "osscar")
+
+
+def own_calibration_data(folder):
+    """A text file, a JSONL file and a save_to_disk folder of the tiny tokenizer's words."""
+    from datasets import Dataset
+
+    docs = [" ".join(f"w{(i * 7 + j) % 100}" for j in range(20)) for i in range(30)]
+    (folder / "notes.txt").write_text("\n\n".join(docs))
+    (folder / "mine.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    Dataset.from_dict({"text": docs}).save_to_disk(folder / "saved")
+    return [str(folder / "notes.txt"), f"{folder / 'mine.jsonl'}:text", f"hf:{folder / 'saved'}:text"]
+
+
+def test_prune_calibrates_on_a_text_file_a_jsonl_field_and_a_datasets_folder(tiny_model_dir, tiny_data, tmp_path,
+                                                                             capsys):
+    sources = own_calibration_data(tmp_path)
+    out = tmp_path / "pruned"
+    code, io = run([*PRUNE, "--model", str(tiny_model_dir), "--ratio", "0.6", "--out", str(out),
+                    "--calib", "+".join(sources)], capsys)
+    assert code == 0, io.err
+    calibration = json.loads((out / "subnet.json").read_text())["recipe"]["calibration"]
+    assert calibration["dataset"] == "file+file+hf" and len(calibration["files"]) == 3
+    assert calibration["split"].split("+") == [str(tmp_path / "notes.txt"), f"{tmp_path / 'mine.jsonl'}:text",
+                                               f"{tmp_path / 'saved'}:text"]
+
+
+@pytest.mark.parametrize("command", ["prune", "search"])
+def test_no_chat_template_or_too_little_text_is_said_before_the_model_loads(command, tiny_model_dir, tiny_data,
+                                                                            tmp_path, capsys, monkeypatch):
+    import space.models
+
+    sources = own_calibration_data(tmp_path)
+    monkeypatch.setattr(space.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    where = ["--out", str(tmp_path / "out")] if command == "prune" else ["--run-dir", str(tmp_path / "run"),
+                                                                         "--eval-windows", "0"]
+    base = [command, "--model", str(tiny_model_dir), "--ratio", "0.6", *where, "--calib", sources[2]]
+    code, io = run([*base, "--chat-template"], capsys)
+    assert code == 2 and "no chat template" in io.err and "Traceback" not in io.err
+    code, io = run([*base, "--calib-seqlen", "1024"], capsys)
+    assert code == 2 and f"too little calibration text: hf:{tmp_path / 'saved'}:text has 600 tokens" in io.err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_search_records_its_own_calibration_data_and_chat_template(tiny_model_dir, tiny_data, tmp_path):
+    from search.cli.search import config_from, add
+    import argparse
+
+    sources = own_calibration_data(tmp_path)
+    parser = argparse.ArgumentParser()
+    add(parser.add_subparsers())
+    first = config_from(parser.parse_args(["search", "--model", str(tiny_model_dir), "--ratio", "0.6", "--run-dir",
+                                           "a", "--calib", sources[2], "--chat-template"]))
+    assert all(getattr(first, which)["chat_template"] for which in ("calibration", "fitness_windows", "final_windows"))
+    assert first.calibration["dataset"] == "hf" and first.calibration_spec().chat_template
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(first.to_dict()))
+    again = config_from(parser.parse_args(["search", "--config", str(tmp_path / "config.yaml"), "--run-dir", "b"]))
+    assert again == first
+    changed = config_from(parser.parse_args(["search", "--config", str(tmp_path / "config.yaml"), "--run-dir", "b",
+                                             "--nsamples", "16"]))
+    assert changed.calibration["chat_template"] and changed.calibration["nsamples"] == 16
