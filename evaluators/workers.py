@@ -38,6 +38,15 @@ class Outcome:
     worker: str = ""
 
 
+def error_text(exc: Exception) -> str:
+    """One line for a failed evaluation: the worker's own exception, not Ray's wrapper of it (whose
+    text is the remote traceback in terminal colours)."""
+    from ray.exceptions import RayTaskError
+
+    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    return f"{type(cause).__name__}: {cause}"
+
+
 class InProcessPool:
     """Evaluates each job at once, in this process (``--workers 0``)."""
 
@@ -190,7 +199,8 @@ class RayPool:
                 outcomes.append(Outcome(job_id, payload, error=str(exc), worker_died=True))
                 self._retire_or_restart(actor)
             except Exception as exc:  # the evaluation itself raised: a bug or bad input, not a crash
-                outcomes.append(Outcome(job_id, payload, error=f"{type(exc).__name__}: {exc}"))
+                log.debug("job %d raised in its worker: %s", job_id, exc)
+                outcomes.append(Outcome(job_id, payload, error=error_text(exc)))
                 self._idle.append(actor)
         return outcomes
 

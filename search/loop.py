@@ -76,7 +76,8 @@ def run_loop(study: optuna.Study, config: SearchConfig, space: WidthSpace, pool,
                desc="trials", unit="trial", dynamic_ncols=True)
     try:
         while done < config.trials or inflight or retry:
-            while pool.capacity > 0 and (retry or done + len(inflight) < config.trials):
+            while pool.capacity > 0 and (retry or (done + len(inflight) < config.trials
+                                                   and not generation_full(study, inflight))):
                 trial, subnet = retry.pop(0) if retry else _ask(study, config, space)
                 inflight[trial.number] = (trial, subnet)
                 pool.submit(trial.number, {"subnet": subnet.to_dict()},
@@ -98,12 +99,45 @@ def run_loop(study: optuna.Study, config: SearchConfig, space: WidthSpace, pool,
     except (KeyboardInterrupt, JobFailed):
         for trial, _ in list(inflight.values()) + retry:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+            requeue(study, trial)
         log.warning("stopped: %d finished trials are in the study; re-run the same command to resume", done)
         raise
     finally:
         bar.close()
     return time.time() - started
+
+
+def _generation(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The generation a genetic sampler (evolution, NSGA-II) gave a trial, or None."""
+    return next((v for k, v in trial.system_attrs.items() if k.endswith(":generation")), None)
+
+
+def generation_full(study: optuna.Study, inflight: dict) -> bool:
+    """Whether every place of a genetic sampler's current generation is taken, some by trials still
+    running: the next trial waits for them (else it would start the next generation with parents
+    chosen from whichever trials a faster worker had finished), so that a search on several
+    workers proposes exactly what it proposes in-process, whatever the workers' timing."""
+    sampler = study.sampler
+    if not inflight or not isinstance(sampler, optuna.samplers.BaseGASampler) or not sampler.population_size:
+        return False
+    running = [g for t in study.get_trials(deepcopy=False) if t.number in inflight
+               for g in [_generation(t)] if g is not None]
+    if not running:
+        return False
+    current = max(running)
+    return len(sampler.get_population(study, current)) + running.count(current) >= sampler.population_size
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.Trial, **user_attrs) -> None:
+    """Queue a failed or interrupted trial's parameters again, in its place: for a genetic sampler
+    in its generation (a queued trial is never given one by the sampler, so it would count in no
+    generation and be no one's parent)."""
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    system_attrs = {"fixed_params": frozen.params,
+                    **{k: v for k, v in frozen.system_attrs.items() if k.endswith(":generation")}}
+    carried = {k: v for k, v in frozen.user_attrs.items() if k == "retry_of_failed"}  # still not re-queued twice
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, system_attrs=system_attrs,
+                                              user_attrs={**carried, "requeued_from": trial.number, **user_attrs}))
 
 
 def _ask(study: optuna.Study, config: SearchConfig, space: WidthSpace) -> tuple[optuna.trial.Trial, Subnet]:
@@ -119,10 +153,17 @@ def fitness_error(value: float) -> str | None:
 
 
 def fail_trial(study: optuna.Study, trial: optuna.trial.Trial, error: str) -> None:
-    """A trial whose evaluation failed: FAIL, with the error on the trial and in the log."""
-    log.error("trial %d failed: %s", trial.number, error)
+    """A trial whose evaluation failed: FAIL, with the error on the trial and in the log, and its
+    parameters queued once more (a passing fault, a worker's bad moment, should not cost a
+    generation its candidate); a trial that was itself such a retry is not queued again, so a
+    poison candidate cannot loop (and the failure budget stops a systematic failure)."""
+    retried = trial.user_attrs.get("retry_of_failed") is not None
+    log.error("trial %d failed%s: %s", trial.number, " again" if retried else "", error)
     trial.set_user_attr("error", error[:2000])
     study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    if not retried and trial.params:
+        requeue(study, trial, retry_of_failed=trial.number)
+        log.info("trial %d's candidate is queued again, once", trial.number)
 
 
 def _reporter(trial: optuna.trial.Trial) -> Callable[[int, float], bool]:

@@ -36,6 +36,7 @@ from typing import Iterator
 import optuna
 import yaml
 
+from search import loop
 from search.config import SearchConfig
 from space.errors import UserError
 from space.export.atomic import write_text
@@ -207,7 +208,7 @@ def recover_interrupted(study: optuna.Study, *, requeue: bool = True) -> int:
     for trial in stale:
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         if trial.params and requeue:
-            study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+            loop.requeue(study, trial)  # in its generation, for a genetic sampler
     if stale:
         log.info("resuming: %d interrupted trial(s) %s", len(stale), "queued again" if requeue else "marked failed")
     return len(stale)

@@ -106,12 +106,16 @@ class EvolutionSampler(BaseGASampler):
     def sample_relative(self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
         if not search_space:
             return {}
-        rng = np.random.default_rng([self.seed, trial.number])
+        trials = study._get_trials(deepcopy=False, use_cache=True)
+        # the child's place among the drawn ones: a queued trial (a failed or interrupted trial's
+        # candidate again, in its place) shifts no later child's random stream
+        slot = trial.number - sum(1 for t in trials if t.number < trial.number and "fixed_params" in t.system_attrs)
+        rng = np.random.default_rng([self.seed, slot])
         generation = self.get_trial_generation(study, trial)
-        seen = {self._key(t.params) for t in study._get_trials(deepcopy=False, use_cache=True) if t.params}
+        seen = {self._key(t.params) for t in trials if t.params}
         child = None
         for attempt in range(20):  # avoid re-evaluating a subnet the study already has
-            child = self._child(study, trial, generation, rng, attempt)
+            child = self._child(study, slot, generation, rng, attempt)
             if self._key(self.space.encode(child)) not in seen:
                 break
         return self.space.encode(child)
@@ -138,10 +142,10 @@ class EvolutionSampler(BaseGASampler):
     def _key(params: dict) -> tuple:
         return tuple(sorted(params.items()))
 
-    def _child(self, study: Study, trial: FrozenTrial, generation: int, rng, attempt: int) -> Subnet:
+    def _child(self, study: Study, slot: int, generation: int, rng, attempt: int) -> Subnet:
         if generation == 0:
-            if trial.number < len(self.starts) and attempt == 0:
-                return self.starts[trial.number]
+            if slot < len(self.starts) and attempt == 0:
+                return self.starts[slot]
             parent = self.starts[int(rng.integers(len(self.starts)))]
             return self.mutate(parent, rng, self.first_mutation_prob)
         parents = [self.space.decode(t.params) for t in self.get_parent_population(study, generation)]

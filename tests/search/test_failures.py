@@ -2,16 +2,21 @@
 never the job, until ``max_failures`` fail in a row; then the job stops with one message and exit
 status 1, keeps what it finished, and a re-run after the fix continues."""
 
+import collections
+import hashlib
+import json
 import math
+import random
 import time
 
 import optuna
 import pytest
 
-from evaluators.workers import InProcessPool
+from evaluators.workers import InProcessPool, Outcome
 from search.cli import main as cli
 from search.config import SearchConfig
 from search.loop import run_loop
+from search.samplers.evolution import EvolutionSampler
 from search.samplers.staged import PRESETS, StagedEvolution
 from search.stages import committed, run_staged
 from search.widths import WidthSpace
@@ -21,6 +26,7 @@ from space.subnet import ModelDims, Subnet
 DIMS = ModelDims(num_layers=6, hidden_size=64, head_dim=8, num_heads=8, num_kv_heads=4, intermediate_size=256)
 FAIL = optuna.trial.TrialState.FAIL
 COMPLETE = optuna.trial.TrialState.COMPLETE
+WAITING = optuna.trial.TrialState.WAITING
 
 
 def pool_of(behaviour):
@@ -54,11 +60,15 @@ def test_a_systematic_failure_stops_the_job_after_max_failures(tmp_path):
     pool, calls = pool_of(raise_always)
     with pytest.raises(JobFailed, match="3 evaluations failed in a row.*CUDA out of memory"):
         run_loop(study, config, space, pool, False, tmp_path)
-    assert len(calls) == 3 and [t.state for t in study.trials] == [FAIL] * 3  # none left RUNNING
-    assert all("CUDA out of memory" in t.user_attrs["error"] for t in study.trials)
+    # trial 0 fails, its candidate once more (trial 1) fails and is not queued again; trial 2's is queued
+    assert len(calls) == 3 and [t.state for t in study.trials] == [FAIL] * 3 + [WAITING]  # none left RUNNING
+    assert all("CUDA out of memory" in t.user_attrs["error"] for t in study.trials[:3])
+    assert [t.params == study.trials[0].params for t in study.trials] == [True, True, False, False]
+    assert study.trials[3].params == {} and study.trials[3].system_attrs["fixed_params"] == study.trials[2].params
     pool, _ = pool_of(lambda n: 10.0 + n)  # the cause fixed: the same study continues
     run_loop(study, config, space, pool, False, tmp_path)
     assert len(study.get_trials(states=[COMPLETE])) == 10
+    assert study.trials[3].params == study.trials[2].params  # the queued candidate went first
 
 
 def test_occasional_nan_and_exceptions_fail_their_trials_only(tmp_path):
@@ -74,6 +84,8 @@ def test_occasional_nan_and_exceptions_fail_their_trials_only(tmp_path):
     run_loop(study, config, space, pool, False, tmp_path)
     errors = [t.user_attrs["error"] for t in study.get_trials(states=[FAIL])]
     assert len(study.get_trials(states=[COMPLETE])) == 12 and len(errors) == 11
+    for t in study.get_trials(states=[FAIL]):  # each failed candidate went once more, in the next trial
+        assert study.trials[t.number + 1].params == t.params
     assert {e.split(":")[0] for e in errors} == {"ValueError", "the fitness is nan (an overflow in a low-precision dtype?)"}
 
 
@@ -174,3 +186,138 @@ def test_a_picture_that_cannot_be_written_does_not_fail_the_trial(tmp_path, monk
     pool, _ = pool_of(lambda n: 10.0 - n)  # every trial a new best: each would get a picture
     run_loop(study, config, space, pool, False, tmp_path)
     assert [t.state for t in study.trials] == [COMPLETE] * 3
+
+
+def score(payload: dict) -> float:
+    """A stand-in fitness: a fixed pseudo-random value per candidate."""
+    widths = json.dumps(payload["subnet"]["layers"]).encode()
+    return int(hashlib.sha256(widths).hexdigest()[:8], 16) / 2**32
+
+
+def scored(payload: dict) -> dict:
+    return {"value": score(payload), "batch_values": [score(payload)], "seconds": 0.0}
+
+
+class ShuffledPool:
+    """``slots`` workers whose jobs finish in a seeded random order. Faults: the first attempt of the
+    jobs ``raise_first`` raises, of ``die_first`` loses its worker; every attempt of the candidates
+    of ``poison`` (first seen in those jobs) raises."""
+
+    def __init__(self, slots=2, seed=0, raise_first=(), die_first=(), poison=()):
+        self.slots, self.rng, self.jobs, self.attempted = slots, random.Random(seed), [], set()
+        self.raise_first, self.die_first, self.poison, self.poisoned = set(raise_first), set(die_first), set(poison), []
+
+    @property
+    def capacity(self) -> int:
+        return self.slots - len(self.jobs)
+
+    def submit(self, job_id, payload, **options):
+        self.jobs.append((job_id, payload))
+
+    def wait(self):
+        job_id, payload = self.jobs.pop(self.rng.randrange(len(self.jobs)))
+        first = job_id not in self.attempted
+        self.attempted.add(job_id)
+        if job_id in self.poison:
+            self.poisoned.append(payload["subnet"]["layers"])
+        if first and job_id in self.die_first:
+            return [Outcome(job_id, payload, error="killed", worker_died=True)]
+        if (first and job_id in self.raise_first) or payload["subnet"]["layers"] in self.poisoned:
+            return [Outcome(job_id, payload, error="RuntimeError: injected")]
+        return [Outcome(job_id, payload, result=scored(payload), worker="w")]
+
+
+def evolution_search(tmp_path, pool, trials=20, max_failures=3):
+    space = WidthSpace(DIMS, preset="full", mlp_step=8)
+    sampler = EvolutionSampler(space=space, ratio=0.6, starts=[space.repair(Subnet.dense(DIMS), 0.6)],
+                               population_size=6, num_mutants=4, top_k=2, seed=0)
+    study = optuna.create_study(sampler=sampler)
+    config = SearchConfig(model="m", ratio=0.6, trials=trials, max_failures=max_failures)
+    run_loop(study, config, space, pool, False, tmp_path)
+    return study
+
+
+def completed(study) -> list[tuple[str, float]]:
+    """(params, value) of the completed trials, in trial order."""
+    return [(json.dumps(t.params, sort_keys=True), t.value) for t in study.get_trials(states=[COMPLETE])]
+
+
+def in_process_scored():
+    return InProcessPool(lambda: scored)
+
+
+def test_a_search_on_several_workers_proposes_what_it_proposes_in_process(tmp_path):
+    alone = evolution_search(tmp_path, in_process_scored())
+    for slots, seed in [(2, 1), (3, 2)]:  # whatever order the workers finish in
+        assert completed(evolution_search(tmp_path, ShuffledPool(slots, seed))) == completed(alone)
+
+
+def test_a_failed_candidate_goes_once_more_in_its_place(tmp_path):
+    undisturbed = evolution_search(tmp_path, ShuffledPool(2, seed=1))
+    study = evolution_search(tmp_path, ShuffledPool(2, seed=2, raise_first={5, 13}, die_first={8, 9}))
+    failed = study.get_trials(states=[FAIL])
+    assert [t.number for t in failed] == [5, 13] and all(t.user_attrs["error"] == "RuntimeError: injected"
+                                                         for t in failed)
+    again = [t for t in study.trials if t.user_attrs.get("retry_of_failed") is not None]
+    assert [(t.user_attrs["requeued_from"], t.state) for t in again] == [(5, COMPLETE), (13, COMPLETE)]
+    for old, new in zip(failed, again):  # the same candidate, in the same generation
+        assert new.params == old.params and new.system_attrs["EvolutionSampler:generation"] == \
+            old.system_attrs["EvolutionSampler:generation"]
+    # the same candidates, each once (the queued ones later in trial order), and the same best
+    assert sorted(completed(study)) == sorted(completed(undisturbed)) and len(completed(study)) == 20
+    assert len(set(completed(study))) == 20
+    assert (study.best_params, study.best_value) == (undisturbed.best_params, undisturbed.best_value)
+
+
+def test_a_poison_candidate_fails_twice_and_is_not_queued_again(tmp_path):
+    pool = ShuffledPool(2, seed=3, poison={4})
+    study = evolution_search(tmp_path, pool)
+    failed = study.get_trials(states=[FAIL])
+    assert len(failed) == 2 and failed[0].params == failed[1].params
+    assert failed[1].user_attrs["retry_of_failed"] == failed[0].number
+    assert len(study.get_trials(states=[COMPLETE])) == 20 and not study.get_trials(states=[WAITING])
+    counts = collections.Counter(json.dumps(t.params, sort_keys=True) for t in study.trials)
+    assert max(counts.values()) == 2  # the poison candidate twice, every other once
+
+
+class _Raising:
+    """A search evaluator factory whose evaluations always raise (a systematic failure)."""
+
+    def __init__(self, *args):
+        pass
+
+    def __call__(self):
+        def evaluate(payload):
+            raise RuntimeError("CUDA out of memory")
+
+        return evaluate
+
+
+def test_a_persistent_failure_stops_the_command_by_the_budget_without_looping(tiny_model_dir, tiny_data, tmp_path,
+                                                                             monkeypatch, capsys):
+    import search.job as job
+    from search.rundir import load_run_study
+
+    monkeypatch.setattr(job, "SearchEvaluator", _Raising)
+    status = cli(["-q", "search", "--model", str(tiny_model_dir), "--ratio", "0.6", "--run-dir", str(tmp_path / "r"),
+                  "--evolution", "tiny", "--mlp-step", "1", "--nsamples", "8", "--calib-seqlen", "32", "--fitness-nsamples", "2",
+                  "--fitness-seqlen", "32", "--eval-windows", "0", "--trials", "10", "--max-failures", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1 and "4 evaluations failed in a row" in err[0]
+    study = load_run_study(tmp_path / "r")
+    assert [t.state for t in study.trials] == [FAIL] * 4  # none left RUNNING
+    params = [json.dumps(t.params, sort_keys=True) for t in study.trials]
+    assert params[0] == params[1] != params[2] == params[3]  # each candidate failed twice, then the next
+    assert [t.user_attrs.get("retry_of_failed") for t in study.trials] == [None, 0, None, 2]
+
+
+def test_a_worker_exception_is_written_as_its_own_one_line_text():
+    pytest.importorskip("ray")
+    from ray.exceptions import RayTaskError
+
+    from evaluators.workers import error_text
+
+    wrapped = RayTaskError("evaluate", "Traceback (most recent call last):\n  \x1b[36mray::_Actor.evaluate()\x1b[39m",
+                           RuntimeError("injected fault")).as_instanceof_cause()
+    assert "\x1b[36m" in str(wrapped) and error_text(wrapped) == "RuntimeError: injected fault"
+    assert error_text(ValueError("bad batch")) == "ValueError: bad batch"
