@@ -29,7 +29,7 @@ def test_sigterm_during_a_request_answers_it_then_stops(tmp_path):
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port)], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + 180  # importing the server takes long on a loaded machine
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -46,7 +46,7 @@ def test_sigterm_during_a_request_answers_it_then_stops(tmp_path):
         client.join(timeout=30)
         # before the fix the handler's KeyboardInterrupt became a 500 and the server kept serving
         assert answers == [b"answered"]
-        assert server.wait(timeout=30) == 0, (tmp_path / "server.log").read_text()
+        assert server.wait(timeout=120) == 0, (tmp_path / "server.log").read_text()  # slow exits when loaded
     finally:
         if server.poll() is None:
             server.kill()

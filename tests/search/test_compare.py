@@ -1,0 +1,76 @@
+"""experiments/compare.py on a tiny model and tiny text: the cells it promises, resuming, the
+search and Týr rows read from quality.py's cells, and the refusal of a file of another comparison."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+METRICS = ("wikitext2_2048", "wikitext2_128", "ptb_2048")
+
+
+@pytest.fixture
+def compare(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # compare.py imports compare_report as a sibling script
+    import compare
+
+    return compare
+
+
+def run(compare, model_dir: Path, out: Path, *extra: str) -> dict:
+    argv = ["--model", str(model_dir), "--ratios", "0.5", "--recipes", "wanda-sp", "--windows", "1",
+            "--held-out", "ptb", "--out", str(out), *extra]
+    assert compare.main(argv) == 0
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+def quality_file(path: Path) -> Path:
+    cells = {f"0.5/{row}/seed0": {"ppl": {"wikitext2": value, "ptb": 2 * value}, "block_ratio": 0.5,
+                                  "seconds": {"search": 10.0, "export": 1.0, "test": 99.0},
+                                  "options": {"trials": 4}, "trials": 4}
+             for row, value in (("defaults", 40.0), ("tyr", 30.0))}
+    path.write_text(json.dumps({"cells": cells}))
+    return path
+
+
+def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "compare"
+    quality = quality_file(tmp_path / "quality.json")
+    results = run(compare, tiny_model_dir, out, "--lstsq-rows", "--search-cells", str(quality), "defaults",
+                  "--tyr-row", "tyr")
+    cells = results["cells"]
+    assert set(cells) == {"dense", "wanda-sp:0.5", "wanda-sp + lstsq:0.5", "search:0.5", "tyr:0.5"}
+    for key in ("dense", "wanda-sp:0.5", "wanda-sp + lstsq:0.5"):
+        assert all(math.isfinite(cells[key]["metrics"][m]["ppl"]) for m in METRICS), key
+    for key in ("wanda-sp:0.5", "wanda-sp + lstsq:0.5"):
+        assert abs(cells[key]["block_ratio"] - 0.5) < 0.02
+    # the least-squares row is the same selection with the search's compensation: other weights, other numbers
+    assert cells["wanda-sp + lstsq:0.5"]["widths"] == cells["wanda-sp:0.5"]["widths"]
+    assert cells["wanda-sp + lstsq:0.5"]["metrics"] != cells["wanda-sp:0.5"]["metrics"]
+    # the search rows come from quality.py's cells, without the test evaluation's time
+    assert cells["search:0.5"]["metrics"]["ptb_2048"]["ppl"] == 80.0
+    assert cells["tyr:0.5"]["recipe_seconds"] == 11.0
+    report = out.with_suffix(".md").read_text()
+    assert "| tyr | " in report and "| wanda-sp + lstsq | " in report
+    assert out.with_suffix(".png").is_file()
+
+    # a re-run keeps every finished cell (a marked value survives) and recomputes nothing
+    marked = json.loads(out.with_suffix(".json").read_text())
+    marked["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] = 1234.5
+    out.with_suffix(".json").write_text(json.dumps(marked))
+    again = run(compare, tiny_model_dir, out, "--lstsq-rows", "--search-cells", str(quality), "defaults",
+                "--tyr-row", "tyr")
+    assert again["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] == 1234.5
+    assert "1234" in out.with_suffix(".md").read_text()
+
+
+def test_a_file_of_another_comparison_is_refused(compare, tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "compare"
+    out.with_suffix(".json").write_text(json.dumps({"config": {"model": "other"}, "cells": {}}))
+    with pytest.raises(SystemExit, match="another comparison"):
+        run(compare, tiny_model_dir, out)
+    assert json.loads(out.with_suffix(".json").read_text())["config"] == {"model": "other"}
