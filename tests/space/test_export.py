@@ -138,3 +138,19 @@ def test_an_export_with_skipped_sublayers_generates_with_each_cache(make_model, 
     for _ in range(6):
         ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], 1)
     assert torch.equal(generated, ids)
+
+
+def test_an_export_without_its_first_attention_generates_under_torch_compile(make_model, token_ids, tmp_path):
+    """A compiled forward (TorchDynamo traces it; the eager backend keeps the test in seconds, the
+    inductor backend was checked once by hand) with a static cache gives the cacheless greedy tokens."""
+    exported(make_model("llama"), token_ids, [MIXED[1], MIXED[0], MIXED[2]], tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    prompt = token_ids[:1, :8]
+    ids = prompt
+    for _ in range(6):
+        ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="eager", fullgraph=False)
+    generated = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                               cache_implementation="static")
+    assert torch.equal(generated, ids)
