@@ -11,10 +11,10 @@ import argparse
 import logging
 import sys
 
-from search.cli import bench, dashboard, evaluate, export, prune, recover, reform, search
+from search.cli import bench, dashboard, evaluate, export, export_gguf, prune, recover, reform, search
 from space.errors import JobFailed, UserError
 
-SUBCOMMANDS = (prune, reform, evaluate, bench, search, export, dashboard, recover)
+SUBCOMMANDS = (prune, reform, evaluate, bench, search, export, export_gguf, dashboard, recover)
 
 
 def build_parser() -> argparse.ArgumentParser:
