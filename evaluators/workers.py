@@ -9,6 +9,10 @@ The driver submits jobs while a pool has capacity and collects outcomes as they 
 (``ray.wait``). It knows which job each actor holds; when an actor dies mid-job, the outcome says
 so and the driver submits the job again (the actor itself is restarted by Ray, up to
 ``max_restarts`` times, and rejoins the pool).
+
+A Ray actor also gets the files the driver ships it (:mod:`evaluators.shipped`: the prepared state
+it must read as the driver has it, on any node), and ``gpus_per_worker`` GPUs where the cluster
+has GPUs (a worker whose model spans several of them).
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
-from space.errors import JobFailed
+from evaluators.shipped import ShippedFile, ShippedFileMismatch
+from space.errors import JobFailed, UserError
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +44,38 @@ class Outcome:
     worker: str = ""
 
 
-def error_text(exc: Exception) -> str:
-    """One line for a failed evaluation: the worker's own exception, not Ray's wrapper of it (whose
-    text is the remote traceback in terminal colours)."""
+def worker_exception(exc: Exception) -> Exception:
+    """The worker's own exception, not Ray's wrapper of it (whose text is the remote traceback in
+    terminal colours)."""
     from ray.exceptions import RayTaskError
 
-    cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+    return exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+
+
+def error_text(exc: Exception) -> str:
+    """One line for a failed evaluation: the worker's own exception."""
+    cause = worker_exception(exc)
     return f"{type(cause).__name__}: {cause}"
+
+
+def actor_options(nodes: list[dict], workers: int, gpus_per_worker: int) -> tuple[dict, int | None]:
+    """What each of ``workers`` actors asks of a Ray cluster whose live nodes have the resources
+    ``nodes``, and its torch threads (None: torch's default). An actor lives on one node: where the
+    cluster has GPUs, ``gpus_per_worker`` of one node's (Ray makes them the only ones the actor sees);
+    else the largest equal share of CPUs that still places every actor on some node."""
+    gpus = [int(node.get("GPU", 0)) for node in nodes]
+    if sum(gpus):
+        fit = sum(g // gpus_per_worker for g in gpus)
+        if workers > fit:
+            fix = f"give --workers {fit} or fewer" if fit else f"give --gpus-per-worker {max(gpus)} or fewer"
+            by_node = f" ({' + '.join(map(str, gpus))} by node)" if len(gpus) > 1 else ""
+            raise UserError(f"--workers {workers} x --gpus-per-worker {gpus_per_worker} needs "
+                            f"{workers * gpus_per_worker} GPUs, {gpus_per_worker} on one node for each worker; the "
+                            f"Ray cluster has {sum(gpus)}{by_node}: {fix}")
+        return {"num_gpus": gpus_per_worker, "num_cpus": 1}, None
+    cpus = [int(node.get("CPU", 0)) for node in nodes]
+    share = next((n for n in range(max(cpus, default=1), 0, -1) if sum(c // n for c in cpus) >= workers), 1)
+    return {"num_cpus": share}, share
 
 
 class InProcessPool:
@@ -79,28 +110,45 @@ class InProcessPool:
 
 
 class _Actor:
-    """The body of a Ray actor: builds its evaluator once, then evaluates payloads."""
+    """The body of a Ray actor: places the files the driver shipped, builds its evaluator once
+    (checking that it left those files as they are), then evaluates payloads."""
 
-    def __init__(self, factory: EvaluatorFactory, threads: int | None):
+    def __init__(self, factory: EvaluatorFactory, threads: int | None, files: tuple[ShippedFile, ...] = ()):
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        self._evaluate = factory()
         self.name = f"{os.uname().nodename}:{os.getpid()}"
+        self.failed_start: ShippedFileMismatch | None = None
+        try:
+            for file in files:
+                file.place()
+            self._evaluate = factory()
+            for file in files:
+                file.check("after its evaluator was built")
+        except ShippedFileMismatch as exc:
+            # raised here, it would reach the driver only as "the actor died" and Ray would restart the
+            # actor to fail again; every job raises it instead, and the pool stops the job with it
+            self.failed_start = exc
 
     def evaluate(self, payload: dict) -> dict:
+        if self.failed_start is not None:
+            raise self.failed_start
         return {**self._evaluate(payload), "worker": self.name}
 
 
 @dataclass
 class RayPool:
-    """``workers`` Ray actors, one GPU each where the cluster has GPUs, else CPU threads split
-    between them. ``address``: an existing cluster (``auto``) or None to start a local one."""
+    """``workers`` Ray actors, ``gpus_per_worker`` GPUs each where the cluster has GPUs, else CPU
+    threads split between them. ``address``: an existing cluster (``auto``) or None to start a
+    local one. ``files``: what every actor must read as the driver has it (shipped, see
+    :mod:`evaluators.shipped`)."""
 
     factory: EvaluatorFactory
     workers: int
     address: str | None = None
+    gpus_per_worker: int = 1
+    files: tuple[Path, ...] = ()
     max_restarts: int = 3
     trial_timeout: float | None = None  # seconds; None: max(60, 10 x the median so far), 1 h before 3 are done
     startup_timeout: float = 1800.0  # more for the first job of a (re)started actor: it loads the model first
@@ -112,6 +160,7 @@ class RayPool:
     _fresh: set = field(default_factory=set)  # actors that have not finished a job since they (re)started
     _resting: dict = field(default_factory=dict)  # actor -> (monotonic time it may take a job again, backoff)
     _started_ray: bool = False
+    _shipped: tuple = ()  # held while the pool lives: a restarted actor fetches the files again
 
     def __post_init__(self):
         import ray
@@ -120,14 +169,16 @@ class RayPool:
             ray.init(address=self.address, ignore_reinit_error=True, include_dashboard=False,
                      log_to_driver=False, logging_level=logging.WARNING)
             self._started_ray = True
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        cpus = max(1, int(resources.get("CPU", 1)) // self.workers)
-        options = {"num_gpus": 1, "num_cpus": 1} if gpus >= self.workers else {"num_cpus": cpus}
+        try:
+            nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+            options, threads = actor_options(nodes, self.workers, self.gpus_per_worker)
+        except UserError:
+            self.close()
+            raise
         log.info("starting %d Ray workers (%s)", self.workers, options)
         remote = ray.remote(max_restarts=self.max_restarts, max_task_retries=0, **options)(_Actor)
-        threads = None if "num_gpus" in options else cpus
-        self.actors = [remote.remote(self.factory, threads) for _ in range(self.workers)]
+        self._shipped = tuple(ShippedFile.put(Path(path)) for path in self.files)
+        self.actors = [remote.remote(self.factory, threads, self._shipped) for _ in range(self.workers)]
         self._idle = list(self.actors)
         self._fresh = set(self.actors)
 
@@ -199,6 +250,8 @@ class RayPool:
                 outcomes.append(Outcome(job_id, payload, error=str(exc), worker_died=True))
                 self._retire_or_restart(actor)
             except Exception as exc:  # the evaluation itself raised: a bug or bad input, not a crash
+                if isinstance(worker_exception(exc), ShippedFileMismatch):  # every job of it would fail alike
+                    raise worker_exception(exc) from None
                 log.debug("job %d raised in its worker: %s", job_id, exc)
                 outcomes.append(Outcome(job_id, payload, error=error_text(exc)))
                 self._idle.append(actor)
@@ -236,7 +289,7 @@ class RayPool:
 
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        self.actors, self._idle, self._inflight = [], [], {}
+        self.actors, self._idle, self._inflight, self._shipped = [], [], {}, ()
         if self._started_ray:  # a cluster we joined keeps running; the one we started goes
             ray.shutdown()
             self._started_ray = False

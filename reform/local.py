@@ -32,13 +32,15 @@ def output_stats(
     gram: bool = True,
     layers: Iterable[int] | None = None,
     batch_size: int = 8,
+    execution_device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> Iterator[tuple[LayerAdapter, dict[str, InputStats]]]:
     """Per layer (streamed, in order), the dense model's statistics of the o_proj and down_proj
     inputs (``"o"``, ``"down"``): mean, and with ``gram`` the float64 ``C = XᵀX``, in the
     layer's current (importance) order."""
     request = StatsRequest(inputs=OUTPUTS, gram=OUTPUTS if gram else ())
-    for stats in walk_layers(adapter, windows, request, batch_size=batch_size, layers=layers, progress=progress):
+    for stats in walk_layers(adapter, windows, request, batch_size=batch_size, layers=layers,
+                             execution_device=execution_device, progress=progress):
         yield adapter.layers[stats.index], stats.inputs
 
 
@@ -85,18 +87,24 @@ def output_solvers(
     device: torch.device | str | None = None,
     precompute: torch.dtype | None = None,
     prefix_only: tuple[str, ...] = (),
+    state_device: torch.device | str | None = None,
+    execution_device: torch.device | str | None = None,
     batch_size: int = 8,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> list[dict[str, PrefixLstsq]]:
     """One prefix solver per layer and output projection (``{"o": ..., "down": ...}``), from one
-    dense calibration pass; ``device``: where the factors live and the solves run (default:
-    the layer's). Each layer's gram is dropped once factored: what stays is the factor and
-    ``C Wᵀ``, (d_in² + d_in·d_out) float64 per projection. ``precompute``: a dtype in which to
-    keep ``L⁻¹`` and ``L⁻¹ C Wᵀ`` too, making each prefix width one matrix product
-    (:meth:`PrefixLstsq.precompute`; the search fitness uses float32); the projections named in
-    ``prefix_only`` then keep only those (the fitness: ``down``, always a prefix)."""
+    dense calibration pass; ``device``: where the factors are formed (default: the layer's).
+    Each layer's gram is dropped once factored: what stays is the factor and ``C Wᵀ``,
+    (d_in² + d_in·d_out) float64 per projection. ``precompute``: a dtype in which to keep
+    ``L⁻¹`` and ``L⁻¹ C Wᵀ`` instead (and the factor and ``C Wᵀ`` in it too), making each prefix
+    width one matrix product (:meth:`PrefixLstsq.precompute`; the search fitness uses float32)
+    on ``state_device`` (default: where they were formed); the projections named in
+    ``prefix_only`` keep only those (the fitness: ``down``, always a prefix). Layer by layer:
+    the float64 state of one layer at a time, whatever the depth. ``execution_device``: each block
+    runs there for its turn (:func:`space.calibration.walk_layers`), its solvers formed there."""
     solvers = []
-    for layer, stats in output_stats(adapter, windows, batch_size=batch_size, progress=progress):
+    for layer, stats in output_stats(adapter, windows, batch_size=batch_size, execution_device=execution_device,
+                                     progress=progress):
         linears = layer.linears()
         layer_solvers = {
             name: PrefixLstsq(linears[name].weight, s.gram.to(device or s.gram.device), damping=damping)
@@ -104,7 +112,7 @@ def output_solvers(
         }
         if precompute is not None:
             for name, solver in layer_solvers.items():
-                solver.precompute(precompute, prefix_only=name in prefix_only)
+                solver.precompute(precompute, prefix_only=name in prefix_only, device=state_device)
         solvers.append(layer_solvers)
     return solvers
 

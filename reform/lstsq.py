@@ -18,7 +18,8 @@ The sequential mode (reform/rectify.py) fits ``Ŵ_K`` to the dense output from t
 already pruned upstream model; it passes the pruned inputs' second moment as ``gram`` (k x k) and
 the cross moment ``X_prunedᵀ X_dense`` as ``cross`` (k x d_in): ``Ŵ_Kᵀ = (gram + λI)⁻¹ cross Wᵀ``.
 
-Everything runs where the statistics live (CPU or CUDA), in float64.
+The factor and ``B`` are formed where the statistics live (CPU or CUDA), in float64; what a search
+keeps afterwards, and where, is :meth:`PrefixLstsq.precompute`'s choice.
 """
 
 from __future__ import annotations
@@ -82,26 +83,44 @@ class PrefixLstsq:
     def width(self) -> int:
         return self._width
 
-    def precompute(self, dtype: torch.dtype = torch.float32, *, prefix_only: bool = False) -> "PrefixLstsq":
+    def precompute(self, dtype: torch.dtype = torch.float32, *, prefix_only: bool = False,
+                   device: torch.device | str | None = None) -> "PrefixLstsq":
         """Make every prefix solve one matrix product, for solving thousands of widths.
 
         ``L⁻¹`` is lower triangular, so its leading k-block is the inverse of ``L[:k, :k]`` and the
         first k rows of ``P = L⁻¹ B`` only involve ``B[:k]``: then ``Ŵ_Kᵀ = (L⁻¹[:k, :k])ᵀ P[:k]``.
         ``L⁻¹`` and ``P`` are formed once in float64 and kept in ``dtype`` (float32 keeps about
         five significant digits here: plenty to rank candidates, and 10-50x faster on a CPU than
-        two triangular solves per width).
+        two triangular solves per width). The float64 factor and ``B`` are not kept: the factor
+        and ``B`` stay in ``dtype`` too, for the kept sets that are not prefixes (upcast per solve).
 
-        ``prefix_only``: drop the float64 factor and ``B`` afterwards (two thirds of the solver's
-        memory): only prefix widths can be solved then, which is all down_proj ever needs, its
-        channels being in importance order."""
+        ``prefix_only``: keep neither (half of the state): only prefix widths can be solved then,
+        which is all down_proj ever needs, its channels being in importance order.
+        ``device``: where the state lives (default: where the statistics are). A state on the CPU
+        beside a model on a GPU is pinned, and each solve copies the rows it needs to the model's
+        device and computes there (one layer's rows at a time, so a model whose solvers do not fit
+        its GPU still searches with least squares inside the fitness)."""
         if self.factor is not None:
             eye = torch.eye(self.width, dtype=torch.float64, device=self.factor.device)
             inverse = torch.linalg.solve_triangular(self.factor, eye, upper=False)
-            self._projected = (inverse @ self.rhs).to(dtype)
-            self._inverse = inverse.to(dtype)
+            self._projected = _stored(inverse @ self.rhs, dtype, device)
+            self._inverse = _stored(inverse, dtype, device)
+            del inverse
             if prefix_only:
                 self.factor = self.rhs = None
+            else:
+                self.factor, self.rhs = _stored(self.factor, dtype, device), _stored(self.rhs, dtype, device)
         return self
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors this solver keeps."""
+        return sum(t.numel() * t.element_size() for t in (self.factor, self.rhs, self.regularised, self._inverse,
+                                                           self._projected) if t is not None)
+
+    def _rows(self, tensor: torch.Tensor, rows) -> torch.Tensor:
+        """``tensor[rows]`` where this solver computes: the weight's device (copied from pinned host
+        memory when the state lives on the CPU)."""
+        return tensor[rows].to(self.weight.device, non_blocking=True)
 
     def solve(self, kept: int | torch.Tensor) -> torch.Tensor:
         """Ŵ_K (d_out x |K|) in the weight's dtype and device. ``kept``: a prefix width, or the
@@ -111,9 +130,10 @@ class PrefixLstsq:
                 raise ValueError(f"kept width {kept} outside (0, {self.width}]")
             if self.local and kept == self.width:
                 return self.weight  # nothing removed: the dense weight is already optimal
-            if self._inverse is not None:
-                solution = self._inverse[:kept, :kept].T @ self._projected[:kept]
-                return solution.T.to(dtype=self.weight.dtype, device=self.weight.device).contiguous()
+            if self._inverse is not None:  # rows first: a contiguous copy when the state is on the host
+                inverse = self._rows(self._inverse, slice(0, kept))[:, :kept]
+                solution = inverse.T @ self._rows(self._projected, slice(0, kept))
+                return solution.T.to(dtype=self.weight.dtype).contiguous()
             rhs = self.rhs[:kept]
             if self.factor is not None:
                 solution = torch.cholesky_solve(rhs, self.factor[:kept, :kept])
@@ -122,7 +142,7 @@ class PrefixLstsq:
         else:
             self._check_full()
             index = kept.to(self.rhs.device)
-            solution = _spd_solve(self._block(index), self.rhs[index], self.lam)
+            solution = _spd_solve(self._block(index), self._rows(self.rhs, index).double(), self.lam)
         return solution.T.to(dtype=self.weight.dtype, device=self.weight.device).contiguous()
 
     def explained(self, kept: int | torch.Tensor) -> float:
@@ -136,7 +156,7 @@ class PrefixLstsq:
             return 0.0 if kept == 0 else float(self._projected[:kept].double().pow(2).sum())
         self._check_full()
         index = (torch.arange(kept) if isinstance(kept, int) else kept).to(self.rhs.device)
-        rhs = self.rhs[index]
+        rhs = self._rows(self.rhs, index).double()
         return float((_spd_solve(self._block(index), rhs, self.lam) * rhs).sum())
 
     def _check_full(self) -> None:
@@ -147,9 +167,17 @@ class PrefixLstsq:
     def _block(self, index: torch.Tensor) -> torch.Tensor:
         """(C + λI)[K, K], recovered from the factor when there is one."""
         if self.factor is not None:
-            rows = self.factor[index]
+            rows = self._rows(self.factor, index).double()
             return rows @ rows.T
-        return self.regularised[index][:, index]
+        return self._rows(self.regularised, index)[:, index.to(self.weight.device)]
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+    """``tensor`` as a solver keeps it: in ``dtype`` on ``device``, pinned when that is the host of a GPU."""
+    stored = tensor.to(dtype=dtype, device=device if device is not None else tensor.device)
+    if stored.device.type == "cpu" and torch.cuda.is_available():
+        stored = stored.pin_memory()
+    return stored
 
 
 def _spd_solve(matrix: torch.Tensor, rhs: torch.Tensor, lam: float) -> torch.Tensor:

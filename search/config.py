@@ -40,6 +40,9 @@ SEARCH_METHODS: dict[str, dict] = {
 }
 
 
+SOLVER_DEVICES = ("model", "cpu")  # where the fitness's least-squares state lives
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """Everything that defines a search; all but the ``RUNTIME`` fields must match to resume."""
@@ -64,6 +67,10 @@ class SearchConfig:
     damping: float = 1e-4
     dtype: str = "bfloat16"
     device: str = "cpu"
+    # the fitness's least-squares state: the dtype of L⁻¹ and P, and where they live (model: on the
+    # model's device; cpu: in host memory, each solve copying one layer's rows to the model's device)
+    solver_dtype: str = "float32"
+    solver_device: str = "model"
     pruner: str = "none"  # none | median (in-process only)
     final_top_k: int = 5
     final_windows: dict = field(
@@ -76,8 +83,11 @@ class SearchConfig:
     eval_datasets: tuple[str, ...] = ("wikitext2", "ptb", "c4:heldout")
     max_failures: int = 3  # evaluations failing in a row that stop the job
     trial_timeout: float | None = None  # Ray workers: seconds before a job's actor is taken for stuck
+    # GPUs one worker's model spans (a device map places it over them; Ray workers = GPUs / this)
+    gpus_per_worker: int = 1
 
-    RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows", "eval_datasets", "max_failures", "trial_timeout")
+    RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows", "eval_datasets", "max_failures", "trial_timeout",
+               "solver_device", "gpus_per_worker")
 
     @classmethod
     def create(cls, model: str, ratio: float, *, calib: str = "wikitext2", nsamples: int = 64,
@@ -145,6 +155,8 @@ class SearchConfig:
             raise UserError("--max-failures must be at least 1")
         if self.trial_timeout is not None and not self.trial_timeout > 0:
             raise UserError("--trial-timeout must be a positive number of seconds")
+        if not isinstance(self.gpus_per_worker, int) or self.gpus_per_worker < 1:  # a config file may hold anything
+            raise UserError(f"--gpus-per-worker must be a whole number of GPUs, at least 1 (got {self.gpus_per_worker!r})")
         if self.final_top_k < 1:
             raise UserError("--final-top-k must be at least 1 (the candidates re-scored at the end)")
         if self.eval_windows is not None and self.eval_windows < 0:
@@ -171,6 +183,10 @@ class SearchConfig:
                             "drop one sub-layer and restore another; the other searchers project onto the budget")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if self.solver_dtype not in DTYPES:
+            raise UserError(f"--solver-dtype must be one of {', '.join(DTYPES)}")
+        if self.solver_device not in SOLVER_DEVICES:
+            raise UserError(f"--solver-device must be one of {', '.join(SOLVER_DEVICES)}")
         if self.export_reform not in MODES:
             raise UserError(f"--export-reform must be one of {', '.join(MODES)}")
         score_spec(self.importance)

@@ -21,7 +21,8 @@ from search.finalize import finalize
 from search.loop import run_loop
 from search.plan import check_plan, plan_for
 from search.prepare import SearchEvaluator, channel_scores, load_prepared, release_fitness, starts_for, unit_errors
-from search.rundir import check_run_dir, finished_result, open_run_dir, open_study, recover_interrupted, run_lock
+from search.rundir import (IMPORTANCE, check_run_dir, finished_result, open_run_dir, open_study, recover_interrupted,
+                           run_lock)
 from search.samplers import make_sampler
 from search.stages import run_staged
 from search.widths import WidthSpace
@@ -77,7 +78,10 @@ def _run_locked(config: SearchConfig, run_dir: Path, new_folder: bool, started: 
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         factory = SearchEvaluator(config.to_dict(), str(run_dir))
-        pool = (RayPool(factory, workers, ray_address, trial_timeout=config.trial_timeout) if workers > 0
+        # the importance scores go to every actor with the job: a worker whose node cannot see the run
+        # folder gets the driver's, and one that would search with other scores stops the job at its start
+        pool = (RayPool(factory, workers, ray_address, gpus_per_worker=config.gpus_per_worker,
+                        files=(run_dir / IMPORTANCE,), trial_timeout=config.trial_timeout) if workers > 0
                 else InProcessPool(factory))
         try:
             loop = run_staged if config.staged is not None else run_loop
@@ -102,7 +106,7 @@ def _study(config: SearchConfig, run_dir: Path, storage_url: str | None,
            workers: int) -> tuple[optuna.Study, WidthSpace]:
     """The study with its sampler, started from the one-shot allocations (the driver's model is
     dropped afterwards: the workers, or the in-process pool, prepare their own copy)."""
-    _, adapter, _, ordered = load_prepared(config, run_dir)  # computes and caches importance
+    _, adapter, _, ordered = load_prepared(config, run_dir, streamed=True)  # computes and caches importance
     space = WidthSpace(adapter.dims, preset=config.preset, mlp_step=config.mlp_step)
     errors = None
     if config.staged is not None:  # level switches are drawn by the fitness's own residuals

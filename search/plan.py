@@ -4,13 +4,18 @@ Per worker, in bytes, from the model's config alone (built on the ``meta`` devic
 
 * ``weights_bytes``: the model in the search dtype;
 * ``fitness_bytes``: the least-squares solver state the fitness keeps per layer and output projection
-  (:class:`reform.lstsq.PrefixLstsq` after ``precompute``): the float32 ``L⁻¹`` and ``P = L⁻¹ B``,
-  and for o_proj (whose kept heads are not always a prefix) the float64 factor of ``C + λI`` and ``B``;
+  (:class:`reform.lstsq.PrefixLstsq` after ``precompute``, in ``--solver-dtype``): ``L⁻¹`` and
+  ``P = L⁻¹ B``, and for o_proj (whose kept heads are not always a prefix) the factor of ``C + λI``
+  and ``B``; ``fitness_device_bytes`` of it on the worker's device (one layer's, with
+  ``--solver-device cpu``: the rest is ``host_fitness_bytes``);
 * ``cache_bytes``: the fitness's cache of rectified layers (its bound);
 * ``activation_bytes``: one forward of a batch of fitness windows (hidden states, the widest MLP
   activations, one chunk of float32 logits and their log-softmax);
 * ``logits_bytes``: the dense model's top-K distributions of a KL fitness;
-* ``prepare_bytes``: the preparation pass, where the model is still float32 while the solvers fill;
+* ``prepare_bytes``: the preparation pass, where the model is still float32 while the solvers fill
+  (with the calibration windows' hidden states and one projection's float64 factoring); on a GPU
+  the float32 model stays in host memory and one block at a time is on the device
+  (``prepare_streamed``), unless the importance score needs the whole model (gradients);
 * ``peak_bytes``: the larger of the preparation and the search; ``fits`` against the device memory.
 """
 
@@ -26,6 +31,7 @@ from search.config import SearchConfig
 from search.prepare import PREFIX_ONLY
 from space.adapters import adapter_for
 from space.errors import UserError
+from space.scores import score_spec
 from space.models import resolve
 from space.subnet import ModelDims, Subnet
 
@@ -54,15 +60,27 @@ def config_dims(hf_config) -> ModelDims:
     return adapter_for(model).dims
 
 
-def solver_bytes(dims: ModelDims) -> int:
-    """Bytes of the fitness's prefix solvers over every layer: o_proj's keep the float64 factor and
-    ``B`` beside the float32 ``L⁻¹`` and ``P`` (12 d_in² + 12 d_in d_out), down_proj's only the float32
-    pair (``PREFIX_ONLY``: 4 d_in² + 4 d_in d_out)."""
-    per_layer = 0
+def solver_bytes(dims: ModelDims, dtype_bytes: int = 4) -> int:
+    """Bytes of the fitness's prefix solvers over every layer, their state in a dtype of
+    ``dtype_bytes``: o_proj's keep ``L⁻¹``, ``P`` and, for kept sets that are not prefixes, the factor
+    and ``B`` (2 (d_in² + d_in d_out) each); down_proj's only ``L⁻¹`` and ``P`` (``PREFIX_ONLY``)."""
+    return dims.num_layers * sum(layer_solver_bytes(dims, dtype_bytes).values())
+
+
+def layer_solver_bytes(dims: ModelDims, dtype_bytes: int = 4) -> dict[str, int]:
+    """One layer's solver state per output projection (see :func:`solver_bytes`)."""
+    out = {}
     for name, d_in in (("o", dims.num_heads * dims.head_dim), ("down", dims.intermediate_size)):
-        bytes_per = 4 if name in PREFIX_ONLY else 12
-        per_layer += bytes_per * (d_in * d_in + d_in * dims.hidden_size)
-    return dims.num_layers * per_layer
+        matrices = 1 if name in PREFIX_ONLY else 2
+        out[name] = matrices * dtype_bytes * (d_in * d_in + d_in * dims.hidden_size)
+    return out
+
+
+def factoring_bytes(dims: ModelDims) -> int:
+    """The float64 transient of forming one projection's solver (the widest): its gram, the factor,
+    the identity and ``L⁻¹`` (d_in² each), ``B`` and ``L⁻¹ B`` (d_in d_out each)."""
+    d_in = max(dims.num_heads * dims.head_dim, dims.intermediate_size)
+    return 8 * (4 * d_in * d_in + 2 * d_in * dims.hidden_size)
 
 
 def device_memory(device: str, gpu_memory_gb: float | None) -> int | None:
@@ -76,23 +94,41 @@ def device_memory(device: str, gpu_memory_gb: float | None) -> int | None:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memory: int | None) -> dict:
-    """The plan of ``config`` for a model of ``dims`` (see the module's docstring)."""
+def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memory: int | None,
+                cache_bytes: int = FITNESS_CACHE_BYTES) -> dict:
+    """The plan of ``config`` for a model of ``dims`` (see the module's docstring); ``cache_bytes``: the
+    bound of the fitness's layer cache."""
     size = DTYPE_BYTES[config.dtype]
     params = Subnet.dense(dims).total_params()
     fitness = config.calibration_spec("fitness_windows")
-    seqlen = fitness.seqlen
+    statistics = config.calibration_spec()
     batch = min(FITNESS_BATCH, fitness.nsamples)
-    fitness_bytes = solver_bytes(dims) if config.fitness_reform == "lstsq" else 0
+    lstsq = config.fitness_reform == "lstsq"
+    solver_size = DTYPE_BYTES[config.solver_dtype]
+    fitness_bytes = solver_bytes(dims, solver_size) if lstsq else 0
+    # solver state in host memory beside a GPU: the device holds one layer's rows while a solve runs
+    on_host = config.solver_device == "cpu" and not config.device.startswith("cpu")
+    device_fitness = (sum(layer_solver_bytes(dims, solver_size).values()) if lstsq else 0) if on_host else fitness_bytes
     hidden = 2 * dims.hidden_size + 3 * dims.intermediate_size + (dims.num_heads + 2 * dims.num_kv_heads) * dims.head_dim
-    activation_bytes = batch * seqlen * hidden * size + 2 * batch * min(seqlen, LOGIT_CHUNK) * vocab_size * 4
-    logits_bytes = fitness.nsamples * (seqlen - 1) * (config.fitness_top_k * 8 + 4) if config.fitness == "kl" else 0
-    search_bytes = params * size + fitness_bytes + FITNESS_CACHE_BYTES + activation_bytes + logits_bytes
-    prepare_bytes = params * 4 + fitness_bytes + batch * seqlen * hidden * 4
+    activation_bytes = batch * fitness.seqlen * hidden * size + 2 * batch * min(fitness.seqlen, LOGIT_CHUNK) * vocab_size * 4
+    logits_bytes = fitness.nsamples * (fitness.seqlen - 1) * (config.fitness_top_k * 8 + 4) if config.fitness == "kl" else 0
+    search_bytes = params * size + device_fitness + cache_bytes + activation_bytes + logits_bytes
+    # preparation: the float32 model (on a GPU streamed, one block at a time, unless the importance
+    # score needs the whole model), every calibration window's hidden states in and out of a block,
+    # one batch's activations, and one projection's float64 factoring
+    streamed = not config.device.startswith("cpu") and score_spec(config.importance).streamed
+    prepared_model = dims.layer_params(dims.dense_layer()) * 4 if streamed else params * 4
+    calibration_bytes = 2 * statistics.nsamples * statistics.seqlen * dims.hidden_size * 4
+    prepare_bytes = (prepared_model + device_fitness + calibration_bytes
+                     + min(FITNESS_BATCH, statistics.nsamples) * statistics.seqlen * hidden * 4
+                     + (factoring_bytes(dims) if lstsq else 0))
     peak = max(search_bytes, prepare_bytes)
     return {
         "model": config.model, "dtype": config.dtype, "device": config.device, "params": params,
-        "weights_bytes": params * size, "fitness_bytes": fitness_bytes, "cache_bytes": FITNESS_CACHE_BYTES,
+        "solver_dtype": config.solver_dtype, "solver_device": config.solver_device, "prepare_streamed": streamed,
+        "gpus_per_worker": config.gpus_per_worker,
+        "weights_bytes": params * size, "fitness_bytes": fitness_bytes, "fitness_device_bytes": device_fitness,
+        "host_fitness_bytes": fitness_bytes if on_host else 0, "cache_bytes": cache_bytes,
         "activation_bytes": activation_bytes, "logits_bytes": logits_bytes, "prepare_bytes": prepare_bytes,
         "peak_bytes": peak, "device_bytes": memory, "fits": None if memory is None else peak <= memory,
         "seconds_per_candidate": None,  # not measured for this model here
@@ -100,29 +136,36 @@ def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memor
 
 
 def plan_for(config: SearchConfig, *, gpu_memory_gb: float | None = None) -> dict:
+    """The plan of ``config``; a worker spanning ``gpus_per_worker`` GPUs holds that many devices'
+    memory (its model balanced over them, a block never split)."""
     hf_config = model_config(config.model)
-    return memory_plan(config, config_dims(hf_config), hf_config.vocab_size,
-                       memory=device_memory(config.device, gpu_memory_gb))
+    memory = device_memory(config.device, gpu_memory_gb)
+    if memory is not None and not config.device.startswith("cpu"):
+        memory *= config.gpus_per_worker
+    return memory_plan(config, config_dims(hf_config), hf_config.vocab_size, memory=memory)
 
 
 def check_plan(plan: dict) -> None:
     """Refuse a job whose plan does not fit its device, before it loads anything."""
     if plan["fits"] is False:
         raise UserError(f"this search needs about {plan['peak_bytes'] / 1e9:.1f} GB on {plan['device']} per worker "
-                        f"(weights {plan['weights_bytes'] / 1e9:.1f}, solvers {plan['fitness_bytes'] / 1e9:.1f}, "
+                        f"(weights {plan['weights_bytes'] / 1e9:.1f}, solvers {plan['fitness_device_bytes'] / 1e9:.1f}, "
                         f"cache {plan['cache_bytes'] / 1e9:.1f}, activations {plan['activation_bytes'] / 1e9:.1f}, "
                         f"dense logits {plan['logits_bytes'] / 1e9:.1f}); the device has "
                         f"{plan['device_bytes'] / 1e9:.1f} GB. See --dry-run")
 
 
 def describe(plan: dict) -> str:
-    rows = [(k.removesuffix("_bytes"), plan[k]) for k in ("weights_bytes", "fitness_bytes", "cache_bytes",
+    rows = [(k.removesuffix("_bytes"), plan[k]) for k in ("weights_bytes", "fitness_device_bytes", "cache_bytes",
                                                           "activation_bytes", "logits_bytes", "prepare_bytes",
                                                           "peak_bytes")]
     lines = [f"memory plan per worker ({plan['model']}, {plan['params'] / 1e9:.2f} B parameters, {plan['dtype']} "
-             f"on {plan['device']}):"]
-    lines += [f"  {name:<11} {value / 1e9:9.2f} GB" for name, value in rows]
+             f"on {plan['device']}; least-squares state {plan['solver_dtype']} on {plan['solver_device']}):"]
+    lines += [f"  {name.replace('fitness_device', 'solvers'):<11} {value / 1e9:9.2f} GB" for name, value in rows]
+    if plan["host_fitness_bytes"]:
+        lines.append(f"  (solvers in host memory: {plan['host_fitness_bytes'] / 1e9:.2f} GB)")
     memory = plan["device_bytes"]
-    lines.append(f"  device      {memory / 1e9:9.2f} GB: {'fits' if plan['fits'] else 'does NOT fit'}" if memory
+    gpus = f" ({plan['gpus_per_worker']} GPUs)" if plan["gpus_per_worker"] > 1 else ""
+    lines.append(f"  device      {memory / 1e9:9.2f} GB{gpus}: {'fits' if plan['fits'] else 'does NOT fit'}" if memory
                  else "  device      unknown (give --gpu-memory)")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from search.rundir import IMPORTANCE
 from search.widths import WidthSpace
 from space.adapters import adapter_for
 from space.errors import UserError
-from space.models import LoadedModel, load_model
+from space.models import LoadedModel, load_model, place_model, worker_placement
 from space.order import order_model
 from space.scores.base import LayerScores, standardize
 from space.scores.cache import ScoreCache
@@ -37,19 +37,31 @@ PREFIX_ONLY = ("down",)  # MLP channels are importance prefixes: their solvers k
 
 
 def dense_scores(loaded: LoadedModel, names: list[str], calibration: CalibrationSpec, *, ratio: float | None = None,
-                 copy_to: Path | None = None) -> dict[str, list[LayerScores]]:
+                 copy_to: Path | None = None, execution_device: str | None = None) -> dict[str, list[LayerScores]]:
     """Scores ``names`` of the dense ``loaded`` model on ``calibration``, through the shared score
-    cache (and ``copy_to``, a run folder's file)."""
+    cache (and ``copy_to``, a run folder's file); ``execution_device``: computed there block by block."""
     scored = ScoreCache().scores(
         adapter_for(loaded.model), names, windows=lambda: calibration.windows(loaded.tokenizer),
         source=loaded.source.path, calibration=calibration.to_dict(), ratio=ratio, copy_to=copy_to,
+        execution_device=execution_device,
     )
     return scored.scores
 
 
-def load_prepared(config: SearchConfig, run_dir: Path):
-    """The permuted dense model (float32) and its sorted scores, from the run folder's cache."""
-    loaded = load_model(config.model, dtype=torch.float32, device=config.device)
+def streamed_device(config: SearchConfig) -> str | None:
+    """Where a streamed preparation runs its blocks: the search's GPU (the float32 model stays in host
+    memory, one block at a time on the GPU); None on the CPU, where the model already is."""
+    return None if config.device == "cpu" else config.device
+
+
+def load_prepared(config: SearchConfig, run_dir: Path, *, streamed: bool = False):
+    """The permuted dense model (float32) and its sorted scores, from the run folder's cache.
+    ``streamed``: the model stays in host memory, the scores computed block by block on the
+    search's device (:func:`streamed_device`); otherwise the model is on that device."""
+    execution_device = streamed_device(config) if streamed else None
+    placement = {} if execution_device else worker_placement(config.device, config.gpus_per_worker)
+    loaded = load_model(config.model, dtype=torch.float32, device="cpu" if execution_device else config.device,
+                        **placement)
     adapter = adapter_for(loaded.model)
     floor = WidthSpace(adapter.dims, preset=config.preset, mlp_step=config.mlp_step).bounds.min_ratio(adapter.dims)
     low = config.ratio_min if config.ratio_min is not None else config.ratio
@@ -59,7 +71,7 @@ def load_prepared(config: SearchConfig, run_dir: Path):
     # scores that depend on the target (newton's mask keeps that fraction) get the search's ratio;
     # for an nsga2 front, its upper end
     scores = dense_scores(loaded, [config.importance], config.calibration_spec(), ratio=config.ratio,
-                          copy_to=run_dir / IMPORTANCE)
+                          copy_to=run_dir / IMPORTANCE, execution_device=execution_device)
     orders, ordered = order_model(adapter, scores[config.importance])
     return loaded, adapter, orders, ordered
 
@@ -67,14 +79,18 @@ def load_prepared(config: SearchConfig, run_dir: Path):
 @functools.lru_cache(maxsize=1)
 def _fitness_parts(config_json: str, run_dir: str):
     """Permuted model in the search dtype and its prefix solvers: built once per process and
-    shared by the search's fitness and the final re-scoring (one calibration pass, not two)."""
+    shared by the search's fitness and the final re-scoring (one calibration pass, not two).
+    Prepared streamed: the float32 model never sits whole on a GPU, only the search-dtype copy."""
     config = SearchConfig(**json.loads(config_json))
-    loaded, adapter, _, _ = load_prepared(config, Path(run_dir))
+    loaded, adapter, _, _ = load_prepared(config, Path(run_dir), streamed=True)
     solvers = None
     if config.fitness_reform == "lstsq":
         solvers = output_solvers(adapter, config.calibration_spec().windows(loaded.tokenizer), damping=config.damping,
-                                 precompute=torch.float32, prefix_only=PREFIX_ONLY)
-    adapter.model.to(getattr(torch, config.dtype))
+                                 precompute=getattr(torch, config.solver_dtype), prefix_only=PREFIX_ONLY,
+                                 state_device="cpu" if config.solver_device == "cpu" else None,
+                                 execution_device=streamed_device(config))
+    place_model(adapter.model.to(getattr(torch, config.dtype)), config.device,
+                **worker_placement(config.device, config.gpus_per_worker))
     return adapter, solvers, loaded.tokenizer
 
 

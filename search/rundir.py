@@ -60,7 +60,9 @@ def open_run_dir(run_dir: Path, config: SearchConfig) -> None:
     path = run_dir / CONFIG
     if path.is_file():
         previous = yaml.safe_load(path.read_text()) or {}
-        stored = {k: v for k, v in previous.items() if k not in SearchConfig.RUNTIME}
+        # a setting added after this run was made compares as its default: the run used that behaviour
+        defaults = SearchConfig(model=config.model, ratio=config.ratio).identity()
+        stored = {k: v for k, v in {**defaults, **previous}.items() if k not in SearchConfig.RUNTIME}
         mine = config.identity()
         different = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
         if different:

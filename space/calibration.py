@@ -11,6 +11,7 @@ gets its own (:meth:`BlockInputs.calls`).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -50,12 +51,45 @@ class BlockInputs:
     def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
         return BlockInputs(hidden, self.args, self.kwargs, self.block_kwargs)
 
+    def to(self, device: torch.device | str) -> "BlockInputs":
+        """The same calls with every tensor in them on ``device``."""
+        return BlockInputs(_moved(self.hidden, device), _moved(self.args, device), _moved(self.kwargs, device),
+                           {block: _moved(calls, device) for block, calls in self.block_kwargs.items()})
+
+
+def _moved(value, device):
+    """``value`` with the tensors in it (through tuples, lists and dicts) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    return value
+
+
+@contextmanager
+def block_on(block: nn.Module, device: torch.device | str | None) -> Iterator[None]:
+    """``block`` on ``device`` while the body runs, then back where it was: the streamed preparation
+    of a model kept in host memory, one block at a time on the GPU (``device`` None: stays put)."""
+    if device is None:
+        yield
+        return
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        yield
+    finally:
+        block.to(home)
+
 
 @torch.no_grad()
-def capture_block_inputs(adapter: ModelAdapter, windows: torch.Tensor, *, batch_size: int = 8) -> BlockInputs:
+def capture_block_inputs(adapter: ModelAdapter, windows: torch.Tensor, *, batch_size: int = 8,
+                         execution_device: torch.device | str | None = None) -> BlockInputs:
     """Run the embeddings on ``windows`` (n x seqlen token ids) and keep what the first block gets,
     and how every other block is called: each block's forward is swapped for a recorder that
-    passes its input on, and the last one stops the pass."""
+    passes its input on, and the last one stops the pass. ``execution_device``: where the blocks
+    will run (the inputs are moved there), when not the model's."""
     blocks = list(adapter.decoder_layers())
     device = next(adapter.model.parameters()).device
     captured = BlockInputs([], [], [])
@@ -93,7 +127,7 @@ def capture_block_inputs(adapter: ModelAdapter, windows: torch.Tensor, *, batch_
             else:
                 block.forward = own
     captured.block_kwargs = {block: calls for block, calls in differing.items() if any(calls)}
-    return captured
+    return captured if execution_device is None else captured.to(execution_device)
 
 
 def _block_output(output):
@@ -195,15 +229,21 @@ def walk_layers(
     *,
     batch_size: int = 8,
     layers: Iterable[int] | None = None,
+    execution_device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> Iterator[LayerStats]:
-    """Yield each layer's statistics in order, feeding each block the previous block's output."""
-    inputs = capture_block_inputs(adapter, windows, batch_size=batch_size)
+    """Yield each layer's statistics in order, feeding each block the previous block's output.
+    ``execution_device``: run each block there (moved in for its turn, and back once its statistics
+    are consumed), the rest of the model staying where it is: a model in host memory is prepared on
+    a GPU one block at a time."""
+    inputs = capture_block_inputs(adapter, windows, batch_size=batch_size, execution_device=execution_device)
     wanted = set(range(len(adapter.layers)) if layers is None else layers)
     for layer in progress(adapter.layers):
         if layer.index > max(wanted):
             break
-        stats, outputs = collect_layer_stats(layer, inputs, request if layer.index in wanted else StatsRequest((), ()))
-        inputs = inputs.with_hidden(outputs)
-        if layer.index in wanted:
-            yield stats
+        with block_on(layer.layer, execution_device):
+            stats, outputs = collect_layer_stats(layer, inputs,
+                                                 request if layer.index in wanted else StatsRequest((), ()))
+            inputs = inputs.with_hidden(outputs)
+            if layer.index in wanted:
+                yield stats

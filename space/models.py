@@ -5,6 +5,10 @@ GGUF files are de-quantised by transformers, which takes tens of seconds; the re
 as an ordinary Hugging Face folder in a cache (``$LLM_PRUNER_CACHE``, default
 ``~/.cache/llm_pruner``), keyed by the file's path, size and modification time, so later runs
 (and every Ray worker) load it in about a second.
+
+A model larger than one GPU is placed over several with a device map (:func:`place_model`:
+accelerate's hooks move activations between the devices; :func:`worker_placement` gives a search
+worker's).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from space.errors import UserError
+from space.errors import UserError, require_extra
 
 log = logging.getLogger(__name__)
 
@@ -184,14 +188,58 @@ def ours_modelling_file(folder: Path) -> bool:
     return shipped.is_file() and shipped.read_bytes() == Path(modeling_llm_pruner.__file__).read_bytes()
 
 
+def worker_placement(device: str, gpus: int) -> dict:
+    """:func:`load_model`'s placement options for a worker on ``gpus`` devices of kind ``device``:
+    none (the model goes whole to ``device``) unless it spans several CUDA devices; then balanced
+    over the first ``gpus`` visible ones (a Ray actor sees exactly its own), up to their free
+    memory, nothing offloaded to the CPU or the disk."""
+    if gpus <= 1 or not device.startswith("cuda"):
+        return {}
+    visible = torch.cuda.device_count()
+    if visible < gpus:
+        raise UserError(f"--gpus-per-worker {gpus}: this worker sees {visible} CUDA device(s)")
+    return {"device_map": "balanced", "max_memory": {i: torch.cuda.mem_get_info(i)[0] for i in range(gpus)}}
+
+
+def place_model(model: torch.nn.Module, device: str, *, device_map: str | dict | None = None,
+                max_memory: dict | None = None) -> torch.nn.Module:
+    """``model`` whole on ``device``, or (``device_map``) over the devices of a map: module name ->
+    device, or transformers' strategies (``"balanced"``...) computed over ``max_memory``. A mapped
+    model gets accelerate's hooks even when its map names one device (transformers adds them only
+    for several): a worker runs the same code on one device as on many."""
+    if device_map is None:
+        return model.to(device)
+    require_extra("accelerate", "multi-gpu", "a model placed over several devices (--gpus-per-worker above 1)")
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        given = max_memory
+        keep_whole = model._no_split_modules  # a decoder layer never straddles two devices
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=keep_whole,
+                                             low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=keep_whole)
+        spilled = {"cpu", "disk"} & set(device_map.values()) - set(given or {})
+        if given is not None and spilled:  # offloading would run, slowly: refused instead
+            raise UserError(f"the model does not fit in the memory of the devices {list(given)} given to it (some "
+                            f"of it would go to the {' and '.join(sorted(spilled))}); give a worker more GPUs "
+                            "(--gpus-per-worker)")
+    dispatch_model(model, device_map=device_map, force_hooks=True)
+    return model
+
+
 def load_model(
     spec: str,
     *,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> LoadedModel:
-    """Load model and tokenizer for ``spec`` (see :func:`resolve`), in eval mode on ``device``."""
+    """Load model and tokenizer for ``spec`` (see :func:`resolve`), in eval mode on ``device``, or
+    placed over the devices of ``device_map`` (see :func:`place_model`; needs accelerate)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(spec)
@@ -211,6 +259,6 @@ def load_model(
         if "trust_remote_code" in str(exc):
             raise UserError(f"model {spec!r} ships its own code; pass --trust-remote-code to run it") from exc
         raise UserError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from exc
-    model.to(device)
+    place_model(model, device, device_map=device_map, max_memory=max_memory)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, extra={"folder": folder})

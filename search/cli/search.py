@@ -10,7 +10,7 @@ import yaml
 from evaluators.data import DATASETS, check_calibration, load_text, parse_dataset
 from reform.spec import MODES
 from search.cli import common
-from search.config import DTYPES, SEARCH_METHODS, WINDOW_SETS, SearchConfig
+from search.config import DTYPES, SEARCH_METHODS, SOLVER_DEVICES, WINDOW_SETS, SearchConfig
 from search.job import run_search
 from search.plan import describe, plan_for
 from search.rundir import check_run_dir
@@ -35,7 +35,10 @@ def add(sub) -> None:
     p.add_argument("--searcher", default="evolution", help=" | ".join(SAMPLERS))
     p.add_argument("--trials", type=int, help="finished trials to reach (default 100; a re-run may raise it)")
     p.add_argument("--run-dir", required=True, type=Path, help="run folder (re-running the command resumes it)")
-    p.add_argument("--workers", type=int, default=0, help="Ray actors (0: evaluate in this process)")
+    p.add_argument("--workers", type=int, default=0, help="Ray actors (0: evaluate in this process); at most the "
+                                                          "cluster's GPUs / --gpus-per-worker where it has GPUs")
+    p.add_argument("--gpus-per-worker", type=int, default=1,
+                   help="GPUs one worker's model spans, placed over them with a device map (default 1)")
     p.add_argument("--ray-address", help="join an existing Ray cluster (e.g. auto)")
     p.add_argument("--storage", help="an Optuna RDB URL instead of the run folder's journal file")
     p.add_argument("--seed", type=int, default=0)
@@ -68,6 +71,11 @@ def add(sub) -> None:
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16", help="dtype candidates are scored in: " + " | ".join(DTYPES))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--solver-dtype", default="float32", help="dtype of the fitness's least-squares state (L⁻¹, P): "
+                                                             + " | ".join(DTYPES))
+    p.add_argument("--solver-device", default="model", choices=SOLVER_DEVICES,
+                   help="where that state lives: on the model's device, or in (pinned) host memory, each solve "
+                        "copying one layer's rows to the model's device")
     p.add_argument("--dry-run", action="store_true", help="print the memory plan per worker and stop (the model "
                                                           "may be a folder with only its config.json)")
     p.add_argument("--json", type=Path, help="--dry-run: also write the plan here")
@@ -102,10 +110,11 @@ def config_from(args) -> SearchConfig:
         fitness_nsamples=args.fitness_nsamples, fitness_seqlen=args.fitness_seqlen, seed=args.seed,
         ratio_min=args.ratio_min, searcher=args.searcher, trials=args.trials, preset=args.preset,
         mlp_step=args.mlp_step, evolution=args.evolution, importance=args.importance,
-        fitness_reform=args.fitness_reform, fitness=args.fitness, fitness_top_k=args.fitness_top_k, dtype=args.dtype, device=args.device, pruner=args.pruner,
+        fitness_reform=args.fitness_reform, fitness=args.fitness, fitness_top_k=args.fitness_top_k, dtype=args.dtype, device=args.device,
+        solver_dtype=args.solver_dtype, solver_device=args.solver_device, pruner=args.pruner,
         final_top_k=args.final_top_k, export_reform=args.export_reform, eval_windows=args.eval_windows or 0,
         eval_datasets=tuple(args.eval_datasets), max_failures=args.max_failures,
-        trial_timeout=args.trial_timeout,
+        trial_timeout=args.trial_timeout, gpus_per_worker=args.gpus_per_worker,
     )
 
 
@@ -164,6 +173,8 @@ def validate(args) -> None:
         check_calibration([args.config.calibration_spec(which) for which in WINDOW_SETS], tokenizer)
     if args.workers:
         require_extra("ray", "ray", "--workers")
+    if args.config.gpus_per_worker > 1 and args.config.device.startswith("cuda"):
+        require_extra("accelerate", "multi-gpu", "--gpus-per-worker above 1")
 
 
 def check_storage_url(url: str) -> None:

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from space.adapters import ModelAdapter
-from space.calibration import StatsRequest, walk_layers
+from space.calibration import StatsRequest, block_on, walk_layers
 from space.errors import UserError
 from space.subnet import ModelDims
 
@@ -30,7 +30,8 @@ class LayerScores:
     channels: torch.Tensor  # (intermediate_size,)
 
     def to(self, dtype=torch.float64) -> "LayerScores":
-        return LayerScores(self.heads.to(dtype), self.groups.to(dtype), self.channels.to(dtype))
+        """In ``dtype``, in host memory (where they are cached and ordered from)."""
+        return LayerScores(*(t.to(device="cpu", dtype=dtype) for t in (self.heads, self.groups, self.channels)))
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class ScoreSpec:
     whole_model: bool = False  # fn(adapter, windows, ctx, batch_size=, progress=) -> every layer's scores
     uses_ratio: bool = False  # depends on the target ratio (ScoreContext.ratio)
     version: int = 1  # raised when the formula changes, so that cached scores of the old one are not served
+    streamed: bool = True  # runs block by block (on ScoreContext.execution_device); False: needs the whole model
 
     @property
     def needs_data(self) -> bool:
@@ -54,20 +56,23 @@ class ScoreContext:
     head_dim: int
     group_size: int
     ratio: float | None = None  # the target budget, for scores that depend on it (newton)
+    execution_device: str | None = None  # where blocks run when the model is kept elsewhere (streamed)
 
 
 SCORES: dict[str, ScoreSpec] = {}
 
 
 def register_score(name: str, *, request: StatsRequest = StatsRequest((), ()), standardized: bool = False,
-                   source: str = "", whole_model: bool = False, uses_ratio: bool = False, version: int = 1):
+                   source: str = "", whole_model: bool = False, uses_ratio: bool = False, version: int = 1,
+                   streamed: bool = True):
     """Register a score. Per-layer scores take ``(layer, stats, ctx)`` and the statistics named by
     ``request``; ``whole_model`` scores (gradients, block outputs) make their own calibration pass
     and take ``(adapter, windows, ctx, *, batch_size, progress)``. ``version``: raise it whenever
-    the formula changes (it keys the score cache)."""
+    the formula changes (it keys the score cache). ``streamed``: a whole-model score that still runs
+    block by block, on ``ctx.execution_device`` (else the whole model is moved there for its pass)."""
 
     def decorate(fn):
-        SCORES[name] = ScoreSpec(name, fn, request, standardized, source, whole_model, uses_ratio, version)
+        SCORES[name] = ScoreSpec(name, fn, request, standardized, source, whole_model, uses_ratio, version, streamed)
         return fn
 
     return decorate
@@ -136,16 +141,19 @@ def compute_scores(
     *,
     batch_size: int = 8,
     ratio: float | None = None,
+    execution_device: str | None = None,
     progress: Callable = lambda it: it,
 ) -> dict[str, list[LayerScores]]:
     """Every requested score for every layer: the per-layer ones from one shared block-by-block
     calibration pass, the whole-model ones from their own passes. ``ratio``: the target budget,
-    for the scores that depend on it."""
-    ctx = ScoreContext(adapter.dims.head_dim, adapter.dims.group_size, ratio)
+    for the scores that depend on it. ``execution_device``: run the blocks there, one at a time,
+    the model staying where it is (see :func:`space.calibration.walk_layers`)."""
+    ctx = ScoreContext(adapter.dims.head_dim, adapter.dims.group_size, ratio, execution_device)
     results: dict[str, list[LayerScores]] = {}
     for spec in (score_spec(n) for n in names):
         if spec.whole_model:
-            layers = spec.fn(adapter, windows, ctx, batch_size=batch_size, progress=progress)
+            with block_on(adapter.model, None if spec.streamed else execution_device):
+                layers = spec.fn(adapter, windows, ctx, batch_size=batch_size, progress=progress)
             results[spec.name] = [s.to() for s in layers]
     specs = [score_spec(n) for n in names if not score_spec(n).whole_model]
     request = StatsRequest((), ())
@@ -157,7 +165,8 @@ def compute_scores(
             for spec in specs:
                 results[spec.name].append(spec.fn(layer, None, ctx).to())
         return results
-    for stats in walk_layers(adapter, windows, request, batch_size=batch_size, progress=progress):
+    for stats in walk_layers(adapter, windows, request, batch_size=batch_size, execution_device=execution_device,
+                             progress=progress):
         layer = adapter.layers[stats.index]
         for spec in specs:
             results[spec.name].append(spec.fn(layer, stats, ctx).to())

@@ -130,18 +130,21 @@ class ScoreCache:
         ratio: float | None = None,
         copy_to: Path | None = None,
         batch_size: int = 8,
+        execution_device: str | None = None,
         progress: Callable = lambda it: it,
     ) -> Scored:
         """Scores ``names`` of the dense ``adapter`` model, from the cache or computed on
         ``windows()`` (called only when computing, and only when a score needs data).
-        ``copy_to``: a run or export folder's file that also receives them."""
+        ``copy_to``: a run or export folder's file that also receives them. ``execution_device``:
+        computed block by block there (:func:`compute_scores`)."""
         key = self.key(adapter, names, source=source, calibration=calibration, ratio=ratio)
         found = self.get(key, copy_to=copy_to)
         reused = found is not None
         if found is None:
             started = time.time()
             data = windows() if any(score_spec(n).needs_data for n in names) else None
-            scores = compute_scores(adapter, data, names, batch_size=batch_size, ratio=ratio, progress=progress)
+            scores = compute_scores(adapter, data, names, batch_size=batch_size, ratio=ratio,
+                                    execution_device=execution_device, progress=progress)
             found = (scores, time.time() - started)
             self.put(key, *found)
         if copy_to is not None and copy_to.parent.is_dir() and load_scores(copy_to, key) is None:

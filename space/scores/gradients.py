@@ -166,27 +166,27 @@ def taylor_scores(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContex
     return out
 
 
-@register_score("taylor", whole_model=True, source="LLM-Pruner (element-wise first order, their default)")
+@register_score("taylor", whole_model=True, streamed=False, source="LLM-Pruner (element-wise first order, their default)")
 def taylor(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, batch_size: int = 1,
            progress: Callable = lambda it: it) -> list[LayerScores]:
     return taylor_scores(adapter, windows, ctx, modes=("element1",), batch_size=batch_size,
                          progress=progress)["element1"]
 
 
-@register_score("taylor-element2", whole_model=True, source="LLM-Pruner (element-wise, second order)")
+@register_score("taylor-element2", whole_model=True, streamed=False, source="LLM-Pruner (element-wise, second order)")
 def taylor_element2(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, batch_size: int = 1,
                     progress: Callable = lambda it: it) -> list[LayerScores]:
     return taylor_scores(adapter, windows, ctx, modes=("element2",), progress=progress)["element2"]
 
 
-@register_score("taylor-vector", whole_model=True, source="LLM-Pruner (vector-wise)")
+@register_score("taylor-vector", whole_model=True, streamed=False, source="LLM-Pruner (vector-wise)")
 def taylor_vector(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, batch_size: int = 1,
                   progress: Callable = lambda it: it) -> list[LayerScores]:
     return taylor_scores(adapter, windows, ctx, modes=("vector",), batch_size=batch_size,
                          progress=progress)["vector"]
 
 
-@register_score("ntk", whole_model=True, standardized=True, source="NIRVANA (NTK saliency, max-logit objective)")
+@register_score("ntk", whole_model=True, streamed=False, standardized=True, source="NIRVANA (NTK saliency, max-logit objective)")
 def ntk(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, batch_size: int = 1,
         progress: Callable = lambda it: it) -> list[LayerScores]:
     """|W ⊙ ∂f/∂W| summed over each unit, f the mean over windows and vocabulary of the

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from space.calibration import capture_block_inputs, run_block
+from space.calibration import block_on, capture_block_inputs, run_block
 from space.adapters import ModelAdapter
 from space.scores.base import LayerScores, ScoreContext, register_score
 
@@ -46,10 +46,11 @@ def block_influence(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreCont
                     progress: Callable = lambda it: it) -> list[LayerScores]:
     """BI_i = 1 − mean over tokens of cos(block input, block output); depth only, so every unit
     of block i carries BI_i."""
-    inputs = capture_block_inputs(adapter, windows, batch_size=batch_size)
+    inputs = capture_block_inputs(adapter, windows, batch_size=batch_size, execution_device=ctx.execution_device)
     scores = []
     for layer in progress(adapter.layers):
-        outputs = run_block(layer.layer, inputs)
+        with block_on(layer.layer, ctx.execution_device):
+            outputs = run_block(layer.layer, inputs)
         total, count = 0.0, 0
         for x, y in zip(inputs.hidden, outputs):
             cos = F.cosine_similarity(x.double(), y.double(), dim=-1)
@@ -65,7 +66,7 @@ def block_influence(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreCont
 def bip(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, batch_size: int = 8,
         progress: Callable = lambda it: it) -> list[LayerScores]:
     """Relative block-output deviation of removing each unit alone (see the module docstring)."""
-    inputs = capture_block_inputs(adapter, windows, batch_size=batch_size)
+    inputs = capture_block_inputs(adapter, windows, batch_size=batch_size, execution_device=ctx.execution_device)
     hd, g = ctx.head_dim, ctx.group_size
     scores = []
     for layer in progress(adapter.layers):
@@ -84,7 +85,8 @@ def bip(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, batc
 
         handles = [o.register_forward_hook(o_hook), down.register_forward_hook(down_hook)]
         try:
-            outputs = run_block(layer.layer, inputs)
+            with block_on(layer.layer, ctx.execution_device):
+                outputs = run_block(layer.layer, inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -92,7 +94,8 @@ def bip(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, batc
         for x, attn in zip(inputs.hidden, acc["attn_out"]):  # residual stream entering the MLP branch
             acc["mlp_in_sq"] += float((x.double() + attn.double()).square().sum())
         gain = (acc["mlp_out_sq"] / max(acc["mlp_in_sq"], 1e-30)) ** 0.5
-        w_o, w_down = o.weight.detach().double(), down.weight.detach().double()
+        device = acc["sq_down"].device  # the statistics stay where the block ran
+        w_o, w_down = o.weight.detach().double().to(device), down.weight.detach().double().to(device)
         channels = w_down.norm(dim=0) * acc["sq_down"].sqrt() / out_norm
 
         def deviation(columns: torch.Tensor) -> float:

@@ -31,7 +31,8 @@ import torch
 
 from space.adapters import LayerAdapter, ModelAdapter
 from space.budget import project
-from space.calibration import BlockInputs, StatsRequest, capture_block_inputs, collect_layer_stats, run_block
+from space.calibration import (BlockInputs, StatsRequest, block_on, capture_block_inputs, collect_layer_stats,
+                               run_block)
 from space.scores.base import LayerScores, ScoreContext, best_shape, kept_heads, register_score, weight64
 from space.scores.elimination import CHANNELS_PER_STEP, damped, eliminate, swap_search, unit_scores
 from space.subnet import LayerWidths, ModelDims, Subnet
@@ -69,17 +70,18 @@ def osscar(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, b
         raise ValueError("the osscar score needs the target ratio")
     dims = adapter.dims
     target = uniform_target(dims, ctx.ratio)
-    inputs = capture_block_inputs(adapter, windows, batch_size=batch_size)
+    inputs = capture_block_inputs(adapter, windows, batch_size=batch_size, execution_device=ctx.execution_device)
     scores = []
     for layer, widths in progress(list(zip(adapter.layers, target.layers))):
         o, down = layer.attention_output(), layer.mlp_output()
-        dense = (o.weight.data.clone(), down.weight.data.clone())
-        try:
-            heads = _select_heads(layer, inputs, dims, ctx.ratio)
-            channels = _select_channels(layer, inputs, widths.channels)
-            inputs = inputs.with_hidden(run_block(layer.layer, inputs))
-        finally:
-            o.weight.data, down.weight.data = dense
+        with block_on(layer.layer, ctx.execution_device):
+            dense = (o.weight.data.clone(), down.weight.data.clone())
+            try:
+                heads = _select_heads(layer, inputs, dims, ctx.ratio)
+                channels = _select_channels(layer, inputs, widths.channels)
+                inputs = inputs.with_hidden(run_block(layer.layer, inputs))
+            finally:
+                o.weight.data, down.weight.data = dense
         scores.append(LayerScores(heads, heads.view(-1, dims.group_size).sum(1), channels))
     return scores
 

@@ -145,6 +145,8 @@ def test_prune_by_parts_and_by_method_run_the_same_pipeline(tiny_model_dir, tiny
      "max-failures"),
     (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--trial-timeout", "0"],
      "trial-timeout"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--gpus-per-worker", "0"],
+     "--gpus-per-worker must be a whole number of GPUs, at least 1"),
     (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--storage", "notaurl"],
      "not a database URL"),
     (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--calib", "wikitext2+ptb:test"],
@@ -170,6 +172,8 @@ def test_bad_inputs_end_in_one_message_and_exit_2(argv, message, tiny_model_dir,
     (["recover", "{tmp}/export", "--out", "{tmp}/out"], "pip install 'llm-pruner[recover]'"),
     (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--workers", "2", "--eval-windows", "0"],
      "pip install 'llm-pruner[ray]'"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--device", "cuda",
+      "--gpus-per-worker", "2", "--eval-windows", "0"], "pip install 'llm-pruner[multi-gpu]'"),
     (["dashboard", "{tmp}/run"], "pip install 'llm-pruner[dashboard]'"),
 ])
 def test_a_command_that_needs_a_missing_extra_names_it(argv, message, tiny_model_dir, tiny_data, tmp_path, capsys,
@@ -178,7 +182,7 @@ def test_a_command_that_needs_a_missing_extra_names_it(argv, message, tiny_model
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("peft", "ray", "optuna_dashboard") else real(name, *a))
+                        lambda name, *a: None if name in ("peft", "ray", "optuna_dashboard", "accelerate") else real(name, *a))
     code, io = run([a.format(model=tiny_model_dir, tmp=tmp_path) for a in argv], capsys)
     assert code == 2 and message in io.err and "Traceback" not in io.err
 
@@ -199,6 +203,10 @@ def test_a_runs_config_yaml_re_runs_it_and_flags_override_it(tiny_model_dir, tin
                                              "--trials", "7", "--nsamples", "16"]))
     assert changed.trials == 7 and changed.calibration["nsamples"] == 16 and changed.fitness == "kl"
     assert changed.calibration["seqlen"] == 32 and changed.fitness_windows == first.fitness_windows
+    spread = config_from(parser.parse_args(["search", "--config", str(tmp_path / "config.yaml"), "--run-dir", "b",
+                                            "--gpus-per-worker", "2"]))
+    assert first.to_dict()["gpus_per_worker"] == 1 and spread.to_dict()["gpus_per_worker"] == 2  # recorded
+    assert spread.identity() == first.identity()  # how a job runs, not what it searches: a run resumes with it
     (tmp_path / "bad.yaml").write_text("model: m\nratio: 0.5\nwhatever: 1\n")
     code, io = run(["search", "--config", str(tmp_path / "bad.yaml"), "--run-dir", str(tmp_path / "c")], capsys)
     assert code == 2 and "unknown: whatever" in io.err

@@ -29,9 +29,11 @@ def test_the_planned_solver_state_is_what_the_fitness_holds(make_model, token_id
     adapter = adapter_for(make_model("llama"))
     full = output_solvers(adapter, token_ids, precompute=torch.float32)
     solvers = output_solvers(adapter, token_ids, precompute=torch.float32, prefix_only=PREFIX_ONLY)
-    held = sum(t.numel() * t.element_size() for layer in solvers for s in layer.values()
-               for t in (s.factor, s.rhs, s._inverse, s._projected) if t is not None)
+    held = sum(s.state_bytes() for layer in solvers for s in layer.values())
     assert solver_bytes(adapter.dims) == pytest.approx(held, rel=0.05)
+    halves = output_solvers(adapter, token_ids, precompute=torch.bfloat16, prefix_only=PREFIX_ONLY, state_device="cpu")
+    assert solver_bytes(adapter.dims, 2) == pytest.approx(sum(s.state_bytes() for layer in halves
+                                                               for s in layer.values()), rel=0.05)
     assert config_dims(adapter.model.config) == adapter.dims  # counted on a weightless copy
     for layer_full, layer in zip(full, solvers):  # the prefix-only form solves prefixes alike
         for width in (1, 17, 95):
@@ -64,3 +66,22 @@ def test_a_job_that_would_not_fit_stops_before_writing(tiny_model_dir, tiny_data
     with pytest.raises(UserError, match="needs about .* GB on cpu per worker"):
         run_search(tiny_config(tiny_model_dir), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_solver_state_on_the_host_or_in_bfloat16_scores_alike(make_model, token_ids):
+    """``--solver-device cpu`` gives the same fitness values; bfloat16 state, close ones in the same order."""
+    from search.fitness import Fitness
+    from space.subnet import LayerWidths, Subnet
+
+    adapter = adapter_for(make_model("llama"))
+    subnets = [Subnet(adapter.dims, [LayerWidths(kv, q, c) for kv, q, c in layers]) for layers in (
+        [(2, 3, 40), (1, 3, 96), (2, 2, 10)], [(2, 1, 70), (2, 3, 30), (1, 2, 60)], [(1, 1, 20), (2, 3, 20), (2, 3, 20)])]
+    values = {}
+    for name, dtype, device in (("default", torch.float32, None), ("host", torch.float32, "cpu"),
+                                ("bfloat16", torch.bfloat16, None)):
+        solvers = output_solvers(adapter, token_ids, precompute=dtype, prefix_only=PREFIX_ONLY, state_device=device)
+        fitness = Fitness(adapter, token_ids, solvers=solvers, batch_size=4)
+        values[name] = [fitness.evaluate(subnet).value for subnet in subnets]
+    assert values["host"] == values["default"]
+    assert values["bfloat16"] == pytest.approx(values["default"], rel=2e-2)
+    assert sorted(range(3), key=values["bfloat16"].__getitem__) == sorted(range(3), key=values["default"].__getitem__)

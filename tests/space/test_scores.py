@@ -150,3 +150,33 @@ def test_input_stats_accumulate_in_float64():
     stats.add(x[1:])
     assert stats.sum.dtype == torch.float64
     torch.testing.assert_close(stats.variance, torch.tensor([0.25, 1.0, 4.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["wanda-sp", "osscar", "bip", "block-influence"])
+def test_scores_computed_block_by_block_on_an_execution_device_are_the_same(make_model, token_ids, name):
+    """The streamed preparation's path (each block moved to the execution device for its turn) gives
+    the scores of the ordinary one; on a CPU-only machine the moves are no-ops but the path runs."""
+    adapter = adapter_for(make_model("llama"))
+    plain = compute_scores(adapter, token_ids, [name], ratio=0.5)[name]
+    streamed = compute_scores(adapter, token_ids, [name], ratio=0.5, execution_device="cpu")[name]
+    for a, b in zip(plain, streamed):
+        for x, y in ((a.heads, b.heads), (a.groups, b.groups), (a.channels, b.channels)):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_in_host_memory_is_prepared_on_the_gpu_block_by_block(make_model, token_ids):
+    from reform.local import output_solvers
+
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    streamed = compute_scores(adapter, token_ids, ["wanda-sp", "osscar"], ratio=0.5, execution_device="cuda")
+    solvers = output_solvers(adapter, token_ids, precompute=torch.float32, execution_device="cuda")
+    assert all(p.device.type == "cpu" for p in model.parameters())  # every block went back
+    assert solvers[0]["down"].solve(40).device.type == "cpu" and solvers[0]["down"].state_bytes() > 0
+    model.cuda()
+    on_gpu = compute_scores(adapter, token_ids, ["wanda-sp", "osscar"], ratio=0.5)
+    for name in on_gpu:
+        for a, b in zip(streamed[name], on_gpu[name]):
+            torch.testing.assert_close(a.channels, b.channels, rtol=1e-4, atol=1e-6)
