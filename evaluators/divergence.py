@@ -15,7 +15,6 @@ K = 256 are 8 MB, where full float32 distributions of a 49k vocabulary would be 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -92,11 +91,3 @@ def batch_kl(model: nn.Module, input_ids: torch.Tensor, log_probs: torch.Tensor,
         p_top, p_rest = log_probs[:, start:end], log_rest[:, start:end]
         total += float(_xlogy_diff(p_top, q_top).sum() + _xlogy_diff(p_rest, _log_rest(q_top)).sum())
     return total, log_probs.shape[0] * log_probs.shape[1]
-
-
-def iter_kl(model: nn.Module, windows: torch.Tensor, ref: Reference) -> Iterator[tuple[float, int]]:
-    """(summed KL, position count) per batch of ``ref``, so a caller can report or stop early."""
-    device = next(model.parameters()).device
-    for i, first in enumerate(range(0, windows.shape[0], ref.batch_size)):
-        ids = windows[first : first + ref.batch_size].to(device)
-        yield batch_kl(model, ids, ref.log_probs[i], ref.ids[i], ref.log_rest[i])

@@ -9,6 +9,8 @@ Per worker, in bytes, from the model's config alone (built on the ``meta`` devic
   and ``B``; ``fitness_device_bytes`` of it on the worker's device (one layer's, with
   ``--solver-device cpu``: the rest is ``host_fitness_bytes``);
 * ``cache_bytes``: the fitness's cache of rectified layers (its bound);
+* ``prefix_bytes``: the hidden states the fitness keeps to start a child where it differs from
+  earlier candidates (:class:`search.fitness.PrefixStates`, its bound);
 * ``activation_bytes``: one forward of a batch of fitness windows (hidden states, the widest MLP
   activations, one chunk of float32 logits and their log-softmax);
 * ``logits_bytes``: the dense model's top-K distributions of a KL fitness;
@@ -28,6 +30,7 @@ import torch
 
 from evaluators.perplexity import LOGIT_CHUNK
 from search.config import SearchConfig
+from search.fitness import CACHE_BYTES, PREFIX_BYTES
 from search.prepare import PREFIX_ONLY
 from space.adapters import adapter_for
 from space.errors import UserError
@@ -36,7 +39,6 @@ from space.models import resolve
 from space.subnet import ModelDims, Subnet
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-FITNESS_CACHE_BYTES = 1 << 30  # search.fitness.Fitness's default bound
 FITNESS_BATCH = 8  # windows per forward in the fitness
 
 
@@ -61,9 +63,10 @@ def config_dims(hf_config) -> ModelDims:
 
 
 def solver_bytes(dims: ModelDims, dtype_bytes: int = 4) -> int:
-    """Bytes of the fitness's prefix solvers over every layer, their state in a dtype of
-    ``dtype_bytes``: o_proj's keep ``L⁻¹``, ``P`` and, for kept sets that are not prefixes, the factor
-    and ``B`` (2 (d_in² + d_in d_out) each); down_proj's only ``L⁻¹`` and ``P`` (``PREFIX_ONLY``)."""
+    """Bytes of the fitness's prefix solvers over every layer, ``L⁻¹`` and ``P`` in a dtype of
+    ``dtype_bytes``: o_proj's keep them (d_in² + d_in d_out) and, for kept sets that are not
+    prefixes, the factor and ``B`` (as many, in float32 at least); down_proj's only ``L⁻¹`` and
+    ``P`` (``PREFIX_ONLY``)."""
     return dims.num_layers * sum(layer_solver_bytes(dims, dtype_bytes).values())
 
 
@@ -71,8 +74,8 @@ def layer_solver_bytes(dims: ModelDims, dtype_bytes: int = 4) -> dict[str, int]:
     """One layer's solver state per output projection (see :func:`solver_bytes`)."""
     out = {}
     for name, d_in in (("o", dims.num_heads * dims.head_dim), ("down", dims.intermediate_size)):
-        matrices = 1 if name in PREFIX_ONLY else 2
-        out[name] = matrices * dtype_bytes * (d_in * d_in + d_in * dims.hidden_size)
+        per_element = dtype_bytes if name in PREFIX_ONLY else dtype_bytes + max(dtype_bytes, 4)
+        out[name] = per_element * (d_in * d_in + d_in * dims.hidden_size)
     return out
 
 
@@ -95,9 +98,9 @@ def device_memory(device: str, gpu_memory_gb: float | None) -> int | None:
 
 
 def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memory: int | None,
-                cache_bytes: int = FITNESS_CACHE_BYTES) -> dict:
-    """The plan of ``config`` for a model of ``dims`` (see the module's docstring); ``cache_bytes``: the
-    bound of the fitness's layer cache."""
+                cache_bytes: int = CACHE_BYTES, prefix_bytes: int = PREFIX_BYTES) -> dict:
+    """The plan of ``config`` for a model of ``dims`` (see the module's docstring); ``cache_bytes``,
+    ``prefix_bytes``: the bounds of the fitness's layer cache and kept hidden states."""
     size = DTYPE_BYTES[config.dtype]
     params = Subnet.dense(dims).total_params()
     fitness = config.calibration_spec("fitness_windows")
@@ -112,7 +115,7 @@ def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memor
     hidden = 2 * dims.hidden_size + 3 * dims.intermediate_size + (dims.num_heads + 2 * dims.num_kv_heads) * dims.head_dim
     activation_bytes = batch * fitness.seqlen * hidden * size + 2 * batch * min(fitness.seqlen, LOGIT_CHUNK) * vocab_size * 4
     logits_bytes = fitness.nsamples * (fitness.seqlen - 1) * (config.fitness_top_k * 8 + 4) if config.fitness == "kl" else 0
-    search_bytes = params * size + device_fitness + cache_bytes + activation_bytes + logits_bytes
+    search_bytes = params * size + device_fitness + cache_bytes + prefix_bytes + activation_bytes + logits_bytes
     # preparation: the float32 model (on a GPU streamed, one block at a time, unless the importance
     # score needs the whole model), every calibration window's hidden states in and out of a block,
     # one batch's activations, and one projection's float64 factoring
@@ -128,7 +131,7 @@ def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memor
         "solver_dtype": config.solver_dtype, "solver_device": config.solver_device, "prepare_streamed": streamed,
         "gpus_per_worker": config.gpus_per_worker,
         "weights_bytes": params * size, "fitness_bytes": fitness_bytes, "fitness_device_bytes": device_fitness,
-        "host_fitness_bytes": fitness_bytes if on_host else 0, "cache_bytes": cache_bytes,
+        "host_fitness_bytes": fitness_bytes if on_host else 0, "cache_bytes": cache_bytes, "prefix_bytes": prefix_bytes,
         "activation_bytes": activation_bytes, "logits_bytes": logits_bytes, "prepare_bytes": prepare_bytes,
         "peak_bytes": peak, "device_bytes": memory, "fits": None if memory is None else peak <= memory,
         "seconds_per_candidate": None,  # not measured for this model here
@@ -150,13 +153,14 @@ def check_plan(plan: dict) -> None:
     if plan["fits"] is False:
         raise UserError(f"this search needs about {plan['peak_bytes'] / 1e9:.1f} GB on {plan['device']} per worker "
                         f"(weights {plan['weights_bytes'] / 1e9:.1f}, solvers {plan['fitness_device_bytes'] / 1e9:.1f}, "
-                        f"cache {plan['cache_bytes'] / 1e9:.1f}, activations {plan['activation_bytes'] / 1e9:.1f}, "
+                        f"caches {(plan['cache_bytes'] + plan['prefix_bytes']) / 1e9:.1f}, activations {plan['activation_bytes'] / 1e9:.1f}, "
                         f"dense logits {plan['logits_bytes'] / 1e9:.1f}); the device has "
                         f"{plan['device_bytes'] / 1e9:.1f} GB. See --dry-run")
 
 
 def describe(plan: dict) -> str:
     rows = [(k.removesuffix("_bytes"), plan[k]) for k in ("weights_bytes", "fitness_device_bytes", "cache_bytes",
+                                                          "prefix_bytes",
                                                           "activation_bytes", "logits_bytes", "prepare_bytes",
                                                           "peak_bytes")]
     lines = [f"memory plan per worker ({plan['model']}, {plan['params'] / 1e9:.2f} B parameters, {plan['dtype']} "

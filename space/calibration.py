@@ -111,33 +111,43 @@ def capture_block_inputs(adapter: ModelAdapter, windows: torch.Tensor, *, batch_
 
         return forward
 
-    own_forwards = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's device hooks
-    for index, block in enumerate(blocks):
-        block.forward = recorder(index)
-    try:
+    with swapped_forwards({block: recorder(index) for index, block in enumerate(blocks)}):
         for start in range(0, windows.shape[0], batch_size):
             try:
                 adapter.model(windows[start : start + batch_size].to(device), use_cache=False)
             except _Captured:
                 pass
-    finally:
-        for block, own in zip(blocks, own_forwards):
-            if own is None:
-                del block.forward
-            else:
-                block.forward = own
     captured.block_kwargs = {block: calls for block, calls in differing.items() if any(calls)}
     return captured if execution_device is None else captured.to(execution_device)
 
 
-def _block_output(output):
+@contextmanager
+def swapped_forwards(forwards: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Each module's ``forward`` replaced by the given callable while the body runs (the model's own
+    forward pass still drives them), then restored, an instance's own forward included (e.g.
+    accelerate's device hooks)."""
+    own = {module: module.__dict__.get("forward") for module in forwards}
+    for module, forward in forwards.items():
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module, forward in own.items():
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
+
+
+def block_output(output):
+    """A decoder block's hidden states, whether it returns them alone or first in a tuple."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 @torch.no_grad()
 def run_block(layer: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     """The block's outputs for every calibration batch."""
-    return [_block_output(layer(hidden, *args, **kwargs)) for hidden, args, kwargs in inputs.calls(layer)]
+    return [block_output(layer(hidden, *args, **kwargs)) for hidden, args, kwargs in inputs.calls(layer)]
 
 
 class InputStats:

@@ -433,3 +433,30 @@ def test_kl_fitness_equals_a_direct_computation(make_model, token_ids, top_k):
     ppl = Fitness(adapter, token_ids, solvers=solvers, batch_size=3)
     assert ppl.evaluate(subnet, rows=rows).value == pytest.approx(
         Fitness(adapter, token_ids[rows], solvers=solvers, batch_size=3).evaluate(subnet).value, rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["ppl", "kl"])
+def test_a_child_starts_where_it_differs_from_a_candidate_scored_before(make_model, token_ids, kind):
+    """Kept hidden states: the same values as whole passes, bit for bit, with the shared layers skipped."""
+    from reform.local import output_solvers
+    from search.fitness import Fitness
+    from space.adapters import adapter_for
+
+    adapter = adapter_for(make_model("llama"))
+    solvers = output_solvers(adapter, token_ids)
+    parent = [LayerWidths(2, 3, 40), LayerWidths(1, 3, 96), LayerWidths(2, 2, 10)]
+    family = [parent, parent[:2] + [LayerWidths(2, 3, 60)], parent[:1] + [LayerWidths(2, 1, 96), parent[2]],
+              [LayerWidths(1, 1, 20)] + parent[1:], parent]
+    subnets = [Subnet(adapter.dims, layers) for layers in family]
+    values = {}
+    for name, prefix_bytes in (("whole", 0), ("reused", 1 << 30)):
+        fitness = Fitness(adapter, token_ids, solvers=solvers, batch_size=2, kind=kind, top_k=8,
+                          prefix_bytes=prefix_bytes)
+        values[name] = [fitness.evaluate(subnet).batch_values for subnet in subnets]
+        values[name].append(fitness.evaluate(subnets[2], rows=[3, 0]).batch_values)
+        counts = (fitness.prefix.skipped, fitness.prefix.run)
+    assert values["reused"] == values["whole"]
+    # per batch of 2 windows: the parent runs its 3 blocks, the children 1, 2 and 3, the parent again
+    # its last one (the input of a layer is kept, not the model's output); rows [3, 0], a new batch: 3
+    assert len({v[-1] for v in values["whole"]}) == 5  # four subnets (the parent twice) and other rows
+    assert counts == (2 * (0 + 2 + 1 + 0 + 2) + 0, 2 * (3 + 1 + 2 + 3 + 1) + 3)
