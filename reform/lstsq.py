@@ -91,8 +91,11 @@ class PrefixLstsq:
         first k rows of ``P = L⁻¹ B`` only involve ``B[:k]``: then ``Ŵ_Kᵀ = (L⁻¹[:k, :k])ᵀ P[:k]``.
         ``L⁻¹`` and ``P`` are formed once in float64 and kept in ``dtype`` (float32 keeps about
         five significant digits here: plenty to rank candidates, and 10-50x faster on a CPU than
-        two triangular solves per width). The float64 factor and ``B`` are not kept: the factor
-        and ``B`` stay in ``dtype`` too, for the kept sets that are not prefixes (upcast per solve).
+        two triangular solves per width). The float64 factor and ``B`` are not kept: they stay in
+        float32 (or ``dtype`` if wider), for the kept sets that are not prefixes (upcast per solve):
+        their block ``L[K] L[K]ᵀ`` is solved again, and in bfloat16 its error is that of the ridge
+        itself (experiments/results/solver_precision.md: fitness 7x off), while ``L⁻¹`` and ``P`` in
+        bfloat16 move the fitness by tenths of a percent.
 
         ``prefix_only``: keep neither (half of the state): only prefix widths can be solved then,
         which is all down_proj ever needs, its channels being in importance order.
@@ -109,7 +112,8 @@ class PrefixLstsq:
             if prefix_only:
                 self.factor = self.rhs = None
             else:
-                self.factor, self.rhs = _stored(self.factor, dtype, device), _stored(self.rhs, dtype, device)
+                exact = torch.promote_types(dtype, torch.float32)
+                self.factor, self.rhs = _stored(self.factor, exact, device), _stored(self.rhs, exact, device)
         return self
 
     def state_bytes(self) -> int:

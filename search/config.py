@@ -67,9 +67,11 @@ class SearchConfig:
     damping: float = 1e-4
     dtype: str = "bfloat16"
     device: str = "cpu"
-    # the fitness's least-squares state: the dtype of L⁻¹ and P, and where they live (model: on the
-    # model's device; cpu: in host memory, each solve copying one layer's rows to the model's device)
-    solver_dtype: str = "float32"
+    # the fitness's least-squares state: the dtype of L⁻¹ and P (auto: the scoring dtype on a GPU, where
+    # it halves the state and ranks candidates as float32 does, Spearman 0.99 within a ratio
+    # (experiments/results/solver_precision.md); float32 on the CPU), and where they live (model: on
+    # the model's device; cpu: in host memory, each solve copying one layer's rows to the model's device)
+    solver_dtype: str = "auto"
     solver_device: str = "model"
     pruner: str = "none"  # none | median (in-process only)
     final_top_k: int = 5
@@ -125,6 +127,13 @@ class SearchConfig:
     @property
     def fitness_name(self) -> str:
         return FITNESS_NAMES[self.fitness]
+
+    @property
+    def state_dtype(self) -> str:
+        """The dtype the fitness keeps ``L⁻¹`` and ``P`` in (``solver_dtype`` resolved)."""
+        if self.solver_dtype != "auto":
+            return self.solver_dtype
+        return "float32" if self.device == "cpu" else self.dtype
 
     @property
     def staged(self):
@@ -183,8 +192,8 @@ class SearchConfig:
                             "drop one sub-layer and restore another; the other searchers project onto the budget")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
-        if self.solver_dtype not in DTYPES:
-            raise UserError(f"--solver-dtype must be one of {', '.join(DTYPES)}")
+        if self.solver_dtype not in ("auto", *DTYPES):
+            raise UserError(f"--solver-dtype must be auto or one of {', '.join(DTYPES)}")
         if self.solver_device not in SOLVER_DEVICES:
             raise UserError(f"--solver-device must be one of {', '.join(SOLVER_DEVICES)}")
         if self.export_reform not in MODES:

@@ -107,7 +107,7 @@ def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memor
     statistics = config.calibration_spec()
     batch = min(FITNESS_BATCH, fitness.nsamples)
     lstsq = config.fitness_reform == "lstsq"
-    solver_size = DTYPE_BYTES[config.solver_dtype]
+    solver_size = DTYPE_BYTES[config.state_dtype]
     fitness_bytes = solver_bytes(dims, solver_size) if lstsq else 0
     # solver state in host memory beside a GPU: the device holds one layer's rows while a solve runs
     on_host = config.solver_device == "cpu" and not config.device.startswith("cpu")
@@ -128,7 +128,7 @@ def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memor
     peak = max(search_bytes, prepare_bytes)
     return {
         "model": config.model, "dtype": config.dtype, "device": config.device, "params": params,
-        "solver_dtype": config.solver_dtype, "solver_device": config.solver_device, "prepare_streamed": streamed,
+        "solver_dtype": config.state_dtype, "solver_device": config.solver_device, "prepare_streamed": streamed,
         "gpus_per_worker": config.gpus_per_worker,
         "weights_bytes": params * size, "fitness_bytes": fitness_bytes, "fitness_device_bytes": device_fitness,
         "host_fitness_bytes": fitness_bytes if on_host else 0, "cache_bytes": cache_bytes, "prefix_bytes": prefix_bytes,

@@ -86,7 +86,7 @@ def _fitness_parts(config_json: str, run_dir: str):
     solvers = None
     if config.fitness_reform == "lstsq":
         solvers = output_solvers(adapter, config.calibration_spec().windows(loaded.tokenizer), damping=config.damping,
-                                 precompute=getattr(torch, config.solver_dtype), prefix_only=PREFIX_ONLY,
+                                 precompute=getattr(torch, config.state_dtype), prefix_only=PREFIX_ONLY,
                                  state_device="cpu" if config.solver_device == "cpu" else None,
                                  execution_device=streamed_device(config))
     place_model(adapter.model.to(getattr(torch, config.dtype)), config.device,

@@ -71,8 +71,9 @@ def add(sub) -> None:
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16", help="dtype candidates are scored in: " + " | ".join(DTYPES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--solver-dtype", default="float32", help="dtype of the fitness's least-squares state (L⁻¹, P): "
-                                                             + " | ".join(DTYPES))
+    p.add_argument("--solver-dtype", default="auto", help="dtype of the fitness's least-squares state (L⁻¹, P): "
+                                                          "auto (--dtype on a GPU, float32 on the CPU) | "
+                                                          + " | ".join(DTYPES))
     p.add_argument("--solver-device", default="model", choices=SOLVER_DEVICES,
                    help="where that state lives: on the model's device, or in (pinned) host memory, each solve "
                         "copying one layer's rows to the model's device")

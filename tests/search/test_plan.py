@@ -85,3 +85,14 @@ def test_solver_state_on_the_host_or_in_bfloat16_scores_alike(make_model, token_
     assert values["host"] == values["default"]
     assert values["bfloat16"] == pytest.approx(values["default"], rel=2e-2)
     assert sorted(range(3), key=values["bfloat16"].__getitem__) == sorted(range(3), key=values["default"].__getitem__)
+
+
+def test_the_solver_state_follows_the_scoring_dtype_on_a_gpu_only(make_model):
+    dims = adapter_for(make_model("llama")).dims
+    on = {device: SearchConfig(model="m", ratio=0.5, device=device) for device in ("cpu", "cuda")}
+    assert on["cpu"].state_dtype == "float32" and on["cuda"].state_dtype == "bfloat16"
+    assert SearchConfig(model="m", ratio=0.5, device="cuda", solver_dtype="float32").state_dtype == "float32"
+    plans = {device: memory_plan(config, dims, 128, memory=None) for device, config in on.items()}
+    assert plans["cuda"]["fitness_bytes"] == solver_bytes(dims, 2) < plans["cpu"]["fitness_bytes"] == solver_bytes(dims)
+    with pytest.raises(UserError, match="--solver-dtype"):
+        SearchConfig(model="m", ratio=0.5, solver_dtype="int8").check()
