@@ -7,8 +7,8 @@ dict comes back.
 
 The driver submits jobs while a pool has capacity and collects outcomes as they finish
 (``ray.wait``). It knows which job each actor holds; when an actor dies mid-job, the outcome says
-so and the driver submits the job again (the actor itself is restarted by Ray, up to
-``max_restarts`` times, and rejoins the pool).
+so and the driver submits the job again (the actor itself is restarted by Ray and rejoins the pool;
+one that dies ``max_restarts`` times in a row, without a finished job between, is retired).
 
 A Ray actor also gets the files the driver ships it (:mod:`evaluators.shipped`: the prepared state
 it must read as the driver has it, on any node), and ``gpus_per_worker`` GPUs where the cluster
@@ -176,7 +176,10 @@ class RayPool:
             self.close()
             raise
         log.info("starting %d Ray workers (%s)", self.workers, options)
-        remote = ray.remote(max_restarts=self.max_restarts, max_task_retries=0, **options)(_Actor)
+        # Ray restarts an actor however often it dies (its own max_restarts counts over the actor's
+        # lifetime, which would retire a healthy worker of a long job after a few passing faults); the
+        # pool retires one that dies max_restarts times in a row
+        remote = ray.remote(max_restarts=-1, max_task_retries=0, **options)(_Actor)
         self._shipped = tuple(ShippedFile.put(Path(path)) for path in self.files)
         self.actors = [remote.remote(self.factory, threads, self._shipped) for _ in range(self.workers)]
         self._idle = list(self.actors)
@@ -241,7 +244,9 @@ class RayPool:
                 self._deaths.pop(actor, None)
                 self._idle.append(actor)
             except ActorUnavailableError as exc:  # transient (restarting, a network blip): the actor stays
-                log.warning("worker unavailable during job %d (%s); the job goes again", job_id, exc)
+                # said once per outage: a restarting actor is unavailable at every backoff until it is up
+                (log.debug if actor in self._resting else log.warning)(
+                    "worker unavailable during job %d (%s); the job goes again", job_id, exc)
                 outcomes.append(Outcome(job_id, payload, error=str(exc), worker_died=True))
                 self._rest(actor)
             except RayActorError as exc:
@@ -279,6 +284,9 @@ class RayPool:
         if deaths <= self.max_restarts:
             self._idle.append(actor)  # Ray restarts it and it rejoins the pool
             return
+        import ray
+
+        ray.kill(actor, no_restart=True)  # retired: Ray stops restarting it
         self.actors.remove(actor)
         if not self.actors:
             raise JobFailed("every Ray worker died (or hung) more often than max_restarts allows; finished trials "

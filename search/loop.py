@@ -19,10 +19,12 @@ from evaluators.workers import InProcessPool
 from search.artifacts import attach_profile
 from search.config import SearchConfig
 from search.widths import WidthSpace
-from space.errors import JobFailed
+from space.errors import JobFailed, UserError
 from space.subnet import Subnet
 
 log = logging.getLogger(__name__)
+
+PROJECTION_TRIES = 20  # proposals a sampler may make in a row that no subnet on the grid can meet
 
 
 def trial_subnet(config: SearchConfig, space: WidthSpace, params: dict) -> Subnet:
@@ -141,10 +143,21 @@ def requeue(study: optuna.Study, trial: optuna.trial.Trial, **user_attrs) -> Non
 
 
 def _ask(study: optuna.Study, config: SearchConfig, space: WidthSpace) -> tuple[optuna.trial.Trial, Subnet]:
-    trial = study.ask(fixed_distributions=space.distributions())
-    subnet = trial_subnet(config, space, trial.params)
-    describe_trial(trial, subnet)
-    return trial, subnet
+    failure = None
+    for _ in range(PROJECTION_TRIES):
+        trial = study.ask(fixed_distributions=space.distributions())
+        try:
+            subnet = trial_subnet(config, space, trial.params)
+        except ValueError as exc:  # a proposal the width grid cannot bring onto the budget: the sampler's next
+            failure = str(exc)
+            trial.set_user_attr("error", failure)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            log.warning("trial %d: %s; another proposal", trial.number, failure)
+            continue
+        describe_trial(trial, subnet)
+        return trial, subnet
+    raise UserError(f"{PROJECTION_TRIES} proposals in a row could not be brought onto the budget ({failure}); "
+                    "give a finer --mlp-step")
 
 
 def fitness_error(value: float) -> str | None:

@@ -28,6 +28,7 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from search.widths import WidthSpace
+from space.errors import UserError
 from space.subnet import LayerWidths, Subnet
 
 
@@ -113,11 +114,19 @@ class EvolutionSampler(BaseGASampler):
         rng = np.random.default_rng([self.seed, slot])
         generation = self.get_trial_generation(study, trial)
         seen = {self._key(t.params) for t in trials if t.params}
-        child = None
+        child, failure = None, None
         for attempt in range(20):  # avoid re-evaluating a subnet the study already has
-            child = self._child(study, slot, generation, rng, attempt)
+            try:
+                drawn = self._child(study, slot, generation, rng, attempt)
+            except ValueError as exc:  # a proposal the width grid cannot bring onto the budget: another
+                failure = exc
+                continue
+            child = drawn
             if self._key(self.space.encode(child)) not in seen:
                 break
+        if child is None:
+            raise UserError(f"no child of generation {generation} could be brought onto ratio {self.ratio} in 20 "
+                            f"draws ({failure}); give a finer --mlp-step")
         return self.space.encode(child)
 
     def sample_independent(self, study, trial, param_name, param_distribution):

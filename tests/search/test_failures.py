@@ -15,13 +15,16 @@ import pytest
 from evaluators.workers import InProcessPool, Outcome
 from search.cli import main as cli
 from search.config import SearchConfig
+from search.job import run_search
 from search.loop import run_loop
+from search.rundir import load_run_study
 from search.samplers.evolution import EvolutionSampler
 from search.samplers.staged import PRESETS, StagedEvolution
 from search.stages import committed, run_staged
 from search.widths import WidthSpace
-from space.errors import JobFailed
+from space.errors import JobFailed, UserError
 from space.subnet import ModelDims, Subnet
+from tests.search.test_search import tiny_config
 
 DIMS = ModelDims(num_layers=6, hidden_size=64, head_dim=8, num_heads=8, num_kv_heads=4, intermediate_size=256)
 FAIL = optuna.trial.TrialState.FAIL
@@ -174,6 +177,50 @@ def test_a_hung_ray_worker_is_restarted_and_its_job_sent_again(tmp_path):
     assert not ray.is_initialized()  # the pool started Ray, so it shut it down
 
 
+class _DiesEveryOtherJob:
+    """An evaluator factory whose every second evaluation (counted in files) kills its actor's process."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __call__(self):
+        import os
+
+        def evaluate(payload):
+            calls = len(os.listdir(self.folder))
+            open(os.path.join(self.folder, str(calls)), "w").close()
+            if calls % 2 == 1:
+                os._exit(1)
+            return {"value": float(calls), "batch_values": [1.0], "seconds": 0.0}
+
+        return evaluate
+
+
+@pytest.mark.slow
+def test_an_actor_that_dies_now_and_then_is_restarted_past_max_restarts(tmp_path):
+    """max_restarts counts deaths in a row: three deaths, each after a finished job, retire nobody."""
+    ray = pytest.importorskip("ray")
+    from evaluators.workers import RayPool
+
+    if ray.is_initialized():
+        ray.shutdown()
+    pool = RayPool(_DiesEveryOtherJob(tmp_path), 1, max_restarts=1, startup_timeout=120.0)
+    finished, deaths = [], 0
+    try:
+        deadline = time.monotonic() + 300
+        while len(finished) < 4 and time.monotonic() < deadline:
+            while not pool.capacity:
+                pool.wait()
+            pool.submit(len(finished), {"subnet": {}})
+            for outcome in wait_for_one(pool):
+                deaths += outcome.worker_died
+                if not outcome.worker_died:
+                    finished.append(outcome.result["value"])
+        assert len(finished) == 4 and deaths >= 3 and len(pool.actors) == 1
+    finally:
+        pool.close()
+
+
 def test_a_picture_that_cannot_be_written_does_not_fail_the_trial(tmp_path, monkeypatch):
     import search.artifacts as artifacts
 
@@ -296,7 +343,6 @@ class _Raising:
 def test_a_persistent_failure_stops_the_command_by_the_budget_without_looping(tiny_model_dir, tiny_data, tmp_path,
                                                                              monkeypatch, capsys):
     import search.job as job
-    from search.rundir import load_run_study
 
     monkeypatch.setattr(job, "SearchEvaluator", _Raising)
     status = cli(["-q", "search", "--model", str(tiny_model_dir), "--ratio", "0.6", "--run-dir", str(tmp_path / "r"),
@@ -321,3 +367,24 @@ def test_a_worker_exception_is_written_as_its_own_one_line_text():
                            RuntimeError("injected fault")).as_instanceof_cause()
     assert "\x1b[36m" in str(wrapped) and error_text(wrapped) == "RuntimeError: injected fault"
     assert error_text(ValueError("bad batch")) == "ValueError: bad batch"
+
+
+@pytest.mark.parametrize("searcher", ["evolution", "tpe"])
+def test_a_proposal_the_grid_cannot_bring_onto_the_budget_is_drawn_again(tiny_model_dir, tiny_data, tmp_path,
+                                                                        searcher):
+    """The tiny model's default MLP step (8 of 96 channels) cannot meet the budget for some proposals:
+    the evolution draws another child, other samplers' trials fail and the sampler proposes again."""
+    config = tiny_config(tiny_model_dir, mlp_step=None, searcher=searcher, trials=12, eval_windows=0)
+    run_search(config, tmp_path / "run", progress=False)
+    trials = load_run_study(tmp_path / "run").get_trials(deepcopy=False)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 12
+    assert all("ratio" in t.user_attrs["error"] for t in trials if t.state == optuna.trial.TrialState.FAIL)
+
+
+def test_a_grid_that_never_meets_the_budget_stops_with_one_message(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    def never(self, subnet, ratio):
+        raise ValueError("projection reached ratio 0.61, not 0.6")
+
+    monkeypatch.setattr(WidthSpace, "repair", never)
+    with pytest.raises(UserError, match="could not be brought onto the budget.*--mlp-step"):
+        run_search(tiny_config(tiny_model_dir, searcher="tpe", trials=4), tmp_path / "run", progress=False)
