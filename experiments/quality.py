@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from evaluators.environment import environment, matmul_tflops
 from evaluators.tasks import TASKS
@@ -32,6 +33,7 @@ from space.export import write_json
 from space.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
+CONFIGS = Path(__file__).parent / "configs" / "quality"
 EVAL = ("wikitext2", "ptb", "c4:heldout")  # the protocol's texts, 32 windows of 2048 each
 VALIDATION = ("ptb:validation", 8)  # for decisions (never a test split): 8 windows of 2048
 
@@ -50,9 +52,23 @@ ROWS: dict[str, dict] = {
 }
 
 
-def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int) -> dict:
+def cell_config(ratio: float, row: str, seed: int, trials: int) -> SearchConfig:
+    """The search of one cell (``experiments/configs/quality/`` holds each as the YAML a run folder
+    records: ``llm-pruner search --config FILE --run-dir DIR`` runs it again)."""
     options = {"trials": trials, **ROWS[row]}
-    config = SearchConfig.create("smollm2-135m", ratio, seed=seed, eval_windows=32, eval_datasets=EVAL, **options)
+    return SearchConfig.create("smollm2-135m", ratio, seed=seed, eval_windows=32, eval_datasets=EVAL, **options)
+
+
+def write_config(config: SearchConfig, row: str) -> None:
+    path = CONFIGS / f"{config.ratio}-{row}-seed{config.seed}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int) -> dict:
+    config = cell_config(ratio, row, seed, trials)
+    options = {"trials": trials, **ROWS[row]}
+    write_config(config, row)
     result = run_search(config, runs / f"{ratio}" / f"{row}-seed{seed}", progress=False)
     best = result.best
     ppl = {spec: t["ppl"] for spec, t in [("wikitext2", best["test"]), *best["held_out"].items()]}
@@ -129,7 +145,9 @@ def main(argv=None) -> int:
     parser.add_argument("--report", action="store_true", help="only write the table of the cells measured so far")
     args = parser.parse_args(argv)
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"cells": {}, "zeroshot": {}}
-    if args.report:
+    if args.report:  # the table, and the config of every cell measured so far
+        for cell in data["cells"].values():
+            write_config(cell_config(cell["ratio"], cell["row"], cell["seed"], cell["options"]["trials"]), cell["row"])
         args.out.with_suffix(".md").write_text(report(data))
         return 0
     data["environment"] = environment()

@@ -1,6 +1,8 @@
 """The search's configuration: every check made before a model loads, and the disjoint regions of
 calibration text its statistics, fitness and re-scoring windows come from."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -62,3 +64,16 @@ def test_calibration_from_two_sources_shares_its_windows_and_regions(tiny_text_d
     assert not spec.overlaps(CalibrationSpec("ptb:validation", 4, 16, region=(0.6, 1.0)))
     with pytest.raises(UserError, match="leak"):
         CalibrationSpec("wikitext2+ptb:test", 4, 16).check_text()
+
+
+def test_every_results_config_is_a_valid_search_config():
+    """experiments/configs/ holds the settings of the results tables; each still loads and checks."""
+    import yaml
+
+    folder = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+    files = sorted(folder.rglob("*.yaml"))
+    assert files
+    for path in files:
+        values = yaml.safe_load(path.read_text())
+        values["eval_datasets"] = tuple(values["eval_datasets"])
+        SearchConfig(**values).check()
