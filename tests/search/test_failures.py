@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import random
+import sys
 import time
 
 import optuna
@@ -388,3 +389,16 @@ def test_a_grid_that_never_meets_the_budget_stops_with_one_message(tiny_model_di
     monkeypatch.setattr(WidthSpace, "repair", never)
     with pytest.raises(UserError, match="could not be brought onto the budget.*--mlp-step"):
         run_search(tiny_config(tiny_model_dir, searcher="tpe", trials=4), tmp_path / "run", progress=False)
+
+
+def test_a_search_without_optuna_dashboard_installed_finishes_and_reports(tiny_model_dir, tiny_data, tmp_path,
+                                                                         monkeypatch):
+    """The dashboard is an optional extra: without it the search ends with its report (no notes)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("optuna_dashboard") else real(name, *a))
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # an import would raise
+    run_search(tiny_config(tiny_model_dir, trials=4, eval_windows=0), tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "best.json").is_file() and (tmp_path / "run" / "report.md").is_file()
