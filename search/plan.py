@@ -24,6 +24,7 @@ Per worker, in bytes, from the model's config alone (built on the ``meta`` devic
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
 
 import torch
@@ -134,18 +135,43 @@ def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memor
         "host_fitness_bytes": fitness_bytes if on_host else 0, "cache_bytes": cache_bytes, "prefix_bytes": prefix_bytes,
         "activation_bytes": activation_bytes, "logits_bytes": logits_bytes, "prepare_bytes": prepare_bytes,
         "peak_bytes": peak, "device_bytes": memory, "fits": None if memory is None else peak <= memory,
-        "seconds_per_candidate": None,  # not measured for this model here
+        "seconds_per_candidate": None, "measured_trials": 0,  # from a run folder's finished trials
     }
 
 
-def plan_for(config: SearchConfig, *, gpu_memory_gb: float | None = None) -> dict:
+def plan_for(config: SearchConfig, *, gpu_memory_gb: float | None = None, run_dir: Path | None = None) -> dict:
     """The plan of ``config``; a worker spanning ``gpus_per_worker`` GPUs holds that many devices'
-    memory (its model balanced over them, a block never split)."""
+    memory (its model balanced over them, a block never split). ``run_dir``: a run folder of this
+    search whose finished trials give the seconds per candidate."""
     hf_config = model_config(config.model)
     memory = device_memory(config.device, gpu_memory_gb)
     if memory is not None and not config.device.startswith("cpu"):
         memory *= config.gpus_per_worker
-    return memory_plan(config, config_dims(hf_config), hf_config.vocab_size, memory=memory)
+    plan = memory_plan(config, config_dims(hf_config), hf_config.vocab_size, memory=memory)
+    if run_dir is not None:
+        plan["seconds_per_candidate"], plan["measured_trials"] = measured_seconds(run_dir)
+    return plan
+
+
+def measured_seconds(run_dir: Path) -> tuple[float | None, int]:
+    """Seconds per candidate in the run folder's study, and over how many finished trials: the median
+    evaluation time of a trial, or for the staged evolution (whose trials are scored together, a
+    generation at a time) the median of a generation's wall time over its trials. (None, 0) without
+    a study or finished trials."""
+    from search.rundir import STUDY_RECORD, load_run_study
+
+    if not (Path(run_dir) / STUDY_RECORD).is_file():
+        return None, 0
+    done = [t for t in load_run_study(Path(run_dir)).get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    seconds = [t.user_attrs["eval_seconds"] for t in done if "eval_seconds" in t.user_attrs]
+    generations: dict[int, list] = {}
+    for t in done:
+        if "eval_seconds" not in t.user_attrs and "generation" in t.user_attrs:
+            generations.setdefault(t.user_attrs["generation"], []).append(t)
+    for trials in generations.values():
+        wall = max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)
+        seconds += [wall.total_seconds() / len(trials)] * len(trials)
+    return (statistics.median(seconds) if seconds else None), len(seconds)
 
 
 def check_plan(plan: dict) -> None:
@@ -168,6 +194,9 @@ def describe(plan: dict) -> str:
     lines += [f"  {name.replace('fitness_device', 'solvers'):<11} {value / 1e9:9.2f} GB" for name, value in rows]
     if plan["host_fitness_bytes"]:
         lines.append(f"  (solvers in host memory: {plan['host_fitness_bytes'] / 1e9:.2f} GB)")
+    if plan["seconds_per_candidate"] is not None:
+        lines.append(f"  {plan['seconds_per_candidate']:.2f} s per candidate (median of the run folder's "
+                     f"{plan['measured_trials']} finished trials)")
     memory = plan["device_bytes"]
     gpus = f" ({plan['gpus_per_worker']} GPUs)" if plan["gpus_per_worker"] > 1 else ""
     lines.append(f"  device      {memory / 1e9:9.2f} GB{gpus}: {'fits' if plan['fits'] else 'does NOT fit'}" if memory

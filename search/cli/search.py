@@ -192,7 +192,7 @@ def check_storage_url(url: str) -> None:
 
 def main(args) -> int:
     if args.dry_run:
-        plan = plan_for(args.config, gpu_memory_gb=args.gpu_memory)
+        plan = plan_for(args.config, gpu_memory_gb=args.gpu_memory, run_dir=args.run_dir)
         print(describe(plan))
         if args.json:
             write_json(args.json, plan)

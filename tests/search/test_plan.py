@@ -96,3 +96,14 @@ def test_the_solver_state_follows_the_scoring_dtype_on_a_gpu_only(make_model):
     assert plans["cuda"]["fitness_bytes"] == solver_bytes(dims, 2) < plans["cpu"]["fitness_bytes"] == solver_bytes(dims)
     with pytest.raises(UserError, match="--solver-dtype"):
         SearchConfig(model="m", ratio=0.5, solver_dtype="int8").check()
+
+
+@pytest.mark.parametrize("evolution", ["tiny", "staged-tiny"])
+def test_the_plan_gives_the_seconds_per_candidate_a_run_folder_measured(tiny_model_dir, tiny_data, tmp_path, evolution):
+    from search.plan import plan_for
+
+    config = tiny_config(tiny_model_dir, trials=8, evolution=evolution, eval_windows=0)
+    assert plan_for(config, run_dir=tmp_path / "run")["seconds_per_candidate"] is None  # nothing measured yet
+    run_search(config, tmp_path / "run", progress=False, final=False)
+    plan = plan_for(config, run_dir=tmp_path / "run")
+    assert plan["measured_trials"] >= 8 and 0 < plan["seconds_per_candidate"] < 60
