@@ -199,7 +199,8 @@ class _DiesEveryOtherJob:
 
 @pytest.mark.slow
 def test_an_actor_that_dies_now_and_then_is_restarted_past_max_restarts(tmp_path):
-    """max_restarts counts deaths in a row: three deaths, each after a finished job, retire nobody."""
+    """max_restarts counts deaths in a row: two deaths, each after a finished job, retire nobody (Ray's own
+    max_restarts=1, per lifetime, would have left the actor dead after the second)."""
     ray = pytest.importorskip("ray")
     from evaluators.workers import RayPool
 
@@ -209,7 +210,7 @@ def test_an_actor_that_dies_now_and_then_is_restarted_past_max_restarts(tmp_path
     finished, deaths = [], 0
     try:
         deadline = time.monotonic() + 300
-        while len(finished) < 4 and time.monotonic() < deadline:
+        while len(finished) < 3 and time.monotonic() < deadline:
             while not pool.capacity:
                 pool.wait()
             pool.submit(len(finished), {"subnet": {}})
@@ -217,7 +218,7 @@ def test_an_actor_that_dies_now_and_then_is_restarted_past_max_restarts(tmp_path
                 deaths += outcome.worker_died
                 if not outcome.worker_died:
                     finished.append(outcome.result["value"])
-        assert len(finished) == 4 and deaths >= 3 and len(pool.actors) == 1
+        assert len(finished) == 3 and deaths >= 2 and len(pool.actors) == 1
     finally:
         pool.close()
 
