@@ -73,9 +73,15 @@ def _alive(pid: int) -> bool:
 
 
 def recover_folder(out_dir: Path) -> None:
-    """Undo what a crash inside :func:`replace_folder` left: when the new folder never arrived, the
-    old one (complete) goes back in place; the leftovers of replacements that did finish go."""
+    """Undo what a crash left: inside :func:`replace_folder`, when the new folder never arrived, the
+    old one (complete) goes back in place; the leftovers of replacements that did finish go, and so
+    do the half-written staging folders of writers that died (killed mid-export)."""
     out_dir = Path(out_dir)
+    prefix = f".{out_dir.name}.new-"
+    for staging in out_dir.parent.glob(f"{prefix}*"):
+        pid = staging.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
     olds = sorted(out_dir.parent.glob(f".{out_dir.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in olds:
         pid = old.name.rsplit("-", 1)[-1]
@@ -106,7 +112,7 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     recover_folder(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-{os.getpid()}-", dir=out_dir.parent))
     try:
         yield staging
         replace_folder(staging, out_dir)

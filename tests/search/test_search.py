@@ -460,3 +460,37 @@ def test_a_child_starts_where_it_differs_from_a_candidate_scored_before(make_mod
     # its last one (the input of a layer is kept, not the model's output); rows [3, 0], a new batch: 3
     assert len({v[-1] for v in values["whole"]}) == 5  # four subnets (the parent twice) and other rows
     assert counts == (2 * (0 + 2 + 1 + 0 + 2) + 0, 2 * (3 + 1 + 2 + 3 + 1) + 3)
+
+
+
+def test_kill_9_during_the_final_export_leaves_no_half_export_and_a_rerun_completes(tiny_model_dir, tiny_text_dir,
+                                                                                     tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "killed-here"
+    flags = ["-q", "search", "--model", str(tiny_model_dir), "--ratio", "0.6", "--trials", "4", "--evolution", "tiny",
+             "--mlp-step", "1", "--run-dir", str(run_dir), "--nsamples", "8", "--calib-seqlen", "32",
+             "--fitness-nsamples", "4", "--fitness-seqlen", "32", "--eval-windows", "0", "--final-top-k", "1"]
+    # the job, with the export's model save made to hang once it has written the weights
+    hang = ("import sys, time; from pathlib import Path; import transformers\n"
+            "marker, real = Path(sys.argv[1]), transformers.PreTrainedModel.save_pretrained\n"
+            "def save(self, folder, *a, **k):\n"
+            "    real(self, folder, *a, **k)\n"
+            "    marker.write_text(str(folder)); time.sleep(600)\n"
+            "transformers.PreTrainedModel.save_pretrained = save\n"
+            "from search.cli import main; sys.exit(main(sys.argv[2:]))\n")
+    env = {**os.environ, "LLM_PRUNER_DATA": str(tiny_text_dir)}
+    job = subprocess.Popen([sys.executable, "-c", hang, str(marker), *flags], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not marker.is_file():
+            assert job.poll() is None and time.time() < deadline, "the job ended before its export"
+            time.sleep(0.2)
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    assert Path(marker.read_text()).parent == run_dir and not (run_dir / "export").exists()  # none, not half
+    done = subprocess.run([sys.executable, "-m", "search.cli", *flags], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "export", trust_remote_code=True) is not None
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".export")) == []  # no leftovers

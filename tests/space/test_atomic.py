@@ -52,3 +52,13 @@ def test_a_failed_write_leaves_the_folder_as_it_was(tmp_path):
             raise RuntimeError("killed mid-export")
     assert (out / "a.txt").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_the_staging_folder_of_a_killed_writer_is_removed_and_a_live_ones_kept(tmp_path):
+    out = tmp_path / "trial-42"
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    (tmp_path / f".trial-42.new-{dead}-abc").mkdir()
+    (tmp_path / f".trial-42.new-{os.getppid()}-def").mkdir()  # a live process's
+    with staged_folder(out) as staging:
+        write_text(staging / "a.txt", "whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".trial-42.new-{os.getppid()}-def", "trial-42"]
