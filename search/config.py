@@ -166,6 +166,10 @@ class SearchConfig:
             raise UserError("--trial-timeout must be a positive number of seconds")
         if not isinstance(self.gpus_per_worker, int) or self.gpus_per_worker < 1:  # a config file may hold anything
             raise UserError(f"--gpus-per-worker must be a whole number of GPUs, at least 1 (got {self.gpus_per_worker!r})")
+        if self.gpus_per_worker > 1 and self.solver_device == "model" and self.fitness_reform == "lstsq":
+            # the solvers are formed on the first GPU as the preparation streams the blocks through it
+            raise UserError("a worker over several GPUs keeps the fitness's least-squares state in host memory: "
+                            "give --solver-device cpu (or --fitness-reform none)")
         if self.final_top_k < 1:
             raise UserError("--final-top-k must be at least 1 (the candidates re-scored at the end)")
         if self.eval_windows is not None and self.eval_windows < 0:

@@ -36,12 +36,12 @@ from reform.local import solver_overrides
 from space.adapters import ModelAdapter
 from space.calibration import block_output, swapped_forwards
 from space.views import subnet_view
-from space.subnet import LayerWidths, Subnet
+from space.subnet import LayerWidths, ModelDims, Subnet
 
 
 NAMES = {"ppl": "calibration perplexity", "kl": "calibration KL to the dense model"}  # what each kind measures
 KINDS = tuple(NAMES)
-CACHE_BYTES = 1 << 30  # rectified layers (the layer cache)
+CACHE_BYTES = 1 << 30  # rectified layers (the layer cache): its smallest bound (cache_bound)
 PREFIX_BYTES = 512 << 20  # kept hidden states (PrefixStates)
 
 
@@ -84,6 +84,15 @@ class _LayerCache:
         while self.bytes > self.max_bytes and len(self.entries) > 1:
             _, old = self.entries.popitem(last=False)
             self.bytes -= sum(t.numel() * t.element_size() for t in old.values())
+
+
+def cache_bound(dims: ModelDims, ratio: float, dtype_bytes: int) -> int:
+    """The layer cache's bound for a search at ``ratio``: two candidates' rectified layers (a parent's,
+    which every child of a generation reuses, and the child's few new ones), at least ``CACHE_BYTES``.
+    Less than a candidate's layers and scoring a child evicts, least recently used first, the parent's
+    layers it needs next (an 8B candidate's are 1.9 GB)."""
+    layer = dtype_bytes * dims.hidden_size * (dims.num_heads * dims.head_dim + dims.intermediate_size)
+    return max(CACHE_BYTES, int(2 * dims.num_layers * layer * ratio))
 
 
 class PrefixStates:

@@ -31,7 +31,7 @@ import torch
 
 from evaluators.perplexity import LOGIT_CHUNK
 from search.config import SearchConfig
-from search.fitness import CACHE_BYTES, PREFIX_BYTES
+from search.fitness import PREFIX_BYTES, cache_bound
 from search.prepare import PREFIX_ONLY
 from space.adapters import adapter_for
 from space.errors import UserError
@@ -99,10 +99,12 @@ def device_memory(device: str, gpu_memory_gb: float | None) -> int | None:
 
 
 def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memory: int | None,
-                cache_bytes: int = CACHE_BYTES, prefix_bytes: int = PREFIX_BYTES) -> dict:
+                cache_bytes: int | None = None, prefix_bytes: int = PREFIX_BYTES) -> dict:
     """The plan of ``config`` for a model of ``dims`` (see the module's docstring); ``cache_bytes``,
-    ``prefix_bytes``: the bounds of the fitness's layer cache and kept hidden states."""
+    ``prefix_bytes``: the bounds of the fitness's layer cache (default: the search's,
+    :func:`search.fitness.cache_bound`) and kept hidden states."""
     size = DTYPE_BYTES[config.dtype]
+    cache_bytes = cache_bound(dims, config.ratio, size) if cache_bytes is None else cache_bytes
     params = Subnet.dense(dims).total_params()
     fitness = config.calibration_spec("fitness_windows")
     statistics = config.calibration_spec()

@@ -19,7 +19,7 @@ from evaluators.data import CalibrationSpec
 from reform.local import output_solvers
 from reform.targets import o_columns
 from search.config import SearchConfig
-from search.fitness import Fitness
+from search.fitness import Fitness, cache_bound
 from search.oneshot.allocation import ALLOCATIONS
 from search.samplers.levels import UnitErrors, depth_start
 from search.rundir import IMPORTANCE
@@ -97,8 +97,9 @@ def _fitness_parts(config_json: str, run_dir: str):
 def build_fitness(config: SearchConfig, run_dir: Path, *, windows: str = "fitness_windows") -> Fitness:
     """The fitness of this search on the windows ``windows`` names (a field of the config)."""
     adapter, solvers, tokenizer = _fitness_parts(json.dumps(config.to_dict(), sort_keys=True), str(run_dir))
+    size = torch.finfo(getattr(torch, config.dtype)).bits // 8
     return Fitness(adapter, config.calibration_spec(windows).windows(tokenizer), solvers=solvers, kind=config.fitness,
-                   top_k=config.fitness_top_k)
+                   top_k=config.fitness_top_k, cache_bytes=cache_bound(adapter.dims, config.ratio, size))
 
 
 def release_fitness() -> None:

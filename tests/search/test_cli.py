@@ -173,7 +173,7 @@ def test_bad_inputs_end_in_one_message_and_exit_2(argv, message, tiny_model_dir,
     (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--workers", "2", "--eval-windows", "0"],
      "pip install 'llm-pruner[ray]'"),
     (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--device", "cuda",
-      "--gpus-per-worker", "2", "--eval-windows", "0"], "pip install 'llm-pruner[multi-gpu]'"),
+      "--gpus-per-worker", "2", "--solver-device", "cpu", "--eval-windows", "0"], "pip install 'llm-pruner[multi-gpu]'"),
     (["dashboard", "{tmp}/run"], "pip install 'llm-pruner[dashboard]'"),
 ])
 def test_a_command_that_needs_a_missing_extra_names_it(argv, message, tiny_model_dir, tiny_data, tmp_path, capsys,

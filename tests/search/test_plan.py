@@ -1,6 +1,7 @@
 """The memory plan: the solver state it counts is the fitness's, every published config gets a plan
 without weights, and a job that would not fit stops before it writes anything."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -107,3 +108,20 @@ def test_the_plan_gives_the_seconds_per_candidate_a_run_folder_measured(tiny_mod
     run_search(config, tmp_path / "run", progress=False, final=False)
     plan = plan_for(config, run_dir=tmp_path / "run")
     assert plan["measured_trials"] >= 8 and 0 < plan["seconds_per_candidate"] < 60
+
+
+def test_a_worker_over_several_gpus_keeps_its_solver_state_in_host_memory():
+    with pytest.raises(UserError, match="--solver-device cpu"):
+        SearchConfig(model="m", ratio=0.5, device="cuda", gpus_per_worker=2).check()
+    SearchConfig(model="m", ratio=0.5, device="cuda", gpus_per_worker=2, solver_device="cpu").check()
+
+
+def test_the_layer_cache_holds_two_candidates_of_a_large_model(make_model):
+    from search.fitness import CACHE_BYTES, cache_bound
+
+    small = adapter_for(make_model("llama")).dims
+    assert cache_bound(small, 0.5, 2) == CACHE_BYTES
+    large = dataclasses.replace(small, num_layers=32, hidden_size=4096, num_heads=32, head_dim=128,
+                                intermediate_size=14336)
+    one_candidate = 32 * 2 * 4096 * (4096 + 14336) * 0.5  # its rectified o_proj and down_proj at half width
+    assert cache_bound(large, 0.5, 2) == pytest.approx(2 * one_candidate, rel=1e-6)
