@@ -64,6 +64,18 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
+def permuted_smollm2():
+    """SmolLM2-135M in float32, permuted into wanda-sp order as a search prepares it (scores from the
+    shared cache): the adapter, its tokenizer, the sorted scores and the statistics windows."""
+    loaded = load_model("smollm2-135m", dtype=torch.float32)
+    adapter, tokenizer = adapter_for(loaded.model), loaded.tokenizer
+    statistics = CalibrationSpec("wikitext2", 64, 512, 0, STATISTICS_REGION)
+    scores = ScoreCache().scores(adapter, ["wanda-sp"], windows=lambda: statistics.windows(tokenizer),
+                                 source=loaded.source.path, calibration=statistics.to_dict()).scores["wanda-sp"]
+    _, ordered = order_model(adapter, scores)
+    return adapter, tokenizer, ordered, statistics.windows(tokenizer)
+
+
 def candidates(space: WidthSpace, ordered, per_ratio: int, seed: int) -> list:
     rng = np.random.default_rng(seed)
     switches = LevelSwitches(space, attention_prob=0.25, max_switches=6)
@@ -90,13 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "fitness_rank.json")
     args = parser.parse_args(argv)
     started = time.time()
-    loaded = load_model("smollm2-135m", dtype=torch.float32)
-    adapter, tokenizer = adapter_for(loaded.model), loaded.tokenizer
-    statistics = CalibrationSpec("wikitext2", 64, 512, 0, STATISTICS_REGION)
-    scores = ScoreCache().scores(adapter, ["wanda-sp"], windows=lambda: statistics.windows(tokenizer),
-                                 source=loaded.source.path, calibration=statistics.to_dict()).scores["wanda-sp"]
-    _, ordered = order_model(adapter, scores)
-    solvers = output_solvers(adapter, statistics.windows(tokenizer), precompute=torch.float32)
+    adapter, tokenizer, ordered, statistics = permuted_smollm2()
+    solvers = output_solvers(adapter, statistics, precompute=torch.float32)
     space = WidthSpace(adapter.dims, preset="wide")
     pool = candidates(space, ordered, args.per_ratio, args.seed)
     measures = {  # the re-scoring region's random windows; the first windows of the held-out texts

@@ -28,17 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
-from experiments.fitness_rank import RATIOS, candidates, spearman  # noqa: E402
+from experiments.fitness_rank import RATIOS, candidates, permuted_smollm2, spearman  # noqa: E402
 from reform.local import output_solvers  # noqa: E402
-from search.config import FITNESS_REGION, STATISTICS_REGION  # noqa: E402
+from search.config import FITNESS_REGION  # noqa: E402
 from search.fitness import Fitness  # noqa: E402
 from search.prepare import PREFIX_ONLY  # noqa: E402
 from search.widths import WidthSpace  # noqa: E402
-from space.adapters import adapter_for  # noqa: E402
 from space.export import write_json  # noqa: E402
-from space.models import load_model  # noqa: E402
-from space.order import order_model  # noqa: E402
-from space.scores.cache import ScoreCache  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 STATES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -51,13 +47,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "solver_precision.json")
     args = parser.parse_args(argv)
     started = time.time()
-    loaded = load_model("smollm2-135m", dtype=torch.float32)
-    adapter, tokenizer = adapter_for(loaded.model), loaded.tokenizer
-    statistics = CalibrationSpec("wikitext2", 64, 512, 0, STATISTICS_REGION)
-    scores = ScoreCache().scores(adapter, ["wanda-sp"], windows=lambda: statistics.windows(tokenizer),
-                                 source=loaded.source.path, calibration=statistics.to_dict()).scores["wanda-sp"]
-    _, ordered = order_model(adapter, scores)
-    solvers = {name: output_solvers(adapter, statistics.windows(tokenizer), precompute=dtype, prefix_only=PREFIX_ONLY)
+    adapter, tokenizer, ordered, statistics = permuted_smollm2()
+    solvers = {name: output_solvers(adapter, statistics, precompute=dtype, prefix_only=PREFIX_ONLY)
                for name, dtype in STATES.items()}
     state_bytes = {name: sum(s.state_bytes() for layer in layers for s in layer.values())
                    for name, layers in solvers.items()}

@@ -33,18 +33,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
+from experiments.fitness_rank import permuted_smollm2  # noqa: E402
 from reform.local import output_solvers  # noqa: E402
-from search.config import FITNESS_REGION, STATISTICS_REGION, SearchConfig  # noqa: E402
+from search.config import FITNESS_REGION, SearchConfig  # noqa: E402
 from search.fitness import PREFIX_BYTES, Fitness  # noqa: E402
 from search.prepare import PREFIX_ONLY, starts_for  # noqa: E402
 from search.samplers.levels import LevelSwitches  # noqa: E402
 from search.widths import WidthSpace  # noqa: E402
-from space.adapters import adapter_for  # noqa: E402
 from space.export import write_json  # noqa: E402
-from space.models import load_model  # noqa: E402
-from space.order import order_model  # noqa: E402
 from space.scores import score_spec  # noqa: E402
-from space.scores.cache import ScoreCache  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SETTINGS = {"staged stage 1 (1 x 512)": 1, "evolution (8 x 512)": 8}
@@ -137,13 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     args = parser.parse_args(argv)
     started = time.time()
-    loaded = load_model("smollm2-135m", dtype=torch.float32)
-    adapter, tokenizer = adapter_for(loaded.model), loaded.tokenizer
-    stats = CalibrationSpec("wikitext2", 64, 512, 0, STATISTICS_REGION)
-    scores = ScoreCache().scores(adapter, ["wanda-sp"], windows=lambda: stats.windows(tokenizer),
-                                 source=loaded.source.path, calibration=stats.to_dict()).scores["wanda-sp"]
-    _, ordered = order_model(adapter, scores)
-    solvers = output_solvers(adapter, stats.windows(tokenizer), precompute=torch.float32, prefix_only=PREFIX_ONLY)
+    adapter, tokenizer, ordered, statistics = permuted_smollm2()
+    solvers = output_solvers(adapter, statistics, precompute=torch.float32, prefix_only=PREFIX_ONLY)
     adapter.model.to(torch.bfloat16)
     pool = children(WidthSpace(adapter.dims, preset="wide"), ordered, args.ratio, args.children, args.seed)
     peak = {"bf16_tflops": matmul_tflops(torch.bfloat16), "fp32_tflops": matmul_tflops(torch.float32)}

@@ -124,11 +124,12 @@ def test_the_command_line_says_stopped_and_exits_1(tiny_model_dir, tiny_data, tm
     assert status == 1 and err == ["llm-pruner search: stopped: 3 evaluations failed in a row"]
 
 
-class _HangsOnce:
-    """An evaluator factory whose second evaluation (counted across actors in files) never returns."""
+class _Misbehaves:
+    """An evaluator factory that counts its evaluations across actors in files and misbehaves at some:
+    ``hang`` (the second never returns) or ``die`` (every second kills its actor's process)."""
 
-    def __init__(self, folder):
-        self.folder = str(folder)
+    def __init__(self, folder, how: str):
+        self.folder, self.how = str(folder), how
 
     def __call__(self):
         import os
@@ -137,8 +138,10 @@ class _HangsOnce:
         def evaluate(payload):
             calls = len(os.listdir(self.folder))
             open(os.path.join(self.folder, str(calls)), "w").close()
-            if calls == 1:
+            if self.how == "hang" and calls == 1:
                 time.sleep(3600)
+            if self.how == "die" and calls % 2 == 1:
+                os._exit(1)
             return {"value": float(calls), "batch_values": [1.0], "seconds": 0.0}
 
         return evaluate
@@ -158,7 +161,7 @@ def test_a_hung_ray_worker_is_restarted_and_its_job_sent_again(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    pool = RayPool(_HangsOnce(tmp_path), 1, trial_timeout=5.0, startup_timeout=120.0)
+    pool = RayPool(_Misbehaves(tmp_path, "hang"), 1, trial_timeout=5.0, startup_timeout=120.0)
     try:
         pool.submit(1, {"subnet": {}})  # the actor's first job: its start-up is not held against it
         assert wait_for_one(pool)[0].result["value"] == 0.0
@@ -178,25 +181,6 @@ def test_a_hung_ray_worker_is_restarted_and_its_job_sent_again(tmp_path):
     assert not ray.is_initialized()  # the pool started Ray, so it shut it down
 
 
-class _DiesEveryOtherJob:
-    """An evaluator factory whose every second evaluation (counted in files) kills its actor's process."""
-
-    def __init__(self, folder):
-        self.folder = str(folder)
-
-    def __call__(self):
-        import os
-
-        def evaluate(payload):
-            calls = len(os.listdir(self.folder))
-            open(os.path.join(self.folder, str(calls)), "w").close()
-            if calls % 2 == 1:
-                os._exit(1)
-            return {"value": float(calls), "batch_values": [1.0], "seconds": 0.0}
-
-        return evaluate
-
-
 @pytest.mark.slow
 def test_an_actor_that_dies_now_and_then_is_restarted_past_max_restarts(tmp_path):
     """max_restarts counts deaths in a row: two deaths, each after a finished job, retire nobody (Ray's own
@@ -206,7 +190,7 @@ def test_an_actor_that_dies_now_and_then_is_restarted_past_max_restarts(tmp_path
 
     if ray.is_initialized():
         ray.shutdown()
-    pool = RayPool(_DiesEveryOtherJob(tmp_path), 1, max_restarts=1, startup_timeout=120.0)
+    pool = RayPool(_Misbehaves(tmp_path, "die"), 1, max_restarts=1, startup_timeout=120.0)
     finished, deaths = [], 0
     try:
         deadline = time.monotonic() + 300
