@@ -113,6 +113,7 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     recover_folder(out_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-{os.getpid()}-", dir=out_dir.parent))
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's folder is private; the export gets the usual mode
     try:
         yield staging
         replace_folder(staging, out_dir)

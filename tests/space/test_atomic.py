@@ -62,3 +62,6 @@ def test_the_staging_folder_of_a_killed_writer_is_removed_and_a_live_ones_kept(t
     with staged_folder(out) as staging:
         write_text(staging / "a.txt", "whole")
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".trial-42.new-{os.getppid()}-def", "trial-42"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's private mode
