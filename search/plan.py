@@ -193,7 +193,8 @@ def describe(plan: dict) -> str:
                                                           "peak_bytes")]
     lines = [f"memory plan per worker ({plan['model']}, {plan['params'] / 1e9:.2f} B parameters, {plan['dtype']} "
              f"on {plan['device']}; least-squares state {plan['solver_dtype']} on {plan['solver_device']}):"]
-    lines += [f"  {name.replace('fitness_device', 'solvers'):<11} {value / 1e9:9.2f} GB" for name, value in rows]
+    labels = {"fitness_device": "solvers", "prefix": "states"}  # states: the kept hidden states
+    lines += [f"  {labels.get(name, name):<11} {value / 1e9:9.2f} GB" for name, value in rows]
     if plan["host_fitness_bytes"]:
         lines.append(f"  (solvers in host memory: {plan['host_fitness_bytes'] / 1e9:.2f} GB)")
     if plan["seconds_per_candidate"] is not None:
