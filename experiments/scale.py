@@ -49,7 +49,7 @@ from reform.local import output_solvers
 from search.cli import main as cli
 from search.config import SearchConfig
 from search.fitness import Fitness
-from search.plan import DTYPE_BYTES, config_dims, describe, factoring_bytes, layer_solver_bytes, memory_plan
+from search.plan import config_dims, describe, factoring_bytes, layer_solver_bytes, memory_plan
 from search.prepare import PREFIX_ONLY
 from space.adapters import adapter_for
 from space.export import write_json
@@ -281,7 +281,7 @@ def simulate(args, sampler: RssSampler) -> dict:
             "search_peak_rss": sampler.peak(converted, time.perf_counter()),
             "per_layer": layers, "candidates": candidates, "plan": plan,
             "plan_32": memory_plan(config, full_dims, vocab, memory=None),
-            "layer_solver_bytes": layer_solver_bytes(adapter.dims, DTYPE_BYTES[config.state_dtype]),
+            "layer_solver_bytes": layer_solver_bytes(adapter.dims, getattr(torch, config.state_dtype).itemsize),
             "factoring_bytes": factoring_bytes(adapter.dims), "dims": adapter.dims.to_dict(), "vocab": vocab,
             "layer_params": adapter.dims.layer_params(adapter.dims.dense_layer())}
 

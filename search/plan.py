@@ -39,7 +39,6 @@ from space.scores import score_spec
 from space.models import resolve
 from space.subnet import ModelDims, Subnet
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FITNESS_BATCH = 8  # windows per forward in the fitness
 
 
@@ -103,14 +102,14 @@ def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memor
     """The plan of ``config`` for a model of ``dims`` (see the module's docstring); ``cache_bytes``,
     ``prefix_bytes``: the bounds of the fitness's layer cache (default: the search's,
     :func:`search.fitness.cache_bound`) and kept hidden states."""
-    size = DTYPE_BYTES[config.dtype]
+    size = getattr(torch, config.dtype).itemsize
     cache_bytes = cache_bound(dims, config.ratio, size) if cache_bytes is None else cache_bytes
     params = Subnet.dense(dims).total_params()
     fitness = config.calibration_spec("fitness_windows")
     statistics = config.calibration_spec()
     batch = min(FITNESS_BATCH, fitness.nsamples)
     lstsq = config.fitness_reform == "lstsq"
-    solver_size = DTYPE_BYTES[config.state_dtype]
+    solver_size = getattr(torch, config.state_dtype).itemsize
     fitness_bytes = solver_bytes(dims, solver_size) if lstsq else 0
     # solver state in host memory beside a GPU: the device holds one layer's rows while a solve runs
     on_host = config.solver_device == "cpu" and not config.device.startswith("cpu")

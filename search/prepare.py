@@ -97,7 +97,7 @@ def _fitness_parts(config_json: str, run_dir: str):
 def build_fitness(config: SearchConfig, run_dir: Path, *, windows: str = "fitness_windows") -> Fitness:
     """The fitness of this search on the windows ``windows`` names (a field of the config)."""
     adapter, solvers, tokenizer = _fitness_parts(json.dumps(config.to_dict(), sort_keys=True), str(run_dir))
-    size = torch.finfo(getattr(torch, config.dtype)).bits // 8
+    size = getattr(torch, config.dtype).itemsize
     return Fitness(adapter, config.calibration_spec(windows).windows(tokenizer), solvers=solvers, kind=config.fitness,
                    top_k=config.fitness_top_k, cache_bytes=cache_bound(adapter.dims, config.ratio, size))
 
