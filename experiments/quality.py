@@ -83,13 +83,13 @@ def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int) -> d
 def validation_ppl(export: str) -> float:
     from evaluators.suite import evaluate
 
-    loaded = load_model(export, dtype=torch.float32)
+    loaded = load_model(export, dtype=torch.float32, trust_remote_code=True)  # our own exports, any commit's
     return evaluate(loaded.model, loaded.tokenizer, ppl=[VALIDATION[0]], seqlen=2048, limit=VALIDATION[1])["ppl"][
         VALIDATION[0]]
 
 
 def zeroshot_cell(export: str, limit: int) -> dict:
-    loaded = load_model(export, dtype=torch.float32)
+    loaded = load_model(export, dtype=torch.float32, trust_remote_code=True)  # our own exports, any commit's
     started = time.time()
     result = evaluate_zeroshot(loaded.model, loaded.tokenizer, list(TASKS), limit=limit, progress=False)
     scores = {name: r[r["metric"]] for name, r in result["zeroshot"].items()}
