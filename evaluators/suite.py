@@ -13,7 +13,7 @@ from typing import Callable
 from evaluators.data import dataset_windows
 from evaluators.environment import environment
 from evaluators.perplexity import count_params, perplexity
-from evaluators.zeroshot import evaluate_zeroshot
+from evaluators.harness import evaluate_zeroshot
 
 
 def evaluate(

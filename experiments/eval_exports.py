@@ -3,7 +3,7 @@
 The first model is the reference (the dense one); the others are usually exported pruned
 folders (``space.export``), which load with ``trust_remote_code``. For each model: WikiText-2
 test perplexity (PROTOCOL.md: 2048-token windows, float32 by default), the zero-shot tasks
-(``evaluators.zeroshot``), parameter counts, and speed and memory measured for all models in ONE
+(``evaluators.harness``, lm-eval), parameter counts, and speed and memory measured for all models in ONE
 interleaved run (``evaluators.speed.compare``), so machine noise hits every model alike.
 
     LLM_PRUNER_DATA=../shared/data .venv/bin/python experiments/eval_exports.py \\
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from evaluators import speed, zeroshot  # noqa: E402
+from evaluators import harness, speed  # noqa: E402
 from evaluators.data import dataset_windows  # noqa: E402
 from evaluators.environment import environment  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
@@ -71,7 +71,7 @@ def evaluate_quality(spec: str, args) -> dict:
             del model
             model, tokenizer, _ = load_for_eval(spec, dtype=DTYPES[args.zeroshot_dtype])
         t0 = time.time()
-        out.update(zeroshot.evaluate_zeroshot(model, tokenizer, args.tasks, limit=args.limit,
+        out.update(harness.evaluate_zeroshot(model, tokenizer, args.tasks, limit=args.limit,
                                               batch_size=args.batch_size))
         out["zeroshot_time_s"] = time.time() - t0
     return out
@@ -141,7 +141,7 @@ def validate(args) -> argparse.Namespace:
     if len(names) != len(args.models) or len(set(names)) != len(names):
         raise UserError("--names needs one distinct name per model")
     args.names = names
-    args.tasks = [] if args.tasks == "none" else zeroshot.parse_tasks(args.tasks)
+    args.tasks = [] if args.tasks == "none" else harness.parse_tasks(args.tasks)
     args.limit = args.limit or None
     args.ppl_windows = None if args.ppl_windows < 0 else args.ppl_windows
     args.speed_dtypes = [] if args.speed_dtypes == "none" else args.speed_dtypes.split(",")

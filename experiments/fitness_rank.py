@@ -28,8 +28,7 @@ import torch
 from evaluators.data import CalibrationSpec, dataset_windows
 from evaluators.environment import environment
 from evaluators.perplexity import perplexity
-from evaluators.tasks import TASKS
-from evaluators.zeroshot import evaluate_zeroshot
+from evaluators.harness import TASKS, evaluate_zeroshot
 from reform.local import output_solvers, solver_overrides
 from search.config import FITNESS_REGION, RESCORING_REGION, STATISTICS_REGION, SearchConfig
 from search.fitness import Fitness

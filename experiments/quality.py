@@ -25,8 +25,7 @@ import torch
 import yaml
 
 from evaluators.environment import environment, matmul_tflops
-from evaluators.tasks import TASKS
-from evaluators.zeroshot import evaluate_zeroshot
+from evaluators.harness import TASKS, evaluate_zeroshot
 from search.config import SEARCH_METHODS, SearchConfig
 from search.job import run_search
 from space.export import write_json

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evaluators.suite import eval_table, evaluate
-from evaluators.tasks import parse_tasks
+from evaluators.harness import parse_tasks
 from search.cli import common
 from space.errors import UserError
 from space.export import write_json
@@ -20,8 +20,9 @@ def add(sub) -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--limit-windows", type=int, help="only the first N windows of each dataset")
     p.add_argument("--batch-size", type=common.positive_int, default=1)
-    p.add_argument("--zeroshot", help="zero-shot tasks as lm-evaluation-harness scores them, comma-separated "
-                                      "(boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa or all)")
+    p.add_argument("--zeroshot", help="zero-shot tasks scored by lm-evaluation-harness, comma-separated: all (the "
+                                      "seven of the papers, from the local files), any of them, or any lm-eval "
+                                      "task or group name (its data from the HF cache or the network)")
     p.add_argument("--limit", type=int, help="zero-shot: only the first N examples of each task")
     p.add_argument("--zeroshot-batch-size", type=common.positive_int, default=16)
     p.add_argument("--json", type=Path, help="write the result here")
