@@ -216,10 +216,9 @@ def test_a_task_whose_file_is_missing_is_not_local(tmp_path, monkeypatch):
     assert harness.is_local("piqa") and not harness.is_local("mmlu")
 
 
-def test_eval_command_writes_zeroshot_scores(tiny_model_dir, tiny_data, tmp_path, capsys):
+def test_eval_command_writes_zeroshot_scores(tiny_model_dir, tiny_zeroshot_data, tmp_path, capsys):
     from search.cli import main
 
-    write_tiny_data(tiny_data)
     path = tmp_path / "eval.json"
     tasks = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "openbookqa"]  # the tiny files
     assert main(["-q", "eval", str(tiny_model_dir), "--ppl", "none", "--zeroshot", ",".join(tasks),
