@@ -205,8 +205,8 @@ class Gemma3Adapter(ModelAdapter):
 REFUSED: dict[str, str] = {
     "phi3": (
         "Phi-3 fuses q/k/v into one qkv_proj and gate/up into one gate_up_proj, and its attention splits qkv_proj "
-        "by the model-wide head counts; the scores, views and exports here slice separate q/k/v and gate/up "
-        "projections, so Phi-3 cannot be pruned yet"
+        "by the model-wide head counts, so it is pruned in its exact unfused form: load it with "
+        "space.models.load_model (the command line does), or pass space.unfuse.unfused(model)"
     ),
     "gemma3": (
         "this is the multimodal Gemma 3 (model type 'gemma3'); load its text model (Gemma3ForCausalLM, model type "

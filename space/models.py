@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from space.errors import UserError, require_extra
+from space.unfuse import unfused
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,7 @@ def load_model(
         if "trust_remote_code" in str(exc):
             raise UserError(f"model {spec!r} ships its own code; pass --trust-remote-code to run it") from exc
         raise UserError(f"could not load model {spec!r}: {str(exc).splitlines()[0]}") from exc
+    model = unfused(model)  # Phi-3's fused projections, split into the Mistral layout (exact)
     place_model(model, device, device_map=device_map, max_memory=max_memory)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, extra={"folder": folder})

@@ -24,12 +24,16 @@ from transformers import (
     MistralForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+
+from space.unfuse import unfused
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -39,12 +43,15 @@ FAMILIES = {
     "olmo2": (Olmo2Config, Olmo2ForCausalLM),
     "gemma2": (Gemma2Config, Gemma2ForCausalLM),
     "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM),
+    # pruned in its exact unfused form, a Mistral model (space/unfuse.py)
+    "phi3": (Phi3Config, lambda config: unfused(Phi3ForCausalLM(config))),
 }
 # What a family's tiny config sets beyond the shared shape: Gemma's sliding-window layers (a window
 # shorter than the test sequences, so that it matters) between full-attention ones, and soft-capping
 # low enough to act on random weights.
 FAMILY_OVERRIDES = {
     "olmo2": dict(eos_token_id=0, pad_token_id=0),
+    "phi3": dict(eos_token_id=0, pad_token_id=0, sliding_window=6),
     "gemma2": dict(sliding_window=6, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
                    query_pre_attn_scalar=10),
     "gemma3_text": dict(sliding_window=6, layer_types=None, sliding_window_pattern=2, final_logit_softcapping=3.0,

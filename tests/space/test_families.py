@@ -18,6 +18,7 @@ from space.export import SUBNET_FILE, export_subnet
 from space.order import order_model
 from space.scores import compute_scores
 from space.subnet import LayerWidths, Subnet
+from space.unfuse import CONVERTED_FROM_KEY, unfused
 from space.views import subnet_view
 
 MIXED = [LayerWidths(1, 2, 50), LayerWidths(0, 0, 17), LayerWidths(2, 3, 0)]
@@ -128,10 +129,62 @@ def test_gemma_exports_keep_the_scale_the_caps_and_the_windows(token_ids, tmp_pa
     assert reloaded.model.embed_tokens.scalar_embed_scale == source.model.embed_tokens.scalar_embed_scale
 
 
-def test_phi3_is_refused_with_the_reason():
-    config = Phi3Config(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=6, num_key_value_heads=2, pad_token_id=0, eos_token_id=0, bos_token_id=0)
-    model = Phi3ForCausalLM(config)
-    with pytest.raises(UserError, match="qkv_proj") as err:
-        adapter_for(model)
+def tiny_phi3(**overrides):
+    values = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(**{**values, **overrides})).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+LONGROPE = dict(rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.1, 1.2, 1.3],
+                                     long_factor=[2.0, 2.5, 3.0, 3.5]),
+                original_max_position_embeddings=16, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("variant", ["plain", "sliding-window", "longrope"])
+def test_phi3_unfused_is_mistral_with_the_same_logits(variant):
+    overrides = {"plain": {}, "sliding-window": dict(sliding_window=6), "longrope": LONGROPE}[variant]
+    phi3 = tiny_phi3(**overrides)
+    mistral = unfused(phi3)
+    assert type(mistral).__name__ == "MistralForCausalLM"
+    assert getattr(mistral.config, CONVERTED_FROM_KEY) == "phi3"
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))  # past window and 16
+    with torch.no_grad():
+        assert torch.equal(mistral(ids).logits, phi3(ids).logits)
+    assert unfused(mistral) is mistral
+    adapter_for(mistral)  # prunable
+
+
+def test_phi3_itself_is_refused_with_the_way_in():
+    with pytest.raises(UserError, match="qkv_proj.*unfused") as err:
+        adapter_for(tiny_phi3())
     assert "phi3" in str(err.value)
+
+
+def test_phi3_with_partial_rotary_embeddings_is_refused():
+    model = tiny_phi3(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.75))
+    with pytest.raises(UserError, match="partial rotary"):
+        unfused(model)
+
+
+def test_a_phi3_folder_loads_unfused_and_its_export_reloads(token_ids, tmp_path):
+    from space.models import load_model
+    from tests.conftest import tiny_tokenizer
+
+    phi3 = tiny_phi3(sliding_window=6)
+    phi3.save_pretrained(tmp_path / "phi3")
+    tiny_tokenizer().save_pretrained(tmp_path / "phi3")
+    loaded = load_model(str(tmp_path / "phi3"))
+    assert type(loaded.model).__name__ == "MistralForCausalLM"
+    with torch.no_grad():
+        assert torch.equal(loaded.model(token_ids).logits, phi3(token_ids).logits)
+    expected = export(loaded.model, token_ids, MIXED[:2], tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    assert getattr(reloaded.config, CONVERTED_FROM_KEY) == "phi3"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(token_ids).logits, expected, rtol=1e-4, atol=1e-4)
