@@ -1,0 +1,92 @@
+"""How many calibration windows the export's least squares should fit on: a search's winner
+rectified again from the dense model with N windows of 512 tokens (the same text, region, seed and
+least-squares mode as the search's export; only N changes), measured like quality.md's cells.
+
+Decisions read PTB validation (never a test split); WikiText-2 test, PTB test and c4:heldout (32 x
+2048, float32) are reported beside it. N = the search's own count reproduces its export (a check).
+
+    LLM_PRUNER_DATA=../shared/data python experiments/calibration_size.py \\
+        runs/quality/0.7/staged-seed0/export runs/quality/0.5/tyr-seed0/export --nsamples 64 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from evaluators.data import CalibrationSpec  # noqa: E402
+from evaluators.environment import environment, matmul_tflops  # noqa: E402
+from evaluators.suite import evaluate  # noqa: E402
+from experiments.quality import EVAL, VALIDATION  # noqa: E402
+from reform.spec import ReformSpec  # noqa: E402
+from search.oneshot import reform_export  # noqa: E402
+from space.export import read_subnet_record, write_json  # noqa: E402
+from space.models import load_model  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def measure(export: Path) -> dict:
+    loaded = load_model(str(export), dtype=torch.float32, trust_remote_code=True)
+    test = evaluate(loaded.model, loaded.tokenizer, ppl=list(EVAL), seqlen=2048, limit=32)["ppl"]
+    validation = evaluate(loaded.model, loaded.tokenizer, ppl=[VALIDATION[0]], seqlen=2048, limit=VALIDATION[1])
+    return {"validation": validation["ppl"][VALIDATION[0]], **test}
+
+
+def cell(export: Path, nsamples: int) -> dict:
+    record = read_subnet_record(export)
+    recipe = record["recipe"]
+    calibration = CalibrationSpec.from_dict({**recipe["calibration"], "nsamples": nsamples})
+    reform = ReformSpec(**recipe["compensation"])
+    loaded = load_model(record["source"]["path"], dtype=torch.float32)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="calibration_size_") as tmp:
+        reform_export(loaded, record, reform=reform, calibration=calibration, out_dir=Path(tmp) / "export",
+                      reformed_from=str(export))
+        seconds = time.time() - started
+        del loaded
+        values = measure(Path(tmp) / "export")
+    return {"export": str(export), "nsamples": nsamples, "tokens": nsamples * calibration.seqlen,
+            "reform": reform.to_dict(), "calibration": calibration.to_dict(), "reform_s": round(seconds, 1),
+            "ratio": record["target_ratio"], **values}
+
+
+def report(data: dict) -> str:
+    lines = ["| export | ratio | windows x 512 | PTB valid (8) | WikiText-2 | PTB | c4:heldout | rectify s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in data["cells"].values():
+        lines.append(f"| {c['export']} | {c['ratio']} | {c['nsamples']} | {c['validation']:.2f} | "
+                     f"{c['wikitext2']:.2f} | {c['ptb']:.2f} | {c['c4:heldout']:.2f} | {c['reform_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("exports", type=Path, nargs="+")
+    parser.add_argument("--nsamples", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--out", type=Path, default=RESULTS / "calibration_size.json")
+    args = parser.parse_args(argv)
+    data = json.loads(args.out.read_text()) if args.out.is_file() else {"cells": {}}
+    data["bf16_tflops"] = matmul_tflops(torch.bfloat16)
+    for export in args.exports:
+        for n in args.nsamples:
+            key = f"{export}:{n}"
+            if key not in data["cells"]:
+                data["cells"][key] = cell(export, n)
+                data["environment"] = environment()
+                write_json(args.out, data)
+                print(report(data), flush=True)
+    print(report(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
