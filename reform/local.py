@@ -51,13 +51,14 @@ def rectify_local(
     *,
     spec: ReformSpec,
     batch_size: int = 8,
+    execution_device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> dict[str, torch.Tensor]:
     wanted = [layer.index for layer, w in zip(adapter.layers, subnet.layers) if layer_targets(adapter, layer, w)]
     if not wanted:
         return {}
     stats = output_stats(adapter, windows, gram=method_spec(spec.method).gram, layers=wanted,
-                         batch_size=batch_size, progress=progress)
+                         batch_size=batch_size, execution_device=execution_device, progress=progress)
     return stats_overrides(adapter, subnet, stats, spec=spec)
 
 
@@ -71,12 +72,19 @@ def stats_overrides(
     """The ``overrides`` of ``subnet`` from dense statistics (streamed from :func:`output_stats`,
     or cached from it to rectify many subnets without another calibration pass)."""
     method = method_spec(spec.method)
+    home = model_home(adapter)
     overrides: dict[str, torch.Tensor] = {}
     for layer, layer_stats in stats:
         for target in layer_targets(adapter, layer, subnet.layers[layer.index]):
             problem = target.local_problem(layer_stats[target.name])
-            overrides.update(target.overrides(method.solve(problem, spec)))
+            overrides.update({k: v.to(home) for k, v in target.overrides(method.solve(problem, spec)).items()})
     return overrides
+
+
+def model_home(adapter: ModelAdapter) -> torch.device:
+    """Where the model's weights live between blocks (its embeddings' device): rectified tensors
+    solved on a GPU block by block go there, so a streamed model's overrides never pile up on it."""
+    return adapter.embeddings().weight.device
 
 
 def output_solvers(

@@ -55,14 +55,18 @@ def rectify(
     *,
     spec: ReformSpec = ReformSpec(),
     batch_size: int = 8,
+    execution_device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> dict[str, torch.Tensor]:
     """The ``overrides`` that rectify ``subnet`` of the permuted model, from calibration
-    ``windows`` (n x seqlen token ids; a calibration split, never a test split)."""
+    ``windows`` (n x seqlen token ids; a calibration split, never a test split).
+    ``execution_device``: each block runs and is solved there for its turn, the model staying in
+    host memory (:func:`space.calibration.walk_layers`); the overrides go where the model is."""
     if method_spec(spec.method).solve is None:
         return {}
     started = time.time()
-    overrides = DRIVERS[spec.mode](adapter, subnet, windows, spec=spec, batch_size=batch_size, progress=progress)
+    overrides = DRIVERS[spec.mode](adapter, subnet, windows, spec=spec, batch_size=batch_size,
+                                   execution_device=execution_device, progress=progress)
     log.info("reformation %s (%s) of %d tensors on %d x %d tokens: %.1f s", spec.method, spec.mode,
              len(overrides), *windows.shape, time.time() - started)
     return overrides

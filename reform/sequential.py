@@ -36,7 +36,8 @@ from torch import nn
 
 from reform.spec import Problem, ReformSpec, method_spec
 from reform.targets import Target, layer_targets
-from space.calibration import BlockInputs, InputStats, capture_block_inputs, run_block
+from reform.local import model_home
+from space.calibration import BlockInputs, InputStats, block_on, capture_block_inputs, run_block
 from space.adapters import ModelAdapter
 from space.views import subnet_view
 from space.subnet import LayerWidths, ModelDims, Subnet
@@ -111,34 +112,38 @@ def rectify_sequential(
     *,
     spec: ReformSpec,
     batch_size: int = 8,
+    execution_device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> dict[str, torch.Tensor]:
     method = method_spec(spec.method)
-    dense: BlockInputs = capture_block_inputs(adapter, windows, batch_size=batch_size)
+    home = model_home(adapter)
+    dense: BlockInputs = capture_block_inputs(adapter, windows, batch_size=batch_size,
+                                              execution_device=execution_device)
     pruned = dense.with_hidden(list(dense.hidden))
     overrides: dict[str, torch.Tensor] = {}
     for layer, widths in progress(list(zip(adapter.layers, subnet.layers))):
-        mine: dict[str, torch.Tensor] = {}
-        targets = layer_targets(adapter, layer, widths)
-        dense_out = [] if targets else run_block(layer.layer, dense)
-        for target in targets:
-            last = target is targets[-1]  # its dense pass runs the whole block: the next dense input
-            stats = None
-            for (dense_hidden, args, kwargs), pruned_hidden in zip(dense.calls(layer.layer), pruned.hidden):
-                x_dense, out = _input_of(layer.layer, target.module, dense_hidden, args, kwargs, finish=last)
-                if last:
-                    dense_out.append(out)
-                with _layer_view(adapter, layer.index, widths, mine):
-                    x_pruned, _ = _input_of(layer.layer, target.module, pruned_hidden, args, kwargs)
-                if stats is None:
-                    stats = PairedStats(x_pruned.shape[-1], x_dense.shape[-1], gram=method.gram,
-                                        device=target.module.weight.device)
-                stats.add(x_pruned, x_dense)
-            mine.update(target.overrides(method.solve(stats.problem(target), spec)))
-        dense = dense.with_hidden(dense_out)
-        with _layer_view(adapter, layer.index, widths, mine):
-            pruned = pruned.with_hidden(run_block(layer.layer, pruned))
-        overrides.update(mine)
+        with block_on(layer.layer, execution_device):
+            mine: dict[str, torch.Tensor] = {}
+            targets = layer_targets(adapter, layer, widths)
+            dense_out = [] if targets else run_block(layer.layer, dense)
+            for target in targets:
+                last = target is targets[-1]  # its dense pass runs the whole block: the next dense input
+                stats = None
+                for (dense_hidden, args, kwargs), pruned_hidden in zip(dense.calls(layer.layer), pruned.hidden):
+                    x_dense, out = _input_of(layer.layer, target.module, dense_hidden, args, kwargs, finish=last)
+                    if last:
+                        dense_out.append(out)
+                    with _layer_view(adapter, layer.index, widths, mine):
+                        x_pruned, _ = _input_of(layer.layer, target.module, pruned_hidden, args, kwargs)
+                    if stats is None:
+                        stats = PairedStats(x_pruned.shape[-1], x_dense.shape[-1], gram=method.gram,
+                                            device=target.module.weight.device)
+                    stats.add(x_pruned, x_dense)
+                mine.update(target.overrides(method.solve(stats.problem(target), spec)))
+            dense = dense.with_hidden(dense_out)
+            with _layer_view(adapter, layer.index, widths, mine):
+                pruned = pruned.with_hidden(run_block(layer.layer, pruned))
+            overrides.update({k: v.to(home) for k, v in mine.items()})
     return overrides
 
 
@@ -157,20 +162,23 @@ def rectify_upstream(
     *,
     spec: ReformSpec,
     batch_size: int = 8,
+    execution_device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> dict[str, torch.Tensor]:
     method = method_spec(spec.method)
-    pruned = capture_block_inputs(adapter, windows, batch_size=batch_size)
+    home = model_home(adapter)
+    pruned = capture_block_inputs(adapter, windows, batch_size=batch_size, execution_device=execution_device)
     overrides: dict[str, torch.Tensor] = {}
     for layer, widths in progress(list(zip(adapter.layers, subnet.layers))):
-        mine: dict[str, torch.Tensor] = {}
-        for target in layer_targets(adapter, layer, widths):  # attention first: the MLP sees it rectified
-            stats = InputStats(target.module.in_features, gram=method.gram, device=target.module.weight.device)
-            with _layer_view(adapter, layer.index, _with_dense(widths, adapter.dims, target), mine):
-                for hidden, args, kwargs in pruned.calls(layer.layer):
-                    stats.add(_input_of(layer.layer, target.module, hidden, args, kwargs)[0])
-            mine.update(target.overrides(method.solve(target.local_problem(stats), spec)))
-        with _layer_view(adapter, layer.index, widths, mine):
-            pruned = pruned.with_hidden(run_block(layer.layer, pruned))
-        overrides.update(mine)
+        with block_on(layer.layer, execution_device):
+            mine: dict[str, torch.Tensor] = {}
+            for target in layer_targets(adapter, layer, widths):  # attention first: the MLP sees it rectified
+                stats = InputStats(target.module.in_features, gram=method.gram, device=target.module.weight.device)
+                with _layer_view(adapter, layer.index, _with_dense(widths, adapter.dims, target), mine):
+                    for hidden, args, kwargs in pruned.calls(layer.layer):
+                        stats.add(_input_of(layer.layer, target.module, hidden, args, kwargs)[0])
+                mine.update(target.overrides(method.solve(target.local_problem(stats), spec)))
+            with _layer_view(adapter, layer.index, widths, mine):
+                pruned = pruned.with_hidden(run_block(layer.layer, pruned))
+            overrides.update({k: v.to(home) for k, v in mine.items()})
     return overrides

@@ -20,7 +20,7 @@ from reform.spec import ReformSpec
 from search import report
 from search.artifacts import attach_summary, trial_subnet_of
 from search.config import SearchConfig
-from search.prepare import build_fitness, load_prepared, release_fitness
+from search.prepare import build_fitness, load_prepared, release_fitness, streamed_device
 from search.rundir import BEST, EXPORT
 from search.stages import incumbent_trials
 from space.export import export_subnet, record_header, update_subnet_record, write_json
@@ -78,10 +78,13 @@ def rescore(trials, config: SearchConfig, run_dir: Path, dims) -> list[dict]:
 def export_winner(subnet: Subnet, trial_number: int, config: SearchConfig, run_dir: Path,
                   out_dir: Path | None = None) -> ReformSpec:
     """Rectify the winner (float32, from the dense model, the same least squares as the fitness
-    unless ``export_reform`` says otherwise) and export it to ``out_dir`` (``run_dir/export``)."""
-    loaded, adapter, orders, _ = load_prepared(config, run_dir)
+    unless ``export_reform`` says otherwise) and export it to ``out_dir`` (``run_dir/export``).
+    On a GPU the float32 model stays in host memory and each block is rectified on the GPU for
+    its turn (a 70B model exports from one GPU, as it was prepared)."""
+    loaded, adapter, orders, _ = load_prepared(config, run_dir, streamed=True)
     spec = ReformSpec("lstsq", config.export_reform, damping=config.damping)
-    overrides = rectify(adapter, subnet, config.calibration_spec().windows(loaded.tokenizer), spec=spec)
+    overrides = rectify(adapter, subnet, config.calibration_spec().windows(loaded.tokenizer), spec=spec,
+                        execution_device=streamed_device(config))
     record = {
         **record_header(loaded.source, subnet, config.ratio),
         "recipe": {"method": "search", "searcher": config.searcher, "importance": config.importance,

@@ -450,3 +450,32 @@ def test_least_squares_beats_no_compensation_on_smollm2(real_model, real_data):
     with subnet_view(adapter, subnet, overrides) as pruned:
         rectified = perplexity(pruned, test)
     assert rectified < 0.9 * plain, (rectified, plain)
+
+
+# --- streamed rectification (a model in host memory, blocks on the GPU for their turn) -----------
+
+
+@pytest.mark.parametrize("mode", sorted(DRIVERS))
+def test_rectification_block_by_block_on_an_execution_device_is_the_same(setup, subnet, mode):
+    """The streamed export's path; on a CPU-only machine the moves are no-ops but the path runs."""
+    adapter, _, windows = setup
+    spec = ReformSpec("lstsq", mode)
+    plain = rectify(adapter, subnet, windows, spec=spec)
+    streamed = rectify(adapter, subnet, windows, spec=spec, execution_device="cpu")
+    assert plain.keys() == streamed.keys() and plain
+    for key in plain:
+        torch.testing.assert_close(streamed[key], plain[key], rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", sorted(DRIVERS))
+def test_a_model_in_host_memory_is_rectified_on_the_gpu_block_by_block(setup, subnet, mode):
+    adapter, _, windows = setup
+    spec = ReformSpec("lstsq", mode)
+    streamed = rectify(adapter, subnet, windows, spec=spec, execution_device="cuda")
+    assert all(p.device.type == "cpu" for p in adapter.model.parameters())  # every block went back
+    assert all(t.device.type == "cpu" for t in streamed.values())  # none piles up on the GPU
+    plain = rectify(adapter, subnet, windows, spec=spec)
+    for key in plain:
+        torch.testing.assert_close(streamed[key], plain[key], rtol=1e-3, atol=1e-4)
