@@ -44,6 +44,7 @@ from evaluators.data import dataset_windows  # noqa: E402
 from evaluators.environment import environment  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
 from reform.spec import ReformSpec  # noqa: E402
+from search.cli import common  # noqa: E402
 from search.oneshot import RECIPES, OneShotCache, dense_copy, run_recipe  # noqa: E402
 from search.oneshot.recipes import SEARCH_STATISTICS  # noqa: E402
 from space.export import write_json  # noqa: E402
@@ -84,7 +85,12 @@ def parse_args(argv=None):
                    help="other comparison JSONs (variant runs) whose recipe rows join this report")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "compare")
-    return p.parse_args(argv)
+    p.add_argument("--config", dest="config_file", type=Path,
+                   help="a YAML file of these options (experiments/configs/compare/ holds the commands of compare.md); "
+                        "the flags given override it")
+    args = p.parse_args(argv)
+    common.apply_config_file(args, common.option_actions(p))
+    return args
 
 
 def with_lstsq(recipe):

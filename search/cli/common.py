@@ -6,6 +6,7 @@ import argparse
 import math
 
 import torch
+import yaml
 
 from evaluators.data import CalibrationSpec, parse_dataset
 from reform.spec import DEFAULT_METHOD, DEFAULT_MODE, METHODS, MODES, ReformSpec, method_spec
@@ -134,3 +135,57 @@ def progress(quiet: bool):
 
 def save_dtype(args) -> torch.dtype | None:
     return DTYPES[args.save_dtype] if args.save_dtype else None
+
+
+
+def option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """A (sub)command's options by destination (what ``--config`` may set)."""
+    return {a.dest: a for a in parser._actions if a.dest not in ("help", "config_file")}
+
+
+def apply_config_file(args, actions: dict[str, argparse.Action], *, not_in_file: tuple[str, ...] = ()) -> None:
+    """Fill the options not given on the command line from ``args.config_file`` (YAML: option
+    names, with ``-`` or ``_``, to values, converted and checked as the flags are); the flags given
+    win. Unknown names are a UserError."""
+    path = args.config_file
+    if path is None:
+        return
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    known = sorted(set(actions) - set(not_in_file))
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} must map options ({', '.join(known)}) to values")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    for dest, value in values.items():
+        action = actions[dest]
+        if getattr(args, dest) != action.default or value is None:
+            continue  # given on the command line
+        if action.nargs == 0:  # a switch (store_true)
+            if not isinstance(value, bool):
+                raise UserError(f"--config {path}: {dest} is a switch: true or false, got {value!r}")
+            setattr(args, dest, value)
+            continue
+        many = action.nargs not in (None, "?")  # a list option (nargs "+", "*", N)
+        items = [_option_value(path, action, v) for v in (value if isinstance(value, list) else [value])] \
+            if many else [_option_value(path, action, value)]
+        setattr(args, dest, items if many else items[0])
+
+
+def _option_value(path, action: argparse.Action, value):
+    """One value of a --config file, converted and checked like the flag's."""
+    if action.type is not None:
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)  # e.g. --eval a,b
+        try:
+            value = action.type(text)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            raise UserError(f"--config {path}: {action.dest}: {exc}") from exc
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"--config {path}: {action.dest} must be one of {', '.join(map(str, action.choices))}")
+    return value

@@ -8,6 +8,7 @@ from search.cli import common
 from evaluators.suite import eval_table
 from search.cli.evaluate import evaluate_path
 from search.oneshot import RECIPES, custom_recipe, prune, recipe_spec
+from space.errors import UserError
 from space.export import check_destination, update_subnet_record
 from space.models import load_model, resolve
 from space.scores import SCORES, score_spec
@@ -15,8 +16,11 @@ from space.scores import SCORES, score_spec
 
 def add(sub) -> None:
     p = sub.add_parser("prune", help="one-shot structured pruning to a budget, exported as a HF folder")
-    p.add_argument("--model", required=True, help="HF folder, hub id, .gguf file, or alias (smollm2-135m)")
-    p.add_argument("--ratio", required=True, type=common.ratio, help="kept fraction of block weights, in (0, 1]")
+    p.add_argument("--config", dest="config_file", type=Path,
+                   help="a YAML file of these options (model, ratio, method, calib, nsamples, ...; "
+                        "experiments/configs/compare/ holds every compare.md cell's); the flags given override it")
+    p.add_argument("--model", help="HF folder, hub id, .gguf file, or alias (smollm2-135m); required")
+    p.add_argument("--ratio", type=common.ratio, help="kept fraction of block weights, in (0, 1]; required")
     p.add_argument("--method", help="a published system's recipe (its importance, allocation, compensation and "
                                     "calibration): " + " | ".join(RECIPES))
     p.add_argument("--importance", help="score (default wanda-sp; with --method, replaces the recipe's score): "
@@ -36,9 +40,16 @@ def add(sub) -> None:
     common.add_model_options(p)
     common.add_calibration_options(p)
     p.set_defaults(validate=validate, main=main)
+    OPTIONS.update(common.option_actions(p))
+
+
+OPTIONS: dict = {}  # what --config may set (everything but where the export goes and the run's chatter)
 
 
 def validate(args) -> None:
+    common.apply_config_file(args, OPTIONS, not_in_file=("out",))
+    if args.model is None or args.ratio is None:
+        raise UserError("--model and --ratio are required (or a --config file that sets them)")
     if args.method is not None:
         recipe_spec(args.method)
         if args.importance is not None:

@@ -35,6 +35,25 @@ def test_prune_exports_a_model_that_reloads(tiny_model_dir, tiny_data, tmp_path,
     assert (out / "importance.pt").is_file()
 
 
+def test_prune_config_file_sets_the_options_and_flags_override_it(tiny_model_dir, tiny_data, tmp_path, capsys):
+    config = tmp_path / "prune.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "ratio": 0.6, "importance": "wanda-sp",
+                                      "allocation": "uniform", "nsamples": 4, "calib-seqlen": 16, "batch_size": 2,
+                                      "eval_ppl": ["wikitext2"], "eval_seqlen": 32}))
+    code, io = run(["prune", "--config", str(config), "--ratio", "0.8", "--out", str(tmp_path / "out")], capsys)
+    assert code == 0, io.err
+    record = json.loads((tmp_path / "out" / "subnet.json").read_text())
+    assert abs(record["block_ratio"] - 0.8) <= 0.003  # the flag, not the file's 0.6
+    assert record["recipe"]["importance"] == "wanda-sp" and record["recipe"]["allocation"] == "uniform"
+    assert record["recipe"]["calibration"]["nsamples"] == 4 and "wikitext2" in record["metrics"]["ppl"]
+    for bad, message in (({"ratio": 1.5}, "ratio must be in (0, 1]"), ({"colour": "red"}, "unknown option(s) colour"),
+                         ({"dtype": "int4"}, "dtype must be one of"), ({"out": "elsewhere"}, "unknown option(s) out")):
+        config.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "ratio": 0.6, **bad}))
+        code, io = run(["prune", "--config", str(config), "--out", str(tmp_path / "bad")], capsys)
+        assert code == 2 and message in io.err and "Traceback" not in io.err, io.err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_eval_writes_the_promised_json(tiny_model_dir, tiny_data, tmp_path, capsys):
     path = tmp_path / "eval.json"
     code, io = run(["eval", str(tiny_model_dir), "--ppl", "wikitext2", "--seqlen", "32", "--limit-windows", "3",
@@ -158,6 +177,9 @@ def test_prune_by_parts_and_by_method_run_the_same_pipeline(tiny_model_dir, tiny
     (["search", "--method", "tyr", "--config", "{tmp}/file", "--run-dir", "{tmp}/run"], "give one of them"),
     (["prune", "--model", "{model}", "--ratio", "0.5", "--out", "{tmp}/out", "--method", "tyr"],
      "search --method tyr"),
+    (["prune", "--out", "{tmp}/out"], "--model and --ratio are required"),
+    (["prune", "--config", "{tmp}/nofile.yaml", "--out", "{tmp}/out"], "no such file"),
+    (["prune", "--config", "{tmp}/file", "--out", "{tmp}/out"], "must map options"),
 ])
 def test_bad_inputs_end_in_one_message_and_exit_2(argv, message, tiny_model_dir, tiny_data, tmp_path, capsys):
     (tmp_path / "file").write_text("not a run folder")
