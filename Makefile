@@ -22,7 +22,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/llm-pruner search --model smollm2-135m --ratio 0.7 --searcher evolution --evolution tiny \
+	$(BIN)/llm-pruner search --model smollm2-135m --ratio 0.7 --evolution staged-tiny \
 		--trials 24 --nsamples 32 --eval-windows 4 --run-dir runs/demo-0.7
 
 test: venv

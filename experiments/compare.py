@@ -198,7 +198,7 @@ def search_cell(args, ratio: float, windows, dtype) -> dict | None:
         from search.config import SearchConfig
         from search.job import run_search
 
-        run_search(SearchConfig(model=args.model, ratio=ratio, searcher=args.searcher, trials=args.search_trials),
+        run_search(SearchConfig.create(args.model, ratio, searcher=args.searcher, trials=args.search_trials),
                    run_dir, progress=False)
     if not best.is_file():
         return None

@@ -36,26 +36,39 @@ CONFIGS = Path(__file__).parent / "configs" / "quality"
 EVAL = ("wikitext2", "ptb", "c4:heldout")  # the protocol's texts, 32 windows of 2048 each
 VALIDATION = ("ptb:validation", 8)  # for decisions (never a test split): 8 windows of 2048
 
+# Row 0: the search's defaults before this issue's items (pinned: the defaults of the day are the final row).
+BEFORE = {"fitness": "ppl", "evolution": "cpu", "export_reform": "local", "importance": "wanda-sp", "trials": 100}
+STAGED = {**BEFORE, "fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 260}
 # Cumulative rows: each adds one item of the issue to the row before it (in the order built).
 ROWS: dict[str, dict] = {
-    "defaults": {},
-    "kl": {"fitness": "kl"},
-    "obs": {"fitness": "kl", "importance": "obs-elimination"},
-    "upstream": {"fitness": "kl", "export_reform": "upstream"},
-    "staged": {"fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 260},
-    "mixed": {"fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 260,
-              "calib": "wikitext2+c4:calib"},
+    "defaults": BEFORE,
+    "kl": {**BEFORE, "fitness": "kl"},
+    "obs": {**BEFORE, "fitness": "kl", "importance": "obs-elimination"},
+    "upstream": {**BEFORE, "fitness": "kl", "export_reform": "upstream"},
+    "staged": STAGED,
+    "mixed": {**STAGED, "calib": "wikitext2+c4:calib"},
     "tyr": SEARCH_METHODS["tyr"],  # llm-pruner search --method tyr: the staged row with the osscar order
     # tyr calibrated (statistics, fitness and re-scoring regions) on WikiText-2 validation + c4:calib
     "tyr-mixed": {**SEARCH_METHODS["tyr"], "calib": "wikitext2+c4:calib"},
+    "final": {},  # the defaults of the day (search/config.py RECOMMENDED): tyr's search at 0.5, staged's at 0.7
 }
 
 
-def cell_config(ratio: float, row: str, seed: int, trials: int) -> SearchConfig:
+def cell_options(row: str, trials: int | None) -> dict:
+    return {**({"trials": trials} if trials else {}), **ROWS[row]}
+
+
+def cell_config(ratio: float, row: str, seed: int, trials: int | None = None) -> SearchConfig:
     """The search of one cell (``experiments/configs/quality/`` holds each as the YAML a run folder
     records: ``llm-pruner search --config FILE --run-dir DIR`` runs it again)."""
-    options = {"trials": trials, **ROWS[row]}
-    return SearchConfig.create("smollm2-135m", ratio, seed=seed, eval_windows=32, eval_datasets=EVAL, **options)
+    return SearchConfig.create("smollm2-135m", ratio, seed=seed, eval_windows=32, eval_datasets=EVAL,
+                               **cell_options(row, trials))
+
+
+def is_default(cell: dict) -> bool:
+    """Whether a cell's search is the one today's defaults run (the final row, whatever its name)."""
+    config = cell_config(cell["ratio"], cell["row"], cell["seed"], cell["options"].get("trials"))
+    return config.identity() == cell_config(cell["ratio"], "final", cell["seed"]).identity()
 
 
 def write_config(config: SearchConfig, row: str) -> None:
@@ -64,9 +77,9 @@ def write_config(config: SearchConfig, row: str) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int) -> dict:
+def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int | None) -> dict:
     config = cell_config(ratio, row, seed, trials)
-    options = {"trials": trials, **ROWS[row]}
+    options = {**cell_options(row, trials), "trials": config.trials}
     write_config(config, row)
     result = run_search(config, runs / f"{ratio}" / f"{row}-seed{seed}", progress=False)
     best = result.best
@@ -105,7 +118,8 @@ def dense_ppl() -> dict:
 
 def report(data: dict) -> str:
     lines = ["# Search quality, item by item (SmolLM2-135M)", "",
-             "Each row is a whole search (`llm-pruner search`, its defaults except the row's options) whose export "
+             "Each row is a whole search (`llm-pruner search` with the row's options; row 0, `defaults`, is the search's "
+             "defaults before issue 13's items; each cell's whole config is in experiments/configs/quality/) whose export "
              "is measured in float32 on the first 32 windows of 2048 tokens: WikiText-2 test, PTB test and "
              "c4:heldout (C4 documents 501-1000, never calibrated on). Decisions use the re-scoring region of "
              "WikiText-2 validation (`rescored`, the search's own held-out fitness, comparable within a fitness "
@@ -113,13 +127,15 @@ def report(data: dict) -> str:
              + ", ".join(f"{k} {v:.2f}" for k, v in data.get("dense", {}).items()) + ".", "",
              f"Machine: {data['environment']['machine']['cpu']}, {data['environment']['machine']['threads']} threads; "
              "`bf16` is the bfloat16 matmul peak (2048^3, TFLOP/s) measured in the same run as the cell.", "",
+             "A `*` after the row marks the search today's defaults run at that ratio (the final row).", "",
              "| ratio | row | options | seed | WikiText-2 | PTB | c4:heldout | PTB valid | re-scored | search s | bf16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(data["cells"], key=lambda k: (-data["cells"][k]["ratio"], list(ROWS).index(data["cells"][k]["row"]),
                                                     data["cells"][k]["seed"])):
         c = data["cells"][key]
         p = c["ppl"]
-        lines.append(f"| {c['ratio']} | {c['row']} | `{json.dumps(c['options'])}` | {c['seed']} | "
+        lines.append(f"| {c['ratio']} | {c['row']}{' *' if is_default(c) else ''} | `{json.dumps(cell_options(c['row'], c['options'].get('trials')))}` | "
+                     f"{c['seed']} | "
                      f"{p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | {p['ptb:validation']:.2f} | "
                      f"{c['rescored']:.4g} | {c['seconds']['search']:.0f} | {c.get('bf16_tflops', float('nan')):.2f} |")
     if data.get("zeroshot"):
@@ -136,7 +152,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--trials", type=int, default=100, help="trials of a row that does not set its own")
+    parser.add_argument("--trials", type=int, help="trials of a row that does not set its own (default: the search's)")
     parser.add_argument("--zeroshot", action="store_true", help="also the zero-shot average of these cells")
     parser.add_argument("--zeroshot-limit", type=int, default=500)
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"))

@@ -42,6 +42,24 @@ SEARCH_METHODS: dict[str, dict] = {
 
 SOLVER_DEVICES = ("model", "cpu")  # where the fitness's least-squares state lives
 
+# The defaults of the day for a new search (:meth:`SearchConfig.create`, the command line, a config
+# file's missing keys), chosen on PTB validation and the re-scoring region, never a test split
+# (experiments/results/quality.md): the KL fitness, selection in stages with level switches over
+# STAGED_TRIALS children, the winner refitted on the pruned upstream model's statistics, and the unit
+# order by ratio: ``osscar`` up to ORDER_SWITCH_RATIO, ``wanda-sp`` above it (PTB-validation perplexity of
+# the same search, osscar vs wanda-sp: 151.7 vs 202.3 at 0.5, 97.0 vs 85.5 at 0.7). The dataclass's
+# own field defaults stay what a run folder made before each field existed meant
+# (:func:`search.rundir.open_run_dir`).
+RECOMMENDED = {"fitness": "kl", "evolution": "staged", "export_reform": "upstream", "importance": "auto"}
+STAGED_TRIALS = 260
+PLAIN_TRIALS = 100
+ORDER_SWITCH_RATIO = 0.6
+
+
+def default_importance(ratio: float) -> str:
+    """The unit order ``importance="auto"`` stands for at this ratio."""
+    return "osscar" if ratio <= ORDER_SWITCH_RATIO + 1e-9 else "wanda-sp"
+
 
 @dataclass(frozen=True)
 class SearchConfig:
@@ -100,10 +118,19 @@ class SearchConfig:
         of ``calib`` (seeds ``seed``, ``seed + 1``, ``seed + 2``; each document through the model's
         chat template when ``chat_template``). ``fitness_nsamples`` defaults to 8
         (staged evolution: its stages' windows, 4 generations' worth); ``final_nsamples`` to
-        max(32, 4 x the windows a candidate is scored on). ``options``: the other fields."""
-        staged = STAGED_PRESETS.get(options.get("evolution", cls.evolution))
+        max(32, 4 x the windows a candidate is scored on). ``options``: the other fields; those not
+        given (or None) take the defaults of the day (``RECOMMENDED``, ``importance="auto"`` resolved
+        by the ratio, STAGED_TRIALS children for the staged evolution, else PLAIN_TRIALS trials)."""
+        chosen = (*RECOMMENDED, "trials")  # None there: "not given" (the command line's unset flags)
+        options = {**RECOMMENDED, **{k: v for k, v in options.items() if k not in chosen or v is not None}}
+        if options["importance"] == "auto":
+            options["importance"] = default_importance(ratio)
+        staged = STAGED_PRESETS.get(options["evolution"])
+        if options.get("searcher", cls.searcher) != "evolution":
+            staged = None
+        options.setdefault("trials", STAGED_TRIALS if staged is not None else PLAIN_TRIALS)
         scored = fitness_nsamples or 8
-        if staged is not None and options.get("searcher", cls.searcher) == "evolution":
+        if staged is not None:
             fitness_nsamples = fitness_nsamples or 4 * staged.pool
             scored = staged.windows[-1]
         final = final_nsamples or max(32, scored * 4)

@@ -130,7 +130,7 @@ def summarise(study, chosen, winner: dict, subnet: Subnet, rescored, front, *, r
                  "total_ratio": subnet.total_ratio(), "attention_ratio": subnet.attention_ratio(),
                  "mlp_ratio": subnet.mlp_ratio(), "total_params": subnet.total_params()},
         "rescored": rescored,
-        "front": [{"trial": t.number, "ppl": t.values[0], "ratio": t.values[1]} for t in front],
+        "front": [{"trial": t.number, "search_value": t.values[0], "ratio": t.values[1]} for t in front],
         "export": str(run_dir / EXPORT),
         "export_reform": spec.to_dict(),
         "test": tests.get(headline),

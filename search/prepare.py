@@ -156,13 +156,17 @@ def starts_for(config: SearchConfig, space: WidthSpace, ordered, standardized: b
     preset: whole sub-layers removed, the cheapest by ``errors`` first)."""
     if space.preset == "depth":
         return [depth_start(space, config.ratio, errors)]
-    starts = []
+    starts, failure = [], None
     for name in ("uniform-mlp", "global", "uniform"):
         try:
             proposal = ALLOCATIONS[name](space.dims, ordered, ratio=config.ratio, standardized=standardized)
             start = space.repair(proposal, config.ratio)
-        except ValueError:
+        except ValueError as exc:
+            failure = exc
             continue
         if start not in starts:
             starts.append(start)
+    if not starts:
+        raise UserError(f"none of the one-shot allocations the search starts from could be brought onto ratio "
+                        f"{config.ratio} ({failure}); give a finer --mlp-step")
     return starts

@@ -118,7 +118,7 @@ def markdown_report(summary: dict, path: Path) -> Path:
     if summary.get("front"):
         lines += ["## Front (NSGA-II)", "", "![front](front.png)", "", f"| trial | block ratio | {fitness} |",
                   "|---|---|---|"]
-        lines += [f"| {f['trial']} | {f['ratio']:.4f} | {f['ppl']:.3f} |" for f in summary["front"]]
+        lines += [f"| {f['trial']} | {f['ratio']:.4f} | {f['search_value']:.4g} |" for f in summary["front"]]
         lines.append("")
     lines += ["## Top candidates, re-scored", "", "| trial | search value | re-scored |", "|---|---|---|"]
     lines += [f"| {r['trial']} | {r['search_value']:.3f} | {r['rescored']:.3f} |" for r in summary["rescored"]]

@@ -10,7 +10,7 @@ import yaml
 from evaluators.data import DATASETS, check_calibration, load_text, parse_dataset
 from reform.spec import MODES
 from search.cli import common
-from search.config import DTYPES, SEARCH_METHODS, SOLVER_DEVICES, WINDOW_SETS, SearchConfig
+from search.config import DTYPES, ORDER_SWITCH_RATIO, SEARCH_METHODS, SOLVER_DEVICES, WINDOW_SETS, SearchConfig
 from search.job import run_search
 from search.plan import describe, plan_for
 from search.rundir import check_run_dir
@@ -33,7 +33,7 @@ def add(sub) -> None:
                    help="a published search system's settings (tyr: Týr-the-Pruner); the flags given override them")
     p.add_argument("--ratio-min", type=common.ratio, help="nsga2: the bottom of the ratio range")
     p.add_argument("--searcher", default="evolution", help=" | ".join(SAMPLERS))
-    p.add_argument("--trials", type=int, help="finished trials to reach (default 100; a re-run may raise it)")
+    p.add_argument("--trials", type=int, help="trials to reach (default 260 staged, else 100; a re-run may raise it)")
     p.add_argument("--run-dir", required=True, type=Path, help="run folder (re-running the command resumes it)")
     p.add_argument("--workers", type=int, default=0, help="Ray actors (0: evaluate in this process); at most the "
                                                           "cluster's GPUs / --gpus-per-worker where it has GPUs")
@@ -44,11 +44,11 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="wide", help="per-layer width bounds: " + " | ".join(WIDTHS))
     p.add_argument("--mlp-step", type=int, help="MLP width step (default: about 1/48 of the width)")
-    p.add_argument("--evolution", help="evolution sizes (default cpu): " + " | ".join([*EVOLUTION, *STAGED]) +
+    p.add_argument("--evolution", help="evolution sizes (default staged): " + " | ".join([*EVOLUTION, *STAGED]) +
                    " (staged: selection in stages with level-switch mutations)")
-    p.add_argument("--importance", help="unit order inside layers and the starts (default wanda-sp)")
+    p.add_argument("--importance", help=f"unit order (default auto: osscar to ratio {ORDER_SWITCH_RATIO}, wanda-sp above)")
     p.add_argument("--fitness-reform", default="lstsq", help="lstsq | none: rectify candidates before scoring")
-    p.add_argument("--fitness", help="ppl | kl: calibration perplexity (default), or KL to the dense model")
+    p.add_argument("--fitness", help="kl | ppl: KL to the dense model (default), or calibration perplexity")
     p.add_argument("--fitness-top-k", type=int, default=256, help="kl: dense tokens kept per position (default 256)")
     p.add_argument("--fitness-nsamples", type=int, help="fitness windows (default 8; staged evolution: the pool "
                                                           "its stages draw from, 4 generations' worth)")
@@ -61,9 +61,9 @@ def add(sub) -> None:
                                                         "for stuck, restarted, and the job sent again (default: "
                                                         "max(60, 10 x the median so far))")
     p.add_argument("--export-reform", choices=MODES,
-                   help="least squares of the winner: local (default, as in the fitness), sequential or upstream")
-    p.add_argument("--eval-windows", type=int, default=32, help="test windows of 2048 per dataset for the export "
-                                                                   "(0: skip)")
+                   help="least squares of the winner: upstream (default: on the pruned upstream model's inputs), "
+                        "local (as in the fitness) or sequential")
+    p.add_argument("--eval-windows", type=int, default=32, help="export's test windows of 2048 per dataset (0: skip)")
     p.add_argument("--eval-datasets", type=common.ppl_list, default=list(SearchConfig.eval_datasets),
                    help="the export's perplexity (default: wikitext2,ptb,c4:heldout)")
     common.add_calibration_flags(p)
@@ -77,8 +77,8 @@ def add(sub) -> None:
     p.add_argument("--solver-device", default="model", choices=SOLVER_DEVICES,
                    help="where that state lives: on the model's device, or in (pinned) host memory, each solve "
                         "copying one layer's rows to the model's device")
-    p.add_argument("--dry-run", action="store_true", help="print the memory plan per worker and stop (the model "
-                                                          "may be a folder with only its config.json)")
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan per worker and stop (the model may "
+                                                          "be a folder with only its config.json)")
     p.add_argument("--json", type=Path, help="--dry-run: also write the plan here")
     p.add_argument("--gpu-memory", type=float, help="GB of the device a worker runs on, when none is visible here")
     p.set_defaults(validate=validate, main=main)
@@ -88,10 +88,8 @@ def add(sub) -> None:
 DEFAULTS: dict = {}  # the parser's defaults: a flag whose value differs was given, and overrides --config
 CALIBRATION_FLAGS = ("calib", "chat_template", "nsamples", "calib_seqlen", "fitness_nsamples", "fitness_seqlen", "seed")
 FIELDS = {f.name for f in dataclasses.fields(SearchConfig)}
-# The flags a --method sets: their parser default is None (so that a flag given with the plain default
-# still overrides the method), and their plain defaults are SearchConfig's.
-METHOD_FLAGS = {f.name: f.default for f in dataclasses.fields(SearchConfig)
-                if f.name in ("trials", "evolution", "importance", "fitness", "export_reform")}
+# The flags a --method sets have the parser default None (so that a flag given with the plain default
+# still overrides the method); left None, SearchConfig.create gives them the defaults of the day.
 
 
 def config_from(args) -> SearchConfig:
@@ -99,8 +97,7 @@ def config_from(args) -> SearchConfig:
         if args.method is not None:
             raise UserError("--method and --config both set the search's settings; give one of them")
         return config_from_file(args)
-    settings = {**METHOD_FLAGS, **(SEARCH_METHODS[args.method] if args.method else {})}
-    for dest, value in settings.items():
+    for dest, value in (SEARCH_METHODS[args.method] if args.method else {}).items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
     if args.model is None or args.ratio is None:
@@ -132,7 +129,11 @@ def config_from_file(args) -> SearchConfig:
                         + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
     if "eval_datasets" in values:
         values["eval_datasets"] = tuple(values["eval_datasets"])
-    base = SearchConfig(**values)
+    if values.get("model") is None or values.get("ratio") is None:
+        raise UserError(f"--config {path} must set model and ratio")
+    # what the file leaves out takes the defaults of the day, as on the command line
+    windows = {k: values.pop(k) for k in WINDOW_SETS if k in values}
+    base = dataclasses.replace(SearchConfig.create(values.pop("model"), values.pop("ratio"), **values), **windows)
     given = {dest: value for dest, value in vars(args).items() if dest in DEFAULTS and value != DEFAULTS[dest]}
     changes = {dest: value for dest, value in given.items() if dest in FIELDS}
     if "eval_datasets" in changes:

@@ -67,13 +67,51 @@ def test_calibration_from_two_sources_shares_its_windows_and_regions(tiny_text_d
 
 
 def test_every_results_config_is_a_valid_search_config():
-    """experiments/configs/ holds the settings of the results tables; each still loads and checks."""
+    """experiments/configs/quality/ holds the searches of the results tables; each still loads and checks
+    (configs/compare/ holds compare.py's own options, read by its parser)."""
     import yaml
 
-    folder = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+    folder = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "quality"
     files = sorted(folder.rglob("*.yaml"))
     assert files
     for path in files:
         values = yaml.safe_load(path.read_text())
         values["eval_datasets"] = tuple(values["eval_datasets"])
         SearchConfig(**values).check()
+
+
+def test_the_defaults_of_the_day_and_the_order_by_ratio():
+    from search.config import ORDER_SWITCH_RATIO, STAGED_TRIALS
+
+    low, high = SearchConfig.create("m", 0.5), SearchConfig.create("m", 0.7)
+    for config in (low, high):
+        assert (config.fitness, config.evolution, config.export_reform, config.trials) == \
+            ("kl", "staged", "upstream", STAGED_TRIALS)
+        assert config.calibration_spec("fitness_windows").nsamples >= max(config.staged.windows)
+        config.check()
+    assert (low.importance, high.importance) == ("osscar", "wanda-sp")
+    assert SearchConfig.create("m", ORDER_SWITCH_RATIO).importance == "osscar"
+    # what is given wins; None is "not given" (the command line's unset flags)
+    plain = SearchConfig.create("m", 0.5, fitness="ppl", evolution="cpu", importance="wanda-sp", trials=None)
+    assert (plain.fitness, plain.evolution, plain.importance, plain.trials) == ("ppl", "cpu", "wanda-sp", 100)
+    assert SearchConfig.create("m", 0.5, searcher="tpe").trials == 100
+    assert SearchConfig.create("m", 0.5, importance="auto").importance == "osscar"
+
+
+def test_a_config_file_and_the_command_line_get_the_same_defaults(tmp_path):
+    import argparse
+
+    import yaml
+
+    from search.cli import search as search_cli
+
+    parser = argparse.ArgumentParser()
+    search_cli.add(parser.add_subparsers())
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": "m", "ratio": 0.5}))
+    from_file = search_cli.config_from(parser.parse_args(["search", "--config", str(path), "--run-dir", "r"]))
+    from_flags = search_cli.config_from(parser.parse_args(["search", "--model", "m", "--ratio", "0.5", "--run-dir", "r"]))
+    assert from_file == from_flags == SearchConfig.create("m", 0.5, eval_windows=32)
+    path.write_text(yaml.safe_dump({"ratio": 0.5}))
+    with pytest.raises(UserError, match="must set model and ratio"):
+        search_cli.config_from(parser.parse_args(["search", "--config", str(path), "--run-dir", "r"]))

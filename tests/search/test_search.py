@@ -355,8 +355,9 @@ def test_any_optuna_rdb_storage_works(tiny_model_dir, tiny_data, tmp_path):
 
 
 def test_nsga2_searches_a_ratio_range_and_reports_a_front(tiny_model_dir, tiny_data, tmp_path):
-    run_search(tiny_config(tiny_model_dir, searcher="nsga2", ratio=0.8, ratio_min=0.4, trials=10, eval_windows=0),
-               tmp_path / "run", progress=False)
+    # calibration perplexity: on a random tiny model the KL to the dense model barely depends on the ratio
+    run_search(tiny_config(tiny_model_dir, searcher="nsga2", ratio=0.8, ratio_min=0.4, trials=10, eval_windows=0,
+                           fitness="ppl"), tmp_path / "run", progress=False)
     trials = finished(tmp_path / "run")
     ratios = [t.values[1] for t in trials]
     assert all(0.4 - 0.003 <= r <= 0.8 + 0.004 for r in ratios) and max(ratios) - min(ratios) > 0.1

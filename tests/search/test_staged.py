@@ -160,7 +160,7 @@ def test_a_staged_depth_search_runs_and_keeps_whole_sublayers(tiny_model_dir, ti
     assert all(w in ([0, 0], [2, 3]) for w in (x[:2] for x in widths)) and all(x[2] in (0, 96) for x in widths)
     assert any(x[:2] == [0, 0] or x[2] == 0 for x in widths)
     with pytest.raises(UserError, match="preset depth"):
-        SearchConfig.create("m", 0.6, preset="depth").check()
+        SearchConfig.create("m", 0.6, preset="depth", evolution="cpu").check()
 
 
 def test_tyr_level_database_is_nested_in_equal_parameter_steps(make_model, token_ids):
