@@ -20,7 +20,9 @@ def crosscheck_section(check: dict) -> list[str]:
     cfg = check["config"]
     lines = [f"Dense model, the first {cfg['limit']} examples of each task, {cfg['dtype']}, batch {cfg['batch_size']}; "
              "both scorers on the same model object and the same local files "
-             "(`experiments/crosscheck_lm_eval.py`; lm-eval driven with its own task YAMLs pointed at the files).", "",
+             "(`experiments/crosscheck_lm_eval.py`; lm-eval driven with its own task YAMLs pointed at the files). "
+             "*ours*: the built-in scorer (`evaluators/zeroshot.py`, since deleted); *lm-eval*: lm-evaluation-harness "
+             "through `evaluators/harness.py`.", "",
              "| task | metric | ours | lm-eval | difference (points) | predictions that differ | largest log-likelihood difference |",
              "|---|---|---|---|---|---|---|"]
     for name, t in check["tasks"].items():
@@ -29,9 +31,9 @@ def crosscheck_section(check: dict) -> list[str]:
     ours = [t["ours"] for t in check["tasks"].values()]
     theirs = [t["lm_eval"] for t in check["tasks"].values()]
     lines += ["", f"Average: ours {100 * sum(ours) / len(ours):.2f}, lm-eval {100 * sum(theirs) / len(theirs):.2f}; "
-              f"largest per-task difference {check['max_abs_diff_points']:.1f} points (the acceptance bound is 1). "
-              "Predictions differ where the log-likelihoods do: lm-eval takes the log-softmax in the model's "
-              "dtype (bfloat16 here), we take it in float32.",
+              f"largest per-task difference {check['max_abs_diff_points']:.1f} points. "
+              "Predictions differ where the log-likelihoods do (batches padded differently, in "
+              f"{cfg['dtype']}; both take the log-softmax in float32).",
               f"Wall time: ours {sum(v for k, v in check['timings_s'].items() if k.startswith('ours')):.0f} s, "
               f"lm-eval {check['timings_s']['lm_eval_s']:.0f} s for the same requests."]
     return lines

@@ -325,7 +325,12 @@ def main() -> None:
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "ecosystem")
     parser.add_argument("--note", default="", help="a remark for the report (e.g. on the machine's load)")
+    parser.add_argument("--report", action="store_true", help="only write the .md again from the .json (and the "
+                                                              "zero-shot cross-check's JSON)")
     args = parser.parse_args()
+    if args.report:
+        args.out.with_suffix(".md").write_text(report(json.loads(args.out.with_suffix(".json").read_text())))
+        return
     torch.set_num_threads(THREADS)
     WORK.mkdir(parents=True, exist_ok=True)
     args.text = local_file("wikitext-2-raw-v1/wiki.test.raw")
@@ -347,8 +352,26 @@ def main() -> None:
               "seconds": round(time.time() - started), "note": args.note, "tiny_check": tiny}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    args.out.with_suffix(".md").write_text(table(result))
-    print(table(result))
+    args.out.with_suffix(".md").write_text(report(result))
+    print(report(result))
+
+
+def report(result: dict) -> str:
+    """ecosystem.md: the llama.cpp table, then the zero-shot backend's cross-check with the scorer it
+    replaced (``crosscheck_lm_eval.json``, measured before that scorer was deleted)."""
+    from experiments.eval_report import crosscheck_section
+
+    text = table(result)
+    check = RESULTS / "crosscheck_lm_eval.json"
+    if check.is_file():
+        data = json.loads(check.read_text())
+        text = text.rstrip("\n") + "\n\n" + "\n".join([
+            "## Zero-shot: the lm-eval backend vs the built-in scorer it replaced", "",
+            f"Measured at commit {data['environment']['git_commit']} (`experiments/crosscheck_lm_eval.py` there), "
+            f"before the built-in scorer was deleted; {data['environment']['machine']['cpu']}, "
+            f"{data['environment']['machine']['threads']} threads, {data['wall_time_s'] / 60:.0f} min.", "",
+            *crosscheck_section(data)]) + "\n"
+    return text
 
 
 if __name__ == "__main__":
