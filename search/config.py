@@ -96,6 +96,9 @@ class SearchConfig:
     final_windows: dict = field(
         default_factory=lambda: CalibrationSpec("wikitext2", 32, 512, 2, RESCORING_REGION).to_dict())
     export_reform: str = "local"  # reformation mode of the exported winner (lstsq), as in the fitness
+    # calibration windows the export's least squares fits on (None: the statistics' count), drawn from the
+    # statistics' region with their seed; more than the fitness needs, since it is fitted once
+    export_nsamples: int | None = None
     eval_windows: int | None = 32  # test windows of 2048 per dataset for the export (None: all)
     # Where the export's perplexity is measured: WikiText-2 test, and text no step calibrated on
     # (PTB test, the held-out half of the local C4 sample), so that a gain that only fits the
@@ -107,7 +110,7 @@ class SearchConfig:
     gpus_per_worker: int = 1
 
     RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows", "eval_datasets", "max_failures", "trial_timeout",
-               "solver_device", "gpus_per_worker")
+               "solver_device", "gpus_per_worker", "export_nsamples")
 
     @classmethod
     def create(cls, model: str, ratio: float, *, calib: str = "wikitext2", nsamples: int = 64,
@@ -175,6 +178,11 @@ class SearchConfig:
         """The windows of ``calibration`` (statistics), ``fitness_windows`` or ``final_windows``."""
         return CalibrationSpec.from_dict(getattr(self, which))
 
+    def export_calibration_spec(self) -> CalibrationSpec:
+        """The windows the export's least squares fits on: the statistics' text, region and seed."""
+        return CalibrationSpec.from_dict({**self.calibration,
+                                          "nsamples": self.export_nsamples or self.calibration["nsamples"]})
+
     def check(self) -> None:
         """Every mistake a user can make in a search's settings, as a :class:`UserError`."""
         if self.searcher not in SAMPLERS:
@@ -189,6 +197,8 @@ class SearchConfig:
             raise UserError("--trials must be at least 1")
         if self.max_failures < 1:
             raise UserError("--max-failures must be at least 1")
+        if self.export_nsamples is not None and self.export_nsamples < 1:
+            raise UserError("--export-nsamples must be at least 1")
         if self.trial_timeout is not None and not self.trial_timeout > 0:
             raise UserError("--trial-timeout must be a positive number of seconds")
         if not isinstance(self.gpus_per_worker, int) or self.gpus_per_worker < 1:  # a config file may hold anything

@@ -83,14 +83,15 @@ def export_winner(subnet: Subnet, trial_number: int, config: SearchConfig, run_d
     its turn (a 70B model exports from one GPU, as it was prepared)."""
     loaded, adapter, orders, _ = load_prepared(config, run_dir, streamed=True)
     spec = ReformSpec("lstsq", config.export_reform, damping=config.damping)
-    overrides = rectify(adapter, subnet, config.calibration_spec().windows(loaded.tokenizer), spec=spec,
+    calibration = config.export_calibration_spec()
+    overrides = rectify(adapter, subnet, calibration.windows(loaded.tokenizer), spec=spec,
                         execution_device=streamed_device(config))
     record = {
         **record_header(loaded.source, subnet, config.ratio),
         "recipe": {"method": "search", "searcher": config.searcher, "importance": config.importance,
                    "preset": config.preset, "trial": trial_number, "compensation": spec.to_dict(),
                    "calibration": config.calibration, "fitness_windows": config.fitness_windows,
-                   "fitness_reform": config.fitness_reform},
+                   "fitness_reform": config.fitness_reform, "export_calibration": calibration.to_dict()},
         "environment": environment(),
     }
     export_subnet(adapter, subnet, orders, out_dir or run_dir / EXPORT, tokenizer=loaded.tokenizer, metadata=record,

@@ -67,7 +67,9 @@ def open_run_dir(run_dir: Path, config: SearchConfig) -> None:
         different = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
         if different:
             details = "; ".join(f"{k}: run has {stored.get(k)!r}, asked {mine.get(k)!r}" for k in different)
-            raise UserError(f"{run_dir} holds a different search ({details}); use another --run-dir")
+            # after a change of the defaults the same command asks for another search: say how to resume
+            raise UserError(f"{run_dir} holds a different search ({details}); use another --run-dir, or resume "
+                            f"that one with --config {run_dir / CONFIG}")
     elif any(p.name != LOCK for p in run_dir.iterdir()):
         raise UserError(f"{run_dir} exists and is not a search run folder (no {CONFIG})")
     write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

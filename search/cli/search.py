@@ -60,12 +60,7 @@ def add(sub) -> None:
     p.add_argument("--trial-timeout", type=float, help="Ray workers: seconds after which a job's worker is taken "
                                                         "for stuck, restarted, and the job sent again (default: "
                                                         "max(60, 10 x the median so far))")
-    p.add_argument("--export-reform", choices=MODES,
-                   help="least squares of the winner: upstream (default: on the pruned upstream model's inputs), "
-                        "local (as in the fitness) or sequential")
-    p.add_argument("--eval-windows", type=int, default=32, help="export's test windows of 2048 per dataset (0: skip)")
-    p.add_argument("--eval-datasets", type=common.ppl_list, default=list(SearchConfig.eval_datasets),
-                   help="the export's perplexity (default: wikitext2,ptb,c4:heldout)")
+    add_export_options(p)
     common.add_calibration_flags(p)
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows for scores and least squares")
     p.add_argument("--calib-seqlen", type=int, default=512)
@@ -83,6 +78,18 @@ def add(sub) -> None:
     p.add_argument("--gpu-memory", type=float, help="GB of the device a worker runs on, when none is visible here")
     p.set_defaults(validate=validate, main=main)
     DEFAULTS.update({action.dest: action.default for action in p._actions})
+
+
+def add_export_options(p) -> None:
+    """How the winner is rectified and measured."""
+    p.add_argument("--export-reform", choices=MODES,
+                   help="least squares of the winner: upstream (default: on the pruned upstream model's inputs), "
+                        "local (as in the fitness) or sequential")
+    p.add_argument("--eval-windows", type=int, default=32, help="export's test windows of 2048 per dataset (0: skip)")
+    p.add_argument("--eval-datasets", type=common.ppl_list, default=list(SearchConfig.eval_datasets),
+                   help="the export's perplexity (default: wikitext2,ptb,c4:heldout)")
+    p.add_argument("--export-nsamples", type=int, help="calibration windows of the export's least squares (default: "
+                                                      "the statistics' --nsamples; same text, region and seed)")
 
 
 DEFAULTS: dict = {}  # the parser's defaults: a flag whose value differs was given, and overrides --config
@@ -110,7 +117,8 @@ def config_from(args) -> SearchConfig:
         mlp_step=args.mlp_step, evolution=args.evolution, importance=args.importance,
         fitness_reform=args.fitness_reform, fitness=args.fitness, fitness_top_k=args.fitness_top_k, dtype=args.dtype, device=args.device,
         solver_dtype=args.solver_dtype, solver_device=args.solver_device, pruner=args.pruner,
-        final_top_k=args.final_top_k, export_reform=args.export_reform, eval_windows=args.eval_windows or 0,
+        final_top_k=args.final_top_k, export_reform=args.export_reform, export_nsamples=args.export_nsamples,
+        eval_windows=args.eval_windows or 0,
         eval_datasets=tuple(args.eval_datasets), max_failures=args.max_failures,
         trial_timeout=args.trial_timeout, gpus_per_worker=args.gpus_per_worker,
     )

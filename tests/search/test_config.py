@@ -115,3 +115,13 @@ def test_a_config_file_and_the_command_line_get_the_same_defaults(tmp_path):
     path.write_text(yaml.safe_dump({"ratio": 0.5}))
     with pytest.raises(UserError, match="must set model and ratio"):
         search_cli.config_from(parser.parse_args(["search", "--config", str(path), "--run-dir", "r"]))
+
+
+def test_the_export_fits_on_its_own_count_of_statistics_windows():
+    config = SearchConfig.create("m", 0.5, nsamples=8, export_nsamples=32)
+    export, statistics = config.export_calibration_spec(), config.calibration_spec()
+    assert export.nsamples == 32 and (export.dataset, export.seed, export.region, export.seqlen) == \
+        (statistics.dataset, statistics.seed, statistics.region, statistics.seqlen)
+    assert "export_nsamples" not in config.identity()  # a run resumes with another count: it is the export's
+    with pytest.raises(UserError, match="--export-nsamples"):
+        SearchConfig.create("m", 0.5, export_nsamples=0).check()

@@ -156,6 +156,8 @@ def test_any_trial_exports_as_the_winner_does(searched, tiny_data, tmp_path, cap
     assert cli(["-q", "export", str(run_dir), "--trial", str(trial.number), "--out", str(tmp_path / "t")]) == 0
     record = json.loads((tmp_path / "t" / "subnet.json").read_text())
     assert record["recipe"]["trial"] == trial.number
+    config = SearchConfig(**{**result.best["config"], "eval_datasets": tuple(result.best["config"]["eval_datasets"])})
+    assert record["recipe"]["export_calibration"] == config.export_calibration_spec().to_dict()
     assert [[w["kv_heads"], w["q_per_kv"], w["channels"]] for w in record["subnet"]["layers"]] == trial.user_attrs["widths"]
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "t", trust_remote_code=True) is not None
     assert cli(["-q", "export", str(run_dir), "--trial", "999", "--out", str(tmp_path / "u")]) == 2
