@@ -1,6 +1,7 @@
 """Write experiments/results/eval.md (issue 5) from the measurements' JSON files.
 
-Reads ``crosscheck_lm_eval.json`` (``experiments/crosscheck_lm_eval.py``: our zero-shot scores of
+Reads ``crosscheck_lm_eval.json`` (``experiments/crosscheck_lm_eval.py`` at commit a42421d, deleted with
+the built-in scorer it checked: that scorer's zero-shot scores of
 the dense model next to lm-evaluation-harness's on the same examples) and ``exports.json``
 (``experiments/eval_exports.py``: dense model and exported subnets, perplexity, zero-shot and one
 interleaved speed run), and appends the hand-written ``eval.notes.md``.
@@ -20,20 +21,23 @@ def crosscheck_section(check: dict) -> list[str]:
     cfg = check["config"]
     lines = [f"Dense model, the first {cfg['limit']} examples of each task, {cfg['dtype']}, batch {cfg['batch_size']}; "
              "both scorers on the same model object and the same local files "
-             "(`experiments/crosscheck_lm_eval.py`; lm-eval driven with its own task YAMLs pointed at the files). "
+             "(`experiments/crosscheck_lm_eval.py` at commit a42421d; lm-eval driven with its own task YAMLs pointed "
+             "at the files). "
              "*ours*: the built-in scorer (`evaluators/zeroshot.py`, since deleted); *lm-eval*: lm-evaluation-harness "
              "through `evaluators/harness.py`.", "",
              "| task | metric | ours | lm-eval | difference (points) | predictions that differ | largest log-likelihood difference |",
              "|---|---|---|---|---|---|---|"]
     for name, t in check["tasks"].items():
         lines.append(f"| {name} | {t['metric']} | {100 * t['ours']:.1f} | {100 * t['lm_eval']:.1f} | "
-                     f"{100 * (t['ours'] - t['lm_eval']):+.1f} | {t['prediction_flips']} of {t['n']} | {t['max_abs_ll_diff']:.3f} |")
+                     f"{100 * (t['ours'] - t['lm_eval']):+.1f} | {t['prediction_flips']} of {t['n']} | {t['max_abs_ll_diff']:.1e} |")
     ours = [t["ours"] for t in check["tasks"].values()]
     theirs = [t["lm_eval"] for t in check["tasks"].values()]
     lines += ["", f"Average: ours {100 * sum(ours) / len(ours):.2f}, lm-eval {100 * sum(theirs) / len(theirs):.2f}; "
               f"largest per-task difference {check['max_abs_diff_points']:.1f} points. "
-              "Predictions differ where the log-likelihoods do (batches padded differently, in "
-              f"{cfg['dtype']}; both take the log-softmax in float32).",
+              + ("Predictions differ where the log-likelihoods do (batches padded differently, in "
+                 f"{cfg['dtype']})." if any(t["prediction_flips"] for t in check["tasks"].values()) else
+                 "No prediction differs: the per-choice log-likelihoods agree to the last column's difference "
+                 f"(batches padded differently, {cfg['dtype']})."),
               f"Wall time: ours {sum(v for k, v in check['timings_s'].items() if k.startswith('ours')):.0f} s, "
               f"lm-eval {check['timings_s']['lm_eval_s']:.0f} s for the same requests."]
     return lines
