@@ -368,7 +368,7 @@ def report(result: dict) -> str:
         text = text.rstrip("\n") + "\n\n" + "\n".join([
             "## Zero-shot: the lm-eval backend vs the built-in scorer it replaced", "",
             f"Measured at commit {data['environment']['git_commit']} (`experiments/crosscheck_lm_eval.py` there), "
-            f"before the built-in scorer was deleted; {data['environment']['machine']['cpu']}, "
+            f"before the built-in scorer was deleted (commit 7abb1c8); {data['environment']['machine']['cpu']}, "
             f"{data['environment']['machine']['threads']} threads, {data['wall_time_s'] / 60:.0f} min.", "",
             *crosscheck_section(data)]) + "\n"
     return text
