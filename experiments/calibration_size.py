@@ -59,22 +59,47 @@ def cell(export: Path, nsamples: int) -> dict:
             "ratio": record["target_ratio"], **values}
 
 
+def searched(export: str) -> dict | None:
+    """The search's own export of this winner as quality.json measured it (its statistics' count)."""
+    quality = RESULTS / "quality.json"
+    cells = json.loads(quality.read_text())["cells"].values() if quality.is_file() else []
+    return next((c for c in cells if Path(c["export"]).resolve() == Path(export).resolve()), None)
+
+
 def report(data: dict) -> str:
-    lines = ["| export | ratio | windows x 512 | PTB valid (8) | WikiText-2 | PTB | c4:heldout | rectify s |",
+    lines = ["# How many calibration windows the export's least squares fits on (SmolLM2-135M)", "",
+             __doc__.split("\n\n")[0].replace("\n", " "), "",
+             f"Machine: {data['environment']['machine']['cpu']}, {data['environment']['machine']['threads']} threads, "
+             f"bf16 peak {data['bf16_tflops']:.2f} TFLOP/s at the start of the last run (other jobs shared the 2 cores: rectify s "
+             "is not an idle figure). Rows with windows 64 are the search's own exports (quality.json).", "",
+             "| export | ratio | windows x 512 | PTB valid (8) | WikiText-2 | PTB | c4:heldout | rectify s |",
              "|---|---|---|---|---|---|---|---|"]
     for c in data["cells"].values():
+        own = searched(c["export"])
+        if own is not None:
+            p = own["ppl"]
+            lines.append(f"| {c['export']} | {c['ratio']} | {own['options'].get('export_nsamples', 64)} | "
+                         f"{p['ptb:validation']:.2f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
+                         f"{own['seconds'].get('export', float('nan')):.0f} |")
         lines.append(f"| {c['export']} | {c['ratio']} | {c['nsamples']} | {c['validation']:.2f} | "
                      f"{c['wikitext2']:.2f} | {c['ptb']:.2f} | {c['c4:heldout']:.2f} | {c['reform_s']:.0f} |")
-    return "\n".join(lines)
+    notes = RESULTS / "calibration_size.notes.md"
+    if notes.is_file():
+        lines += ["", notes.read_text(encoding="utf-8").rstrip()]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("exports", type=Path, nargs="+")
+    parser.add_argument("exports", type=Path, nargs="*")
     parser.add_argument("--nsamples", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--out", type=Path, default=RESULTS / "calibration_size.json")
+    parser.add_argument("--report", action="store_true", help="only write the .md from the JSON")
     args = parser.parse_args(argv)
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"cells": {}}
+    if args.report:
+        args.out.with_suffix(".md").write_text(report(data))
+        return 0
     data["bf16_tflops"] = matmul_tflops(torch.bfloat16)
     for export in args.exports:
         for n in args.nsamples:
@@ -83,7 +108,7 @@ def main(argv=None) -> int:
                 data["cells"][key] = cell(export, n)
                 data["environment"] = environment()
                 write_json(args.out, data)
-                print(report(data), flush=True)
+    args.out.with_suffix(".md").write_text(report(data))
     print(report(data))
     return 0
 

@@ -37,7 +37,8 @@ EVAL = ("wikitext2", "ptb", "c4:heldout")  # the protocol's texts, 32 windows of
 VALIDATION = ("ptb:validation", 8)  # for decisions (never a test split): 8 windows of 2048
 
 # Row 0: the search's defaults before this issue's items (pinned: the defaults of the day are the final row).
-BEFORE = {"fitness": "ppl", "evolution": "cpu", "export_reform": "local", "importance": "wanda-sp", "trials": 100}
+BEFORE = {"fitness": "ppl", "evolution": "cpu", "export_reform": "local", "importance": "wanda-sp", "trials": 100,
+          "export_nsamples": 64}
 STAGED = {**BEFORE, "fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 260}
 # Cumulative rows: each adds one item of the issue to the row before it (in the order built).
 ROWS: dict[str, dict] = {
@@ -47,10 +48,13 @@ ROWS: dict[str, dict] = {
     "upstream": {**BEFORE, "fitness": "kl", "export_reform": "upstream"},
     "staged": STAGED,
     "mixed": {**STAGED, "calib": "wikitext2+c4:calib"},
-    "tyr": SEARCH_METHODS["tyr"],  # llm-pruner search --method tyr: the staged row with the osscar order
+    # llm-pruner search --method tyr (the staged row with the osscar order), exported as it was measured
+    "tyr": {**SEARCH_METHODS["tyr"], "export_nsamples": 64},
     # tyr calibrated (statistics, fitness and re-scoring regions) on WikiText-2 validation + c4:calib
-    "tyr-mixed": {**SEARCH_METHODS["tyr"], "calib": "wikitext2+c4:calib"},
-    "final": {},  # the defaults of the day (search/config.py RECOMMENDED): tyr's search at 0.5, staged's at 0.7
+    "tyr-mixed": {**SEARCH_METHODS["tyr"], "export_nsamples": 64, "calib": "wikitext2+c4:calib"},
+    # the defaults of the day (search/config.py RECOMMENDED): tyr's search at 0.5 and staged's at 0.7,
+    # the winner refitted on 256 windows (calibration_size.py measured that step on their seed-0 winners)
+    "final": {},
 }
 
 
@@ -66,7 +70,8 @@ def cell_config(ratio: float, row: str, seed: int, trials: int | None = None) ->
 
 
 def is_default(cell: dict) -> bool:
-    """Whether a cell's search is the one today's defaults run (the final row, whatever its name)."""
+    """Whether a cell's search is the one today's defaults run (the final row, whatever its name; its
+    export may differ: a runtime field)."""
     config = cell_config(cell["ratio"], cell["row"], cell["seed"], cell["options"].get("trials"))
     return config.identity() == cell_config(cell["ratio"], "final", cell["seed"]).identity()
 
@@ -127,7 +132,8 @@ def report(data: dict) -> str:
              + ", ".join(f"{k} {v:.2f}" for k, v in data.get("dense", {}).items()) + ".", "",
              f"Machine: {data['environment']['machine']['cpu']}, {data['environment']['machine']['threads']} threads; "
              "`bf16` is the bfloat16 matmul peak (2048^3, TFLOP/s) measured in the same run as the cell.", "",
-             "A `*` after the row marks the search today's defaults run at that ratio (the final row).", "",
+             "A `*` after the row marks the search today's defaults run at that ratio (the final row; today's "
+             "defaults refit its winner on 256 windows, not 64: calibration_size.md).", "",
              "| ratio | row | options | seed | WikiText-2 | PTB | c4:heldout | PTB valid | re-scored | search s | bf16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(data["cells"], key=lambda k: (-data["cells"][k]["ratio"], list(ROWS).index(data["cells"][k]["row"]),

@@ -88,8 +88,8 @@ def add_export_options(p) -> None:
     p.add_argument("--eval-windows", type=int, default=32, help="export's test windows of 2048 per dataset (0: skip)")
     p.add_argument("--eval-datasets", type=common.ppl_list, default=list(SearchConfig.eval_datasets),
                    help="the export's perplexity (default: wikitext2,ptb,c4:heldout)")
-    p.add_argument("--export-nsamples", type=int, help="calibration windows of the export's least squares (default: "
-                                                      "the statistics' --nsamples; same text, region and seed)")
+    p.add_argument("--export-nsamples", type=int, help="calibration windows of the export's least squares (default "
+                                                      "256; the statistics' text, region and seed)")
 
 
 DEFAULTS: dict = {}  # the parser's defaults: a flag whose value differs was given, and overrides --config

@@ -125,3 +125,9 @@ def test_the_export_fits_on_its_own_count_of_statistics_windows():
     assert "export_nsamples" not in config.identity()  # a run resumes with another count: it is the export's
     with pytest.raises(UserError, match="--export-nsamples"):
         SearchConfig.create("m", 0.5, export_nsamples=0).check()
+
+
+def test_the_export_is_fitted_on_256_windows_by_default():
+    config = SearchConfig.create("m", 0.5)
+    assert config.export_nsamples == 256 and config.calibration_spec().nsamples == 64
+    assert SearchConfig.create("m", 0.5, export_nsamples=64).export_nsamples == 64
