@@ -116,6 +116,9 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's folder is private; the export gets the usual mode
     try:
         yield staging
+        for path in staging.rglob("*"):  # some writers (transformers' weight shards) leave their files private
+            if path.is_file():
+                os.chmod(path, 0o666 & ~_umask())
         replace_folder(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -65,3 +65,15 @@ def test_the_staging_folder_of_a_killed_writer_is_removed_and_a_live_ones_kept(t
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's private mode
+
+
+def test_every_file_of_an_export_gets_the_usual_mode(tmp_path):
+    """transformers writes its weight shards private (0600): a serving account could not read them."""
+    out = tmp_path / "export"
+    with staged_folder(out) as staging:
+        private = staging / "model.safetensors"
+        private.write_bytes(b"weights")
+        os.chmod(private, 0o600)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~mask
