@@ -97,7 +97,7 @@ def staged_command(model_dir, run_dir):
     return [sys.executable, "-m", "search.cli", "-q", "search", "--model", str(model_dir), "--ratio", "0.6",
             "--trials", "40", "--evolution", "staged-tiny", "--mlp-step", "4", "--run-dir", str(run_dir),
             "--nsamples", "8", "--calib-seqlen", "32", "--fitness-seqlen", "32", "--eval-windows", "0",
-            "--final-top-k", "2"]
+            "--final-top-k", "2", "--importance", "wanda-sp"]  # its starts meet the grid at 0.6; osscar's do not
 
 
 def staged_state(run_dir):
