@@ -233,13 +233,11 @@ def headline_metric(task: str, metrics: dict[str, float]) -> str:
     return sorted(metrics)[0]
 
 
-def evaluate_zeroshot(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
-                      progress: bool = True) -> dict:
-    """Score ``model`` on ``tasks`` through lm-eval; the average uses each task's headline metric.
-
-    The model is used as given (dtype, device): pass a bfloat16 model for bfloat16 scoring.
+def evaluate_zeroshot(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 16) -> dict:
+    """Score ``model`` on ``tasks`` through lm-eval (its own progress bars); the average uses each
+    task's headline metric. The model is used as given (dtype, device): pass a bfloat16 model for
+    bfloat16 scoring.
     """
-    del progress  # lm-eval draws its own progress bars
     names = parse_tasks(tasks)
     was_training = model.training
     model.eval()

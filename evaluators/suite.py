@@ -44,8 +44,7 @@ def evaluate(
     scores = {}
     if zeroshot:
         t = time.time()
-        scores = evaluate_zeroshot(model, tokenizer, zeroshot, limit=zeroshot_limit, batch_size=zeroshot_batch_size,
-                                   progress=progress is not None)
+        scores = evaluate_zeroshot(model, tokenizer, zeroshot, limit=zeroshot_limit, batch_size=zeroshot_batch_size)
         seconds["zeroshot"] = round(time.time() - t, 3)
     return {
         "ppl": values,

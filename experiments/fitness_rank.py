@@ -125,8 +125,8 @@ def main(argv=None) -> int:
         if args.zeroshot and i % max(1, len(pool) // args.zeroshot) == 0 and \
                 sum("zeroshot" in r for r in rows) < args.zeroshot:
             with subnet_view(adapter, subnet, overrides) as model:
-                row["zeroshot"] = evaluate_zeroshot(model, tokenizer, list(TASKS), limit=args.zeroshot_limit,
-                                                    progress=False)["zeroshot_avg"]
+                row["zeroshot"] = evaluate_zeroshot(model, tokenizer, list(TASKS),
+                                                    limit=args.zeroshot_limit)["zeroshot_avg"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "widths"}), flush=True)
     table = {}

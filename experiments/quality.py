@@ -108,7 +108,7 @@ def validation_ppl(export: str) -> float:
 def zeroshot_cell(export: str, limit: int) -> dict:
     loaded = load_model(export, dtype=torch.float32, trust_remote_code=True)  # our own exports, any commit's
     started = time.time()
-    result = evaluate_zeroshot(loaded.model, loaded.tokenizer, list(TASKS), limit=limit, progress=False)
+    result = evaluate_zeroshot(loaded.model, loaded.tokenizer, list(TASKS), limit=limit)
     scores = {name: r[r["metric"]] for name, r in result["zeroshot"].items()}
     return {"limit": limit, "scores": {**scores, "average": result["zeroshot_avg"]},
             "seconds": round(time.time() - started, 1)}
