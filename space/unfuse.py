@@ -46,8 +46,6 @@ def mistral_config(config):
         attention_dropout=config.attention_dropout, bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, use_cache=config.use_cache,
     )
-    if rope.get("rope_type") == "longrope":
-        values["original_max_position_embeddings"] = config.original_max_position_embeddings
     out = MistralConfig(**values)
     setattr(out, CONVERTED_FROM_KEY, "phi3")
     return out
