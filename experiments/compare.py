@@ -85,12 +85,7 @@ def parse_args(argv=None):
                    help="other comparison JSONs (variant runs) whose recipe rows join this report")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "compare")
-    p.add_argument("--config", dest="config_file", type=Path,
-                   help="a YAML file of these options (experiments/configs/compare/ holds the commands of compare.md); "
-                        "the flags given override it")
-    args = p.parse_args(argv)
-    common.apply_config_file(args, common.option_actions(p))
-    return args
+    return common.parse_args_with_config(p, argv)
 
 
 def with_lstsq(recipe):

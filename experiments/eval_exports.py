@@ -31,6 +31,7 @@ from evaluators import harness, speed  # noqa: E402
 from evaluators.data import dataset_windows  # noqa: E402
 from evaluators.environment import environment  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
+from search.cli.common import parse_args_with_config  # noqa: E402
 from space.errors import UserError  # noqa: E402
 from space.models import load_model  # noqa: E402
 
@@ -116,7 +117,8 @@ def table(names: list[str], quality: dict, speeds: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate the dense model and exported subnets; write one table.")
-    parser.add_argument("models", nargs="+", help="model specs: the dense model first, then export folders")
+    parser.add_argument("models", nargs="*", default=[],  # "+", but a --config file may name them
+                        help="model specs: the dense model first, then export folders")
     parser.add_argument("--names", help="comma-separated row names (default: the specs)")
     parser.add_argument("--tasks", default="all", help="zero-shot tasks, comma-separated; 'none' to skip")
     parser.add_argument("--limit", type=int, default=500, help="first N examples per task (0 = all)")
@@ -132,7 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("experiments/results/exports"),
                         help="output path without suffix (.json and .md are written)")
-    return parser.parse_args(argv)
+    args = parse_args_with_config(parser, argv)
+    if not args.models:
+        parser.error("the following arguments are required: models")
+    return args
 
 
 def validate(args) -> argparse.Namespace:

@@ -30,6 +30,7 @@ from evaluators.environment import environment
 from evaluators.perplexity import perplexity
 from evaluators.harness import TASKS, evaluate_zeroshot
 from reform.local import output_solvers, solver_overrides
+from search.cli.common import parse_args_with_config
 from search.config import FITNESS_REGION, RESCORING_REGION, STATISTICS_REGION, SearchConfig
 from search.fitness import Fitness
 from search.prepare import starts_for
@@ -91,7 +92,7 @@ def candidates(space: WidthSpace, ordered, per_ratio: int, seed: int) -> list:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-ratio", type=int, default=10)
     parser.add_argument("--zeroshot", type=int, default=20, help="candidates (evenly spread) with zero-shot scores")
@@ -99,7 +100,11 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=8, help="windows of 512 per measure")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "fitness_rank.json")
-    args = parser.parse_args(argv)
+    return parse_args_with_config(parser, argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     started = time.time()
     adapter, tokenizer, ordered, statistics = permuted_smollm2()
     solvers = output_solvers(adapter, statistics, precompute=torch.float32)

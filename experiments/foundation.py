@@ -29,6 +29,7 @@ import torch
 from evaluators.data import CalibrationSpec, dataset_windows
 from evaluators.environment import environment
 from evaluators.perplexity import perplexity
+from search.cli.common import parse_args_with_config
 from search.oneshot.allocation import allocate
 from space.order import order_model
 from space.adapters import adapter_for
@@ -58,12 +59,16 @@ def physical_copy(adapter, subnet):
     return model.eval()
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=32, help="test windows per pruned cell")
     parser.add_argument("--out", type=Path, default=RESULTS / "foundation.json")
     parser.add_argument("--skip-dense", action="store_true")
-    args = parser.parse_args()
+    return parse_args_with_config(parser, argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     started = time.time()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results.setdefault("cells", {})
@@ -175,7 +180,8 @@ def write_markdown(results: dict, path: Path) -> None:
     lines += [f"Machine: {env['machine']['cpu']}, {env['machine']['threads']} threads; "
               f"torch {env['versions'].get('torch')}, transformers {env['versions'].get('transformers')}.", ""]
     lines += ["Reproduce: `LLM_PRUNER_DATA=../shared/data .venv/bin/python experiments/foundation.py --windows 8` "
-              "(raw numbers in `foundation.json`).", ""]
+              "(the same: `python experiments/foundation.py --config experiments/configs/foundation/foundation.yaml`; "
+              "raw numbers in `foundation.json`).", ""]
     lines += ["## Dense WikiText-2 test perplexity, seqlen 2048", "", "| dtype | windows | perplexity |", "|---|---|---|"]
     for key, cell in cells.items():
         if key.startswith("dense/"):

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from evaluators.data import dataset_windows, local_file
 from evaluators.environment import environment
 from evaluators.perplexity import perplexity
+from search.cli.common import parse_args_with_config
 from space.adapters import adapter_for
 from space.export import SUBNET_FILE, export_subnet, record_header
 from space.export.gguf import plan_gguf, write_gguf
@@ -313,9 +314,9 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", help="NAME=EXPORT_FOLDER or NAME=MODEL_SPEC (exported dense)")
+    parser.add_argument("models", nargs="*", default=[], help="NAME=EXPORT_FOLDER or NAME=MODEL_SPEC (exported dense)")
     parser.add_argument("--tiny-check", action="store_true", help="also tiny random Llama / Qwen2 models with removed "
                                                                   "sub-layers and biases, f32")
     parser.add_argument("--chunks", type=int, default=32, help="windows of 2048 scored (default 32; at most one "
@@ -327,7 +328,11 @@ def main() -> None:
     parser.add_argument("--note", default="", help="a remark for the report (e.g. on the machine's load)")
     parser.add_argument("--report", action="store_true", help="only write the .md again from the .json (and the "
                                                               "zero-shot cross-check's JSON)")
-    args = parser.parse_args()
+    return parse_args_with_config(parser, argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.report:
         args.out.with_suffix(".md").write_text(report(json.loads(args.out.with_suffix(".json").read_text())))
         return

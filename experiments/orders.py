@@ -31,6 +31,7 @@ import search
 import space
 from evaluators.environment import environment
 from reform import ReformSpec
+from search.cli.common import parse_args_with_config
 from space.export import write_json
 
 RESULTS = Path(__file__).parent / "results"
@@ -74,14 +75,18 @@ def report(data: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--orders", nargs="+", default=["wanda-sp", "obs-elimination"])
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--reform-modes", nargs="+", default=["local"], help="local | upstream | sequential")
     parser.add_argument("--out", type=Path, default=RESULTS / "orders")
-    args = parser.parse_args(argv)
+    return parse_args_with_config(parser, argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     path = args.out.with_suffix(".json")
     data = json.loads(path.read_text()) if path.is_file() else {"cells": {}}
     command = "LLM_PRUNER_DATA=../shared/data python experiments/orders.py " + " ".join(sys.argv[1:])

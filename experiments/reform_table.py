@@ -48,6 +48,7 @@ from reform.local import output_stats, stats_overrides  # noqa: E402
 from reform.spec import METHODS  # noqa: E402
 from reform.rectify import ReformSpec, rectify  # noqa: E402
 from search.oneshot.allocation import allocate  # noqa: E402
+from search.cli.common import parse_args_with_config  # noqa: E402
 from search.prepare import dense_scores
 from space.order import order_model  # noqa: E402
 from space.adapters import adapter_for  # noqa: E402
@@ -119,7 +120,7 @@ def parse_args(argv=None):
                    help="local cells (variant:nsamples) also run through the streamed driver, timed")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "reform")
     p.add_argument("--scores-cache", type=Path, default=ROOT / "runs" / "reform_table" / "importance.pt")
-    return p.parse_args(argv)
+    return parse_args_with_config(p, argv)
 
 
 def cell_key(ratio: float, variant: str, nsamples: int) -> str:

@@ -33,6 +33,7 @@ RESULTS = ROOT / "experiments" / "results"
 log = logging.getLogger("robustness")
 
 from evaluators.workers import RayPool  # noqa: E402
+from search.cli.common import parse_args_with_config  # noqa: E402
 from search.prepare import SearchEvaluator  # noqa: E402
 
 COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
@@ -212,7 +213,7 @@ def table(out: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag, kind, default in [("--model", str, "smollm2-135m"), ("--ratio", float, 0.5), ("--trials", int, 60),
                                 ("--seed", int, 0), ("--workers", int, 2), ("--kill-every", int, 10),
@@ -225,7 +226,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="write the report from the finished run folders")
     p.add_argument("--tag", default="", help="suffix of the result files (robustness<tag>.json/.md)")
     p.add_argument("--note", default="", help="a sentence for the report (e.g. what else shared the machine)")
-    return p.parse_args()
+    return parse_args_with_config(p, argv)
 
 
 def main() -> None:
@@ -346,5 +347,4 @@ on which worker finished first.
 
 if __name__ == "__main__":
     from experiments.robustness import main as main_of_the_module  # the classes Ray unpickles by this name
-
     main_of_the_module()

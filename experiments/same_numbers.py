@@ -20,6 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
+from search.cli.common import parse_args_with_config
 from search.rundir import load_run_study
 
 
@@ -45,12 +46,16 @@ def summary(out: Path) -> dict:
     }
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    return parse_args_with_config(parser, argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     a, b = summary(args.before), summary(args.after)
     rows = []
     for key in a:

@@ -47,6 +47,7 @@ import torch
 from evaluators.environment import environment, matmul_tflops
 from reform.local import output_solvers
 from search.cli import main as cli
+from search.cli.common import parse_args_with_config
 from search.config import SearchConfig
 from search.fitness import Fitness
 from search.plan import config_dims, describe, factoring_bytes, layer_solver_bytes, memory_plan
@@ -479,7 +480,7 @@ def reading(sim: dict, summary: dict) -> list[str]:
         ""]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=CONFIGS / "llama-3.1-8b", help="a config folder to simulate")
     parser.add_argument("--layers", type=int, default=2)
@@ -490,7 +491,11 @@ def main(argv=None) -> int:
     parser.add_argument("--plans-only", action="store_true", help="only (a)")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the JSON of --out")
-    args = parser.parse_args(argv)
+    return parse_args_with_config(parser, argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.render:
         args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.read_text())))
         return 0

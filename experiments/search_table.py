@@ -27,6 +27,7 @@ from evaluators.environment import environment
 from evaluators.perplexity import perplexity
 from reform.rectify import ReformSpec, rectify
 from search.oneshot.allocation import allocate
+from search.cli.common import parse_args_with_config
 from search.config import SearchConfig
 from search.job import run_search
 from evaluators.environment import matmul_tflops
@@ -128,7 +129,7 @@ def baselines(args, out: dict, test: torch.Tensor, ratios: list[float]) -> None:
             write_json(args.out, out)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
@@ -139,7 +140,11 @@ def main() -> None:
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--rank-candidates", type=int, default=20)
     parser.add_argument("--out", type=Path, default=RESULTS / "search.json")
-    args = parser.parse_args()
+    return parse_args_with_config(parser, argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     out = json.loads(args.out.read_text()) if args.out.is_file() else {}
     out.setdefault("baselines", {})
     out.setdefault("runs", {})

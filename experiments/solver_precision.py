@@ -30,6 +30,7 @@ from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from experiments.fitness_rank import RATIOS, candidates, permuted_smollm2, spearman  # noqa: E402
 from reform.local import output_solvers  # noqa: E402
+from search.cli.common import parse_args_with_config  # noqa: E402
 from search.config import FITNESS_REGION  # noqa: E402
 from search.fitness import Fitness  # noqa: E402
 from search.prepare import PREFIX_ONLY  # noqa: E402
@@ -40,12 +41,16 @@ RESULTS = Path(__file__).parent / "results"
 STATES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-ratio", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "solver_precision.json")
-    args = parser.parse_args(argv)
+    return parse_args_with_config(parser, argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     started = time.time()
     adapter, tokenizer, ordered, statistics = permuted_smollm2()
     solvers = {name: output_solvers(adapter, statistics, precompute=dtype, prefix_only=PREFIX_ONLY)

@@ -35,6 +35,7 @@ from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from experiments.fitness_rank import permuted_smollm2  # noqa: E402
 from reform.local import output_solvers  # noqa: E402
+from search.cli.common import parse_args_with_config  # noqa: E402
 from search.config import FITNESS_REGION, SearchConfig  # noqa: E402
 from search.fitness import PREFIX_BYTES, Fitness  # noqa: E402
 from search.prepare import PREFIX_ONLY, starts_for  # noqa: E402
@@ -126,13 +127,17 @@ def summarize(rows: list[dict], skipped: float) -> dict:
             "rows": rows}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--children", type=int, default=32)
     parser.add_argument("--ratio", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
-    args = parser.parse_args(argv)
+    return parse_args_with_config(parser, argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     started = time.time()
     adapter, tokenizer, ordered, statistics = permuted_smollm2()
     solvers = output_solvers(adapter, statistics, precompute=torch.float32, prefix_only=PREFIX_ONLY)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
 import yaml
@@ -189,3 +190,20 @@ def _option_value(path, action: argparse.Action, value):
     if action.choices is not None and value not in action.choices:
         raise UserError(f"--config {path}: {action.dest} must be one of {', '.join(map(str, action.choices))}")
     return value
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv`` with a ``--config FILE`` option added: a YAML file of the parser's options
+    (:func:`apply_config_file`); the flags given override it. A bad file is a usage error (one
+    message, exit status 2), as a bad flag is. The namespace holds the options only (no
+    ``config_file``: what the file set is in it), as without ``--config``."""
+    parser.add_argument("--config", dest="config_file", type=Path, metavar="FILE",
+                        help="a YAML file of these options (option names to values; experiments/configs/ holds "
+                             "those of the results tables); the flags given override it")
+    args = parser.parse_args(argv)
+    try:
+        apply_config_file(args, option_actions(parser))
+    except UserError as exc:
+        parser.error(str(exc))
+    del args.config_file
+    return args
