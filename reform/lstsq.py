@@ -17,6 +17,9 @@ its block of ``C + λI`` is recovered from the factor as ``L[K] L[K]ᵀ``, so no
 The sequential mode (reform/rectify.py) fits ``Ŵ_K`` to the dense output from the inputs of the
 already pruned upstream model; it passes the pruned inputs' second moment as ``gram`` (k x k) and
 the cross moment ``X_prunedᵀ X_dense`` as ``cross`` (k x d_in): ``Ŵ_Kᵀ = (gram + λI)⁻¹ cross Wᵀ``.
+The residual mode adds the residual stream's drift ``D`` (dense minus pruned stream where the
+sub-layer's output is added) to that target: ``drift = X_prunedᵀ D`` (k x d_out) joins the
+right-hand side, ``Ŵ_Kᵀ = (gram + λI)⁻¹ (cross Wᵀ + drift)``.
 
 The factor and ``B`` are formed where the statistics live (CPU or CUDA), in float64; what a search
 keeps afterwards, and where, is :meth:`PrefixLstsq.precompute`'s choice.
@@ -44,7 +47,9 @@ class PrefixLstsq:
     ``weight``: the dense W (d_out x d_in) in importance order. ``gram``: the second moment of
     the inputs the rectified layer will see (m x m). ``cross``: ``X_seenᵀ X_dense`` (m x d_in)
     when those inputs differ from the dense ones (sequential mode); None means they are the
-    dense inputs (``cross = gram``, m = d_in). Build once per layer, then :meth:`solve` any width.
+    dense inputs (``cross = gram``, m = d_in). ``drift``: ``X_seenᵀ D`` (m x d_out), the residual
+    stream's drift the fit also targets (residual mode). Build once per layer, then :meth:`solve`
+    any width.
     """
 
     def __init__(
@@ -53,16 +58,21 @@ class PrefixLstsq:
         gram: torch.Tensor,
         *,
         cross: torch.Tensor | None = None,
+        drift: torch.Tensor | None = None,
         damping: float = DEFAULT_DAMPING,
     ):
         if damping < 0:
             raise ValueError(f"damping must be >= 0, got {damping}")
         self.weight = weight
+        if drift is not None and cross is None:
+            raise ValueError("a drift target needs the sequential form (cross)")
         self.local = cross is None
         device = gram.device
         w = weight.detach().to(device=device, dtype=torch.float64)
         self.lam = damping_value(gram, damping)
         self.rhs = (gram if cross is None else cross).to(torch.float64) @ w.T  # B: (m, d_out)
+        if drift is not None:
+            self.rhs += drift.to(device=device, dtype=torch.float64)
         self._width = self.rhs.shape[0]
         regularised = gram.to(torch.float64) + self.lam * torch.eye(gram.shape[0], dtype=torch.float64, device=device)
         factor, info = torch.linalg.cholesky_ex(regularised)

@@ -12,8 +12,9 @@ down_proj weights (``...o_proj.weight``, d_out x kept) and compensation biases (
 Methods (reform/spec.py, one registry): ``none``, ``bias`` (FLAP), ``lstsq`` (closed form,
 reform/lstsq.py), ``admm`` (reform/admm.py). Modes: ``local`` (reform/local.py: statistics of
 the dense model's inputs, one pass), ``sequential`` (reform/sequential.py: inputs from the
-pruned upstream model, targets from the dense one) and ``upstream`` (the same file: inputs from
-the pruned upstream model, the layer's own dense weights as target). Only partly pruned output
+pruned upstream model, targets from the dense one), ``upstream`` (the same file: inputs from
+the pruned upstream model, the layer's own dense weights as target) and ``residual`` (the same
+file: the sequential target plus the residual stream's drift, the dense block output as target). Only partly pruned output
 projections are rectified; whole sub-layers and removed ones are left alone.
 
 For a search that scores many subnets after least squares, build the solvers once and reuse
@@ -38,14 +39,15 @@ from typing import Callable, Iterable
 import torch
 
 from reform.local import rectify_local
-from reform.sequential import rectify_sequential, rectify_upstream
+from reform.sequential import rectify_residual, rectify_sequential, rectify_upstream
 from reform.spec import ReformSpec, method_spec
 from space.adapters import ModelAdapter
 from space.subnet import Subnet
 
 log = logging.getLogger(__name__)
 
-DRIVERS = {"local": rectify_local, "sequential": rectify_sequential, "upstream": rectify_upstream}
+DRIVERS = {"local": rectify_local, "sequential": rectify_sequential, "upstream": rectify_upstream,
+           "residual": rectify_residual}
 
 
 def rectify(

@@ -1,12 +1,18 @@
 """Sequential rectification: blocks in order, inputs from the pruned model.
 
-Two modes walk the blocks with the pruned model's hidden states:
+Three modes walk the blocks with the pruned model's hidden states:
 
 * ``sequential``: the target is the dense model's output (the dense stream runs beside the pruned
   one), so a layer also tries to correct the error its pruned upstream left.
 * ``upstream`` (Týr-the-Pruner's reconstruction): the target is the layer's own dense weights applied
   to the inputs the pruned model gives it, ``min ‖W X̂ − Ŵ_K X̂_K‖²`` with X̂ from the pruned upstream
   model: the local problem, on the statistics the layer will really see.
+* ``residual``: the ``sequential`` target plus the residual stream's drift where the sub-layer's
+  output is added, ``min ‖(R + W X_dense) − (R̂ + Ŵ_K X̂_K)‖²`` (R, R̂: the dense and the pruned
+  stream there; the block input for o_proj, that plus o_proj's output for down_proj): the pruned
+  block's output is fitted to the dense block's, so a layer also absorbs what upstream layers
+  lost in the stream. Only for families whose sub-layer outputs join the stream un-normalised
+  (``ModelAdapter.plain_residual``).
 
 The ``sequential`` mode in detail:
 
@@ -37,6 +43,7 @@ from torch import nn
 from reform.spec import Problem, ReformSpec, method_spec
 from reform.targets import Target, layer_targets
 from reform.local import model_home
+from space.errors import UserError
 from space.calibration import BlockInputs, InputStats, block_on, capture_block_inputs, run_block
 from space.adapters import ModelAdapter
 from space.views import subnet_view
@@ -75,24 +82,56 @@ def _input_of(
 
 class PairedStats:
     """Moments of the inputs the rectified projection sees (pruned stream) and of the dense inputs
-    at the same tokens: the pruned inputs' sum and gram, the dense sum, the cross moment."""
+    at the same tokens: the pruned inputs' sum and gram, the dense sum, the cross moment, and (residual
+    mode) the pruned inputs' cross moment with the residual stream's drift."""
 
     def __init__(self, seen_width: int, dense_width: int, *, gram: bool, device: torch.device):
         self.seen = InputStats(seen_width, gram=gram, device=device)
         self.dense_sum = torch.zeros(dense_width, dtype=torch.float64, device=device)
         self.cross = torch.zeros(seen_width, dense_width, dtype=torch.float64, device=device) if gram else None
+        self.drift: torch.Tensor | None = None
 
-    def add(self, seen: torch.Tensor, dense: torch.Tensor) -> None:
+    def add(self, seen: torch.Tensor, dense: torch.Tensor, drift: torch.Tensor | None = None) -> None:
         self.seen.add(seen)
         seen = seen.reshape(-1, seen.shape[-1]).float()
         dense = dense.reshape(-1, dense.shape[-1]).float()
         self.dense_sum += dense.sum(0).double()
         if self.cross is not None:
             self.cross += (seen.T @ dense).double()
+        if drift is not None:
+            moment = (seen.T @ drift.reshape(-1, drift.shape[-1]).float()).double()
+            self.drift = moment if self.drift is None else self.drift + moment
 
     def problem(self, target: Target) -> Problem:
         return Problem(target.module.weight, target.kept, self.dense_sum / self.seen.count, self.seen.mean,
-                       gram=self.seen.gram, cross=self.cross)
+                       gram=self.seen.gram, cross=self.cross, drift=self.drift)
+
+
+@contextmanager
+def _outputs_of(module: nn.Module):
+    """The outputs ``module`` gives while a block runs inside (empty when it is not called, e.g. a
+    skipped attention)."""
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _module, _inputs, output: seen.append(output))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def _stream(target: Target, hidden: torch.Tensor, o_outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The residual stream where ``target``'s sub-layer output joins it: the block input for o_proj,
+    that plus o_proj's output for down_proj (``plain_residual`` families)."""
+    stream = hidden.float()
+    return stream + o_outputs[0].float() if target.name == "down" and o_outputs else stream
+
+
+def rectify_residual(adapter: ModelAdapter, subnet: Subnet, windows: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+    """The ``residual`` mode: :func:`rectify_sequential` with the residual stream's drift in the target."""
+    if not adapter.plain_residual:
+        raise UserError(f"the residual least-squares mode fits sub-layer outputs that join the residual stream as "
+                        f"they are; {type(adapter).__name__} normalises them first: use the upstream mode")
+    return rectify_sequential(adapter, subnet, windows, residual=True, **kwargs)
 
 
 @contextmanager
@@ -114,6 +153,7 @@ def rectify_sequential(
     batch_size: int = 8,
     execution_device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    residual: bool = False,
 ) -> dict[str, torch.Tensor]:
     method = method_spec(spec.method)
     home = model_home(adapter)
@@ -125,20 +165,25 @@ def rectify_sequential(
         with block_on(layer.layer, execution_device):
             mine: dict[str, torch.Tensor] = {}
             targets = layer_targets(adapter, layer, widths)
+            o_proj = layer.attention_output()  # taken outside the view, which may skip the attention
             dense_out = [] if targets else run_block(layer.layer, dense)
             for target in targets:
                 last = target is targets[-1]  # its dense pass runs the whole block: the next dense input
                 stats = None
                 for (dense_hidden, args, kwargs), pruned_hidden in zip(dense.calls(layer.layer), pruned.hidden):
-                    x_dense, out = _input_of(layer.layer, target.module, dense_hidden, args, kwargs, finish=last)
+                    with _outputs_of(o_proj) as dense_o:
+                        x_dense, out = _input_of(layer.layer, target.module, dense_hidden, args, kwargs, finish=last)
                     if last:
                         dense_out.append(out)
-                    with _layer_view(adapter, layer.index, widths, mine):
+                    with _layer_view(adapter, layer.index, widths, mine), \
+                            _outputs_of(o_proj) as pruned_o:
                         x_pruned, _ = _input_of(layer.layer, target.module, pruned_hidden, args, kwargs)
                     if stats is None:
                         stats = PairedStats(x_pruned.shape[-1], x_dense.shape[-1], gram=method.gram,
                                             device=target.module.weight.device)
-                    stats.add(x_pruned, x_dense)
+                    drift = (_stream(target, dense_hidden, dense_o) - _stream(target, pruned_hidden, pruned_o)
+                             if residual else None)
+                    stats.add(x_pruned, x_dense, drift)
                 mine.update(target.overrides(method.solve(stats.problem(target), spec)))
             dense = dense.with_hidden(dense_out)
             with _layer_view(adapter, layer.index, widths, mine):

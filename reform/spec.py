@@ -19,7 +19,7 @@ from reform.bias import compensation_bias
 from reform.lstsq import DEFAULT_DAMPING, PrefixLstsq
 from space.errors import UserError
 
-MODES = ("local", "sequential", "upstream")
+MODES = ("local", "sequential", "upstream", "residual")
 DEFAULT_METHOD = "lstsq"
 # Local, measured on SmolLM2-135M (experiments/results/reform.md): the sequential fit reproduces the
 # dense projection's output from the pruned stream's inputs, and over 30 pruned layers it chases
@@ -36,7 +36,8 @@ class Problem:
     (|K|) that of the inputs the kept columns will see. ``gram`` and ``cross`` are as in
     :class:`~reform.lstsq.PrefixLstsq`: local mode, ``gram`` is the dense C (d_in x d_in) and
     ``cross`` None; sequential mode, ``gram`` is the pruned inputs' (|K| x |K|) and ``cross``
-    ``X_prunedᵀ X_dense``. Both are None for methods that do not need them.
+    ``X_prunedᵀ X_dense``; residual mode, also ``drift`` (``X_prunedᵀ D``, D the residual stream's
+    drift, see reform/sequential.py). They are None for methods that do not need them.
     """
 
     weight: torch.Tensor
@@ -45,6 +46,7 @@ class Problem:
     seen_mean: torch.Tensor
     gram: torch.Tensor | None = None
     cross: torch.Tensor | None = None
+    drift: torch.Tensor | None = None
 
 
 @dataclass
@@ -93,7 +95,8 @@ def _bias(problem: Problem, spec: ReformSpec) -> Rectified:
 
 @register_method("lstsq", gram=True, sequential=True, summary="closed-form least squares (Cholesky)")
 def _lstsq(problem: Problem, spec: ReformSpec) -> Rectified:
-    solver = PrefixLstsq(problem.weight, problem.gram, cross=problem.cross, damping=spec.damping)
+    solver = PrefixLstsq(problem.weight, problem.gram, cross=problem.cross, drift=problem.drift,
+                         damping=spec.damping)
     return Rectified(weight=solver.solve(problem.kept if problem.cross is None else solver.width))
 
 
@@ -122,6 +125,9 @@ class ReformSpec:
             raise UserError(f"unknown reformation mode {self.mode!r}; known: {', '.join(MODES)}")
         if self.mode == "sequential" and not method.sequential:
             raise UserError(f"method {self.method!r} has no sequential mode; use the local mode")
+        if self.mode == "residual" and self.method not in ("lstsq", "none"):
+            raise UserError(f"the residual mode targets the residual stream by least squares: method lstsq, "
+                            f"not {self.method!r}")
         if self.damping < 0:
             raise UserError(f"damping must be >= 0, got {self.damping}")
         if self.rho <= 0 or self.iterations < 1:

@@ -93,6 +93,9 @@ class ModelAdapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     layer_adapter: ClassVar[type[LayerAdapter]] = LayerAdapter
     notes: ClassVar[str] = ""
+    # Each sub-layer's output projection is added to the residual stream as it is (no norm after it):
+    # what the residual least-squares mode (reform/sequential.py) assumes.
+    plain_residual: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -179,6 +182,7 @@ class HeadNormLayerAdapter(LayerAdapter):
 class Olmo2Adapter(ModelAdapter):
     model_types = ("olmo2",)
     layer_adapter = HeadNormLayerAdapter
+    plain_residual = False
     notes = (
         "q_norm/k_norm are RMS norms over all heads: their weights are permuted and sliced with the heads, and "
         "a pruned layer normalises over its kept heads (what the view computes is what the export computes; "
@@ -189,6 +193,7 @@ class Olmo2Adapter(ModelAdapter):
 
 class Gemma2Adapter(ModelAdapter):
     model_types = ("gemma2",)
+    plain_residual = False
     notes = (
         "Norms before and after attention and the MLP; the attention scale comes from query_pre_attn_scalar and "
         "the soft-capping, sliding-window layers and embedding scale (sqrt(hidden_size)) do not depend on the "
@@ -198,6 +203,7 @@ class Gemma2Adapter(ModelAdapter):
 
 class Gemma3Adapter(ModelAdapter):
     model_types = ("gemma3_text",)
+    plain_residual = False
     notes = "Gemma 2's layout plus q_norm/k_norm over head_dim (shared by all heads) and per-layer-type RoPE."
 
 
