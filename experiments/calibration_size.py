@@ -1,17 +1,20 @@
-"""How many calibration windows the export's least squares should fit on: a search's winner
-rectified again from the dense model with N windows of 512 tokens (the same text, region, seed and
-least-squares mode as the search's export; only N changes), measured like quality.md's cells.
+"""How the export's least squares should be fitted: a search's winner rectified again from the dense
+model with N windows of 512 tokens and a least-squares mode (the same text, region and seed as the
+search's export; only N and, with ``--modes``, the mode change), measured like quality.md's cells.
 
 Decisions read PTB validation (never a test split); WikiText-2 test, PTB test and c4:heldout (32 x
 2048, float32) are reported beside it. N = the search's own count reproduces its export (a check).
 
     LLM_PRUNER_DATA=../shared/data python experiments/calibration_size.py \\
         runs/quality/0.7/staged-seed0/export runs/quality/0.5/tyr-seed0/export --nsamples 64 256
+    LLM_PRUNER_DATA=../shared/data python experiments/calibration_size.py \\
+        runs/quality/0.7/staged-seed0/export --nsamples 64 --modes upstream residual
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -26,7 +29,8 @@ from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from evaluators.suite import evaluate  # noqa: E402
 from experiments.quality import EVAL, VALIDATION  # noqa: E402
-from reform.spec import ReformSpec  # noqa: E402
+from reform.spec import MODES, ReformSpec  # noqa: E402
+from search.cli.common import parse_args_with_config  # noqa: E402
 from search.oneshot import reform_export  # noqa: E402
 from space.export import read_subnet_record, write_json  # noqa: E402
 from space.models import load_model  # noqa: E402
@@ -41,11 +45,11 @@ def measure(export: Path) -> dict:
     return {"validation": validation["ppl"][VALIDATION[0]], **test}
 
 
-def cell(export: Path, nsamples: int) -> dict:
+def cell(export: Path, nsamples: int, mode: str | None = None) -> dict:
     record = read_subnet_record(export)
     recipe = record["recipe"]
     calibration = CalibrationSpec.from_dict({**recipe["calibration"], "nsamples": nsamples})
-    reform = ReformSpec(**recipe["compensation"])
+    reform = ReformSpec(**{**recipe["compensation"], **({"mode": mode} if mode else {})})
     loaded = load_model(record["source"]["path"], dtype=torch.float32)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="calibration_size_") as tmp:
@@ -71,17 +75,20 @@ def report(data: dict) -> str:
              __doc__.split("\n\n")[0].replace("\n", " "), "",
              f"Machine: {data['environment']['machine']['cpu']}, {data['environment']['machine']['threads']} threads, "
              f"bf16 peak {data['bf16_tflops']:.2f} TFLOP/s at the start of the last run (other jobs shared the 2 cores: rectify s "
-             "is not an idle figure). Rows with windows 64 are the search's own exports (quality.json).", "",
-             "| export | ratio | windows x 512 | PTB valid (8) | WikiText-2 | PTB | c4:heldout | rectify s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "is not an idle figure). Rows marked `search` are the search's own exports (quality.json).", "",
+             "| export | ratio | least squares | windows x 512 | PTB valid (8) | WikiText-2 | PTB | c4:heldout | rectify s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    shown = set()
     for c in data["cells"].values():
         own = searched(c["export"])
-        if own is not None:
+        if own is not None and c["export"] not in shown:
+            shown.add(c["export"])
             p = own["ppl"]
-            lines.append(f"| {c['export']} | {c['ratio']} | {own['options'].get('export_nsamples', 64)} | "
+            lines.append(f"| {c['export']} | {c['ratio']} | {own['options'].get('export_reform', 'local')} (search) | "
+                         f"{own['options'].get('export_nsamples', 64)} | "
                          f"{p['ptb:validation']:.2f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
                          f"{own['seconds'].get('export', float('nan')):.0f} |")
-        lines.append(f"| {c['export']} | {c['ratio']} | {c['nsamples']} | {c['validation']:.2f} | "
+        lines.append(f"| {c['export']} | {c['ratio']} | {c['reform']['mode']} | {c['nsamples']} | {c['validation']:.2f} | "
                      f"{c['wikitext2']:.2f} | {c['ptb']:.2f} | {c['c4:heldout']:.2f} | {c['reform_s']:.0f} |")
     notes = RESULTS / "calibration_size.notes.md"
     if notes.is_file():
@@ -89,23 +96,29 @@ def report(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("exports", type=Path, nargs="*")
+    parser.add_argument("exports", type=Path, nargs="*", default=[])
     parser.add_argument("--nsamples", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=[None],
+                        help="least-squares modes to refit with (default: the search's export's own)")
     parser.add_argument("--out", type=Path, default=RESULTS / "calibration_size.json")
     parser.add_argument("--report", action="store_true", help="only write the .md from the JSON")
-    args = parser.parse_args(argv)
+    return parse_args_with_config(parser, argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"cells": {}}
     if args.report:
         args.out.with_suffix(".md").write_text(report(data))
         return 0
     data["bf16_tflops"] = matmul_tflops(torch.bfloat16)
     for export in args.exports:
-        for n in args.nsamples:
-            key = f"{export}:{n}"
+        for n, mode in itertools.product(args.nsamples, args.modes):
+            key = f"{export}:{n}" + (f":{mode}" if mode else "")  # the export's own mode: the first cells' keys
             if key not in data["cells"]:
-                data["cells"][key] = cell(export, n)
+                data["cells"][key] = cell(export, n, mode)
                 data["environment"] = environment()
                 write_json(args.out, data)
     args.out.with_suffix(".md").write_text(report(data))

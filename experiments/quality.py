@@ -26,6 +26,7 @@ import yaml
 
 from evaluators.environment import environment, matmul_tflops
 from evaluators.harness import TASKS, evaluate_zeroshot
+from search.cli.common import parse_args_with_config
 from search.config import SEARCH_METHODS, SearchConfig
 from search.job import run_search
 from space.export import write_json
@@ -153,7 +154,7 @@ def report(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -164,7 +165,11 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     parser.add_argument("--report", action="store_true", help="only write the table of the cells measured so far")
-    args = parser.parse_args(argv)
+    return parse_args_with_config(parser, argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"cells": {}, "zeroshot": {}}
     if args.report:  # the table, and the config of every cell measured so far
         for cell in data["cells"].values():
