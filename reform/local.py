@@ -99,6 +99,7 @@ def output_solvers(
     execution_device: torch.device | str | None = None,
     batch_size: int = 8,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    stats: Iterable[tuple[LayerAdapter, dict[str, InputStats]]] | None = None,
 ) -> list[dict[str, PrefixLstsq]]:
     """One prefix solver per layer and output projection (``{"o": ..., "down": ...}``), from one
     dense calibration pass; ``device``: where the factors are formed (default: the layer's).
@@ -109,14 +110,18 @@ def output_solvers(
     on ``state_device`` (default: where they were formed); the projections named in
     ``prefix_only`` keep only those (the fitness: ``down``, always a prefix). Layer by layer:
     the float64 state of one layer at a time, whatever the depth. ``execution_device``: each block
-    runs there for its turn (:func:`space.calibration.walk_layers`), its solvers formed there."""
+    runs there for its turn (:func:`space.calibration.walk_layers`), its solvers formed there.
+    ``stats``: the statistics to build from, in :func:`output_stats`' form (default: that, the
+    dense model's; :func:`reform.sequential.upstream_stats` gives the pruned upstream model's)."""
+    if stats is None:
+        stats = output_stats(adapter, windows, batch_size=batch_size, execution_device=execution_device,
+                             progress=progress)
     solvers = []
-    for layer, stats in output_stats(adapter, windows, batch_size=batch_size, execution_device=execution_device,
-                                     progress=progress):
+    for layer, layer_stats in stats:
         linears = layer.linears()
         layer_solvers = {
             name: PrefixLstsq(linears[name].weight, s.gram.to(device or s.gram.device), damping=damping)
-            for name, s in stats.items()
+            for name, s in layer_stats.items()
         }
         if precompute is not None:
             for name, solver in layer_solvers.items():

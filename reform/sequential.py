@@ -35,7 +35,7 @@ projection's moments: independent of depth.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ from reform.targets import Target, layer_targets
 from reform.local import model_home
 from space.errors import UserError
 from space.calibration import BlockInputs, InputStats, block_on, capture_block_inputs, run_block
-from space.adapters import ModelAdapter
+from space.adapters import LayerAdapter, ModelAdapter
 from space.views import subnet_view
 from space.subnet import LayerWidths, ModelDims, Subnet
 
@@ -192,14 +192,43 @@ def rectify_sequential(
     return overrides
 
 
-def _with_dense(widths: LayerWidths, dims: ModelDims, target: Target) -> LayerWidths:
-    """``widths`` with the target's sub-layer whole: its input then has every column X̂."""
-    if target.name == "o":
+def _with_dense(widths: LayerWidths, dims: ModelDims, name: str) -> LayerWidths:
+    """``widths`` with the sub-layer of output projection ``name`` whole: its input then has every
+    column X̂."""
+    if name == "o":
         return LayerWidths(dims.num_kv_heads, dims.group_size, widths.channels)
     return LayerWidths(widths.kv_heads, widths.q_per_kv, dims.intermediate_size)
 
 
 @torch.no_grad()
+def _upstream_walk(adapter: ModelAdapter, subnet: Subnet, windows: torch.Tensor, *, spec: ReformSpec,
+                   every_output: bool, batch_size: int, execution_device, progress):
+    """Blocks in order on the model pruned to ``subnet`` and rectified so far (upstream mode): per
+    layer, the statistics of its output projections' inputs, each taken with its own sub-layer whole
+    (all of them with ``every_output``, else those ``subnet`` partly prunes), and the layer's
+    rectified ``overrides``, attention first (the MLP's inputs see it rectified)."""
+    method = method_spec(spec.method)
+    pruned = capture_block_inputs(adapter, windows, batch_size=batch_size, execution_device=execution_device)
+    for layer, widths in progress(list(zip(adapter.layers, subnet.layers))):
+        with block_on(layer.layer, execution_device):
+            mine: dict[str, torch.Tensor] = {}
+            targets = {t.name: t for t in layer_targets(adapter, layer, widths)}
+            linears = layer.linears()
+            stats: dict[str, InputStats] = {}
+            for name in ("o", "down") if every_output else list(targets):
+                module = linears[name]
+                stats[name] = InputStats(module.in_features, gram=method.gram, device=module.weight.device)
+                with _layer_view(adapter, layer.index, _with_dense(widths, adapter.dims, name), mine):
+                    for hidden, args, kwargs in pruned.calls(layer.layer):
+                        stats[name].add(_input_of(layer.layer, module, hidden, args, kwargs)[0])
+                if name in targets:
+                    target = targets[name]
+                    mine.update(target.overrides(method.solve(target.local_problem(stats[name]), spec)))
+            with _layer_view(adapter, layer.index, widths, mine):
+                pruned = pruned.with_hidden(run_block(layer.layer, pruned))
+            yield layer, stats, mine
+
+
 def rectify_upstream(
     adapter: ModelAdapter,
     subnet: Subnet,
@@ -210,20 +239,31 @@ def rectify_upstream(
     execution_device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> dict[str, torch.Tensor]:
-    method = method_spec(spec.method)
     home = model_home(adapter)
-    pruned = capture_block_inputs(adapter, windows, batch_size=batch_size, execution_device=execution_device)
     overrides: dict[str, torch.Tensor] = {}
-    for layer, widths in progress(list(zip(adapter.layers, subnet.layers))):
-        with block_on(layer.layer, execution_device):
-            mine: dict[str, torch.Tensor] = {}
-            for target in layer_targets(adapter, layer, widths):  # attention first: the MLP sees it rectified
-                stats = InputStats(target.module.in_features, gram=method.gram, device=target.module.weight.device)
-                with _layer_view(adapter, layer.index, _with_dense(widths, adapter.dims, target), mine):
-                    for hidden, args, kwargs in pruned.calls(layer.layer):
-                        stats.add(_input_of(layer.layer, target.module, hidden, args, kwargs)[0])
-                mine.update(target.overrides(method.solve(target.local_problem(stats), spec)))
-            with _layer_view(adapter, layer.index, widths, mine):
-                pruned = pruned.with_hidden(run_block(layer.layer, pruned))
-            overrides.update({k: v.to(home) for k, v in mine.items()})
+    for _, _, mine in _upstream_walk(adapter, subnet, windows, spec=spec, every_output=False, batch_size=batch_size,
+                                     execution_device=execution_device, progress=progress):
+        overrides.update({k: v.to(home) for k, v in mine.items()})
     return overrides
+
+
+def upstream_stats(
+    adapter: ModelAdapter,
+    anchor: Subnet,
+    windows: torch.Tensor,
+    *,
+    damping: float,
+    batch_size: int = 8,
+    execution_device: torch.device | str | None = None,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> Iterator[tuple[LayerAdapter, dict[str, InputStats]]]:
+    """Per layer (streamed, in order), the statistics of the o_proj and down_proj inputs in the model
+    pruned to ``anchor`` and rectified by upstream least squares (``damping``), each projection's
+    own sub-layer whole: Týr-the-Pruner's statistics around one centre, the form of
+    :func:`reform.local.output_stats` (prefix solvers built on them fit every width of a layer on
+    the inputs an upstream model pruned like ``anchor`` gives it)."""
+    spec = ReformSpec("lstsq", "upstream", damping=damping)
+    for layer, stats, _ in _upstream_walk(adapter, anchor, windows, spec=spec, every_output=True,
+                                          batch_size=batch_size, execution_device=execution_device,
+                                          progress=progress):
+        yield layer, stats

@@ -82,6 +82,10 @@ class SearchConfig:
     fitness_windows: dict = field(
         default_factory=lambda: CalibrationSpec("wikitext2", 8, 512, 1, FITNESS_REGION).to_dict())
     fitness_reform: str = "lstsq"  # lstsq | none: rectify candidates before scoring them
+    # the statistics the fitness's least squares fits on: the dense model's inputs (dense), or those the
+    # model pruned like the search's first start gives each layer (upstream: Týr's statistics around one
+    # centre, the export's upstream fit made affordable for every candidate)
+    fitness_statistics: str = "dense"
     fitness: str = "ppl"  # ppl | kl: perplexity, or KL to the dense model's next-token distributions
     fitness_top_k: int = 256  # kl: tokens of the dense distribution kept per position
     damping: float = 1e-4
@@ -215,12 +219,7 @@ class SearchConfig:
             raise UserError("--eval-windows must be 0 (no test) or more")
         if self.mlp_step is not None and self.mlp_step < 1:
             raise UserError("--mlp-step must be at least 1")
-        if self.fitness_reform not in ("lstsq", "none"):
-            raise UserError("--fitness-reform must be lstsq or none")
-        if self.fitness not in FITNESS_KINDS:
-            raise UserError(f"--fitness must be one of {', '.join(FITNESS_KINDS)}")
-        if self.fitness_top_k < 1:
-            raise UserError("--fitness-top-k must be at least 1")
+        self.check_fitness()
         if self.pruner not in ("none", "median"):
             raise UserError("--pruner must be none or median")
         if self.preset not in WIDTH_PRESETS:
@@ -245,6 +244,19 @@ class SearchConfig:
         self.check_regions()
         if self.eval_windows != 0 and "wikitext2" not in {parse_dataset(d)[0] for d in self.eval_datasets}:
             raise UserError("the export's evaluation needs wikitext2 among --eval-datasets (the headline number)")
+
+    def check_fitness(self) -> None:
+        if self.fitness_reform not in ("lstsq", "none"):
+            raise UserError("--fitness-reform must be lstsq or none")
+        if self.fitness_statistics not in ("dense", "upstream"):
+            raise UserError("--fitness-statistics must be dense or upstream")
+        if self.fitness_statistics == "upstream" and self.fitness_reform != "lstsq":
+            raise UserError("--fitness-statistics upstream is what the fitness's least squares fits on: "
+                            "it needs --fitness-reform lstsq")
+        if self.fitness not in FITNESS_KINDS:
+            raise UserError(f"--fitness must be one of {', '.join(FITNESS_KINDS)}")
+        if self.fitness_top_k < 1:
+            raise UserError("--fitness-top-k must be at least 1")
 
     def check_staged(self) -> None:
         pool = self.calibration_spec("fitness_windows").nsamples

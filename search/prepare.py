@@ -17,6 +17,7 @@ import torch
 
 from evaluators.data import CalibrationSpec
 from reform.local import output_solvers
+from reform.sequential import upstream_stats
 from reform.targets import o_columns
 from search.config import SearchConfig
 from search.fitness import Fitness, cache_bound
@@ -28,6 +29,7 @@ from space.adapters import adapter_for
 from space.errors import UserError
 from space.models import LoadedModel, load_model, place_model, worker_placement
 from space.order import order_model
+from space.scores import score_spec
 from space.scores.base import LayerScores, standardize
 from space.scores.cache import ScoreCache
 from space.subnet import LayerWidths, Subnet
@@ -82,10 +84,17 @@ def _fitness_parts(config_json: str, run_dir: str):
     shared by the search's fitness and the final re-scoring (one calibration pass, not two).
     Prepared streamed: the float32 model never sits whole on a GPU, only the search-dtype copy."""
     config = SearchConfig(**json.loads(config_json))
-    loaded, adapter, _, _ = load_prepared(config, Path(run_dir), streamed=True)
+    loaded, adapter, _, ordered = load_prepared(config, Path(run_dir), streamed=True)
     solvers = None
     if config.fitness_reform == "lstsq":
-        solvers = output_solvers(adapter, config.calibration_spec().windows(loaded.tokenizer), damping=config.damping,
+        windows = config.calibration_spec().windows(loaded.tokenizer)
+        stats = None  # the dense model's
+        if config.fitness_statistics == "upstream":
+            space = WidthSpace(adapter.dims, preset=config.preset, mlp_step=config.mlp_step)
+            anchor = starts_for(config, space, ordered, score_spec(config.importance).standardized)[0]
+            stats = upstream_stats(adapter, anchor, windows, damping=config.damping,
+                                   execution_device=streamed_device(config))
+        solvers = output_solvers(adapter, windows, damping=config.damping, stats=stats,
                                  precompute=getattr(torch, config.state_dtype), prefix_only=PREFIX_ONLY,
                                  state_device="cpu" if config.solver_device == "cpu" else None,
                                  execution_device=streamed_device(config))

@@ -84,16 +84,26 @@ def fitness_label(study: optuna.Study) -> str:
     return (study.metric_names or ["calibration perplexity"])[0]
 
 
+def rectification(config: dict) -> str:
+    """How the fitness rectified candidates (older run folders' configs lack fitness_statistics)."""
+    if config["fitness_reform"] != "lstsq":
+        return "without rectification"
+    if config.get("fitness_statistics", "dense") == "upstream":
+        return "after least-squares rectification on the statistics of the model pruned like the first start"
+    return "after least-squares rectification"
+
+
 def markdown_report(summary: dict, path: Path) -> Path:
     """``report.md`` of a run from the summary ``best.json`` holds."""
     c = summary["config"]
     fitness = FITNESS_NAMES[c.get("fitness", "ppl")]
+
     lines = [f"# Search report: {c['model']} at ratio {c['ratio']}", ""]
     lines += [f"Searcher `{c['searcher']}`, {summary['completed_trials']} trials, width preset `{c['preset']}`, "
               f"importance `{c['importance']}`, fitness: {fitness} on "
               f"{c['fitness_windows']['nsamples']} x {c['fitness_windows']['seqlen']} tokens of "
               f"{c['fitness_windows']['dataset']} {c['fitness_windows']['split']} "
-              f"({'after least-squares rectification' if c['fitness_reform'] == 'lstsq' else 'without rectification'}, "
+              f"({rectification(c)}, "
               f"{c['dtype']}).", ""]
     best = summary["best"]
     lines += ["## Chosen subnet", "",

@@ -48,6 +48,9 @@ def add(sub) -> None:
                    " (staged: selection in stages with level-switch mutations)")
     p.add_argument("--importance", help=f"unit order (default auto: osscar to ratio {ORDER_SWITCH_RATIO}, wanda-sp above)")
     p.add_argument("--fitness-reform", default="lstsq", help="lstsq | none: rectify candidates before scoring")
+    p.add_argument("--fitness-statistics", default="dense", choices=("dense", "upstream"),
+                   help="what the fitness's least squares fits on: the dense model's inputs (default), or those "
+                        "of the model pruned like the search's first start (Týr's statistics; one more pass)")
     p.add_argument("--fitness", help="kl | ppl: KL to the dense model (default), or calibration perplexity")
     p.add_argument("--fitness-top-k", type=int, default=256, help="kl: dense tokens kept per position (default 256)")
     p.add_argument("--fitness-nsamples", type=int, help="fitness windows (default 8; staged evolution: the pool "
@@ -115,7 +118,7 @@ def config_from(args) -> SearchConfig:
         fitness_nsamples=args.fitness_nsamples, fitness_seqlen=args.fitness_seqlen, seed=args.seed,
         ratio_min=args.ratio_min, searcher=args.searcher, trials=args.trials, preset=args.preset,
         mlp_step=args.mlp_step, evolution=args.evolution, importance=args.importance,
-        fitness_reform=args.fitness_reform, fitness=args.fitness, fitness_top_k=args.fitness_top_k, dtype=args.dtype, device=args.device,
+        fitness_reform=args.fitness_reform, fitness_statistics=args.fitness_statistics, fitness=args.fitness, fitness_top_k=args.fitness_top_k, dtype=args.dtype, device=args.device,
         solver_dtype=args.solver_dtype, solver_device=args.solver_device, pruner=args.pruner,
         final_top_k=args.final_top_k, export_reform=args.export_reform, export_nsamples=args.export_nsamples,
         eval_windows=args.eval_windows or 0,

@@ -21,6 +21,7 @@ from reform.local import output_solvers, output_stats, solver_overrides
 from reform.lstsq import PrefixLstsq, damping_value
 from reform.spec import METHODS
 from reform.rectify import DRIVERS, ReformSpec, rectify
+from reform.sequential import upstream_stats
 from reform.targets import layer_targets
 from search.cli import main as cli
 from space.order import order_model, orders_from_kept
@@ -372,6 +373,25 @@ def test_residual_mode_is_refused_where_sublayer_outputs_are_normalised(make_mod
         rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", "residual"))
     with pytest.raises(UserError, match="method lstsq"):
         ReformSpec("bias", "residual")
+
+
+def test_solvers_on_upstream_statistics_rectify_their_anchor_as_the_upstream_mode_does(setup, subnet):
+    """The fitness's prefix solvers built on the statistics of the model pruned to an anchor
+    (--fitness-statistics upstream) give the anchor exactly its upstream-mode rectification, and
+    they exist for every layer and projection, also where the anchor keeps a sub-layer whole or
+    removes it."""
+    adapter, _, windows = setup
+    stats = list(upstream_stats(adapter, subnet, windows, damping=1e-4))
+    assert [sorted(s) for _, s in stats] == [["down", "o"]] * adapter.dims.num_layers
+    solvers = output_solvers(adapter, windows, stats=iter(stats))
+    upstream = rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", "upstream", damping=1e-4))
+    from_solvers = solver_overrides(adapter, subnet, solvers)
+    assert from_solvers.keys() == upstream.keys() and upstream
+    for key in upstream:
+        torch.testing.assert_close(from_solvers[key], upstream[key], rtol=1e-5, atol=1e-6)
+    dense = [s for _, s in output_stats(adapter, windows)]
+    torch.testing.assert_close(stats[0][1]["o"].gram, dense[0]["o"].gram)  # nothing upstream of it is pruned
+    assert not torch.allclose(stats[1][1]["o"].gram, dense[1]["o"].gram)
 
 
 def test_sequential_bias_restores_the_dense_mean_in_the_pruned_stream(setup, subnet):

@@ -2,6 +2,7 @@
 model (in-process and on Ray workers; resumed after kill -9; reproducible; served by the dashboard)."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from search.config import SearchConfig
 from search.job import run_search
 from search.rundir import JOURNAL, load_run_study
 from search.widths import WidthSpace
+from space.errors import UserError
 from space.subnet import LayerWidths, ModelDims, Subnet
 
 DIMS = ModelDims(num_layers=12, hidden_size=64, head_dim=8, num_heads=8, num_kv_heads=4, intermediate_size=256)
@@ -175,8 +177,6 @@ def test_rerunning_a_finished_search_keeps_its_result(searched, tiny_model_dir):
 
 
 def test_a_different_search_in_the_same_run_folder_is_refused(searched, tiny_model_dir):
-    from space.errors import UserError
-
     run_dir, _ = searched
     with pytest.raises(UserError, match="ratio"):
         run_search(tiny_config(tiny_model_dir, ratio=0.5), run_dir, progress=False)
@@ -206,6 +206,21 @@ def test_a_search_with_the_kl_fitness_records_it(tiny_model_dir, tiny_data, tmp_
     assert result.completed == 4 and result.study.metric_names[0] == "calibration KL to the dense model"
     values = [t.value for t in finished(tmp_path / "run")]
     assert all(0 < v < 10 for v in values)  # nats per position, not a perplexity
+
+
+def test_the_fitness_on_upstream_statistics_scores_the_same_candidates_otherwise(tiny_model_dir, tiny_data, tmp_path):
+    """--fitness-statistics upstream: the same search (same candidates, by seed) scored by least squares
+    fitted on the model pruned like the first start (its solvers: tests/reform, anchor test)."""
+    runs = {}
+    for statistics in ("dense", "upstream"):
+        config = tiny_config(tiny_model_dir, fitness_statistics=statistics, trials=3)
+        assert run_search(config, tmp_path / statistics, progress=False, final=False).completed == 3
+        runs[statistics] = finished(tmp_path / statistics)
+    assert [t.params for t in runs["dense"]] == [t.params for t in runs["upstream"]]
+    assert all(math.isfinite(t.value) for t in runs["upstream"])
+    assert runs["dense"][0].value != pytest.approx(runs["upstream"][0].value, rel=1e-4)
+    with pytest.raises(UserError, match="fitness-reform lstsq"):
+        tiny_config(tiny_model_dir, fitness_statistics="upstream", fitness_reform="none").check()
 
 
 def free_port() -> int:
