@@ -56,6 +56,9 @@ ROWS: dict[str, dict] = {
     # the defaults of the day (search/config.py RECOMMENDED): tyr's search at 0.5 and staged's at 0.7,
     # the winner refitted on 256 windows (calibration_size.py measured that step on their seed-0 winners)
     "final": {},
+    # the defaults of the day with the fitness's least squares on the statistics of the model pruned like
+    # the first start (--fitness-statistics upstream), against the final row
+    "fitstats": {"fitness_statistics": "upstream"},
 }
 
 
