@@ -138,16 +138,23 @@ def report(data: dict) -> str:
              "`bf16` is the bfloat16 matmul peak (2048^3, TFLOP/s) measured in the same run as the cell.", "",
              "A `*` after the row marks the search today's defaults run at that ratio (the final row; today's "
              "defaults refit its winner on 256 windows, not 64: calibration_size.md).", "",
-             "| ratio | row | options | seed | WikiText-2 | PTB | c4:heldout | PTB valid | re-scored | search s | bf16 |",
+             "Wall time: the search, the re-scoring of its finalists and the export's least squares (seconds; "
+             "the test evaluation not counted).", "",
+             "| ratio | row | options | seed | WikiText-2 | PTB | c4:heldout | PTB valid | re-scored | "
+             "search + re-score + export s | bf16 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(data["cells"], key=lambda k: (-data["cells"][k]["ratio"], list(ROWS).index(data["cells"][k]["row"]),
                                                     data["cells"][k]["seed"])):
         c = data["cells"][key]
         p = c["ppl"]
-        lines.append(f"| {c['ratio']} | {c['row']}{' *' if is_default(c) else ''} | `{json.dumps(cell_options(c['row'], c['options'].get('trials')))}` | "
+        t = c["seconds"]
+        wall = " + ".join(f"{t[k]:.0f}" for k in ("search", "rescore", "export") if k in t)
+        options = cell_options(c["row"], c["options"].get("trials"))
+        lines.append(f"| {c['ratio']} | {c['row']}{' *' if is_default(c) else ''} | "
+                     f"{'today' + chr(39) + 's defaults ' if c['row'] == 'final' else ''}`{json.dumps(options)}` | "
                      f"{c['seed']} | "
                      f"{p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | {p['ptb:validation']:.2f} | "
-                     f"{c['rescored']:.4g} | {c['seconds']['search']:.0f} | {c.get('bf16_tflops', float('nan')):.2f} |")
+                     f"{c['rescored']:.4g} | {wall} | {c.get('bf16_tflops', float('nan')):.2f} |")
     if data.get("zeroshot"):
         lines += ["", "Zero-shot accuracy (seven tasks, first 500 each, float32):", "",
                   "| cell | " + " | ".join(TASKS) + " | average |", "|---|" + "---|" * (len(TASKS) + 1)]
