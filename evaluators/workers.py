@@ -270,8 +270,10 @@ class RayPool:
         now = time.monotonic()
         for ref, (actor, job_id, payload, started) in list(self._inflight.items()):
             if now - started >= limit:
-                log.warning("job %d ran %.0f s, past the %.0f s deadline: its worker is restarted and the job "
-                            "goes again", job_id, now - started, limit)
+                allowance = self.startup_timeout if actor in self._fresh else 0.0  # ``started`` holds it
+                log.warning("job %d ran %.0f s, past its %.0f s deadline%s: its worker is restarted and the job "
+                            "goes again", job_id, now - started + allowance, limit + allowance,
+                            " (the actor's start-up included)" if allowance else "")
                 del self._inflight[ref]
                 ray.kill(actor, no_restart=False)
                 outcomes.append(Outcome(job_id, payload, error="deadline", worker_died=True))

@@ -161,7 +161,7 @@ def test_a_hung_ray_worker_is_restarted_and_its_job_sent_again(tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    pool = RayPool(_Misbehaves(tmp_path, "hang"), 1, trial_timeout=5.0, startup_timeout=120.0)
+    pool = RayPool(_Misbehaves(tmp_path, "hang"), 1, trial_timeout=5.0, startup_timeout=600.0)
     try:
         pool.submit(1, {"subnet": {}})  # the actor's first job: its start-up is not held against it
         assert wait_for_one(pool)[0].result["value"] == 0.0
@@ -190,7 +190,7 @@ def test_an_actor_that_dies_now_and_then_is_restarted_past_max_restarts(tmp_path
 
     if ray.is_initialized():
         ray.shutdown()
-    pool = RayPool(_Misbehaves(tmp_path, "die"), 1, max_restarts=1, startup_timeout=120.0)
+    pool = RayPool(_Misbehaves(tmp_path, "die"), 1, max_restarts=1, startup_timeout=600.0)
     finished, deaths = [], 0
     try:
         deadline = time.monotonic() + 300
