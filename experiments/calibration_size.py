@@ -71,7 +71,7 @@ def searched(export: str) -> dict | None:
 
 
 def report(data: dict) -> str:
-    lines = ["# How many calibration windows the export's least squares fits on (SmolLM2-135M)", "",
+    lines = ["# The export's least squares: how many calibration windows, which mode (SmolLM2-135M)", "",
              __doc__.split("\n\n")[0].replace("\n", " "), "",
              f"Machine: {data['environment']['machine']['cpu']}, {data['environment']['machine']['threads']} threads, "
              f"bf16 peak {data['bf16_tflops']:.2f} TFLOP/s at the start of the last run (other jobs shared the 2 cores: rectify s "
