@@ -14,8 +14,8 @@ reform/lstsq.py), ``admm`` (reform/admm.py). Modes: ``local`` (reform/local.py: 
 the dense model's inputs, one pass), ``sequential`` (reform/sequential.py: inputs from the
 pruned upstream model, targets from the dense one), ``upstream`` (the same file: inputs from
 the pruned upstream model, the layer's own dense weights as target) and ``residual`` (the same
-file: the sequential target plus the residual stream's drift, the dense block output as target). Only partly pruned output
-projections are rectified; whole sub-layers and removed ones are left alone.
+file: the sequential target plus the residual stream's drift, the dense block output as target).
+Only partly pruned output projections are rectified; whole sub-layers and removed ones are left alone.
 
 For a search that scores many subnets after least squares, build the solvers once and reuse
 them (local mode; the model stays permuted and unchanged)::

@@ -108,10 +108,13 @@ class PairedStats:
 
 
 @contextmanager
-def _outputs_of(module: nn.Module):
+def _outputs_of(module: nn.Module | None):
     """The outputs ``module`` gives while a block runs inside (empty when it is not called, e.g. a
-    skipped attention)."""
+    skipped attention, or is None: nothing watched)."""
     seen: list[torch.Tensor] = []
+    if module is None:
+        yield seen
+        return
     handle = module.register_forward_hook(lambda _module, _inputs, output: seen.append(output))
     try:
         yield seen
@@ -165,7 +168,8 @@ def rectify_sequential(
         with block_on(layer.layer, execution_device):
             mine: dict[str, torch.Tensor] = {}
             targets = layer_targets(adapter, layer, widths)
-            o_proj = layer.attention_output()  # taken outside the view, which may skip the attention
+            # the drift needs o_proj's output (taken outside the view, which may skip the attention)
+            o_proj = layer.attention_output() if residual else None
             dense_out = [] if targets else run_block(layer.layer, dense)
             for target in targets:
                 last = target is targets[-1]  # its dense pass runs the whole block: the next dense input

@@ -97,7 +97,6 @@ def markdown_report(summary: dict, path: Path) -> Path:
     """``report.md`` of a run from the summary ``best.json`` holds."""
     c = summary["config"]
     fitness = FITNESS_NAMES[c.get("fitness", "ppl")]
-
     lines = [f"# Search report: {c['model']} at ratio {c['ratio']}", ""]
     lines += [f"Searcher `{c['searcher']}`, {summary['completed_trials']} trials, width preset `{c['preset']}`, "
               f"importance `{c['importance']}`, fitness: {fitness} on "
