@@ -1,6 +1,7 @@
 """How the export's least squares should be fitted: a search's winner rectified again from the dense
 model with N windows of 512 tokens and a least-squares mode (the same text, region and seed as the
-search's export; only N and, with ``--modes``, the mode change), measured like quality.md's cells.
+search's export; only N and, with ``--modes``, ``--pass-dtypes`` or ``--calib``, the mode, the dtype
+of the upstream mode's calibration passes or the text change), measured like quality.md's cells.
 
 Decisions read PTB validation (never a test split); WikiText-2 test, PTB test and c4:heldout (32 x
 2048, float32) are reported beside it. N = the search's own count reproduces its export (a check).
@@ -9,6 +10,8 @@ Decisions read PTB validation (never a test split); WikiText-2 test, PTB test an
         runs/quality/0.7/staged-seed0/export runs/quality/0.5/tyr-seed0/export --nsamples 64 256
     LLM_PRUNER_DATA=../shared/data python experiments/calibration_size.py \\
         runs/quality/0.7/staged-seed0/export --nsamples 64 --modes upstream residual
+    LLM_PRUNER_DATA=../shared/data python experiments/calibration_size.py \
+        runs/quality/0.5/final-seed0/export --nsamples 256 --pass-dtypes bfloat16
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from evaluators.suite import evaluate  # noqa: E402
 from experiments.quality import EVAL, VALIDATION  # noqa: E402
-from reform.spec import MODES, ReformSpec  # noqa: E402
+from reform.spec import MODES, PASS_DTYPES, ReformSpec  # noqa: E402
 from search.cli.common import parse_args_with_config  # noqa: E402
 from search.oneshot import reform_export  # noqa: E402
 from space.export import read_subnet_record, write_json  # noqa: E402
@@ -45,11 +48,16 @@ def measure(export: Path) -> dict:
     return {"validation": validation["ppl"][VALIDATION[0]], **test}
 
 
-def cell(export: Path, nsamples: int, mode: str | None = None) -> dict:
+def cell(export: Path, nsamples: int, mode: str | None = None, pass_dtype: str | None = None,
+         calib: str | None = None) -> dict:
+    """The winner of ``export`` refitted on ``nsamples`` windows; ``mode``, ``pass_dtype`` and the text
+    ``calib`` (sources joined by ``+``, each from the search's region) replace the export's own."""
     record = read_subnet_record(export)
     recipe = record["recipe"]
-    calibration = CalibrationSpec.from_dict({**recipe["calibration"], "nsamples": nsamples})
-    reform = ReformSpec(**{**recipe["compensation"], **({"mode": mode} if mode else {})})
+    source = CalibrationSpec.from_dict(recipe["calibration"])
+    calibration = CalibrationSpec(calib or source.dataset, nsamples, source.seqlen, source.seed, source.region)
+    changed = {"mode": mode, "pass_dtype": pass_dtype}
+    reform = ReformSpec(**{**recipe["compensation"], **{k: v for k, v in changed.items() if v}})
     loaded = load_model(record["source"]["path"], dtype=torch.float32)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="calibration_size_") as tmp:
@@ -71,13 +79,13 @@ def searched(export: str) -> dict | None:
 
 
 def report(data: dict) -> str:
-    lines = ["# The export's least squares: how many calibration windows, which mode (SmolLM2-135M)", "",
+    lines = ["# The export's least squares: how many calibration windows, which mode, text and pass dtype (SmolLM2-135M)", "",
              __doc__.split("\n\n")[0].replace("\n", " "), "",
              f"Machine: {data['environment']['machine']['cpu']}, {data['environment']['machine']['threads']} threads, "
              f"bf16 peak {data['bf16_tflops']:.2f} TFLOP/s at the start of the last run (other jobs shared the 2 cores: rectify s "
              "is not an idle figure). Rows marked `search` are the search's own exports (quality.json).", "",
-             "| export | ratio | least squares | windows x 512 | PTB valid (8) | WikiText-2 | PTB | c4:heldout | rectify s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| export | ratio | least squares | text | windows x 512 | PTB valid (8) | WikiText-2 | PTB | c4:heldout | rectify s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     shown = set()
     for c in data["cells"].values():
         own = searched(c["export"])
@@ -85,10 +93,12 @@ def report(data: dict) -> str:
             shown.add(c["export"])
             p = own["ppl"]
             lines.append(f"| {c['export']} | {c['ratio']} | {own['options'].get('export_reform', 'local')} (search) | "
-                         f"{own['options'].get('export_nsamples', 64)} | "
+                         f"{own['options'].get('calib', 'wikitext2')} | {own['options'].get('export_nsamples', 64)} | "
                          f"{p['ptb:validation']:.2f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
                          f"{own['seconds'].get('export', float('nan')):.0f} |")
-        lines.append(f"| {c['export']} | {c['ratio']} | {c['reform']['mode']} | {c['nsamples']} | {c['validation']:.2f} | "
+        mode = c["reform"]["mode"] + (f", {c['reform']['pass_dtype']} passes" if "pass_dtype" in c["reform"] else "")
+        lines.append(f"| {c['export']} | {c['ratio']} | {mode} | {c['calibration']['dataset']} | {c['nsamples']} | "
+                     f"{c['validation']:.2f} | "
                      f"{c['wikitext2']:.2f} | {c['ptb']:.2f} | {c['c4:heldout']:.2f} | {c['reform_s']:.0f} |")
     notes = RESULTS / "calibration_size.notes.md"
     if notes.is_file():
@@ -102,6 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nsamples", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=[None],
                         help="least-squares modes to refit with (default: the search's export's own)")
+    parser.add_argument("--pass-dtypes", nargs="+", choices=PASS_DTYPES, default=[None],
+                        help="upstream mode: the dtypes its calibration passes run in (default: the export's own)")
+    parser.add_argument("--calib", nargs="+", default=[None],
+                        help="the texts to refit on, each sources joined by + (default: the search's own)")
     parser.add_argument("--out", type=Path, default=RESULTS / "calibration_size.json")
     parser.add_argument("--report", action="store_true", help="only write the .md from the JSON")
     return parse_args_with_config(parser, argv)
@@ -115,10 +129,11 @@ def main(argv=None) -> int:
         return 0
     data["bf16_tflops"] = matmul_tflops(torch.bfloat16)
     for export in args.exports:
-        for n, mode in itertools.product(args.nsamples, args.modes):
-            key = f"{export}:{n}" + (f":{mode}" if mode else "")  # the export's own mode: the first cells' keys
+        for n, mode, pass_dtype, calib in itertools.product(args.nsamples, args.modes, args.pass_dtypes, args.calib):
+            # the export's own settings leave the key as the first cells' were
+            key = f"{export}:{n}" + "".join(f":{v}" for v in (mode, pass_dtype, calib) if v)
             if key not in data["cells"]:
-                data["cells"][key] = cell(export, n, mode)
+                data["cells"][key] = cell(export, n, mode, pass_dtype, calib)
                 data["environment"] = environment()
                 write_json(args.out, data)
     args.out.with_suffix(".md").write_text(report(data))

@@ -44,7 +44,7 @@ from reform.spec import Problem, ReformSpec, method_spec
 from reform.targets import Target, layer_targets
 from reform.local import model_home
 from space.errors import UserError
-from space.calibration import BlockInputs, InputStats, block_on, capture_block_inputs, run_block
+from space.calibration import BlockInputs, InputStats, block_in, block_on, capture_block_inputs, run_block
 from space.adapters import LayerAdapter, ModelAdapter
 from space.views import subnet_view
 from space.subnet import LayerWidths, ModelDims, Subnet
@@ -210,9 +210,16 @@ def _upstream_walk(adapter: ModelAdapter, subnet: Subnet, windows: torch.Tensor,
     """Blocks in order on the model pruned to ``subnet`` and rectified so far (upstream mode): per
     layer, the statistics of its output projections' inputs, each taken with its own sub-layer whole
     (all of them with ``every_output``, else those ``subnet`` partly prunes), and the layer's
-    rectified ``overrides``, attention first (the MLP's inputs see it rectified)."""
+    rectified ``overrides``, attention first (the MLP's inputs see it rectified). The blocks run in
+    ``spec.pass_dtype``; each solve reads the projection's weights as they are (float32)."""
     method = method_spec(spec.method)
-    pruned = capture_block_inputs(adapter, windows, batch_size=batch_size, execution_device=execution_device)
+    dtype = getattr(torch, spec.pass_dtype)
+    pruned = capture_block_inputs(adapter, windows, batch_size=batch_size,
+                                  execution_device=execution_device).to(dtype=dtype)
+
+    def view(index: int, widths: LayerWidths, mine: dict[str, torch.Tensor]):
+        return _layer_view(adapter, index, widths, {k: v.to(dtype) for k, v in mine.items()})
+
     for layer, widths in progress(list(zip(adapter.layers, subnet.layers))):
         with block_on(layer.layer, execution_device):
             mine: dict[str, torch.Tensor] = {}
@@ -222,13 +229,13 @@ def _upstream_walk(adapter: ModelAdapter, subnet: Subnet, windows: torch.Tensor,
             for name in ("o", "down") if every_output else list(targets):
                 module = linears[name]
                 stats[name] = InputStats(module.in_features, gram=method.gram, device=module.weight.device)
-                with _layer_view(adapter, layer.index, _with_dense(widths, adapter.dims, name), mine):
+                with block_in(layer.layer, dtype), view(layer.index, _with_dense(widths, adapter.dims, name), mine):
                     for hidden, args, kwargs in pruned.calls(layer.layer):
                         stats[name].add(_input_of(layer.layer, module, hidden, args, kwargs)[0])
                 if name in targets:
                     target = targets[name]
                     mine.update(target.overrides(method.solve(target.local_problem(stats[name]), spec)))
-            with _layer_view(adapter, layer.index, widths, mine):
+            with block_in(layer.layer, dtype), view(layer.index, widths, mine):
                 pruned = pruned.with_hidden(run_block(layer.layer, pruned))
             yield layer, stats, mine
 

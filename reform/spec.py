@@ -20,6 +20,8 @@ from reform.lstsq import DEFAULT_DAMPING, PrefixLstsq
 from space.errors import UserError
 
 MODES = ("local", "sequential", "upstream", "residual")
+# The dtypes the upstream mode's calibration passes may run in (statistics and solve stay float64/float32).
+PASS_DTYPES = ("float32", "bfloat16")
 DEFAULT_METHOD = "lstsq"
 # Local, measured on SmolLM2-135M (experiments/results/reform.md): the sequential fit reproduces the
 # dense projection's output from the pruned stream's inputs, and over 30 pruned layers it chases
@@ -118,6 +120,9 @@ class ReformSpec:
     damping: float = DEFAULT_DAMPING
     rho: float = DEFAULT_RHO
     iterations: int = DEFAULT_ITERATIONS
+    # upstream mode: the dtype the blocks run in while its statistics are gathered; the statistics
+    # accumulate in float64 and the solve uses the float32 weights, so only the activations are rounded
+    pass_dtype: str = "float32"
 
     def __post_init__(self):
         method = method_spec(self.method)
@@ -130,6 +135,11 @@ class ReformSpec:
                             f"not {self.method!r}")
         if self.damping < 0:
             raise UserError(f"damping must be >= 0, got {self.damping}")
+        if self.pass_dtype not in PASS_DTYPES:
+            raise UserError(f"unknown pass dtype {self.pass_dtype!r}; known: {', '.join(PASS_DTYPES)}")
+        if self.pass_dtype != "float32" and self.mode != "upstream":
+            raise UserError(f"only the upstream mode runs its calibration passes in {self.pass_dtype}, "
+                            f"not the {self.mode} mode")
         if self.rho <= 0 or self.iterations < 1:
             raise UserError(f"ADMM needs rho > 0 and at least one iteration, got {self.rho}, {self.iterations}")
 
@@ -142,4 +152,6 @@ class ReformSpec:
             del data["rho"], data["iterations"]
         if not method_spec(self.method).gram:
             del data["damping"]
+        if self.pass_dtype == "float32":  # the default: records written before the option read the same
+            del data["pass_dtype"]
         return data

@@ -51,20 +51,24 @@ class BlockInputs:
     def with_hidden(self, hidden: list[torch.Tensor]) -> "BlockInputs":
         return BlockInputs(hidden, self.args, self.kwargs, self.block_kwargs)
 
-    def to(self, device: torch.device | str) -> "BlockInputs":
-        """The same calls with every tensor in them on ``device``."""
-        return BlockInputs(_moved(self.hidden, device), _moved(self.args, device), _moved(self.kwargs, device),
-                           {block: _moved(calls, device) for block, calls in self.block_kwargs.items()})
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "BlockInputs":
+        """The same calls with every tensor in them on ``device``, the floating ones in ``dtype``."""
+        def moved(value):
+            return _moved(value, device, dtype)
+
+        return BlockInputs(moved(self.hidden), moved(self.args), moved(self.kwargs),
+                           {block: moved(calls) for block, calls in self.block_kwargs.items()})
 
 
-def _moved(value, device):
-    """``value`` with the tensors in it (through tuples, lists and dicts) on ``device``."""
+def _moved(value, device, dtype=None):
+    """``value`` with the tensors in it (through tuples, lists and dicts) on ``device``, the floating
+    ones in ``dtype`` (None: unchanged)."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        return value.to(device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
     if isinstance(value, (tuple, list)):
-        return type(value)(_moved(v, device) for v in value)
+        return type(value)(_moved(v, device, dtype) for v in value)
     if isinstance(value, dict):
-        return {k: _moved(v, device) for k, v in value.items()}
+        return {k: _moved(v, device, dtype) for k, v in value.items()}
     return value
 
 
@@ -81,6 +85,23 @@ def block_on(block: nn.Module, device: torch.device | str | None) -> Iterator[No
         yield
     finally:
         block.to(home)
+
+
+@contextmanager
+def block_in(block: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """``block``'s floating parameters in ``dtype`` while the body runs, then the originals back
+    untouched (a round trip through a narrower dtype would lose their low bits; ``dtype`` None:
+    stays as it is). The copies cost one block's parameters at a time."""
+    saved = [] if dtype is None else [(module, name, param) for module in block.modules()
+                                      for name, param in module._parameters.items()
+                                      if param is not None and param.is_floating_point() and param.dtype != dtype]
+    for module, name, param in saved:
+        module._parameters[name] = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, name, param in reversed(saved):
+            module._parameters[name] = param
 
 
 @torch.no_grad()

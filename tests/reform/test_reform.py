@@ -375,6 +375,32 @@ def test_residual_mode_is_refused_where_sublayer_outputs_are_normalised(make_mod
         ReformSpec("bias", "residual")
 
 
+def test_upstream_passes_in_bfloat16_round_only_the_activations(setup, subnet):
+    """--export-pass-dtype bfloat16: the blocks run in bfloat16 while the statistics are gathered, the
+    solve reads the float32 weights (its result is near the float32 passes', not bfloat16-rounded
+    weights), and every parameter of the model is left bit for bit as it was."""
+    adapter, _, windows = setup
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    full = rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", "upstream"))
+    half = rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", "upstream", pass_dtype="bfloat16"))
+    after = adapter.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].dtype == before[k].dtype for k in before)
+    assert half.keys() == full.keys() and all(v.dtype == torch.float32 for v in half.values())
+    assert any(not torch.equal(half[k], full[k]) for k in full)
+
+    @torch.no_grad()
+    def logits(overrides):
+        with subnet_view(adapter, subnet, overrides):
+            return adapter.model(windows).logits
+
+    dense, rectified, rounded = logits(None), logits(full), logits(half)
+    # the activations' rounding moves the subnet's output by a small fraction of what pruning moved it (1 % here)
+    assert float((rounded - rectified).norm() / (rectified - dense).norm()) < 0.05
+    with pytest.raises(UserError, match="only the upstream mode"):
+        ReformSpec("lstsq", "local", pass_dtype="bfloat16")
+    assert "pass_dtype" not in ReformSpec("lstsq", "upstream").to_dict()  # older records read the same
+
+
 def test_solvers_on_upstream_statistics_rectify_their_anchor_as_the_upstream_mode_does(setup, subnet):
     """The fitness's prefix solvers built on the statistics of the model pruned to an anchor
     (--fitness-statistics upstream) give the anchor exactly its upstream-mode rectification, and
