@@ -1,7 +1,8 @@
 """How the export's least squares should be fitted: a search's winner rectified again from the dense
 model with N windows of 512 tokens and a least-squares mode (the same text, region and seed as the
-search's export; only N and, with ``--modes``, ``--pass-dtypes`` or ``--calib``, the mode, the dtype
-of the upstream mode's calibration passes or the text change), measured like quality.md's cells.
+search's export; only N and, with ``--modes``, ``--pass-dtypes``, ``--selects`` or ``--calib``, the
+mode, the dtype of the upstream mode's calibration passes, the kept units or the text change),
+measured like quality.md's cells.
 
 Decisions read PTB validation (never a test split); WikiText-2 test, PTB test and c4:heldout (32 x
 2048, float32) are reported beside it. N = the search's own count reproduces its export (a check).
@@ -32,7 +33,7 @@ from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from evaluators.suite import evaluate  # noqa: E402
 from experiments.quality import EVAL, VALIDATION  # noqa: E402
-from reform.spec import MODES, PASS_DTYPES, ReformSpec  # noqa: E402
+from reform.spec import MODES, PASS_DTYPES, SELECTIONS, ReformSpec  # noqa: E402
 from search.cli.common import parse_args_with_config  # noqa: E402
 from search.oneshot import reform_export  # noqa: E402
 from space.export import read_subnet_record, write_json  # noqa: E402
@@ -49,14 +50,15 @@ def measure(export: Path) -> dict:
 
 
 def cell(export: Path, nsamples: int, mode: str | None = None, pass_dtype: str | None = None,
-         calib: str | None = None) -> dict:
-    """The winner of ``export`` refitted on ``nsamples`` windows; ``mode``, ``pass_dtype`` and the text
-    ``calib`` (sources joined by ``+``, each from the search's region) replace the export's own."""
+         calib: str | None = None, select: str | None = None) -> dict:
+    """The winner of ``export`` refitted on ``nsamples`` windows; ``mode``, ``pass_dtype``, ``select``
+    and the text ``calib`` (sources joined by ``+``, each from the search's region) replace the
+    export's own."""
     record = read_subnet_record(export)
     recipe = record["recipe"]
     source = CalibrationSpec.from_dict(recipe["calibration"])
     calibration = CalibrationSpec(calib or source.dataset, nsamples, source.seqlen, source.seed, source.region)
-    changed = {"mode": mode, "pass_dtype": pass_dtype}
+    changed = {"mode": mode, "pass_dtype": pass_dtype, "select": select}
     reform = ReformSpec(**{**recipe["compensation"], **{k: v for k, v in changed.items() if v}})
     loaded = load_model(record["source"]["path"], dtype=torch.float32)
     started = time.time()
@@ -96,7 +98,8 @@ def report(data: dict) -> str:
                          f"{own['options'].get('calib', 'wikitext2')} | {own['options'].get('export_nsamples', 64)} | "
                          f"{p['ptb:validation']:.2f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
                          f"{own['seconds'].get('export', float('nan')):.0f} |")
-        mode = c["reform"]["mode"] + (f", {c['reform']['pass_dtype']} passes" if "pass_dtype" in c["reform"] else "")
+        mode = c["reform"]["mode"] + (f", {c['reform']['pass_dtype']} passes" if "pass_dtype" in c["reform"] else "") \
+            + (f", {c['reform']['select']} units" if "select" in c["reform"] else "")
         lines.append(f"| {c['export']} | {c['ratio']} | {mode} | {c['calibration']['dataset']} | {c['nsamples']} | "
                      f"{c['validation']:.2f} | "
                      f"{c['wikitext2']:.2f} | {c['ptb']:.2f} | {c['c4:heldout']:.2f} | {c['reform_s']:.0f} |")
@@ -114,6 +117,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="least-squares modes to refit with (default: the search's export's own)")
     parser.add_argument("--pass-dtypes", nargs="+", choices=PASS_DTYPES, default=[None],
                         help="upstream mode: the dtypes its calibration passes run in (default: the export's own)")
+    parser.add_argument("--selects", nargs="+", choices=SELECTIONS, default=[None],
+                        help="upstream mode: the kept units (default: the export's own, the order's prefix)")
     parser.add_argument("--calib", nargs="+", default=[None],
                         help="the texts to refit on, each sources joined by + (default: the search's own)")
     parser.add_argument("--out", type=Path, default=RESULTS / "calibration_size.json")
@@ -129,11 +134,12 @@ def main(argv=None) -> int:
         return 0
     data["bf16_tflops"] = matmul_tflops(torch.bfloat16)
     for export in args.exports:
-        for n, mode, pass_dtype, calib in itertools.product(args.nsamples, args.modes, args.pass_dtypes, args.calib):
+        for n, mode, pass_dtype, calib, select in itertools.product(args.nsamples, args.modes, args.pass_dtypes,
+                                                                   args.calib, args.selects):
             # the export's own settings leave the key as the first cells' were
-            key = f"{export}:{n}" + "".join(f":{v}" for v in (mode, pass_dtype, calib) if v)
+            key = f"{export}:{n}" + "".join(f":{v}" for v in (mode, pass_dtype, calib, select) if v)
             if key not in data["cells"]:
-                data["cells"][key] = cell(export, n, mode, pass_dtype, calib)
+                data["cells"][key] = cell(export, n, mode, pass_dtype, calib, select)
                 data["environment"] = environment()
                 write_json(args.out, data)
     args.out.with_suffix(".md").write_text(report(data))

@@ -16,6 +16,8 @@ pruned upstream model, targets from the dense one), ``upstream`` (the same file:
 the pruned upstream model, the layer's own dense weights as target) and ``residual`` (the same
 file: the sequential target plus the residual stream's drift, the dense block output as target).
 Only partly pruned output projections are rectified; whole sub-layers and removed ones are left alone.
+The upstream mode may also choose each layer's kept units again at the subnet's widths
+(``ReformSpec(select="obs")``, reform/reselect.py): the layers are permuted and ``orders`` updated.
 
 For a search that scores many subnets after least squares, build the solvers once and reuse
 them (local mode; the model stays permuted and unchanged)::
@@ -42,6 +44,7 @@ from reform.local import rectify_local
 from reform.sequential import rectify_residual, rectify_sequential, rectify_upstream
 from reform.spec import ReformSpec, method_spec
 from space.adapters import ModelAdapter
+from space.order import LayerOrder
 from space.subnet import Subnet
 
 log = logging.getLogger(__name__)
@@ -59,16 +62,20 @@ def rectify(
     batch_size: int = 8,
     execution_device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    orders: list[LayerOrder] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The ``overrides`` that rectify ``subnet`` of the permuted model, from calibration
     ``windows`` (n x seqlen token ids; a calibration split, never a test split).
     ``execution_device``: each block runs and is solved there for its turn, the model staying in
-    host memory (:func:`space.calibration.walk_layers`); the overrides go where the model is."""
+    host memory (:func:`space.calibration.walk_layers`); the overrides go where the model is.
+    ``orders``: the model's layer orders, needed (and updated in place, the layers permuted with
+    them) when ``spec.select`` re-selects the kept units."""
     if method_spec(spec.method).solve is None:
         return {}
     started = time.time()
+    reselection = {"orders": orders} if spec.select != "prefix" else {}
     overrides = DRIVERS[spec.mode](adapter, subnet, windows, spec=spec, batch_size=batch_size,
-                                   execution_device=execution_device, progress=progress)
+                                   execution_device=execution_device, progress=progress, **reselection)
     log.info("reformation %s (%s) of %d tensors on %d x %d tokens: %.1f s", spec.method, spec.mode,
              len(overrides), *windows.shape, time.time() - started)
     return overrides

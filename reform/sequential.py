@@ -43,9 +43,11 @@ from torch import nn
 from reform.spec import Problem, ReformSpec, method_spec
 from reform.targets import Target, layer_targets
 from reform.local import model_home
+from reform.reselect import reselect
 from space.errors import UserError
 from space.calibration import BlockInputs, InputStats, block_in, block_on, capture_block_inputs, run_block
 from space.adapters import LayerAdapter, ModelAdapter
+from space.order import LayerOrder
 from space.views import subnet_view
 from space.subnet import LayerWidths, ModelDims, Subnet
 
@@ -206,12 +208,15 @@ def _with_dense(widths: LayerWidths, dims: ModelDims, name: str) -> LayerWidths:
 
 @torch.no_grad()
 def _upstream_walk(adapter: ModelAdapter, subnet: Subnet, windows: torch.Tensor, *, spec: ReformSpec,
-                   every_output: bool, batch_size: int, execution_device, progress):
+                   every_output: bool, batch_size: int, execution_device, progress,
+                   orders: list[LayerOrder] | None = None):
     """Blocks in order on the model pruned to ``subnet`` and rectified so far (upstream mode): per
     layer, the statistics of its output projections' inputs, each taken with its own sub-layer whole
     (all of them with ``every_output``, else those ``subnet`` partly prunes), and the layer's
     rectified ``overrides``, attention first (the MLP's inputs see it rectified). The blocks run in
-    ``spec.pass_dtype``; each solve reads the projection's weights as they are (float32)."""
+    ``spec.pass_dtype``; each solve reads the projection's weights as they are (float32). With
+    ``spec.select == "obs"`` each projection's kept units are chosen again before its solve, the
+    layer permuted and ``orders`` updated in place (reform/reselect.py)."""
     method = method_spec(spec.method)
     dtype = getattr(torch, spec.pass_dtype)
     pruned = capture_block_inputs(adapter, windows, batch_size=batch_size,
@@ -234,6 +239,9 @@ def _upstream_walk(adapter: ModelAdapter, subnet: Subnet, windows: torch.Tensor,
                         stats[name].add(_input_of(layer.layer, module, hidden, args, kwargs)[0])
                 if name in targets:
                     target = targets[name]
+                    if spec.select == "obs":
+                        orders[layer.index] = reselect(layer, name, widths, stats[name], adapter.dims,
+                                                       orders[layer.index])
                     mine.update(target.overrides(method.solve(target.local_problem(stats[name]), spec)))
             with block_in(layer.layer, dtype), view(layer.index, widths, mine):
                 pruned = pruned.with_hidden(run_block(layer.layer, pruned))
@@ -249,11 +257,16 @@ def rectify_upstream(
     batch_size: int = 8,
     execution_device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    orders: list[LayerOrder] | None = None,
 ) -> dict[str, torch.Tensor]:
+    """The upstream mode; ``orders``: the model's layer orders, updated in place where ``spec.select``
+    re-selects the kept units (the model's layers are permuted with them)."""
+    if spec.select != "prefix" and orders is None:
+        raise ValueError("re-selecting the kept units changes the layers' orders: pass them")
     home = model_home(adapter)
     overrides: dict[str, torch.Tensor] = {}
     for _, _, mine in _upstream_walk(adapter, subnet, windows, spec=spec, every_output=False, batch_size=batch_size,
-                                     execution_device=execution_device, progress=progress):
+                                     execution_device=execution_device, progress=progress, orders=orders):
         overrides.update({k: v.to(home) for k, v in mine.items()})
     return overrides
 

@@ -22,6 +22,9 @@ from space.errors import UserError
 MODES = ("local", "sequential", "upstream", "residual")
 # The dtypes the upstream mode's calibration passes may run in (statistics and solve stay float64/float32).
 PASS_DTYPES = ("float32", "bfloat16")
+# Which units a layer keeps: the prefix of the search's importance order, or (upstream mode) the
+# units re-selected on the upstream statistics at the subnet's widths (reform/reselect.py).
+SELECTIONS = ("prefix", "obs")
 DEFAULT_METHOD = "lstsq"
 # Local, measured on SmolLM2-135M (experiments/results/reform.md): the sequential fit reproduces the
 # dense projection's output from the pruned stream's inputs, and over 30 pruned layers it chases
@@ -123,6 +126,7 @@ class ReformSpec:
     # upstream mode: the dtype the blocks run in while its statistics are gathered; the statistics
     # accumulate in float64 and the solve uses the float32 weights, so only the activations are rounded
     pass_dtype: str = "float32"
+    select: str = "prefix"
 
     def __post_init__(self):
         method = method_spec(self.method)
@@ -140,6 +144,11 @@ class ReformSpec:
         if self.pass_dtype != "float32" and self.mode != "upstream":
             raise UserError(f"only the upstream mode runs its calibration passes in {self.pass_dtype}, "
                             f"not the {self.mode} mode")
+        if self.select not in SELECTIONS:
+            raise UserError(f"unknown unit selection {self.select!r}; known: {', '.join(SELECTIONS)}")
+        if self.select != "prefix" and (self.mode, self.method) != ("upstream", "lstsq"):
+            raise UserError(f"units are re-selected on the upstream statistics for their least squares: mode "
+                            f"upstream, method lstsq (not {self.mode}, {self.method})")
         if self.rho <= 0 or self.iterations < 1:
             raise UserError(f"ADMM needs rho > 0 and at least one iteration, got {self.rho}, {self.iterations}")
 
@@ -152,6 +161,7 @@ class ReformSpec:
             del data["rho"], data["iterations"]
         if not method_spec(self.method).gram:
             del data["damping"]
-        if self.pass_dtype == "float32":  # the default: records written before the option read the same
-            del data["pass_dtype"]
+        for key, default in (("pass_dtype", "float32"), ("select", "prefix")):
+            if data[key] == default:  # records written before the option read the same
+                del data[key]
         return data

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 from evaluators.data import CalibrationSpec, parse_dataset
-from reform.spec import MODES
+from reform.spec import MODES, ReformSpec
 from search.fitness import KINDS as FITNESS_KINDS
 from search.fitness import NAMES as FITNESS_NAMES
 from search.samplers import MULTI_OBJECTIVE, SAMPLERS
@@ -52,7 +52,7 @@ SOLVER_DEVICES = ("model", "cpu")  # where the fitness's least-squares state liv
 # wanda-sp: 151.7 vs 202.3 at 0.5, 97.0 vs 85.5 at 0.7). The dataclass's own field defaults stay what a
 # run folder made before each field existed meant (:func:`search.rundir.open_run_dir`).
 RECOMMENDED = {"fitness": "kl", "evolution": "staged", "export_reform": "upstream", "importance": "auto",
-               "export_nsamples": 256}
+               "export_nsamples": 256, "export_pass_dtype": "float32", "export_select": "prefix"}
 STAGED_TRIALS = 260
 PLAIN_TRIALS = 100
 ORDER_SWITCH_RATIO = 0.6
@@ -105,6 +105,10 @@ class SearchConfig:
     # calibration windows the export's least squares fits on (None: the statistics' count), drawn from the
     # statistics' region with their seed; more than the fitness needs, since it is fitted once
     export_nsamples: int | None = None
+    # upstream export: the dtype its calibration passes run in, and whether each layer's kept units are
+    # the importance order's prefix or chosen again on the upstream statistics (reform/reselect.py)
+    export_pass_dtype: str = "float32"
+    export_select: str = "prefix"
     eval_windows: int | None = 32  # test windows of 2048 per dataset for the export (None: all)
     # Where the export's perplexity is measured: WikiText-2 test, and text no step calibrated on
     # (PTB test, the held-out half of the local C4 sample), so that a gain that only fits the
@@ -116,7 +120,7 @@ class SearchConfig:
     gpus_per_worker: int = 1
 
     RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows", "eval_datasets", "max_failures", "trial_timeout",
-               "solver_device", "gpus_per_worker", "export_nsamples")
+               "solver_device", "gpus_per_worker", "export_nsamples", "export_pass_dtype", "export_select")
 
     @classmethod
     def create(cls, model: str, ratio: float, *, calib: str = "wikitext2", nsamples: int = 64,
@@ -184,6 +188,11 @@ class SearchConfig:
         """The windows of ``calibration`` (statistics), ``fitness_windows`` or ``final_windows``."""
         return CalibrationSpec.from_dict(getattr(self, which))
 
+    def export_spec(self) -> ReformSpec:
+        """The export's least squares."""
+        return ReformSpec("lstsq", self.export_reform, damping=self.damping, pass_dtype=self.export_pass_dtype,
+                          select=self.export_select)
+
     def export_calibration_spec(self) -> CalibrationSpec:
         """The windows the export's least squares fits on: the statistics' text, region and seed."""
         return CalibrationSpec.from_dict({**self.calibration,
@@ -240,6 +249,7 @@ class SearchConfig:
             raise UserError(f"--solver-device must be one of {', '.join(SOLVER_DEVICES)}")
         if self.export_reform not in MODES:
             raise UserError(f"--export-reform must be one of {', '.join(MODES)}")
+        self.export_spec()  # the export's settings go together (pass dtype and selection: upstream mode)
         score_spec(self.importance)
         self.check_regions()
         if self.eval_windows != 0 and "wikitext2" not in {parse_dataset(d)[0] for d in self.eval_datasets}:

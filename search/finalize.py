@@ -82,10 +82,10 @@ def export_winner(subnet: Subnet, trial_number: int, config: SearchConfig, run_d
     On a GPU the float32 model stays in host memory and each block is rectified on the GPU for
     its turn (a 70B model exports from one GPU, as it was prepared)."""
     loaded, adapter, orders, _ = load_prepared(config, run_dir, streamed=True)
-    spec = ReformSpec("lstsq", config.export_reform, damping=config.damping)
+    spec = config.export_spec()
     calibration = config.export_calibration_spec()
     overrides = rectify(adapter, subnet, calibration.windows(loaded.tokenizer), spec=spec,
-                        execution_device=streamed_device(config))
+                        execution_device=streamed_device(config), orders=orders)
     record = {
         **record_header(loaded.source, subnet, config.ratio),
         "recipe": {"method": "search", "searcher": config.searcher, "importance": config.importance,

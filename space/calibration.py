@@ -192,6 +192,14 @@ class InputStats:
             x32 = x.float()
             self.gram += (x32.T @ x32).double()
 
+    def reorder(self, columns: torch.Tensor) -> None:
+        """Put the input columns in the order ``columns`` (a permutation: the linear's inputs were
+        reordered the same way)."""
+        columns = columns.to(self.sum.device)
+        self.sum, self.sumsq = self.sum[columns], self.sumsq[columns]
+        if self.gram is not None:
+            self.gram = self.gram[columns][:, columns]
+
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / self.count

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from evaluators.data import DATASETS, check_calibration, load_text, parse_dataset
-from reform.spec import MODES
+from reform.spec import MODES, PASS_DTYPES, SELECTIONS
 from search.cli import common
 from search.config import DTYPES, ORDER_SWITCH_RATIO, SEARCH_METHODS, SOLVER_DEVICES, WINDOW_SETS, SearchConfig
 from search.job import run_search
@@ -88,6 +88,11 @@ def add_export_options(p) -> None:
     p.add_argument("--export-reform", choices=MODES,
                    help="least squares of the winner: upstream (default: on the pruned upstream model's inputs), "
                         "local (as in the fitness) or sequential")
+    p.add_argument("--export-pass-dtype", choices=PASS_DTYPES,
+                   help="upstream export: the dtype its calibration passes run in (statistics stay float64)")
+    p.add_argument("--export-select", choices=SELECTIONS,
+                   help="upstream export: each layer keeps the prefix of the importance order, or the units "
+                        "chosen again on the upstream statistics at the winner's widths (obs)")
     p.add_argument("--eval-windows", type=int, default=32, help="export's test windows of 2048 per dataset (0: skip)")
     p.add_argument("--eval-datasets", type=common.ppl_list, default=list(SearchConfig.eval_datasets),
                    help="the export's perplexity (default: wikitext2,ptb,c4:heldout)")
@@ -121,7 +126,7 @@ def config_from(args) -> SearchConfig:
         fitness_reform=args.fitness_reform, fitness_statistics=args.fitness_statistics, fitness=args.fitness, fitness_top_k=args.fitness_top_k, dtype=args.dtype, device=args.device,
         solver_dtype=args.solver_dtype, solver_device=args.solver_device, pruner=args.pruner,
         final_top_k=args.final_top_k, export_reform=args.export_reform, export_nsamples=args.export_nsamples,
-        eval_windows=args.eval_windows or 0,
+        export_pass_dtype=args.export_pass_dtype, export_select=args.export_select, eval_windows=args.eval_windows or 0,
         eval_datasets=tuple(args.eval_datasets), max_failures=args.max_failures,
         trial_timeout=args.trial_timeout, gpus_per_worker=args.gpus_per_worker,
     )

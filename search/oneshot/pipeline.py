@@ -189,7 +189,7 @@ def reform_export(
     permute_model(adapter, orders)
     reform_started, overrides = time.time(), {}
     if reform.method != "none":
-        overrides = rectify(adapter, subnet, calibration.windows(loaded.tokenizer), spec=reform,
+        overrides = rectify(adapter, subnet, calibration.windows(loaded.tokenizer), spec=reform, orders=orders,
                             batch_size=batch_size, progress=progress)
     reform_entry = {**reform.to_dict(), "calibration": calibration.to_dict() if reform.method != "none" else None}
     new_record = {

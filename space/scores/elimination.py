@@ -126,7 +126,7 @@ def swap_search(weight: torch.Tensor, h: torch.Tensor, kept: torch.Tensor, *, ro
     b = w @ h
     total = float(torch.einsum("ij,jk,ik->", w, h, w))
     kept = torch.sort(kept.to(h.device)).values
-    before = _error(b, h, kept, total)
+    before = refit_error(b, h, kept, total)
     accepted = 0
     for _ in range(rounds):
         g = torch.cholesky_inverse(torch.linalg.cholesky(h[kept][:, kept]))
@@ -151,7 +151,7 @@ def swap_search(weight: torch.Tensor, h: torch.Tensor, kept: torch.Tensor, *, ro
                 break
         if not swapped:
             break
-    return Swaps(kept.cpu(), _error(b, h, kept, total) if accepted else before, before, accepted)
+    return Swaps(kept.cpu(), refit_error(b, h, kept, total) if accepted else before, before, accepted)
 
 
 def _outside(width: int, kept: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,7 @@ def _outside(width: int, kept: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask).reshape(-1)
 
 
-def _error(b: torch.Tensor, h: torch.Tensor, kept: torch.Tensor, total: float) -> float:
+def refit_error(b: torch.Tensor, h: torch.Tensor, kept: torch.Tensor, total: float) -> float:
     """E(K) = tr(W H Wᵀ) − tr(B_K H_KK⁻¹ B_Kᵀ)."""
     bk = b[:, kept]
     return total - float((bk * torch.linalg.solve(h[kept][:, kept], bk.T).T).sum())

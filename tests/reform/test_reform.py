@@ -8,6 +8,7 @@ not a prefix (2 of 3 heads per group), a prefix (one whole group), attention rem
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 
@@ -24,7 +25,8 @@ from reform.rectify import DRIVERS, ReformSpec, rectify
 from reform.sequential import upstream_stats
 from reform.targets import layer_targets
 from search.cli import main as cli
-from space.order import order_model, orders_from_kept
+from space.order import expand, order_model, orders_from_kept, permute_model
+from space.scores.elimination import damped, refit_error
 from space.adapters import adapter_for
 from space.errors import UserError
 from space.export import export_subnet
@@ -399,6 +401,49 @@ def test_upstream_passes_in_bfloat16_round_only_the_activations(setup, subnet):
     with pytest.raises(UserError, match="only the upstream mode"):
         ReformSpec("lstsq", "local", pass_dtype="bfloat16")
     assert "pass_dtype" not in ReformSpec("lstsq", "upstream").to_dict()  # older records read the same
+
+
+def test_reselected_units_are_the_prefix_of_updated_orders(setup, subnet, make_model, token_ids):
+    """select="obs": the layers are permuted so that the re-selected units are the prefix, the model's
+    function is unchanged, ``orders`` say where every unit came from (the original model permuted by
+    them is the model as it is now), layer 0's heads (nothing upstream pruned) are the best set of
+    the shape by the refit error, and the rectified subnet is no worse than the prefix's."""
+    adapter, orders, windows = setup
+    with torch.no_grad():
+        dense = adapter.model(token_ids).logits
+    prefix = rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", "upstream"))
+    first = copy.deepcopy(orders)
+    chosen = rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", "upstream", select="obs"), orders=orders)
+    assert chosen.keys() == prefix.keys()
+    # something was re-selected
+    assert any(a.kept(w) != o.kept(w) for a, o, w in zip(first, orders, subnet.layers))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter.model(token_ids).logits, dense, rtol=1e-4, atol=1e-4)
+    original = adapter_for(make_model("llama", seed=0))
+    permute_model(original, orders)
+    current = adapter.model.state_dict()
+    assert all(torch.equal(v, current[k]) for k, v in original.model.state_dict().items())
+
+    dims, o = adapter.dims, adapter.layers[0].attention_output()
+    x = projection_inputs(adapter, windows, [o])[o]
+    h = damped(x.T @ x)
+    b, w = o.weight.detach().double() @ h, o.weight.detach().double()
+    total = float(torch.einsum("ij,jk,ik->", w, h, w))
+    widths = subnet.layers[0]
+    errors = {tuple(heads): refit_error(b, h, expand(torch.tensor(heads), dims.head_dim), total)
+              for heads in itertools.product(range(dims.num_heads), repeat=widths.heads)
+              if _is_shape(heads, widths, dims)}
+    kept = tuple(int(v) for v in torch.arange(dims.num_heads).view(dims.num_kv_heads, -1)[:widths.kv_heads,
+                                                                                          :widths.q_per_kv].reshape(-1))
+    assert errors[kept] <= min(errors.values()) * (1 + 1e-9)
+
+
+def _is_shape(heads, widths, dims) -> bool:
+    """Whether flat head indices ``heads`` (increasing) are ``kv_heads`` groups of ``q_per_kv`` heads."""
+    if list(heads) != sorted(set(heads)):
+        return False
+    groups = [h // dims.group_size for h in heads]
+    return all(groups.count(g) == widths.q_per_kv for g in set(groups)) and len(set(groups)) == widths.kv_heads
 
 
 def test_solvers_on_upstream_statistics_rectify_their_anchor_as_the_upstream_mode_does(setup, subnet):
