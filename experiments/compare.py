@@ -147,9 +147,10 @@ def recipe_cell(pristine, recipe, ratio: float, windows, dtype, cache, batch_siz
             "recipe_seconds": record["seconds"]["total"], "record": record}
 
 
-def quality_cell(args, ratio: float, row: str) -> dict | None:
+def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | None:
     """A search row from experiments/quality.py's cell of ``row`` at ``ratio`` in the file of
-    ``--search-cells`` (measured on the same texts and windows, in float32)."""
+    ``--search-cells`` (measured on the same texts and windows, in float32); the short windows, which
+    quality.py does not measure, evaluated here on its export."""
     import json
 
     path = args.search_cells[0]
@@ -158,6 +159,9 @@ def quality_cell(args, ratio: float, row: str) -> dict | None:
     if cell is None:
         return None
     metrics = {f"{name}_2048": {"ppl": cell["ppl"][name]} for name in ["wikitext2", *args.held_out]}
+    short = f"wikitext2_{args.short_seqlen}"
+    exported = load_model(cell["export"], dtype=dtype, trust_remote_code=True)
+    metrics[short] = evaluate(exported.model, {short: windows[short]})[short]
     seconds = {k: v for k, v in cell["seconds"].items() if k != "test"}  # the search, not its evaluation
     return {"kind": "search", "ratio": ratio, "block_ratio": cell["block_ratio"], "metrics": metrics,
             "recipe_seconds": sum(seconds.values()),
@@ -273,18 +277,21 @@ def main(argv=None) -> int:
             cells[key] = depth_search_cell(args, ratio, windows, dtype)
             cells[key]["wall_seconds"] = round(time.time() - started, 1)
             save()
+    def measured(key: str) -> bool:  # rows read from quality.json before they had the short windows: again
+        return key in cells and f"wikitext2_{args.short_seqlen}" in cells[key]["metrics"]
+
     for ratio in args.ratios if not args.label else []:
         key = f"search:{ratio}"
-        if key in cells:
+        if measured(key):
             continue
-        cell = (quality_cell(args, ratio, args.search_cells[1]) if args.search_cells else
+        cell = (quality_cell(args, ratio, args.search_cells[1], windows, dtype) if args.search_cells else
                 search_cell(args, ratio, windows, dtype))
         if cell is not None:
             cells[key] = cell
             save()
     for ratio in args.ratios if args.tyr_row and args.search_cells else []:
         key = f"tyr:{ratio}"
-        if key not in cells and (cell := quality_cell(args, ratio, args.tyr_row)) is not None:
+        if not measured(key) and (cell := quality_cell(args, ratio, args.tyr_row, windows, dtype)) is not None:
             cells[key] = cell
             save()
     save()
