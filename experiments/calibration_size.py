@@ -94,8 +94,10 @@ def report(data: dict) -> str:
         if own is not None and c["export"] not in shown:
             shown.add(c["export"])
             p = own["ppl"]
-            lines.append(f"| {c['export']} | {c['ratio']} | {own['options'].get('export_reform', 'local')} (search) | "
-                         f"{own['options'].get('calib', 'wikitext2')} | {own['options'].get('export_nsamples', 64)} | "
+            recipe = read_subnet_record(Path(c["export"]))["recipe"]  # what the search's export did
+            fitted = recipe.get("export_calibration", recipe["calibration"])  # (older runs: the statistics')
+            lines.append(f"| {c['export']} | {c['ratio']} | {recipe['compensation']['mode']} (search) | "
+                         f"{fitted['dataset']} | {fitted['nsamples']} | "
                          f"{p['ptb:validation']:.2f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
                          f"{own['seconds'].get('export', float('nan')):.0f} |")
         mode = c["reform"]["mode"] + (f", {c['reform']['pass_dtype']} passes" if "pass_dtype" in c["reform"] else "") \
