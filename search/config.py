@@ -106,7 +106,8 @@ class SearchConfig:
     # calibration windows the export's least squares fits on (None: the statistics' count), drawn from the
     # statistics' region with their seed; more than the fitness needs, since it is fitted once
     export_nsamples: int | None = None
-    # upstream export: the dtype its calibration passes run in, and whether each layer's kept units are
+    # upstream export: the dtype its calibration passes run in (the other modes run theirs in float32; a
+    # config may keep the default whatever the mode), and whether each layer's kept units are
     # the importance order's prefix or chosen again on the upstream statistics (reform/reselect.py)
     export_pass_dtype: str = "float32"
     export_select: str = "prefix"
@@ -190,8 +191,9 @@ class SearchConfig:
         return CalibrationSpec.from_dict(getattr(self, which))
 
     def export_spec(self) -> ReformSpec:
-        """The export's least squares."""
-        return ReformSpec("lstsq", self.export_reform, damping=self.damping, pass_dtype=self.export_pass_dtype,
+        """The export's least squares (its pass dtype is the upstream mode's; the others run in float32)."""
+        pass_dtype = self.export_pass_dtype if self.export_reform == "upstream" else "float32"
+        return ReformSpec("lstsq", self.export_reform, damping=self.damping, pass_dtype=pass_dtype,
                           select=self.export_select)
 
     def export_calibration_spec(self) -> CalibrationSpec:

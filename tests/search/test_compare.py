@@ -28,10 +28,11 @@ def run(compare, model_dir: Path, out: Path, *extra: str) -> dict:
     return json.loads(out.with_suffix(".json").read_text())
 
 
-def quality_file(path: Path) -> Path:
+def quality_file(path: Path, export: Path) -> Path:
+    """quality.py's cells of two rows, their exports at ``export`` (the short windows are measured on it)."""
     cells = {f"0.5/{row}/seed0": {"ppl": {"wikitext2": value, "ptb": 2 * value}, "block_ratio": 0.5,
                                   "seconds": {"search": 10.0, "export": 1.0, "test": 99.0},
-                                  "options": {"trials": 4}, "trials": 4}
+                                  "options": {"trials": 4}, "trials": 4, "export": str(export)}
              for row, value in (("defaults", 40.0), ("tyr", 30.0))}
     path.write_text(json.dumps({"cells": cells}))
     return path
@@ -39,7 +40,7 @@ def quality_file(path: Path) -> Path:
 
 def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, tiny_model_dir, tiny_data, tmp_path):
     out = tmp_path / "compare"
-    quality = quality_file(tmp_path / "quality.json")
+    quality = quality_file(tmp_path / "quality.json", tiny_model_dir)
     results = run(compare, tiny_model_dir, out, "--lstsq-rows", "--search-cells", str(quality), "defaults",
                   "--tyr-row", "tyr")
     cells = results["cells"]
@@ -53,6 +54,9 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
     assert cells["wanda-sp + lstsq:0.5"]["metrics"] != cells["wanda-sp:0.5"]["metrics"]
     # the search rows come from quality.py's cells, without the test evaluation's time
     assert cells["search:0.5"]["metrics"]["ptb_2048"]["ppl"] == 80.0
+    # ...but for the short windows, measured on their export (here the dense tiny model: the dense row's)
+    assert cells["search:0.5"]["metrics"]["wikitext2_128"]["ppl"] == pytest.approx(
+        cells["dense"]["metrics"]["wikitext2_128"]["ppl"], rel=1e-4)
     assert cells["tyr:0.5"]["recipe_seconds"] == 11.0
     report = out.with_suffix(".md").read_text()
     assert "| tyr | " in report and "| wanda-sp + lstsq | " in report

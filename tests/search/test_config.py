@@ -131,3 +131,15 @@ def test_the_export_is_fitted_on_256_windows_by_default():
     config = SearchConfig.create("m", 0.5)
     assert config.export_nsamples == 256 and config.calibration_spec().nsamples == 64
     assert SearchConfig.create("m", 0.5, export_nsamples=64).export_nsamples == 64
+
+
+def test_the_exports_pass_dtype_is_the_upstream_modes_and_its_selection_needs_that_mode():
+    """bfloat16 passes by default in the upstream mode; a config with another mode keeps working
+    (its passes run in float32); a unit re-selection outside the upstream mode is a usage error."""
+    assert SearchConfig.create("m", 0.5).export_spec().pass_dtype == "bfloat16"
+    local = SearchConfig.create("m", 0.5, export_reform="local")
+    local.check()
+    assert local.export_spec().pass_dtype == "float32"
+    assert "select" not in SearchConfig.create("m", 0.5).export_spec().to_dict()  # the prefix: unrecorded
+    with pytest.raises(UserError, match="mode upstream"):
+        SearchConfig.create("m", 0.5, export_reform="local", export_select="obs").check()
