@@ -57,6 +57,7 @@ RECOMMENDED = {"fitness": "kl", "evolution": "staged", "export_reform": "upstrea
 STAGED_TRIALS = 260
 PLAIN_TRIALS = 100
 ORDER_SWITCH_RATIO = 0.6
+AUTO_EXPORT_CALIB = "wikitext2+c4:calib"  # export_calib auto with the default statistics' text
 
 
 def default_importance(ratio: float) -> str:
@@ -111,6 +112,9 @@ class SearchConfig:
     # the importance order's prefix or chosen again on the upstream statistics (reform/reselect.py)
     export_pass_dtype: str = "float32"
     export_select: str = "prefix"
+    # the export's text: None, the statistics' (what run folders made before the field meant); auto, the
+    # statistics' text with c4:calib beside WikiText-2 (export_calibration_spec); or sources joined by +
+    export_calib: str | None = None
     eval_windows: int | None = 32  # test windows of 2048 per dataset for the export (None: all)
     # Where the export's perplexity is measured: WikiText-2 test, and text no step calibrated on
     # (PTB test, the held-out half of the local C4 sample), so that a gain that only fits the
@@ -122,7 +126,7 @@ class SearchConfig:
     gpus_per_worker: int = 1
 
     RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows", "eval_datasets", "max_failures", "trial_timeout",
-               "solver_device", "gpus_per_worker", "export_nsamples", "export_pass_dtype", "export_select")
+               "solver_device", "gpus_per_worker", "export_nsamples", "export_pass_dtype", "export_select", "export_calib")
 
     @classmethod
     def create(cls, model: str, ratio: float, *, calib: str = "wikitext2", nsamples: int = 64,
@@ -197,9 +201,15 @@ class SearchConfig:
                           select=self.export_select)
 
     def export_calibration_spec(self) -> CalibrationSpec:
-        """The windows the export's least squares fits on: the statistics' text, region and seed."""
-        return CalibrationSpec.from_dict({**self.calibration,
-                                          "nsamples": self.export_nsamples or self.calibration["nsamples"]})
+        """The windows the export's least squares fits on: ``export_calib``'s text (None: the statistics';
+        auto: the statistics' text, with C4's calibration half beside the default WikiText-2), the
+        statistics' region and seed (each source's region: never the fitness's or the re-scoring's text)."""
+        statistics = self.calibration_spec()
+        text = self.export_calib or statistics.dataset
+        if self.export_calib == "auto":
+            text = AUTO_EXPORT_CALIB if self.calibration["dataset"] == "wikitext2" else statistics.dataset
+        return CalibrationSpec(text, self.export_nsamples or statistics.nsamples, statistics.seqlen, statistics.seed,
+                               statistics.region, statistics.chat_template)
 
     def check(self) -> None:
         """Every mistake a user can make in a search's settings, as a :class:`UserError`."""
@@ -253,6 +263,7 @@ class SearchConfig:
         if self.export_reform not in MODES:
             raise UserError(f"--export-reform must be one of {', '.join(MODES)}")
         self.export_spec()  # the export's settings go together (pass dtype and selection: upstream mode)
+        self.export_calibration_spec()  # an unknown source or file
         score_spec(self.importance)
         self.check_regions()
         if self.eval_windows != 0 and "wikitext2" not in {parse_dataset(d)[0] for d in self.eval_datasets}:

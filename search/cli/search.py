@@ -93,6 +93,9 @@ def add_export_options(p) -> None:
     p.add_argument("--export-select", choices=SELECTIONS,
                    help="upstream export: each layer keeps the prefix of the importance order, or the units "
                         "chosen again on the upstream statistics at the winner's widths (obs)")
+    p.add_argument("--export-calib",
+                   help="the text of the export's least squares: auto (default: the statistics' text, with "
+                        "c4:calib beside wikitext2), or sources joined by + (e.g. wikitext2, my.jsonl:text)")
     p.add_argument("--eval-windows", type=int, default=32, help="export's test windows of 2048 per dataset (0: skip)")
     p.add_argument("--eval-datasets", type=common.ppl_list, default=list(SearchConfig.eval_datasets),
                    help="the export's perplexity (default: wikitext2,ptb,c4:heldout)")
@@ -126,7 +129,8 @@ def config_from(args) -> SearchConfig:
         fitness_reform=args.fitness_reform, fitness_statistics=args.fitness_statistics, fitness=args.fitness, fitness_top_k=args.fitness_top_k, dtype=args.dtype, device=args.device,
         solver_dtype=args.solver_dtype, solver_device=args.solver_device, pruner=args.pruner,
         final_top_k=args.final_top_k, export_reform=args.export_reform, export_nsamples=args.export_nsamples,
-        export_pass_dtype=args.export_pass_dtype, export_select=args.export_select, eval_windows=args.eval_windows or 0,
+        export_pass_dtype=args.export_pass_dtype, export_select=args.export_select, export_calib=args.export_calib,
+        eval_windows=args.eval_windows or 0,
         eval_datasets=tuple(args.eval_datasets), max_failures=args.max_failures,
         trial_timeout=args.trial_timeout, gpus_per_worker=args.gpus_per_worker,
     )
@@ -176,7 +180,8 @@ def validate(args) -> None:
     if args.dry_run:
         resolve(args.config.model)
         return
-    args.config.calibration_spec().check_text()  # a missing or test split fails before the model loads
+    for spec in (args.config.calibration_spec(), args.config.export_calibration_spec()):
+        spec.check_text()  # a missing or test split fails before the model loads
     check_run_dir(args.run_dir)
     if args.storage:
         check_storage_url(args.storage)

@@ -143,3 +143,18 @@ def test_the_exports_pass_dtype_is_the_upstream_modes_and_its_selection_needs_th
     assert "select" not in SearchConfig.create("m", 0.5).export_spec().to_dict()  # the prefix: unrecorded
     with pytest.raises(UserError, match="mode upstream"):
         SearchConfig.create("m", 0.5, export_reform="local", export_select="obs").check()
+
+
+def test_the_exports_text_auto_adds_c4_beside_the_default_wikitext_only():
+    """export_calib auto: WikiText-2 statistics are joined by c4:calib for the export (the same
+    region and seed: never the fitness's or re-scoring's text); a user's own text stays alone; None
+    (run folders made before the field) is the statistics' text."""
+    auto = SearchConfig.create("m", 0.5, export_calib="auto").export_calibration_spec()
+    assert auto.parts() == ["wikitext2:validation", "c4:calib"] and auto.nsamples == 256
+    assert auto.region == SearchConfig.create("m", 0.5).calibration_spec().region
+    own = SearchConfig.create("m", 0.5, calib="ptb", export_calib="auto").export_calibration_spec()
+    assert own.parts() == ["ptb:validation"]
+    before = SearchConfig.create("m", 0.5, export_calib=None)
+    assert before.export_calibration_spec().parts() == before.calibration_spec().parts()
+    with pytest.raises(UserError):
+        SearchConfig.create("m", 0.5, export_calib="no-such-text").check()
