@@ -39,7 +39,7 @@ VALIDATION = ("ptb:validation", 8)  # for decisions (never a test split): 8 wind
 
 # Row 0: the search's defaults before this issue's items (pinned: the defaults of the day are the final row).
 BEFORE = {"fitness": "ppl", "evolution": "cpu", "export_reform": "local", "importance": "wanda-sp", "trials": 100,
-          "export_nsamples": 64, "export_pass_dtype": "float32"}
+          "export_nsamples": 64, "export_pass_dtype": "float32", "export_calib": "wikitext2"}
 STAGED = {**BEFORE, "fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 260}
 # Cumulative rows: each adds one item of the issue to the row before it (in the order built).
 ROWS: dict[str, dict] = {
@@ -50,17 +50,18 @@ ROWS: dict[str, dict] = {
     "staged": STAGED,
     "mixed": {**STAGED, "calib": "wikitext2+c4:calib"},
     # llm-pruner search --method tyr (the staged row with the osscar order), exported as it was measured
-    "tyr": {**SEARCH_METHODS["tyr"], "export_nsamples": 64, "export_pass_dtype": "float32"},
+    "tyr": {**SEARCH_METHODS["tyr"], "export_nsamples": 64, "export_pass_dtype": "float32", "export_calib": "wikitext2"},
     # tyr calibrated (statistics, fitness and re-scoring regions) on WikiText-2 validation + c4:calib
     "tyr-mixed": {**SEARCH_METHODS["tyr"], "export_nsamples": 64, "export_pass_dtype": "float32",
-                  "calib": "wikitext2+c4:calib"},
+                  "calib": "wikitext2+c4:calib", "export_calib": "wikitext2+c4:calib"},
     # the defaults of the day (search/config.py RECOMMENDED): tyr's search at 0.5 and staged's at 0.7,
     # the winner refitted on 256 windows (calibration_size.py measured that step on their seed-0 winners);
-    # its cells were exported with float32 passes, the default since is bfloat16 (the same to 0.03 %)
+    # its cells were exported with float32 passes on WikiText-2; the defaults since are bfloat16 passes (the
+    # same to 0.03 %) and, above 0.6, C4 beside WikiText-2 (calibration_size.md measured both on its winners)
     "final": {},
     # the defaults of the day with the fitness's least squares on the statistics of the model pruned like
     # the first start (--fitness-statistics upstream), against the final row
-    "fitstats": {"fitness_statistics": "upstream", "export_pass_dtype": "float32"},
+    "fitstats": {"fitness_statistics": "upstream", "export_pass_dtype": "float32", "export_calib": "wikitext2"},
 }
 
 

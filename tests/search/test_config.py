@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evaluators.data import CalibrationSpec, calibration_text, region_bounds, region_starts
-from search.config import SearchConfig
+from search.config import MIXED_EXPORT_MIN_RATIO, SearchConfig
 from space.errors import UserError
 
 
@@ -146,13 +146,15 @@ def test_the_exports_pass_dtype_is_the_upstream_modes_and_its_selection_needs_th
 
 
 def test_the_exports_text_auto_adds_c4_beside_the_default_wikitext_only():
-    """export_calib auto: WikiText-2 statistics are joined by c4:calib for the export (the same
-    region and seed: never the fitness's or re-scoring's text); a user's own text stays alone; None
-    (run folders made before the field) is the statistics' text."""
-    auto = SearchConfig.create("m", 0.5, export_calib="auto").export_calibration_spec()
+    """export_calib auto (the default): above MIXED_EXPORT_MIN_RATIO, WikiText-2 statistics are joined by
+    c4:calib for the export (the same region and seed: never the fitness's or re-scoring's text), at or
+    below it and for a user's own text the statistics' text alone; None (run folders made before the
+    field) is the statistics' text."""
+    auto = SearchConfig.create("m", 0.7).export_calibration_spec()
     assert auto.parts() == ["wikitext2:validation", "c4:calib"] and auto.nsamples == 256
-    assert auto.region == SearchConfig.create("m", 0.5).calibration_spec().region
-    own = SearchConfig.create("m", 0.5, calib="ptb", export_calib="auto").export_calibration_spec()
+    assert auto.region == SearchConfig.create("m", 0.7).calibration_spec().region
+    assert SearchConfig.create("m", MIXED_EXPORT_MIN_RATIO).export_calibration_spec().parts() == ["wikitext2:validation"]
+    own = SearchConfig.create("m", 0.7, calib="ptb").export_calibration_spec()
     assert own.parts() == ["ptb:validation"]
     before = SearchConfig.create("m", 0.5, export_calib=None)
     assert before.export_calibration_spec().parts() == before.calibration_spec().parts()
