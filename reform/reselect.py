@@ -24,7 +24,7 @@ import torch
 
 from space.adapters import LayerAdapter
 from space.calibration import InputStats
-from space.order import LayerOrder, expand, permute_layer
+from space.order import LayerOrder, expand, orders_from_kept, permute_layer
 from space.scores.base import weight64
 from space.scores.elimination import CHANNELS_PER_STEP, damped, eliminate, refit_error, swap_search, unit_scores
 from space.subnet import LayerWidths, ModelDims
@@ -65,34 +65,20 @@ def chosen_channels(weight: torch.Tensor, gram: torch.Tensor, width: int) -> tor
     return swap_search(weight, h, start, rounds=SWAP_ROUNDS).kept
 
 
-def _kept_first(kept: list[int], count: int) -> torch.Tensor:
-    """``kept`` (in its order), then the other indices below ``count``."""
-    chosen = set(kept)
-    return torch.tensor(kept + [i for i in range(count) if i not in chosen], dtype=torch.long)
-
-
 def reselect(layer: LayerAdapter, name: str, widths: LayerWidths, stats: InputStats, dims: ModelDims,
              order: LayerOrder) -> LayerOrder:
     """Choose output projection ``name``'s kept units again on ``stats`` (its inputs, all columns),
     permute ``layer`` and ``stats`` so that they are the prefix, and return the layer's new order."""
-    same = LayerOrder.identity(dims)
     if name == "o":
         heads = chosen_heads(weight64(layer.attention_output()), stats.gram, dims, widths)
-        groups = _kept_first(list(dict.fromkeys(h // dims.group_size for h in heads)), dims.num_kv_heads)
-        within = torch.stack([_group_heads(heads, int(g), dims) for g in groups])
-        step = LayerOrder(groups, within, same.channels)
-        columns = expand(within.reshape(-1), dims.head_dim)
+        kept = {"kv_heads": list(dict.fromkeys(h // dims.group_size for h in heads)), "heads": heads, "channels": []}
     else:
-        kept = chosen_channels(weight64(layer.mlp_output()), stats.gram, widths.channels).tolist()
-        step = LayerOrder(same.groups, same.heads, _kept_first(sorted(kept), dims.intermediate_size))
-        columns = step.channels
+        channels = chosen_channels(weight64(layer.mlp_output()), stats.gram, widths.channels)
+        kept = {"kv_heads": list(range(dims.num_kv_heads)), "heads": list(range(dims.num_heads)),
+                "channels": sorted(channels.tolist())}
+    step = orders_from_kept([kept], dims)[0]  # indices of the layer as it is: the chosen units first
+    columns = expand(step.heads.reshape(-1), dims.head_dim) if name == "o" else step.channels
     permute_layer(layer, step, dims)
     stats.reorder(columns)
     flat = order.heads.reshape(-1)
     return LayerOrder(order.groups[step.groups], flat[step.heads], order.channels[step.channels])
-
-
-def _group_heads(heads: list[int], group: int, dims: ModelDims) -> torch.Tensor:
-    """Group ``group``'s heads (flat indices), the kept ones first."""
-    first = group * dims.group_size
-    return _kept_first([h - first for h in heads if h // dims.group_size == group], dims.group_size) + first
