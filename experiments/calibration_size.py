@@ -13,6 +13,8 @@ Decisions read PTB validation (never a test split); WikiText-2 test, PTB test an
         runs/quality/0.7/staged-seed0/export --nsamples 64 --modes upstream residual
     LLM_PRUNER_DATA=../shared/data python experiments/calibration_size.py \
         runs/quality/0.5/final-seed0/export --nsamples 256 --pass-dtypes bfloat16
+    LLM_PRUNER_DATA=../shared/data python experiments/calibration_size.py \
+        runs/quality/0.5/final-seed0/export --nsamples 256 --dampings 1e-2 --ridges zero dense
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from evaluators.suite import evaluate  # noqa: E402
 from experiments.quality import EVAL, VALIDATION  # noqa: E402
+from reform.lstsq import DEFAULT_DAMPING, RIDGES  # noqa: E402
 from reform.spec import MODES, PASS_DTYPES, SELECTIONS, ReformSpec  # noqa: E402
 from search.cli.common import parse_args_with_config  # noqa: E402
 from search.oneshot import reform_export  # noqa: E402
@@ -49,17 +52,15 @@ def measure(export: Path) -> dict:
     return {"validation": validation["ppl"][VALIDATION[0]], **test}
 
 
-def cell(export: Path, nsamples: int, mode: str | None = None, pass_dtype: str | None = None,
-         calib: str | None = None, select: str | None = None) -> dict:
-    """The winner of ``export`` refitted on ``nsamples`` windows; ``mode``, ``pass_dtype``, ``select``
-    and the text ``calib`` (sources joined by ``+``, each from the search's region) replace the
-    export's own."""
+def cell(export: Path, nsamples: int, calib: str | None = None, **changed) -> dict:
+    """The winner of ``export`` refitted on ``nsamples`` windows; the :class:`ReformSpec` fields in
+    ``changed`` that are not None (mode, pass_dtype, select, damping, ridge) and the text ``calib``
+    (sources joined by ``+``, each from the search's region) replace the export's own."""
     record = read_subnet_record(export)
     recipe = record["recipe"]
     source = CalibrationSpec.from_dict(recipe["calibration"])
     calibration = CalibrationSpec(calib or source.dataset, nsamples, source.seqlen, source.seed, source.region)
-    changed = {"mode": mode, "pass_dtype": pass_dtype, "select": select}
-    reform = ReformSpec(**{**recipe["compensation"], **{k: v for k, v in changed.items() if v}})
+    reform = ReformSpec(**{**recipe["compensation"], **{k: v for k, v in changed.items() if v is not None}})
     loaded = load_model(record["source"]["path"], dtype=torch.float32)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="calibration_size_") as tmp:
@@ -101,7 +102,9 @@ def report(data: dict) -> str:
                          f"{p['ptb:validation']:.2f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
                          f"{own['seconds'].get('export', float('nan')):.0f} |")
         mode = c["reform"]["mode"] + (f", {c['reform']['pass_dtype']} passes" if "pass_dtype" in c["reform"] else "") \
-            + (f", {c['reform']['select']} units" if "select" in c["reform"] else "")
+            + (f", {c['reform']['select']} units" if "select" in c["reform"] else "") \
+            + (f", damping {c['reform']['damping']:g}" if c["reform"].get("damping", DEFAULT_DAMPING) != DEFAULT_DAMPING
+               else "") + (f", ridge toward {c['reform']['ridge']}" if "ridge" in c["reform"] else "")
         lines.append(f"| {c['export']} | {c['ratio']} | {mode} | {c['calibration']['dataset']} | {c['nsamples']} | "
                      f"{c['validation']:.2f} | "
                      f"{c['wikitext2']:.2f} | {c['ptb']:.2f} | {c['c4:heldout']:.2f} | {c['reform_s']:.0f} |")
@@ -121,6 +124,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="upstream mode: the dtypes its calibration passes run in (default: the export's own)")
     parser.add_argument("--selects", nargs="+", choices=SELECTIONS, default=[None],
                         help="upstream mode: the kept units (default: the export's own, the order's prefix)")
+    parser.add_argument("--dampings", type=float, nargs="+", default=[None],
+                        help="the least squares' ridge, relative to mean(diag XᵀX) (default: the export's own)")
+    parser.add_argument("--ridges", nargs="+", choices=RIDGES, default=[None],
+                        help="what the ridge pulls toward: zero or the dense kept weights (default: the export's own)")
     parser.add_argument("--calib", nargs="+", default=[None],
                         help="the texts to refit on, each sources joined by + (default: the search's own)")
     parser.add_argument("--out", type=Path, default=RESULTS / "calibration_size.json")
@@ -136,12 +143,14 @@ def main(argv=None) -> int:
         return 0
     data["bf16_tflops"] = matmul_tflops(torch.bfloat16)
     for export in args.exports:
-        for n, mode, pass_dtype, calib, select in itertools.product(args.nsamples, args.modes, args.pass_dtypes,
-                                                                   args.calib, args.selects):
+        for n, mode, pass_dtype, calib, select, damping, ridge in itertools.product(
+                args.nsamples, args.modes, args.pass_dtypes, args.calib, args.selects, args.dampings, args.ridges):
             # the export's own settings leave the key as the first cells' were
-            key = f"{export}:{n}" + "".join(f":{v}" for v in (mode, pass_dtype, calib, select) if v)
+            key = f"{export}:{n}" + "".join(f":{v}" for v in (mode, pass_dtype, calib, select) if v) \
+                + (f":damping={damping:g}" if damping is not None else "") + (f":ridge={ridge}" if ridge else "")
             if key not in data["cells"]:
-                data["cells"][key] = cell(export, n, mode, pass_dtype, calib, select)
+                data["cells"][key] = cell(export, n, calib, mode=mode, pass_dtype=pass_dtype, select=select,
+                                          damping=damping, ridge=ridge)
                 data["environment"] = environment()
                 write_json(args.out, data)
     args.out.with_suffix(".md").write_text(report(data))

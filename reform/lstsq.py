@@ -6,6 +6,10 @@ that best re-express the dense output from the kept inputs are
     Ŵ_K = argmin ‖W X − Ŵ_K X_K‖² + λ‖Ŵ_K‖² = W · C[:, K] · (C[K, K] + λI)⁻¹,   C = XᵀX,
 
 so the omitted columns still contribute, through the target ``W X``. λ = damping · mean(diag C).
+With ``ridge="dense"`` the ridge pulls toward the dense model's kept weights instead of zero,
+``+ λ‖Ŵ_K − W_K‖²``, so ``Ŵ_K = (W C[:, K] + λ W_K)(C[K, K] + λI)⁻¹``: in ``B`` below ``C`` becomes
+``C + λI``, and λ then sets how far the tokens may move the weights away from the dense ones (the
+limit λ → ∞ is no compensation), not how far toward zero.
 
 Units are in importance order (space/order.py), so ``K`` is usually a prefix of the columns.
 Then one Cholesky factor ``L Lᵀ = C + λI`` serves every width: ``L[:k, :k]`` factors the leading
@@ -34,6 +38,8 @@ import torch
 log = logging.getLogger(__name__)
 
 DEFAULT_DAMPING = 1e-4
+# What the ridge pulls the solved weights toward: zero (classic ridge) or the dense kept weights.
+RIDGES = ("zero", "dense")
 
 
 def damping_value(gram: torch.Tensor, damping: float) -> float:
@@ -48,7 +54,8 @@ class PrefixLstsq:
     the inputs the rectified layer will see (m x m). ``cross``: ``X_seenᵀ X_dense`` (m x d_in)
     when those inputs differ from the dense ones (sequential mode); None means they are the
     dense inputs (``cross = gram``, m = d_in). ``drift``: ``X_seenᵀ D`` (m x d_out), the residual
-    stream's drift the fit also targets (residual mode). Build once per layer, then :meth:`solve`
+    stream's drift the fit also targets (residual mode). ``ridge``: what the ridge pulls toward
+    (module docstring; ``"dense"`` only in the local form). Build once per layer, then :meth:`solve`
     any width.
     """
 
@@ -60,21 +67,28 @@ class PrefixLstsq:
         cross: torch.Tensor | None = None,
         drift: torch.Tensor | None = None,
         damping: float = DEFAULT_DAMPING,
+        ridge: str = "zero",
     ):
         if damping < 0:
             raise ValueError(f"damping must be >= 0, got {damping}")
+        if ridge not in RIDGES:
+            raise ValueError(f"unknown ridge {ridge!r}; known: {', '.join(RIDGES)}")
         self.weight = weight
         if drift is not None and cross is None:
             raise ValueError("a drift target needs the sequential form (cross)")
+        if ridge == "dense" and cross is not None:
+            raise ValueError("a ridge toward the dense weights needs the local form (the kept columns of W)")
         self.local = cross is None
+        self.ridge = ridge
         device = gram.device
         w = weight.detach().to(device=device, dtype=torch.float64)
         self.lam = damping_value(gram, damping)
-        self.rhs = (gram if cross is None else cross).to(torch.float64) @ w.T  # B: (m, d_out)
+        regularised = gram.to(torch.float64) + self.lam * torch.eye(gram.shape[0], dtype=torch.float64, device=device)
+        moment = regularised if ridge == "dense" else gram if cross is None else cross
+        self.rhs = moment.to(torch.float64) @ w.T  # B: (m, d_out)
         if drift is not None:
             self.rhs += drift.to(device=device, dtype=torch.float64)
         self._width = self.rhs.shape[0]
-        regularised = gram.to(torch.float64) + self.lam * torch.eye(gram.shape[0], dtype=torch.float64, device=device)
         factor, info = torch.linalg.cholesky_ex(regularised)
         if int(info) == 0:
             self.factor: torch.Tensor | None = factor
@@ -165,7 +179,10 @@ class PrefixLstsq:
         The least-squares residual is ``tr(W C Wᵀ) − explained(K)`` (ridge term included), so the
         difference of two kept sets' values is exactly how much more error the smaller one leaves
         after its refit: comparable across layers, unlike importance scores. For a prefix it is
-        ``‖P[:k]‖²`` (free after :meth:`precompute`)."""
+        ``‖P[:k]‖²`` (free after :meth:`precompute`). Not for a ridge toward the dense weights, whose
+        residual also holds ``λ‖W_K‖²``."""
+        if self.ridge != "zero":
+            raise ValueError("explained() is the zero ridge's residual; this solver's ridge pulls toward the dense weights")
         if isinstance(kept, int) and (kept == 0 or self._projected is not None):
             return 0.0 if kept == 0 else float(self._projected[:kept].double().pow(2).sum())
         self._check_full()

@@ -16,7 +16,7 @@ import torch
 
 from reform.admm import DEFAULT_ITERATIONS, DEFAULT_RHO, admm
 from reform.bias import compensation_bias
-from reform.lstsq import DEFAULT_DAMPING, PrefixLstsq
+from reform.lstsq import DEFAULT_DAMPING, RIDGES, PrefixLstsq
 from space.errors import UserError
 
 MODES = ("local", "sequential", "upstream", "residual")
@@ -101,7 +101,7 @@ def _bias(problem: Problem, spec: ReformSpec) -> Rectified:
 @register_method("lstsq", gram=True, sequential=True, summary="closed-form least squares (Cholesky)")
 def _lstsq(problem: Problem, spec: ReformSpec) -> Rectified:
     solver = PrefixLstsq(problem.weight, problem.gram, cross=problem.cross, drift=problem.drift,
-                         damping=spec.damping)
+                         damping=spec.damping, ridge=spec.ridge)
     return Rectified(weight=solver.solve(problem.kept if problem.cross is None else solver.width))
 
 
@@ -127,6 +127,8 @@ class ReformSpec:
     # accumulate in float64 and the solve uses the float32 weights, so only the activations are rounded
     pass_dtype: str = "float32"
     select: str = "prefix"
+    # what the least squares' ridge pulls toward: zero, or the dense kept weights (reform/lstsq.py)
+    ridge: str = "zero"
 
     def __post_init__(self):
         method = method_spec(self.method)
@@ -149,6 +151,11 @@ class ReformSpec:
         if self.select != "prefix" and (self.mode, self.method) != ("upstream", "lstsq"):
             raise UserError(f"units are re-selected on the upstream statistics for their least squares: mode "
                             f"upstream, method lstsq (not {self.mode}, {self.method})")
+        if self.ridge not in RIDGES:
+            raise UserError(f"unknown ridge {self.ridge!r}; known: {', '.join(RIDGES)}")
+        if self.ridge != "zero" and (self.method != "lstsq" or self.mode not in ("local", "upstream")):
+            raise UserError(f"a ridge toward the dense weights is the least squares' of the local and upstream "
+                            f"modes (method lstsq), not {self.method} in the {self.mode} mode")
         if self.rho <= 0 or self.iterations < 1:
             raise UserError(f"ADMM needs rho > 0 and at least one iteration, got {self.rho}, {self.iterations}")
 
@@ -161,7 +168,7 @@ class ReformSpec:
             del data["rho"], data["iterations"]
         if not method_spec(self.method).gram:
             del data["damping"]
-        for key, default in (("pass_dtype", "float32"), ("select", "prefix")):
+        for key, default in (("pass_dtype", "float32"), ("select", "prefix"), ("ridge", "zero")):
             if data[key] == default:  # records written before the option read the same
                 del data[key]
         return data

@@ -110,6 +110,43 @@ def test_prefix_solver_equals_the_direct_solve_at_every_width_and_index_set(setu
         torch.testing.assert_close(solver.solve(index), direct(index), rtol=1e-7, atol=1e-10)
 
 
+def test_a_ridge_toward_the_dense_weights_solves_its_objective_and_spans_full_fit_to_none(setup):
+    """``ridge="dense"``: Ŵ_K = argmin ‖W X − Ŵ_K X_K‖² + λ‖Ŵ_K − W_K‖², checked against the direct
+    normal equations at prefixes and index sets; the whole width gives W back, and a huge ridge the
+    uncompensated W_K (the fit moves the weights only as far as the tokens justify)."""
+    adapter, _, windows = setup
+    layer, stats = next(output_stats(adapter, windows))
+    weight = layer.linears()["down"].weight.detach().double()
+    gram = stats["down"].gram
+    lam = damping_value(gram, 1e-2)
+    solver = PrefixLstsq(weight, gram, damping=1e-2, ridge="dense")
+    eye = torch.eye(gram.shape[0], dtype=torch.float64)
+
+    def direct(index):
+        block = gram[index][:, index] + lam * eye[: len(index), : len(index)]
+        return torch.linalg.solve(block, gram[index] @ weight.T + lam * weight[:, index].T).T
+
+    for k in (1, 17, gram.shape[0] - 1):
+        torch.testing.assert_close(solver.solve(k), direct(torch.arange(k)), rtol=1e-7, atol=1e-10)
+    index = torch.randperm(gram.shape[0], generator=torch.Generator().manual_seed(0))[: gram.shape[0] // 3]
+    torch.testing.assert_close(solver.solve(index), direct(index), rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(PrefixLstsq(weight, gram, damping=1e-2, ridge="dense").solve(torch.arange(gram.shape[0])),
+                               weight, rtol=1e-7, atol=1e-10)
+    assert not torch.allclose(PrefixLstsq(weight, gram, damping=1e-2).solve(20), solver.solve(20), rtol=1e-3)
+    torch.testing.assert_close(PrefixLstsq(weight, gram, damping=1e9, ridge="dense").solve(20), weight[:, :20],
+                               rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="zero ridge"):
+        solver.explained(20)
+    with pytest.raises(ValueError, match="local form"):
+        PrefixLstsq(weight, gram, cross=gram, ridge="dense")
+    with pytest.raises(UserError, match="ridge toward the dense"):
+        ReformSpec("lstsq", "sequential", ridge="dense")
+    with pytest.raises(UserError, match="unknown ridge"):
+        ReformSpec("lstsq", "upstream", ridge="one")
+    assert ReformSpec("lstsq", "upstream").to_dict() == {"method": "lstsq", "mode": "upstream", "damping": 1e-4}
+    assert ReformSpec("lstsq", "upstream", ridge="dense").to_dict()["ridge"] == "dense"
+
+
 def test_precomputed_prefix_solves_match_the_exact_ones(setup):
     adapter, _, windows = setup
     layer, stats = next(output_stats(adapter, windows))
