@@ -53,7 +53,8 @@ SOLVER_DEVICES = ("model", "cpu")  # where the fitness's least-squares state liv
 # wanda-sp: 151.7 vs 202.3 at 0.5, 97.0 vs 85.5 at 0.7). The dataclass's own field defaults stay what a
 # run folder made before each field existed meant (:func:`search.rundir.open_run_dir`).
 RECOMMENDED = {"fitness": "kl", "evolution": "staged", "export_reform": "upstream", "importance": "auto",
-               "export_nsamples": 256, "export_pass_dtype": "bfloat16", "export_select": "prefix", "export_calib": "auto"}
+               "export_nsamples": 256, "export_pass_dtype": "bfloat16", "export_select": "prefix", "export_calib": "auto",
+               "export_ridge": "zero"}
 STAGED_TRIALS = 260
 PLAIN_TRIALS = 100
 ORDER_SWITCH_RATIO = 0.6
@@ -117,6 +118,10 @@ class SearchConfig:
     # the importance order's prefix or chosen again on the upstream statistics (reform/reselect.py)
     export_pass_dtype: str = "float32"
     export_select: str = "prefix"
+    # the export's least squares' ridge: what it pulls toward (zero, or the dense kept weights:
+    # reform/lstsq.py) and its size relative to mean(diag XᵀX) (None: ``damping``, the fitness's)
+    export_ridge: str = "zero"
+    export_damping: float | None = None
     # the export's text: None, the statistics' (what run folders made before the field meant); auto, the
     # statistics' text, with c4:calib beside WikiText-2 above a ratio (export_calibration_spec); or sources
     # joined by +
@@ -132,7 +137,8 @@ class SearchConfig:
     gpus_per_worker: int = 1
 
     RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows", "eval_datasets", "max_failures", "trial_timeout",
-               "solver_device", "gpus_per_worker", "export_nsamples", "export_pass_dtype", "export_select", "export_calib")
+               "solver_device", "gpus_per_worker", "export_nsamples", "export_pass_dtype", "export_select", "export_calib",
+               "export_ridge", "export_damping")
 
     @classmethod
     def create(cls, model: str, ratio: float, *, calib: str = "wikitext2", nsamples: int = 64,
@@ -203,8 +209,9 @@ class SearchConfig:
     def export_spec(self) -> ReformSpec:
         """The export's least squares (its pass dtype is the upstream mode's; the others run in float32)."""
         pass_dtype = self.export_pass_dtype if self.export_reform == "upstream" else "float32"
-        return ReformSpec("lstsq", self.export_reform, damping=self.damping, pass_dtype=pass_dtype,
-                          select=self.export_select)
+        damping = self.damping if self.export_damping is None else self.export_damping
+        return ReformSpec("lstsq", self.export_reform, damping=damping, pass_dtype=pass_dtype,
+                          select=self.export_select, ridge=self.export_ridge)
 
     def export_calibration_spec(self) -> CalibrationSpec:
         """The windows the export's least squares fits on: ``export_calib``'s text (None: the statistics';

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from evaluators.data import CalibrationSpec, parse_dataset
+from reform.lstsq import RIDGES
 from reform.spec import DEFAULT_METHOD, DEFAULT_MODE, METHODS, MODES, ReformSpec, method_spec
 from space.errors import UserError
 from space.models import resolve
@@ -83,6 +84,9 @@ def add_reform_options(parser: argparse.ArgumentParser, *, method_flag: str, mod
                              f"(default {DEFAULT_MODE} where the method has it, else local)")
     parser.add_argument("--damping", type=float, default=defaults.damping,
                         help=f"least-squares ridge, relative to mean(diag XᵀX) (default {defaults.damping:g})")
+    parser.add_argument("--ridge", choices=RIDGES, default=defaults.ridge,
+                        help="what the least squares' ridge pulls toward: zero, or the dense kept weights "
+                             f"(local and upstream modes; default {defaults.ridge})")
     parser.add_argument("--admm-rho", type=float, default=defaults.rho,
                         help=f"ADMM penalty, relative to mean(diag XᵀX) (default {defaults.rho:g})")
     parser.add_argument("--admm-iterations", type=int, default=defaults.iterations,
@@ -92,7 +96,7 @@ def add_reform_options(parser: argparse.ArgumentParser, *, method_flag: str, mod
 def reform_spec(args) -> ReformSpec:
     mode = args.reform_mode or (DEFAULT_MODE if method_spec(args.reform_method).sequential else "local")
     return ReformSpec(args.reform_method, mode, damping=args.damping, rho=args.admm_rho,
-                      iterations=args.admm_iterations)
+                      iterations=args.admm_iterations, ridge=args.ridge)
 
 
 def ppl_list(text: str) -> list[str]:

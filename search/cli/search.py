@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from evaluators.data import DATASETS, check_calibration, load_text, parse_dataset
+from reform.lstsq import RIDGES
 from reform.spec import MODES, PASS_DTYPES, SELECTIONS
 from search.cli import common
 from search.config import DTYPES, ORDER_SWITCH_RATIO, SEARCH_METHODS, SOLVER_DEVICES, WINDOW_SETS, SearchConfig
@@ -93,6 +94,11 @@ def add_export_options(p) -> None:
     p.add_argument("--export-select", choices=SELECTIONS,
                    help="upstream export: each layer keeps the prefix of the importance order, or the units "
                         "chosen again on the upstream statistics at the winner's widths (obs)")
+    p.add_argument("--export-ridge", choices=RIDGES,
+                   help="what the export's least-squares ridge pulls toward: zero, or the dense kept weights "
+                        "(then --export-damping sets how far the tokens may move them)")
+    p.add_argument("--export-damping", type=float,
+                   help="the export's ridge relative to mean(diag XᵀX) (default: --damping, the fitness's)")
     p.add_argument("--export-calib",
                    help="the text of the export's least squares: auto (default: the statistics' text, with "
                         "c4:calib beside wikitext2), or sources joined by + (e.g. wikitext2, my.jsonl:text)")
@@ -130,7 +136,7 @@ def config_from(args) -> SearchConfig:
         solver_dtype=args.solver_dtype, solver_device=args.solver_device, pruner=args.pruner,
         final_top_k=args.final_top_k, export_reform=args.export_reform, export_nsamples=args.export_nsamples,
         export_pass_dtype=args.export_pass_dtype, export_select=args.export_select, export_calib=args.export_calib,
-        eval_windows=args.eval_windows or 0,
+        export_ridge=args.export_ridge, export_damping=args.export_damping, eval_windows=args.eval_windows or 0,
         eval_datasets=tuple(args.eval_datasets), max_failures=args.max_failures,
         trial_timeout=args.trial_timeout, gpus_per_worker=args.gpus_per_worker,
     )

@@ -145,6 +145,19 @@ def test_the_exports_pass_dtype_is_the_upstream_modes_and_its_selection_needs_th
         SearchConfig.create("m", 0.5, export_reform="local", export_select="obs").check()
 
 
+def test_the_exports_ridge_and_its_size_are_its_own_and_go_with_the_mode():
+    """--export-ridge/--export-damping change the export's least squares only (runtime fields: a search
+    resumes with others); the damping defaults to the fitness's; a ridge toward the dense weights
+    outside the local and upstream modes is a usage error."""
+    default = SearchConfig.create("m", 0.7).export_spec()
+    assert (default.ridge, default.damping) == ("zero", SearchConfig.create("m", 0.7).damping)
+    dense = SearchConfig.create("m", 0.7, export_ridge="dense", export_damping=1e-2)
+    assert (dense.export_spec().ridge, dense.export_spec().damping) == ("dense", 1e-2)
+    assert dense.identity() == SearchConfig.create("m", 0.7).identity()
+    with pytest.raises(UserError, match="ridge toward the dense"):
+        SearchConfig.create("m", 0.7, export_reform="sequential", export_ridge="dense").check()
+
+
 def test_the_exports_text_auto_adds_c4_beside_the_default_wikitext_only():
     """export_calib auto (the default): above MIXED_EXPORT_MIN_RATIO, WikiText-2 statistics are joined by
     c4:calib for the export (the same region and seed: never the fitness's or re-scoring's text), at or
