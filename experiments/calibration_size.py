@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from evaluators.suite import evaluate  # noqa: E402
-from experiments.quality import EVAL, VALIDATION  # noqa: E402
+from experiments.quality import EVAL, VALIDATION, zeroshot_cell  # noqa: E402
 from reform.lstsq import DEFAULT_DAMPING, RIDGES  # noqa: E402
 from reform.spec import MODES, PASS_DTYPES, SELECTIONS, ReformSpec  # noqa: E402
 from search.cli.common import parse_args_with_config  # noqa: E402
@@ -52,10 +52,11 @@ def measure(export: Path) -> dict:
     return {"validation": validation["ppl"][VALIDATION[0]], **test}
 
 
-def cell(export: Path, nsamples: int, calib: str | None = None, **changed) -> dict:
+def cell(export: Path, nsamples: int, calib: str | None = None, zeroshot: int | None = None, **changed) -> dict:
     """The winner of ``export`` refitted on ``nsamples`` windows; the :class:`ReformSpec` fields in
     ``changed`` that are not None (mode, pass_dtype, select, damping, ridge) and the text ``calib``
-    (sources joined by ``+``, each from the search's region) replace the export's own."""
+    (sources joined by ``+``, each from the search's region) replace the export's own. ``zeroshot``:
+    also the seven tasks' zero-shot accuracy on their first ``zeroshot`` questions."""
     record = read_subnet_record(export)
     recipe = record["recipe"]
     source = CalibrationSpec.from_dict(recipe["calibration"])
@@ -69,6 +70,8 @@ def cell(export: Path, nsamples: int, calib: str | None = None, **changed) -> di
         seconds = time.time() - started
         del loaded
         values = measure(Path(tmp) / "export")
+        if zeroshot:
+            values["zeroshot"] = zeroshot_cell(str(Path(tmp) / "export"), zeroshot)
     return {"export": str(export), "nsamples": nsamples, "tokens": nsamples * calibration.seqlen,
             "reform": reform.to_dict(), "calibration": calibration.to_dict(), "reform_s": round(seconds, 1),
             "ratio": record["target_ratio"], **values}
@@ -87,8 +90,9 @@ def report(data: dict) -> str:
              f"Machine: {data['environment']['machine']['cpu']}, {data['environment']['machine']['threads']} threads, "
              f"bf16 peak {data['bf16_tflops']:.2f} TFLOP/s at the start of the last run (other jobs shared the 2 cores: rectify s "
              "is not an idle figure). Rows marked `search` are the search's own exports (quality.json).", "",
-             "| export | ratio | least squares | text | windows x 512 | PTB valid (8) | WikiText-2 | PTB | c4:heldout | rectify s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| export | ratio | least squares | text | windows x 512 | PTB valid (8) | WikiText-2 | PTB | c4:heldout | "
+             "rectify s | zero-shot avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     shown = set()
     for c in data["cells"].values():
         own = searched(c["export"])
@@ -100,14 +104,15 @@ def report(data: dict) -> str:
             lines.append(f"| {c['export']} | {c['ratio']} | {recipe['compensation']['mode']} (search) | "
                          f"{fitted['dataset']} | {fitted['nsamples']} | "
                          f"{p['ptb:validation']:.2f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
-                         f"{own['seconds'].get('export', float('nan')):.0f} |")
+                         f"{own['seconds'].get('export', float('nan')):.0f} | – |")
         mode = c["reform"]["mode"] + (f", {c['reform']['pass_dtype']} passes" if "pass_dtype" in c["reform"] else "") \
             + (f", {c['reform']['select']} units" if "select" in c["reform"] else "") \
             + (f", damping {c['reform']['damping']:g}" if c["reform"].get("damping", DEFAULT_DAMPING) != DEFAULT_DAMPING
                else "") + (f", ridge toward {c['reform']['ridge']}" if "ridge" in c["reform"] else "")
         lines.append(f"| {c['export']} | {c['ratio']} | {mode} | {c['calibration']['dataset']} | {c['nsamples']} | "
                      f"{c['validation']:.2f} | "
-                     f"{c['wikitext2']:.2f} | {c['ptb']:.2f} | {c['c4:heldout']:.2f} | {c['reform_s']:.0f} |")
+                     f"{c['wikitext2']:.2f} | {c['ptb']:.2f} | {c['c4:heldout']:.2f} | {c['reform_s']:.0f} | "
+                     + (f"{c['zeroshot']['scores']['average']:.3f} |" if "zeroshot" in c else "– |"))
     notes = RESULTS / "calibration_size.notes.md"
     if notes.is_file():
         lines += ["", notes.read_text(encoding="utf-8").rstrip()]
@@ -130,6 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="what the ridge pulls toward: zero or the dense kept weights (default: the export's own)")
     parser.add_argument("--calib", nargs="+", default=[None],
                         help="the texts to refit on, each sources joined by + (default: the search's own)")
+    parser.add_argument("--zeroshot", type=int, metavar="LIMIT",
+                        help="also the zero-shot accuracy (seven tasks, first LIMIT questions each; a cell measured "
+                             "without it is refitted again)")
     parser.add_argument("--out", type=Path, default=RESULTS / "calibration_size.json")
     parser.add_argument("--report", action="store_true", help="only write the .md from the JSON")
     return parse_args_with_config(parser, argv)
@@ -148,8 +156,8 @@ def main(argv=None) -> int:
             # the export's own settings leave the key as the first cells' were
             key = f"{export}:{n}" + "".join(f":{v}" for v in (mode, pass_dtype, calib, select) if v) \
                 + (f":damping={damping:g}" if damping is not None else "") + (f":ridge={ridge}" if ridge else "")
-            if key not in data["cells"]:
-                data["cells"][key] = cell(export, n, calib, mode=mode, pass_dtype=pass_dtype, select=select,
+            if key not in data["cells"] or (args.zeroshot and "zeroshot" not in data["cells"][key]):
+                data["cells"][key] = cell(export, n, calib, args.zeroshot, mode=mode, pass_dtype=pass_dtype, select=select,
                                           damping=damping, ridge=ridge)
                 data["environment"] = environment()
                 write_json(args.out, data)
