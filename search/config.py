@@ -50,8 +50,8 @@ SOLVER_DEVICES = ("model", "cpu")  # where the fitness's least-squares state liv
 # -3.3 % at 0.5, experiments/results/calibration_size.md; its calibration passes in bfloat16: the same
 # perplexities to 0.03 % at both ratios, 44 % less time at 0.7), and the unit order by ratio: ``osscar`` up to
 # ORDER_SWITCH_RATIO, ``wanda-sp`` above it (PTB-validation perplexity of the same search, osscar vs
-# wanda-sp: 151.7 vs 202.3 at 0.5, 112.4 vs 122.8 at 0.6, 97.0 vs 85.5 at 0.7). The dataclass's own field defaults stay what a
-# run folder made before each field existed meant (:func:`search.rundir.open_run_dir`).
+# wanda-sp: 151.7 vs 202.3 at 0.5, 112.4 vs 122.8 at 0.6, 97.0 vs 85.5 at 0.7). The dataclass's own field
+# defaults stay what a run folder made before each field existed meant (:func:`search.rundir.open_run_dir`).
 RECOMMENDED = {"fitness": "kl", "evolution": "staged", "export_reform": "upstream", "importance": "auto",
                "export_nsamples": 256, "export_pass_dtype": "bfloat16", "export_select": "prefix", "export_calib": "auto",
                "export_ridge": "zero"}
