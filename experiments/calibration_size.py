@@ -84,6 +84,20 @@ def searched(export: str) -> dict | None:
     return next((c for c in cells if Path(c["export"]).resolve() == Path(export).resolve()), None)
 
 
+def least_squares(reform: dict) -> str:
+    """A cell's least squares as the table names it: the mode, then what differs from the defaults."""
+    parts = [reform["mode"]]
+    if "pass_dtype" in reform:
+        parts.append(f"{reform['pass_dtype']} passes")
+    if "select" in reform:
+        parts.append(f"{reform['select']} units")
+    if reform.get("damping", DEFAULT_DAMPING) != DEFAULT_DAMPING:
+        parts.append(f"damping {reform['damping']:g}")
+    if "ridge" in reform:
+        parts.append(f"ridge toward {reform['ridge']}")
+    return ", ".join(parts)
+
+
 def report(data: dict) -> str:
     lines = ["# The export's least squares: how many calibration windows, which mode, text and pass dtype (SmolLM2-135M)", "",
              __doc__.split("\n\n")[0].replace("\n", " "), "",
@@ -105,11 +119,7 @@ def report(data: dict) -> str:
                          f"{fitted['dataset']} | {fitted['nsamples']} | "
                          f"{p['ptb:validation']:.2f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
                          f"{own['seconds'].get('export', float('nan')):.0f} | – |")
-        mode = c["reform"]["mode"] + (f", {c['reform']['pass_dtype']} passes" if "pass_dtype" in c["reform"] else "") \
-            + (f", {c['reform']['select']} units" if "select" in c["reform"] else "") \
-            + (f", damping {c['reform']['damping']:g}" if c["reform"].get("damping", DEFAULT_DAMPING) != DEFAULT_DAMPING
-               else "") + (f", ridge toward {c['reform']['ridge']}" if "ridge" in c["reform"] else "")
-        lines.append(f"| {c['export']} | {c['ratio']} | {mode} | {c['calibration']['dataset']} | {c['nsamples']} | "
+        lines.append(f"| {c['export']} | {c['ratio']} | {least_squares(c['reform'])} | {c['calibration']['dataset']} | {c['nsamples']} | "
                      f"{c['validation']:.2f} | "
                      f"{c['wikitext2']:.2f} | {c['ptb']:.2f} | {c['c4:heldout']:.2f} | {c['reform_s']:.0f} | "
                      + (f"{c['zeroshot']['scores']['average']:.3f} |" if "zeroshot" in c else "– |"))

@@ -84,7 +84,10 @@ class PrefixLstsq:
         w = weight.detach().to(device=device, dtype=torch.float64)
         self.lam = damping_value(gram, damping)
         regularised = gram.to(torch.float64) + self.lam * torch.eye(gram.shape[0], dtype=torch.float64, device=device)
-        moment = regularised if ridge == "dense" else gram if cross is None else cross
+        if ridge == "dense":  # (C + λI) Wᵀ: the pull toward W_K joins the right-hand side
+            moment = regularised
+        else:
+            moment = gram if cross is None else cross
         self.rhs = moment.to(torch.float64) @ w.T  # B: (m, d_out)
         if drift is not None:
             self.rhs += drift.to(device=device, dtype=torch.float64)
