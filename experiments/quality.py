@@ -57,7 +57,8 @@ ROWS: dict[str, dict] = {
     # the defaults of the day (search/config.py RECOMMENDED): tyr's search at 0.5 and staged's at 0.7,
     # the winner refitted on 256 windows (calibration_size.py measured that step on their seed-0 winners);
     # its cells were exported with float32 passes on WikiText-2; the defaults since are bfloat16 passes (the
-    # same to 0.03 %) and, above 0.6, C4 beside WikiText-2 (calibration_size.md measured both on its winners)
+    # same to 0.03 %) and, above 0.6, C4 beside WikiText-2 with the units re-selected on both (calibration_size.md
+    # measured these on its winners)
     "final": {},
     # the defaults of the day with the fitness's least squares on the statistics of the model pruned like
     # the first start (--fitness-statistics upstream), against the final row

@@ -9,9 +9,10 @@ import yaml
 
 from evaluators.data import DATASETS, check_calibration, load_text, parse_dataset
 from reform.lstsq import RIDGES
-from reform.spec import MODES, PASS_DTYPES, SELECTIONS
+from reform.spec import MODES, PASS_DTYPES
 from search.cli import common
-from search.config import DTYPES, ORDER_SWITCH_RATIO, SEARCH_METHODS, SOLVER_DEVICES, WINDOW_SETS, SearchConfig
+from search.config import (DTYPES, EXPORT_SELECTIONS, ORDER_SWITCH_RATIO, SEARCH_METHODS, SOLVER_DEVICES, WINDOW_SETS,
+                           SearchConfig)
 from search.job import run_search
 from search.plan import describe, plan_for
 from search.rundir import check_run_dir
@@ -91,9 +92,10 @@ def add_export_options(p) -> None:
                         "local (as in the fitness) or sequential")
     p.add_argument("--export-pass-dtype", choices=PASS_DTYPES,
                    help="upstream export: the dtype its calibration passes run in (statistics stay float64)")
-    p.add_argument("--export-select", choices=SELECTIONS,
+    p.add_argument("--export-select", choices=EXPORT_SELECTIONS,
                    help="upstream export: each layer keeps the prefix of the importance order, or the units "
-                        "chosen again on the upstream statistics at the winner's widths (obs)")
+                        "chosen again on the upstream statistics at the winner's widths (obs); auto (default): "
+                        "obs where the export's text joins several sources")
     p.add_argument("--export-ridge", choices=RIDGES,
                    help="what the export's least-squares ridge pulls toward: zero, or the dense kept weights "
                         "(then --export-damping sets how far the tokens may move them)")

@@ -145,6 +145,22 @@ def test_the_exports_pass_dtype_is_the_upstream_modes_and_its_selection_needs_th
         SearchConfig.create("m", 0.5, export_reform="local", export_select="obs").check()
 
 
+def test_the_exports_selection_auto_re_selects_units_on_mixed_text_only():
+    """export_select auto (the default) is obs where the upstream export fits on text of several sources
+    (the default above MIXED_EXPORT_MIN_RATIO, or a user's own mix), the prefix on one text or outside
+    the upstream mode (a local export stays valid); an explicit choice is kept as given."""
+    assert SearchConfig.create("m", 0.7).export_spec().select == "obs"
+    assert SearchConfig.create("m", MIXED_EXPORT_MIN_RATIO).export_spec().select == "prefix"
+    assert SearchConfig.create("m", 0.5, export_calib="wikitext2+c4:calib").export_spec().select == "obs"
+    assert SearchConfig.create("m", 0.7, calib="ptb").export_spec().select == "prefix"
+    local = SearchConfig.create("m", 0.7, export_reform="local")
+    local.check()
+    assert local.export_spec().select == "prefix"
+    assert SearchConfig.create("m", 0.7, export_select="prefix").export_spec().select == "prefix"
+    assert SearchConfig.create("m", 0.5, export_select="obs").export_spec().select == "obs"
+    assert SearchConfig.create("m", 0.7).identity() == SearchConfig.create("m", 0.7, export_select="prefix").identity()
+
+
 def test_the_exports_ridge_and_its_size_are_its_own_and_go_with_the_mode():
     """--export-ridge/--export-damping change the export's least squares only (runtime fields: a search
     resumes with others); the damping defaults to the fitness's; a ridge toward the dense weights
