@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import logging
 import shlex
 import sys
@@ -43,6 +44,7 @@ import torch  # noqa: E402
 from evaluators.data import dataset_windows  # noqa: E402
 from evaluators.environment import environment  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
+from experiments.quality import zeroshot_cell, zeroshot_scores  # noqa: E402
 from reform.spec import ReformSpec  # noqa: E402
 from search.cli import common  # noqa: E402
 from search.oneshot import RECIPES, OneShotCache, dense_copy, run_recipe  # noqa: E402
@@ -83,6 +85,10 @@ def parse_args(argv=None):
     p.add_argument("--label", default="", help="appended to the recipes' row names (a variant run with its own --out)")
     p.add_argument("--merge", type=Path, nargs="*", default=[],
                    help="other comparison JSONs (variant runs) whose recipe rows join this report")
+    p.add_argument("--zeroshot", type=int, metavar="LIMIT",
+                   help="also the zero-shot average (seven tasks, first LIMIT questions each) of every row and "
+                        "the dense model at --zeroshot-ratios; a recipe cell measured without it runs again")
+    p.add_argument("--zeroshot-ratios", type=float, nargs="+", default=[0.7, 0.5])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "compare")
     return common.parse_args_with_config(p, argv)
@@ -123,8 +129,6 @@ def evaluate(model, windows: dict[str, torch.Tensor]) -> dict:
 
 
 def load_results(path: Path, config: dict) -> dict:
-    import json
-
     if path.is_file():
         results = json.loads(path.read_text())
         if results.get("config") != config:
@@ -133,26 +137,27 @@ def load_results(path: Path, config: dict) -> dict:
     return {"config": config, "cells": {}}
 
 
-def recipe_cell(pristine, recipe, ratio: float, windows, dtype, cache, batch_size) -> dict:
+def recipe_cell(pristine, recipe, ratio: float, windows, dtype, cache, batch_size, zeroshot: int | None) -> dict:
+    """The recipe run on a fresh dense copy, its pruned model evaluated on ``windows`` (and, with
+    ``zeroshot``, on the seven tasks' first ``zeroshot`` questions)."""
     loaded = dense_copy(pristine)
     pruned = run_recipe(loaded, recipe, ratio=ratio, cache=cache, batch_size=batch_size)
     loaded.model.to(dtype)
     overrides = {k: v.to(dtype) for k, v in pruned.overrides.items()}
     with subnet_view(pruned.adapter, pruned.subnet, overrides):
         metrics = evaluate(loaded.model, windows)
+        scores = {"zeroshot": zeroshot_scores(loaded.model, loaded.tokenizer, zeroshot)} if zeroshot else {}
     record = {k: v for k, v in pruned.record.items() if k != "environment"}
     return {"kind": "recipe", "ratio": ratio, "block_ratio": pruned.subnet.ratio(),
             "total_ratio": pruned.subnet.total_ratio(), "metrics": metrics,
             "widths": [[w.kv_heads, w.q_per_kv, w.channels] for w in pruned.subnet.layers],
-            "recipe_seconds": record["seconds"]["total"], "record": record}
+            "recipe_seconds": record["seconds"]["total"], "record": record, **scores}
 
 
 def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | None:
     """A search row from experiments/quality.py's cell of ``row`` at ``ratio`` in the file of
     ``--search-cells`` (measured on the same texts and windows, in float32); the short windows, which
     quality.py does not measure, evaluated here on its export."""
-    import json
-
     path = args.search_cells[0]
     quality = json.loads(Path(path).read_text())
     cell = quality["cells"].get(f"{ratio}/{row}/seed0")
@@ -166,7 +171,17 @@ def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | N
     return {"kind": "search", "ratio": ratio, "block_ratio": cell["block_ratio"], "metrics": metrics,
             "recipe_seconds": sum(seconds.values()),
             "record": {"from": f"{path} {ratio}/{row}/seed0", "options": cell["options"], "trials": cell["trials"],
-                       "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops")}}
+                       "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops"), "export": cell["export"]}}
+
+
+def search_zeroshot(cell: dict, limit: int) -> dict:
+    """A search row's zero-shot scores: quality.py's own where it measured them with this limit on this
+    export, else measured here on the export (float32)."""
+    source, _, key = cell["record"]["from"].rpartition(" ")
+    measured = json.loads(Path(source).read_text())["cells"][key]
+    if measured["export"] == cell["record"]["export"] and measured.get("zeroshot", {}).get("limit") == limit:
+        return measured["zeroshot"]
+    return zeroshot_cell(cell["record"]["export"], limit)
 
 
 def depth_search_cell(args, ratio: float, windows, dtype) -> dict:
@@ -189,8 +204,6 @@ def depth_search_cell(args, ratio: float, windows, dtype) -> dict:
 
 
 def search_cell(args, ratio: float, windows, dtype) -> dict | None:
-    import json
-
     run_dir = ROOT / "runs" / f"search-{args.searcher}-{ratio}"
     best = run_dir / "best.json"
     if not best.is_file() and args.search_trials:
@@ -262,7 +275,9 @@ def main(argv=None) -> int:
                 continue
             started = time.time()
             try:
-                cells[key] = recipe_cell(pristine, recipe, ratio, windows, dtype, caches[name], args.batch_size)
+                zeroshot = args.zeroshot if ratio in args.zeroshot_ratios else None
+                cells[key] = recipe_cell(pristine, recipe, ratio, windows, dtype, caches[name], args.batch_size,
+                                         zeroshot)
             except Exception as exc:  # one failing cell is reported, the table goes on
                 log.exception("%s failed", key)
                 cells[key] = {"kind": "recipe", "ratio": ratio, "error": f"{type(exc).__name__}: {exc}"}
@@ -294,10 +309,10 @@ def main(argv=None) -> int:
         if not measured(key) and (cell := quality_cell(args, ratio, args.tyr_row, windows, dtype)) is not None:
             cells[key] = cell
             save()
+    if args.zeroshot:
+        add_zeroshot(args, cells, pristine, recipes, caches, save)
     save()
     from compare_report import write_report
-
-    import json
 
     merged = dict(results, cells=dict(cells))
     for path in args.merge:
@@ -307,6 +322,30 @@ def main(argv=None) -> int:
                                                 "command": other.get("command")})
     write_report(merged, args.out)
     return 0
+
+
+def add_zeroshot(args, cells: dict, pristine, recipes, caches, save) -> None:
+    """The zero-shot average of the dense model and of every row at ``--zeroshot-ratios`` where a cell
+    lacks it: a recipe runs again (its perplexities kept), a search row is read or measured on its export."""
+    limit = args.zeroshot
+    if "zeroshot" not in cells["dense"]:
+        dense = dense_copy(pristine)
+        cells["dense"]["zeroshot"] = zeroshot_scores(dense.model, dense.tokenizer, limit)
+        del dense
+        save()
+    for ratio in (r for r in args.zeroshot_ratios if r in args.ratios):
+        for recipe in recipes:
+            cell = cells.get(f"{recipe.name}{args.label}:{ratio}")
+            if cell is not None and "error" not in cell and "zeroshot" not in cell:
+                again = recipe_cell(pristine, recipe, ratio, {}, DTYPES[args.dtype], caches[recipe.name],
+                                    args.batch_size, limit)
+                cell["zeroshot"] = again["zeroshot"]
+                save()
+        for row in ("search", "tyr") if not args.label else ():
+            cell = cells.get(f"{row}:{ratio}")
+            if cell is not None and "zeroshot" not in cell and "export" in cell["record"]:
+                cell["zeroshot"] = search_zeroshot(cell, limit)
+                save()
 
 
 if __name__ == "__main__":

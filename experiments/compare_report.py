@@ -79,6 +79,7 @@ def write_report(results: dict, out: Path) -> None:
                     cells.append(_fmt(_ppl(cell, metric)))
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _zeroshot_table(rows, recipes, dense)
     lines += ["## Wall time of each recipe (seconds: scoring, selection, allocation, compensation; "
               "search: trial loop, rescoring of the finalists, rectified export; not its test evaluation)", "",
               "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
@@ -99,6 +100,14 @@ def write_report(results: dict, out: Path) -> None:
                        f"search {search:.2f}, {abs(best - search) / best:.1%} "
                        f"{'lower (better)' if search < best else 'higher (worse)'}")
             lines.append(f"- {r:g}, {metric.removesuffix('_2048')}: {name} {best:.2f}; {verdict}")
+        scored = [(v, n) for n in recipes if (v := _zeroshot(rows[n].get(r))) is not None]
+        if scored:
+            best, name = max(scored)
+            search = _zeroshot(rows.get("search", {}).get(r))
+            verdict = ("search pending" if search is None else
+                       f"search {search:.3f}, {abs(search - best) * 100:.1f} points "
+                       f"{'higher (better)' if search > best else 'lower (worse)' if search < best else 'tie'}")
+            lines.append(f"- {r:g}, zero-shot average: {name} {best:.3f}; {verdict}")
     lines += ["", "## Settings each recipe ran with", "",
               "| method | importance | allocation | compensation | calibration used | chosen by its selection step |",
               "|---|---|---|---|---|---|"]
@@ -126,6 +135,26 @@ def write_report(results: dict, out: Path) -> None:
         lines += ["", notes.read_text(encoding="utf-8").rstrip()]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(rows, recipes, dense, out.with_suffix(".png"))
+
+
+def _zeroshot(cell: dict | None) -> float | None:
+    return cell["zeroshot"]["scores"]["average"] if cell and "zeroshot" in cell else None
+
+
+def _zeroshot_table(rows: dict, recipes: list[str], dense: dict | None) -> list[str]:
+    """The zero-shot average of each row at the ratios where any was measured (higher is better)."""
+    measured = sorted({r for row in rows.values() for r, c in row.items() if _zeroshot(c) is not None}, reverse=True)
+    if not measured:
+        return []
+    limits = sorted({c["zeroshot"]["limit"] for row in rows.values() for c in row.values() if _zeroshot(c) is not None})
+    dense_average = _zeroshot(dense)
+    lines = [f"## Zero-shot average (seven tasks, first {' / '.join(map(str, limits))} questions each; higher is "
+             "better" + (f"; dense {dense_average:.3f}" if dense_average is not None else "") + ")", "",
+             "| method | " + " | ".join(f"{r:g}" for r in measured) + " |", "|---|" + "---|" * len(measured)]
+    for name in recipes + (["search"] if "search" in rows else []):
+        values = [_zeroshot(rows[name].get(r)) for r in measured]
+        lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in values) + " |")
+    return lines + [""]
 
 
 def _count(n: int, noun: str) -> str:

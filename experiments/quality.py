@@ -115,8 +115,13 @@ def validation_ppl(export: str) -> float:
 
 def zeroshot_cell(export: str, limit: int) -> dict:
     loaded = load_model(export, dtype=torch.float32, trust_remote_code=True)  # our own exports, any commit's
+    return zeroshot_scores(loaded.model, loaded.tokenizer, limit)
+
+
+def zeroshot_scores(model, tokenizer, limit: int) -> dict:
+    """The seven tasks' headline scores on their first ``limit`` questions, their average, the seconds."""
     started = time.time()
-    result = evaluate_zeroshot(loaded.model, loaded.tokenizer, list(TASKS), limit=limit)
+    result = evaluate_zeroshot(model, tokenizer, list(TASKS), limit=limit)
     scores = {name: r[r["metric"]] for name, r in result["zeroshot"].items()}
     return {"limit": limit, "scores": {**scores, "average": result["zeroshot_avg"]},
             "seconds": round(time.time() - started, 1)}

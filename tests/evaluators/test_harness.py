@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from evaluators import harness
 from space.errors import UserError
+from tests.zeroshot_data import write_tiny_zeroshot_data
 
 REAL_DATA = os.environ.get("LLM_PRUNER_DATA")
 needs_data = pytest.mark.skipif(not REAL_DATA, reason="$LLM_PRUNER_DATA is not set")
@@ -65,50 +65,12 @@ def hand_loglikelihood(model, tokenizer, context: str, continuation: str) -> flo
     return sum(logprobs[len(context_ids) + k - 1, token].item() for k, token in enumerate(cont_ids))
 
 
-# --- small hand-written files with the quirks of our copies ---------------------------------
-
-
-def _jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def write_tiny_data(root: Path) -> None:
-    choice = lambda label, text: {"label": label, "text": text}  # noqa: E731
-    _jsonl(root / "arc/ARC-Easy-Test.jsonl", [
-        {"id": "num3", "question": {"stem": "Pick three?", "choices": [choice("1", "one"), choice("2", "two"),
-                                                                       choice("3", "three")]}, "answerKey": "3"},
-        {"id": "let5", "question": {"stem": "Pick E?", "choices": [choice(k, k.lower()) for k in "ABCDE"]},
-         "answerKey": "E"},
-    ])
-    _jsonl(root / "boolq/val.jsonl", [
-        {"question": "is it", "passage": "T -- p", "idx": 0, "label": "true"},
-        {"question": "is it", "passage": "T -- p", "idx": 1, "label": "false"},
-        {"question": "is it", "passage": "T -- p", "idx": 2, "label": True},
-    ])
-    _jsonl(root / "winogrande/winogrande_xl_validation.jsonl", [
-        {"sentence": "Sarah beat Maria so _ won.", "option1": "Sarah", "option2": "Maria", "answer": "1"},
-        {"sentence": "Sarah beat Maria so _ lost.", "option1": "Sarah", "option2": "Maria", "answer": "2"},
-    ])
-    _jsonl(root / "openbookqa/test.jsonl", [
-        {"id": "1", "question_stem": "Fog is near", "answerKey": " B",
-         "choices": {"text": ["a desert", "a marsh", "plains", "space"], "label": ["A", "B", "C", "D"]}},
-    ])
-    _jsonl(root / "hellaswag/hellaswag_val.jsonl", [
-        {"ind": 4, "activity_label": "Home and Garden", "ctx_a": "[header] How to clean. [title] Get soap.",
-         "ctx_b": "", "ctx": "[header] How to clean. [title] Get soap.", "endings": ["Rinse  it [step] well.",
-                                                                                     "Dry it."], "label": "1"},
-        {"ind": 5, "activity_label": "Clean and jerk", "ctx_a": "A lady walks.", "ctx_b": "THE lady",
-         "ctx": "A lady walks. THE lady", "endings": ["a", "b"], "label": "0"},
-    ])
-    _jsonl(root / "piqa/valid.jsonl", [{"goal": "dresser", "sol1": "pin ", "sol2": "nail"},
-                                        {"goal": "door", "sol1": "open", "sol2": "shut"}])
-    (root / "piqa/valid-labels.lst").write_text("1\n0\n")
+# --- small hand-written files (tests/zeroshot_data.py) ------------------------------------
 
 
 @pytest.fixture
 def tiny_zeroshot_data(tmp_path, monkeypatch):
-    write_tiny_data(tmp_path)
+    write_tiny_zeroshot_data(tmp_path)
     monkeypatch.setenv("LLM_PRUNER_DATA", str(tmp_path))
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     return tmp_path
@@ -212,7 +174,7 @@ def test_headline_metric_of_other_tasks():
 def test_a_task_whose_file_is_missing_is_not_local(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_PRUNER_DATA", str(tmp_path))
     assert not harness.is_local("piqa")
-    write_tiny_data(tmp_path)
+    write_tiny_zeroshot_data(tmp_path)
     assert harness.is_local("piqa") and not harness.is_local("mmlu")
 
 

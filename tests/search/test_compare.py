@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+
+from tests.zeroshot_data import write_tiny_zeroshot_data
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 METRICS = ("wikitext2_2048", "wikitext2_128", "ptb_2048")
@@ -78,3 +81,34 @@ def test_a_file_of_another_comparison_is_refused(compare, tiny_model_dir, tiny_d
     with pytest.raises(SystemExit, match="another comparison"):
         run(compare, tiny_model_dir, out)
     assert json.loads(out.with_suffix(".json").read_text())["config"] == {"model": "other"}
+
+
+def test_zeroshot_joins_a_finished_comparison_without_changing_its_perplexities(compare, tiny_model_dir, tiny_text_dir,
+                                                                                tmp_path, monkeypatch):
+    """--zeroshot on a comparison measured without it: the dense model and every row at --zeroshot-ratios
+    get the seven tasks' average (a recipe runs again, its perplexities kept; a search row takes
+    quality.py's scores where it measured them on the same export with the same limit, else is measured on
+    its export), and the report has their table."""
+    data = shutil.copytree(tiny_text_dir, tmp_path / "data")
+    write_tiny_zeroshot_data(data)
+    monkeypatch.setenv("LLM_PRUNER_DATA", str(data))
+    out = tmp_path / "compare"
+    quality = quality_file(tmp_path / "quality.json", tiny_model_dir)
+    rows = ("--search-cells", str(quality), "defaults", "--tyr-row", "tyr")
+    first = run(compare, tiny_model_dir, out, *rows)
+    assert all("zeroshot" not in cell for cell in first["cells"].values())
+    marked = json.loads(quality.read_text())
+    marked["cells"]["0.5/tyr/seed0"]["zeroshot"] = {"limit": 2, "scores": {"average": 0.123}, "seconds": 1.0}
+    quality.write_text(json.dumps(marked))
+    cells = run(compare, tiny_model_dir, out, *rows, "--zeroshot", "2", "--zeroshot-ratios", "0.5")["cells"]
+    assert {k for k, c in cells.items() if "zeroshot" in c} == set(cells)
+    for key in cells:
+        assert cells[key]["metrics"] == first["cells"][key]["metrics"], key
+    dense = cells["dense"]["zeroshot"]
+    assert dense["limit"] == 2 and 0 <= dense["scores"]["average"] <= 1 and len(dense["scores"]) == 8
+    assert cells["tyr:0.5"]["zeroshot"]["scores"]["average"] == 0.123  # quality.py's, not measured again
+    # the search row's export is the tiny dense model: measured there, the dense model's scores
+    assert cells["search:0.5"]["zeroshot"]["scores"] == dense["scores"]
+    assert cells["wanda-sp:0.5"]["zeroshot"]["limit"] == 2
+    report = out.with_suffix(".md").read_text()
+    assert "## Zero-shot average" in report and "| tyr | 0.123 |" in report and "0.5, zero-shot average" in report
