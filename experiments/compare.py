@@ -178,9 +178,9 @@ def search_zeroshot(cell: dict, limit: int) -> dict:
     """A search row's zero-shot scores: quality.py's own where it measured them with this limit on this
     export, else measured here on the export (float32)."""
     source, _, key = cell["record"]["from"].rpartition(" ")
-    measured = json.loads(Path(source).read_text())["cells"][key]
-    if measured["export"] == cell["record"]["export"] and measured.get("zeroshot", {}).get("limit") == limit:
-        return measured["zeroshot"]
+    measured = json.loads(Path(source).read_text()).get("zeroshot", {}).get(key, {})
+    if measured.get("export") == cell["record"]["export"] and measured.get("limit") == limit:
+        return measured
     return zeroshot_cell(cell["record"]["export"], limit)
 
 

@@ -207,8 +207,11 @@ def main(argv=None) -> int:
                 if key not in data["cells"]:  # the machine's matmul peak, measured in the same run as the cell
                     data["cells"][key] = {**search_cell(ratio, row, seed, args.runs, args.trials), **peak}
                     write_json(args.out, data)
-                if args.zeroshot and key not in data["zeroshot"]:
-                    data["zeroshot"][key] = zeroshot_cell(data["cells"][key]["export"], args.zeroshot_limit)
+                export = data["cells"][key]["export"]
+                if args.zeroshot and data["zeroshot"].get(key, {}).get("export", export) != export:
+                    del data["zeroshot"][key]  # measured on an export the cell no longer has
+                if args.zeroshot and key not in data["zeroshot"]:  # the export it was measured on, recorded
+                    data["zeroshot"][key] = {**zeroshot_cell(export, args.zeroshot_limit), "export": export}
                     write_json(args.out, data)
                 print(json.dumps(data["cells"][key]["ppl"]), key, flush=True)
     args.out.with_suffix(".md").write_text(report(data))

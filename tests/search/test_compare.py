@@ -98,7 +98,8 @@ def test_zeroshot_joins_a_finished_comparison_without_changing_its_perplexities(
     first = run(compare, tiny_model_dir, out, *rows)
     assert all("zeroshot" not in cell for cell in first["cells"].values())
     marked = json.loads(quality.read_text())
-    marked["cells"]["0.5/tyr/seed0"]["zeroshot"] = {"limit": 2, "scores": {"average": 0.123}, "seconds": 1.0}
+    marked["zeroshot"] = {"0.5/tyr/seed0": {"limit": 2, "scores": {"average": 0.123}, "seconds": 1.0,
+                                            "export": str(tiny_model_dir)}}
     quality.write_text(json.dumps(marked))
     cells = run(compare, tiny_model_dir, out, *rows, "--zeroshot", "2", "--zeroshot-ratios", "0.5")["cells"]
     assert {k for k, c in cells.items() if "zeroshot" in c} == set(cells)
