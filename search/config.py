@@ -65,10 +65,13 @@ ORDER_SWITCH_RATIO = 0.6
 AUTO_EXPORT_CALIB = "wikitext2+c4:calib"
 MIXED_EXPORT_MIN_RATIO = 0.6
 # export_select auto: the units chosen again on the upstream statistics (obs) where the export's text joins
-# several sources, the importance order's prefix elsewhere. On WikiText-2 + c4:calib at 0.7, PTB validation
-# -3.0 % / -2.6 % (two seeds) and every test text but seed 0's WikiText-2 (+0.6 %) lower; on WikiText-2 alone
-# the same re-selection lost c4:heldout (+6.5 %): it over-fits one text (experiments/results/calibration_size.md).
+# several sources and the unit order was not already chosen by the refit error, the order's prefix elsewhere
+# (experiments/results/calibration_size.md). With the wanda-sp order on WikiText-2 + c4:calib at 0.7, PTB
+# validation -3.0 % / -2.6 % (two seeds), every test text but seed 0's WikiText-2 (+0.6 %) lower; on WikiText-2
+# alone it lost c4:heldout (+6.5 %: it over-fits one text); over the osscar order on both texts, +3.1 % at 0.5
+# and +6.3 % at 0.6 (re-selecting by the criterion the order was made by only adds fitting).
 EXPORT_SELECTIONS = ("auto", *SELECTIONS)
+ORDERS_BY_REFIT_ERROR = ("osscar", "obs-elimination", "ziplm")
 
 
 def default_importance(ratio: float) -> str:
@@ -220,11 +223,13 @@ class SearchConfig:
 
     @property
     def export_selection(self) -> str:
-        """``export_select`` resolved: auto is obs for an upstream export on text of several sources."""
+        """``export_select`` resolved: auto is obs for an upstream export on text of several sources over
+        an order not made by the refit error."""
         if self.export_select != "auto":
             return self.export_select
         mixed = len(self.export_calibration_spec().parts()) > 1
-        return "obs" if mixed and self.export_reform == "upstream" else "prefix"
+        by_refit_error = self.importance in ORDERS_BY_REFIT_ERROR
+        return "obs" if mixed and self.export_reform == "upstream" and not by_refit_error else "prefix"
 
     def export_calibration_spec(self) -> CalibrationSpec:
         """The windows the export's least squares fits on: ``export_calib``'s text (None: the statistics';

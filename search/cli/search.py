@@ -95,7 +95,8 @@ def add_export_options(p) -> None:
     p.add_argument("--export-select", choices=EXPORT_SELECTIONS,
                    help="upstream export: each layer keeps the prefix of the importance order, or the units "
                         "chosen again on the upstream statistics at the winner's widths (obs); auto (default): "
-                        "obs where the export's text joins several sources")
+                        "obs where the export's text joins several sources and the order was not made by the "
+                        "refit error (osscar, obs-elimination, ziplm)")
     p.add_argument("--export-ridge", choices=RIDGES,
                    help="what the export's least-squares ridge pulls toward: zero, or the dense kept weights "
                         "(then --export-damping sets how far the tokens may move them)")

@@ -147,11 +147,15 @@ def test_the_exports_pass_dtype_is_the_upstream_modes_and_its_selection_needs_th
 
 def test_the_exports_selection_auto_re_selects_units_on_mixed_text_only():
     """export_select auto (the default) is obs where the upstream export fits on text of several sources
-    (the default above MIXED_EXPORT_MIN_RATIO, or a user's own mix), the prefix on one text or outside
-    the upstream mode (a local export stays valid); an explicit choice is kept as given."""
+    (the default above MIXED_EXPORT_MIN_RATIO, or a user's own mix) over an order not made by the refit
+    error (osscar's is: the default at and below ORDER_SWITCH_RATIO), the prefix on one text, over such
+    an order or outside the upstream mode (a local export stays valid); an explicit choice is kept."""
     assert SearchConfig.create("m", 0.7).export_spec().select == "obs"
     assert SearchConfig.create("m", MIXED_EXPORT_MIN_RATIO).export_spec().select == "prefix"
-    assert SearchConfig.create("m", 0.5, export_calib="wikitext2+c4:calib").export_spec().select == "obs"
+    assert SearchConfig.create("m", 0.5, export_calib="wikitext2+c4:calib").export_spec().select == "prefix"
+    assert SearchConfig.create("m", 0.5, export_calib="wikitext2+c4:calib",
+                               importance="wanda-sp").export_spec().select == "obs"
+    assert SearchConfig.create("m", 0.7, importance="obs-elimination").export_spec().select == "prefix"
     assert SearchConfig.create("m", 0.7, calib="ptb").export_spec().select == "prefix"
     local = SearchConfig.create("m", 0.7, export_reform="local")
     local.check()
