@@ -292,8 +292,10 @@ def main(argv=None) -> int:
             cells[key] = depth_search_cell(args, ratio, windows, dtype)
             cells[key]["wall_seconds"] = round(time.time() - started, 1)
             save()
-    def measured(key: str) -> bool:  # rows read from quality.json before they had the short windows: again
-        return key in cells and f"wikitext2_{args.short_seqlen}" in cells[key]["metrics"]
+    def measured(key: str) -> bool:  # rows read from quality.json before they had the short windows or
+        # recorded their export (where the zero-shot scores are measured): again
+        return (key in cells and f"wikitext2_{args.short_seqlen}" in cells[key]["metrics"]
+                and (not args.zeroshot or "export" in cells[key]["record"]))
 
     for ratio in args.ratios if not args.label else []:
         key = f"search:{ratio}"
@@ -330,6 +332,7 @@ def add_zeroshot(args, cells: dict, pristine, recipes, caches, save) -> None:
     limit = args.zeroshot
     if "zeroshot" not in cells["dense"]:
         dense = dense_copy(pristine)
+        dense.model.to(DTYPES[args.dtype])
         cells["dense"]["zeroshot"] = zeroshot_scores(dense.model, dense.tokenizer, limit)
         del dense
         save()
