@@ -208,9 +208,8 @@ def main(argv=None) -> int:
                     data["cells"][key] = {**search_cell(ratio, row, seed, args.runs, args.trials), **peak}
                     write_json(args.out, data)
                 export = data["cells"][key]["export"]
-                if args.zeroshot and data["zeroshot"].get(key, {}).get("export", export) != export:
-                    del data["zeroshot"][key]  # measured on an export the cell no longer has
-                if args.zeroshot and key not in data["zeroshot"]:  # the export it was measured on, recorded
+                # missing, or measured on an export the cell no longer has (each entry records its export)
+                if args.zeroshot and data["zeroshot"].get(key, {}).get("export") != export:
                     data["zeroshot"][key] = {**zeroshot_cell(export, args.zeroshot_limit), "export": export}
                     write_json(args.out, data)
                 print(json.dumps(data["cells"][key]["ppl"]), key, flush=True)
