@@ -90,6 +90,8 @@ def parse_args(argv=None):
                         "the dense model at --zeroshot-ratios; a recipe cell measured without it runs again")
     p.add_argument("--zeroshot-ratios", type=float, nargs="+", default=[0.7, 0.5])
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--report", action="store_true",
+                   help="only write the report (and the plot) from the JSON of --out; nothing is measured")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "compare")
     return common.parse_args_with_config(p, argv)
 
@@ -242,6 +244,9 @@ def main(argv=None) -> int:
                       "rectified in float32 then cast",
               "seed": 0}
     results = load_results(json_path, config)
+    if args.report:
+        report(args, results)
+        return 0
     results["command"] = "LLM_PRUNER_DATA=../shared/data .venv/bin/python experiments/compare.py " + shlex.join(
         sys.argv[1:] if argv is None else argv)
     results["environment"] = environment()
@@ -314,16 +319,21 @@ def main(argv=None) -> int:
     if args.zeroshot:
         add_zeroshot(args, cells, pristine, recipes, caches, save)
     save()
+    report(args, results)
+    return 0
+
+
+def report(args, results: dict) -> None:
+    """compare.md and compare.png, the rows of the ``--merge`` files joined to this comparison's."""
     from compare_report import write_report
 
-    merged = dict(results, cells=dict(cells))
+    merged = dict(results, cells=dict(results["cells"]))
     for path in args.merge:
         other = json.loads(path.read_text())
         merged["cells"].update({k: v for k, v in other["cells"].items() if k != "dense"})
         merged.setdefault("merged", []).append({"file": str(path), "config": other["config"],
                                                 "command": other.get("command")})
     write_report(merged, args.out)
-    return 0
 
 
 def add_zeroshot(args, cells: dict, pristine, recipes, caches, save) -> None:

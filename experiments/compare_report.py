@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rows(results: dict) -> dict[str, dict[float, dict]]:
@@ -80,6 +83,7 @@ def write_report(results: dict, out: Path) -> None:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _zeroshot_table(rows, recipes, dense)
+    lines += _seeds_table(rows, ratios, ["wikitext2", *held_out])
     lines += ["## Wall time of each recipe (seconds: scoring, selection, allocation, compensation; "
               "search: trial loop, rescoring of the finalists, rectified export; not its test evaluation)", "",
               "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
@@ -108,6 +112,7 @@ def write_report(results: dict, out: Path) -> None:
                        f"search {search:.3f}, {abs(search - best) * 100:.1f} points "
                        f"{'higher (better)' if search > best else 'lower (worse)' if search < best else 'tie'}")
             lines.append(f"- {r:g}, zero-shot average: {name} {best:.3f}; {verdict}")
+        lines += _seeds_verdict(rows, r, ["wikitext2", *held_out])
     lines += ["", "## Settings each recipe ran with", "",
               "| method | importance | allocation | compensation | calibration used | chosen by its selection step |",
               "|---|---|---|---|---|---|"]
@@ -155,6 +160,52 @@ def _zeroshot_table(rows: dict, recipes: list[str], dense: dict | None) -> list[
         values = [_zeroshot(rows[name].get(r)) for r in measured]
         lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in values) + " |")
     return lines + [""]
+
+
+def seed_cells(cell: dict | None) -> dict[int, dict]:
+    """Every seed's cell of a row read from experiments/quality.py (its ``record.from`` names seed 0's),
+    by seed; empty for the other rows."""
+    source, _, key = (cell or {}).get("record", {}).get("from", "").rpartition(" ")
+    path = Path(source) if Path(source).is_absolute() else ROOT / source
+    if not source or not path.is_file():
+        return {}
+    stem = key.rpartition("/seed")[0]
+    found = json.loads(path.read_text())["cells"]
+    return {int(seed): c for k, c in found.items() for prefix, _, seed in [k.rpartition("/seed")] if prefix == stem}
+
+
+def _seed_means(rows: dict, name: str, ratio: float, texts: list[str]) -> dict[str, float] | None:
+    seeds = seed_cells(rows.get(name, {}).get(ratio))
+    if len(seeds) < 2:
+        return None
+    return {t: sum(c["ppl"][t] for c in seeds.values()) / len(seeds) for t in texts}
+
+
+def _seeds_table(rows: dict, ratios: list[float], texts: list[str]) -> list[str]:
+    """The rows that are whole searches (search, tyr) at every seed quality.py ran them: each seed's
+    perplexity and the mean, where there are two or more."""
+    lines = []
+    for name in [n for n in rows if n in ("search", "tyr")]:
+        for r in ratios:
+            seeds = seed_cells(rows[name].get(r))
+            if len(seeds) < 2:
+                continue
+            values = [" / ".join(_fmt(seeds[s]["ppl"][t]) for s in sorted(seeds))
+                      + f" (mean {_fmt(sum(c['ppl'][t] for c in seeds.values()) / len(seeds))})" for t in texts]
+            lines.append(f"| {name} | {r:g} | {', '.join(map(str, sorted(seeds)))} | " + " | ".join(values) + " |")
+    if not lines:
+        return []
+    return ["## Seeds of the searches (2048 tokens; each seed a whole search, the tables above show seed 0)", "",
+            "| method | ratio | seeds | " + " | ".join(texts) + " |", "|---|---|---|" + "---|" * len(texts),
+            *lines, ""]
+
+
+def _seeds_verdict(rows: dict, ratio: float, texts: list[str]) -> list[str]:
+    search, tyr = (_seed_means(rows, name, ratio, texts) for name in ("search", "tyr"))
+    if search is None or tyr is None:
+        return []
+    return [f"- {ratio:g}, means over the seeds: " + "; ".join(
+        f"{t} tyr {tyr[t]:.2f}, search {search[t]:.2f} ({(search[t] - tyr[t]) / tyr[t]:+.1%})" for t in texts)]
 
 
 def _count(n: int, noun: str) -> str:

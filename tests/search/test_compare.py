@@ -41,7 +41,8 @@ def quality_file(path: Path, export: Path) -> Path:
     return path
 
 
-def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, tiny_model_dir, tiny_data, tmp_path):
+def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, tiny_model_dir, tiny_data, tmp_path,
+                                                                     monkeypatch):
     out = tmp_path / "compare"
     quality = quality_file(tmp_path / "quality.json", tiny_model_dir)
     results = run(compare, tiny_model_dir, out, "--lstsq-rows", "--search-cells", str(quality), "defaults",
@@ -73,6 +74,14 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
                 "--tyr-row", "tyr")
     assert again["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] == 1234.5
     assert "1234" in out.with_suffix(".md").read_text()
+
+    # --report writes the report from the JSON alone: no model is loaded
+    marked["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] = 2222.0
+    out.with_suffix(".json").write_text(json.dumps(marked))
+    monkeypatch.setattr(compare, "load_model", lambda *a, **k: pytest.fail("--report loaded a model"))
+    assert compare.main(["--model", str(tiny_model_dir), "--ratios", "0.5", "--recipes", "wanda-sp", "--windows", "1",
+                         "--held-out", "ptb", "--out", str(out), "--report"]) == 0
+    assert "2222" in out.with_suffix(".md").read_text()
 
 
 def test_a_file_of_another_comparison_is_refused(compare, tiny_model_dir, tiny_data, tmp_path):
@@ -113,3 +122,26 @@ def test_zeroshot_joins_a_finished_comparison_without_changing_its_perplexities(
     assert cells["wanda-sp:0.5"]["zeroshot"]["limit"] == 2
     report = out.with_suffix(".md").read_text()
     assert "## Zero-shot average" in report and "| tyr | 0.123 |" in report and "0.5, zero-shot average" in report
+
+
+def test_the_report_shows_every_seed_of_the_searches_and_compares_their_means(compare, tmp_path):
+    """The search and tyr rows at seed 0 come with the other seeds quality.py ran: a table of each seed
+    and the mean, and a verdict on the means where both rows have two seeds."""
+    import compare_report
+
+    quality = tmp_path / "quality.json"
+    seeds = {("final", 0): 40.0, ("final", 1): 44.0, ("tyr", 0): 41.0, ("tyr", 1): 47.0}
+    quality.write_text(json.dumps({"cells": {f"0.5/{row}/seed{s}": {"ppl": {"wikitext2": v, "ptb": 2 * v}}
+                                             for (row, s), v in seeds.items()}}))
+    metrics = {"wikitext2_2048": {"ppl": 1.0}, "wikitext2_128": {"ppl": 1.0}, "ptb_2048": {"ppl": 1.0}}
+    cells = {f"{name}:0.5": {"kind": "search", "metrics": metrics, "record": {"from": f"{quality} 0.5/{row}/seed0"}}
+             for name, row in (("search", "final"), ("tyr", "tyr"))}
+    cells["dense"] = {"metrics": metrics}
+    config = {"short_seqlen": 128, "held_out": ["ptb"], "windows_2048": 32, "dtype": "float32",
+              "max_calib_tokens": None}
+    compare_report.write_report({"config": config, "cells": cells}, tmp_path / "compare")
+    report = (tmp_path / "compare.md").read_text()
+    assert "| search | 0.5 | 0, 1 | 40.00 / 44.00 (mean 42.00) | 80.00 / 88.00 (mean 84.00) |" in report
+    assert "| tyr | 0.5 | 0, 1 | 41.00 / 47.00 (mean 44.00) |" in report
+    assert "means over the seeds: wikitext2 tyr 44.00, search 42.00 (-4.5%); ptb tyr 88.00, search 84.00 (-4.5%)" \
+        in report
