@@ -12,7 +12,11 @@ the same tokens cut into windows of 128, and as many windows of 2048 of each ``-
 recipe without compensation of its own, a row "<recipe> + lstsq" with the search's least squares
 (local, on the search's statistics windows), so that allocation and compensation compare apart. Scores that do not depend on the ratio are computed once per recipe and reused
 (the wall time of every cell still counts them); cells run ratio by ratio. ``--max-calib-tokens`` caps each recipe's
-calibration windows (the papers' counts are far beyond a shared 2-core CPU); the JSON records
+calibration windows (the papers' counts are far beyond a shared 2-core CPU); ``--calib-as-search``
+gives every recipe, at each ratio, the windows the search's export fits its least squares on with the
+defaults of the day (text and count: WikiText-2 with C4's calibration half above 0.6, 256 x 512), for
+its scores and its compensation alike, so that every row has the same calibration source and token
+budget (rows labelled " (search's calibration)" unless ``--label`` says otherwise). The JSON records
 what each cell used.
 
 The search row comes from ``--search-cells``: the cells of experiments/quality.py (the same texts,
@@ -80,6 +84,9 @@ def parse_args(argv=None):
                    help="with --search-cells: the tyr row (search --method tyr) from that file's cells of this row")
     p.add_argument("--max-calib-tokens", type=int, default=None,
                    help="cap each recipe's calibration at this many tokens (fewer windows of its length)")
+    p.add_argument("--calib-as-search", action="store_true",
+                   help="every recipe calibrates (scores and compensation) on the windows the search's export "
+                        "fits on at that ratio with the defaults of the day: the same text and token budget")
     p.add_argument("--searcher", default="evolution", help="the search runs to read: runs/search-<searcher>-<ratio>")
     p.add_argument("--search-trials", type=int, help="run the search with this many trials where no run exists")
     p.add_argument("--label", default="", help="appended to the recipes' row names (a variant run with its own --out)")
@@ -93,7 +100,12 @@ def parse_args(argv=None):
     p.add_argument("--report", action="store_true",
                    help="only write the report (and the plot) from the JSON of --out; nothing is measured")
     p.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "compare")
-    return common.parse_args_with_config(p, argv)
+    args = common.parse_args_with_config(p, argv)
+    if args.calib_as_search and args.max_calib_tokens is not None:
+        p.error("--calib-as-search and --max-calib-tokens: each sets the recipes' calibration; give one")
+    if args.calib_as_search and not args.label:
+        args.label = " (search's calibration)"
+    return args
 
 
 def with_lstsq(recipe):
@@ -112,6 +124,18 @@ def planned(args) -> list:
         if args.lstsq_rows and recipe.reform.method == "none":
             recipes.append(with_lstsq(recipe))
     return recipes
+
+
+def at_ratio(args, recipe, ratio: float):
+    """The recipe as it runs at ``ratio``: with ``--calib-as-search``, on the search's export windows
+    there (for its scores and its compensation)."""
+    if not args.calib_as_search:
+        return recipe
+    from search.config import SearchConfig
+
+    windows = SearchConfig.create(args.model, ratio).export_calibration_spec()
+    return dataclasses.replace(recipe, calibration=windows,
+                               reform_calibration=windows if recipe.reform_calibration else None)
 
 
 def capped(recipe, max_tokens: int | None):
@@ -239,6 +263,7 @@ def main(argv=None) -> int:
     config = {"model": args.model, "windows_2048": args.windows, "short_seqlen": args.short_seqlen,
               "held_out": args.held_out,
               "dtype": args.dtype, "max_calib_tokens": args.max_calib_tokens, "searcher": args.searcher,
+              **({"calib_as_search": True} if args.calib_as_search else {}),
               **({"label": args.label} if args.label else {}),
               "eval": "WikiText-2 test and the held-out texts, first windows; in-process subnet_view, model "
                       "rectified in float32 then cast",
@@ -281,8 +306,8 @@ def main(argv=None) -> int:
             started = time.time()
             try:
                 zeroshot = args.zeroshot if ratio in args.zeroshot_ratios else None
-                cells[key] = recipe_cell(pristine, recipe, ratio, windows, dtype, caches[name], args.batch_size,
-                                         zeroshot)
+                cells[key] = recipe_cell(pristine, at_ratio(args, recipe, ratio), ratio, windows, dtype,
+                                         caches[name], args.batch_size, zeroshot)
             except Exception as exc:  # one failing cell is reported, the table goes on
                 log.exception("%s failed", key)
                 cells[key] = {"kind": "recipe", "ratio": ratio, "error": f"{type(exc).__name__}: {exc}"}
@@ -350,8 +375,8 @@ def add_zeroshot(args, cells: dict, pristine, recipes, caches, save) -> None:
         for recipe in recipes:
             cell = cells.get(f"{recipe.name}{args.label}:{ratio}")
             if cell is not None and "error" not in cell and "zeroshot" not in cell:
-                again = recipe_cell(pristine, recipe, ratio, {}, DTYPES[args.dtype], caches[recipe.name],
-                                    args.batch_size, limit)
+                again = recipe_cell(pristine, at_ratio(args, recipe, ratio), ratio, {}, DTYPES[args.dtype],
+                                    caches[recipe.name], args.batch_size, limit)
                 cell["zeroshot"] = again["zeroshot"]
                 save()
         for row in ("search", "tyr") if not args.label else ():

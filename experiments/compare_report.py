@@ -122,14 +122,17 @@ def write_report(results: dict, out: Path) -> None:
         if not done:
             continue
         recipe = done[0][1]
-        cal = recipe.get("calibration")
-        used = f"{cal['nsamples']} x {cal['seqlen']} ({cal['split']})" if cal else "none (weights only)"
+        by_ratio = {r: _calibration(rec.get("calibration")) for r, rec in done}
+        used = (by_ratio[done[0][0]] if len(set(by_ratio.values())) == 1 else
+                "; ".join(f"{r:g}: {c}" for r, c in by_ratio.items()))
         chosen = "; ".join(f"{r:g}: {_chosen(rec)}" for r, rec in done if rec.get("selected")) or "–"
         lines.append(f"| {name} | {recipe['importance']} | {recipe['allocation']} | {recipe['compensation']} | "
                      f"{used} | {chosen} |")
     for extra in results.get("merged", []):
         limit = extra["config"].get("max_calib_tokens")
-        amount = "each recipe's own calibration amount" if limit is None else f"calibration capped at {limit} tokens"
+        amount = ("each recipe on the windows the search's export fits on at that ratio: the same text and token "
+                  "budget" if extra["config"].get("calib_as_search") else
+                  "each recipe's own calibration amount" if limit is None else f"calibration capped at {limit} tokens")
         lines += ["", f"Rows labelled *{extra['config'].get('label', '').strip()}* come from `{extra['file']}` "
                       f"({amount}): `{extra['command']}`"]
     errors = [f"- {k}: {c['error']}" for k, c in results["cells"].items() if "error" in c]
@@ -210,6 +213,12 @@ def _seeds_verdict(rows: dict, ratio: float, texts: list[str]) -> list[str]:
 
 def _count(n: int, noun: str) -> str:
     return noun if n == 1 else f"{n} {noun}s"
+
+
+def _calibration(cal: dict | None) -> str:
+    if not cal:
+        return "none (weights only)"
+    return f"{cal['nsamples']} x {cal['seqlen']} ({cal['dataset']} {cal['split']})"
 
 
 def _chosen(recipe: dict) -> str:

@@ -145,3 +145,26 @@ def test_the_report_shows_every_seed_of_the_searches_and_compares_their_means(co
     assert "| tyr | 0.5 | 0, 1 | 41.00 / 47.00 (mean 44.00) |" in report
     assert "means over the seeds: wikitext2 tyr 44.00, search 42.00 (-4.5%); ptb tyr 88.00, search 84.00 (-4.5%)" \
         in report
+
+
+def test_calib_as_search_gives_every_recipe_the_searchs_export_windows(compare, tiny_model_dir, tiny_data, tmp_path):
+    """With --calib-as-search each recipe scores and compensates on the windows the search's export
+    fits on at that ratio (WikiText-2 + c4:calib above 0.6, 256 windows): its rows are labelled, their
+    records say so, and the plain rows' file is not mixed with them."""
+    from search.config import SearchConfig
+
+    out = tmp_path / "calib-as-search"
+    argv = ["--model", str(tiny_model_dir), "--ratios", "0.7", "--recipes", "wanda-sp", "--windows", "1",
+            "--held-out", "ptb", "--lstsq-rows", "--out", str(out), "--calib-as-search"]
+    assert compare.main(argv) == 0
+    cells = json.loads(out.with_suffix(".json").read_text())["cells"]
+    assert set(cells) == {"dense", "wanda-sp (search's calibration):0.7", "wanda-sp + lstsq (search's calibration):0.7"}
+    wanted = SearchConfig.create(str(tiny_model_dir), 0.7).export_calibration_spec().to_dict()
+    assert wanted["dataset"] == "wikitext2+c4" and wanted["nsamples"] == 256
+    for cell in (c for k, c in cells.items() if k != "dense"):
+        assert cell["record"]["recipe"]["calibration"] == wanted
+    assert cells["wanda-sp + lstsq (search's calibration):0.7"]["record"]["recipe"]["reform_calibration"] == wanted
+    assert "256 x 512 (wikitext2+c4 validation+calib)" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit) as refused:
+        compare.main([*argv, "--max-calib-tokens", "2048"])
+    assert refused.value.code == 2
