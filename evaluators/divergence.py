@@ -42,10 +42,6 @@ class Reference:
         parts = [list(whole[list(rows)].split(self.batch_size)) for whole in self._whole]
         return Reference(*parts, batch_size=self.batch_size, top_k=self.top_k)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for part in (self.log_probs, self.ids, self.log_rest) for t in part)
-
 
 def _log_rest(top_log_probs: torch.Tensor) -> torch.Tensor:
     """log(1 − Σ exp(top)), clamped to a tiny floor when the top-K hold all the mass."""

@@ -45,14 +45,12 @@ class FailureBudget:
     def __init__(self, limit: int):
         self.limit = limit
         self.in_a_row = 0
-        self.last_error = ""
 
     def record(self, error: str | None) -> None:
         if error is None:
             self.in_a_row = 0
             return
         self.in_a_row += 1
-        self.last_error = error
         if self.in_a_row >= self.limit:
             raise JobFailed(f"{self.in_a_row} evaluations failed in a row (--max-failures {self.limit}); the last "
                             f"error: {error}. Finished trials are kept: fix the cause and re-run the same command")

@@ -58,8 +58,6 @@ SPLIT_PRE = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
         "qwen2",
 }
-NO_BIASES = ("export it again without output biases: the reformation's bias modes put them there "
-             "(e.g. --export-reform upstream, or --reform-method lstsq without bias)")
 
 
 @dataclass
