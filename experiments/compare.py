@@ -200,6 +200,16 @@ def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | N
                        "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops"), "export": cell["export"]}}
 
 
+def quality_changed(path: str, cell: dict, row: str) -> bool:
+    """Whether the quality.json cell a search row was read from now holds other perplexities (it ran
+    again, e.g. for a zero-shot on a machine without its export)."""
+    ratio = cell["ratio"]
+    measured = json.loads(Path(path).read_text())["cells"].get(f"{ratio}/{row}/seed0")
+    return measured is not None and any(
+        cell["metrics"][f"{name}_2048"]["ppl"] != measured["ppl"].get(name)
+        for name in measured["ppl"] if f"{name}_2048" in cell["metrics"])
+
+
 def search_zeroshot(cell: dict, limit: int) -> dict:
     """A search row's zero-shot scores: quality.py's own where it measured them with this limit on this
     export, else measured here on the export (float32)."""
@@ -322,14 +332,16 @@ def main(argv=None) -> int:
             cells[key] = depth_search_cell(args, ratio, windows, dtype)
             cells[key]["wall_seconds"] = round(time.time() - started, 1)
             save()
-    def measured(key: str) -> bool:  # rows read from quality.json before they had the short windows or
-        # recorded their export (where the zero-shot scores are measured): again
+    def measured(key: str, row: str) -> bool:  # rows read from quality.json before they had the short
+        # windows or recorded their export (where the zero-shot scores are measured), or whose quality.json
+        # cell has been measured again since: again
         return (key in cells and f"wikitext2_{args.short_seqlen}" in cells[key]["metrics"]
-                and (not args.zeroshot or "export" in cells[key]["record"]))
+                and (not args.zeroshot or "export" in cells[key]["record"])
+                and not (args.search_cells and quality_changed(args.search_cells[0], cells[key], row)))
 
     for ratio in args.ratios if not args.label else []:
         key = f"search:{ratio}"
-        if measured(key):
+        if measured(key, args.search_cells[1] if args.search_cells else None):
             continue
         cell = (quality_cell(args, ratio, args.search_cells[1], windows, dtype) if args.search_cells else
                 search_cell(args, ratio, windows, dtype))
@@ -338,7 +350,9 @@ def main(argv=None) -> int:
             save()
     for ratio in args.ratios if args.tyr_row and args.search_cells else []:
         key = f"tyr:{ratio}"
-        if not measured(key) and (cell := quality_cell(args, ratio, args.tyr_row, windows, dtype)) is not None:
+        if measured(key, args.tyr_row):
+            continue
+        if (cell := quality_cell(args, ratio, args.tyr_row, windows, dtype)) is not None:
             cells[key] = cell
             save()
     if args.zeroshot:

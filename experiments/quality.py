@@ -204,8 +204,16 @@ def main(argv=None) -> int:
         for row in args.rows:
             for seed in args.seeds:
                 key = f"{ratio}/{row}/seed{seed}"
-                if key not in data["cells"]:  # the machine's matmul peak, measured in the same run as the cell
+                earlier = data["cells"].get(key)
+                # a zero-shot is measured on the export: a cell whose export is not on this machine (run
+                # folders stay where they ran) runs again, its earlier numbers kept beside the new ones
+                rerun = earlier is not None and args.zeroshot and not Path(earlier["export"]).is_dir()
+                if earlier is None or rerun:  # the machine's matmul peak, measured in the same run as the cell
                     data["cells"][key] = {**search_cell(ratio, row, seed, args.runs, args.trials), **peak}
+                    if rerun:  # its zero-shot, if any, was measured on the earlier export
+                        data["zeroshot"].pop(key, None)
+                        data["cells"][key]["earlier"] = {k: earlier[k] for k in ("ppl", "seconds", "bf16_tflops")
+                                                         if k in earlier}
                     write_json(args.out, data)
                 export = data["cells"][key]["export"]
                 # missing, or measured on an export the cell no longer has (each entry records its export)

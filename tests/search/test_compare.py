@@ -75,6 +75,16 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
     assert again["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] == 1234.5
     assert "1234" in out.with_suffix(".md").read_text()
 
+    # a quality.py cell measured again (another machine, no export there) replaces its row; the others stay
+    remeasured = json.loads(quality.read_text())
+    remeasured["cells"]["0.5/defaults/seed0"]["ppl"] = {"wikitext2": 41.0, "ptb": 83.0}
+    quality.write_text(json.dumps(remeasured))
+    again = run(compare, tiny_model_dir, out, "--lstsq-rows", "--search-cells", str(quality), "defaults",
+                "--tyr-row", "tyr")
+    assert again["cells"]["search:0.5"]["metrics"]["ptb_2048"]["ppl"] == 83.0
+    assert again["cells"]["tyr:0.5"] == cells["tyr:0.5"]
+    assert again["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] == 1234.5
+
     # --report writes the report from the JSON alone: no model is loaded
     marked["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] = 2222.0
     out.with_suffix(".json").write_text(json.dumps(marked))
@@ -168,3 +178,37 @@ def test_calib_as_search_gives_every_recipe_the_searchs_export_windows(compare, 
     with pytest.raises(SystemExit) as refused:
         compare.main([*argv, "--max-calib-tokens", "2048"])
     assert refused.value.code == 2
+
+
+def test_quality_runs_a_cell_again_for_a_zeroshot_when_its_export_is_not_here(tmp_path, monkeypatch):
+    """quality.py --zeroshot on a cell measured on another machine (its export folder is not here): the
+    search runs again, the new numbers replace the cell's with the earlier ones kept beside them, and the
+    zero-shot is measured on the new export; a cell whose export is here is not run again."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import quality
+
+    here = tmp_path / "export-here"
+    here.mkdir()
+    out = tmp_path / "quality.json"
+    earlier = {"ppl": {"wikitext2": 40.0}, "seconds": {"search": 1.0}, "export": str(tmp_path / "gone"),
+               "ratio": 0.7, "row": "final", "seed": 0, "options": {"trials": 4}}
+    out.write_text(json.dumps({"dense": {}, "cells": {"0.7/final/seed0": earlier,
+                                                      "0.5/final/seed0": {**earlier, "export": str(here)}},
+                               "zeroshot": {"0.7/final/seed0": {"export": str(tmp_path / "gone")}}}))
+    searched = []
+
+    def search_cell(ratio, row, seed, runs, trials):
+        searched.append(ratio)
+        return {**earlier, "ppl": {"wikitext2": 41.0}, "export": str(here)}
+
+    monkeypatch.setattr(quality, "search_cell", search_cell)
+    monkeypatch.setattr(quality, "zeroshot_cell", lambda export, limit: {"limit": limit, "scores": {"average": 0.4}})
+    monkeypatch.setattr(quality, "matmul_tflops", lambda dtype: 1.0)
+    monkeypatch.setattr(quality, "report", lambda data: "")
+    assert quality.main(["--ratios", "0.7", "0.5", "--rows", "final", "--zeroshot", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert searched == [0.7]
+    assert data["cells"]["0.7/final/seed0"]["ppl"] == {"wikitext2": 41.0}
+    assert data["cells"]["0.7/final/seed0"]["earlier"]["ppl"] == {"wikitext2": 40.0}
+    assert data["zeroshot"]["0.7/final/seed0"]["export"] == str(here)
+    assert "earlier" not in data["cells"]["0.5/final/seed0"]
