@@ -333,10 +333,11 @@ def main(argv=None) -> int:
             cells[key]["wall_seconds"] = round(time.time() - started, 1)
             save()
     def measured(key: str, row: str) -> bool:  # rows read from quality.json before they had the short
-        # windows or recorded their export (where the zero-shot scores are measured), or whose quality.json
-        # cell has been measured again since: again
+        # windows or, at a zero-shot ratio, recorded their export (where the zero-shot scores are measured),
+        # or whose quality.json cell has been measured again since: again
+        zeroshot_here = args.zeroshot and key in cells and cells[key]["ratio"] in args.zeroshot_ratios
         return (key in cells and f"wikitext2_{args.short_seqlen}" in cells[key]["metrics"]
-                and (not args.zeroshot or "export" in cells[key]["record"])
+                and (not zeroshot_here or "export" in cells[key]["record"])
                 and not (args.search_cells and quality_changed(args.search_cells[0], cells[key], row)))
 
     for ratio in args.ratios if not args.label else []:
