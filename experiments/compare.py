@@ -201,13 +201,14 @@ def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | N
 
 
 def quality_changed(path: str, cell: dict, row: str) -> bool:
-    """Whether the quality.json cell a search row was read from now holds other perplexities (it ran
-    again, e.g. for a zero-shot on a machine without its export)."""
+    """Whether the quality.json cell a search row was read from now holds other perplexities or another
+    export (it ran again, e.g. for a zero-shot on a machine without its export)."""
     ratio = cell["ratio"]
     measured = json.loads(Path(path).read_text())["cells"].get(f"{ratio}/{row}/seed0")
-    return measured is not None and any(
-        cell["metrics"][f"{name}_2048"]["ppl"] != measured["ppl"].get(name)
-        for name in measured["ppl"] if f"{name}_2048" in cell["metrics"])
+    return measured is not None and (
+        cell["record"].get("export", measured["export"]) != measured["export"]
+        or any(cell["metrics"][f"{name}_2048"]["ppl"] != measured["ppl"].get(name)
+               for name in measured["ppl"] if f"{name}_2048" in cell["metrics"]))
 
 
 def search_zeroshot(cell: dict, limit: int) -> dict:

@@ -84,6 +84,13 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
     assert again["cells"]["search:0.5"]["metrics"]["ptb_2048"]["ppl"] == 83.0
     assert again["cells"]["tyr:0.5"] == cells["tyr:0.5"]
     assert again["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] == 1234.5
+    # ...and so does one measured again to the same numbers into another export (the zero-shot reads it)
+    (tmp_path / "moved").symlink_to(tiny_model_dir)
+    remeasured["cells"]["0.5/defaults/seed0"]["export"] = str(tmp_path / "moved")
+    quality.write_text(json.dumps(remeasured))
+    again = run(compare, tiny_model_dir, out, "--lstsq-rows", "--search-cells", str(quality), "defaults",
+                "--tyr-row", "tyr")
+    assert again["cells"]["search:0.5"]["record"]["export"] == str(tmp_path / "moved")
 
     # --report writes the report from the JSON alone: no model is loaded
     marked["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] = 2222.0
