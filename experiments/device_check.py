@@ -66,14 +66,13 @@ def prepare(args) -> int:
     return 0
 
 
-def random_model(folder: Path, out: Path, seed: int = 0) -> Path:
-    """The model of ``folder``'s config with random bfloat16 weights (seed ``seed``), saved at ``out``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def random_model(folder: Path, out: Path) -> Path:
+    """The model of ``folder``'s config with random bfloat16 weights (scale.py's, seed 0), saved at ``out``."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.bfloat16)
-    model.save_pretrained(out)
+    from experiments.scale import build
+
+    build(AutoConfig.from_pretrained(folder)).save_pretrained(out)
     AutoTokenizer.from_pretrained(folder).save_pretrained(out)
     return out
 
