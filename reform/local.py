@@ -76,7 +76,7 @@ def stats_overrides(
     overrides: dict[str, torch.Tensor] = {}
     for layer, layer_stats in stats:
         for target in layer_targets(adapter, layer, subnet.layers[layer.index]):
-            problem = target.local_problem(layer_stats[target.name])
+            problem = target.local_problem(layer_stats[target.name], centred=spec.intercept)
             overrides.update({k: v.to(home) for k, v in target.overrides(method.solve(problem, spec)).items()})
     return overrides
 

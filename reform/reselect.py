@@ -66,14 +66,16 @@ def chosen_channels(weight: torch.Tensor, gram: torch.Tensor, width: int) -> tor
 
 
 def reselect(layer: LayerAdapter, name: str, widths: LayerWidths, stats: InputStats, dims: ModelDims,
-             order: LayerOrder) -> LayerOrder:
+             order: LayerOrder, *, centred: bool = False) -> LayerOrder:
     """Choose output projection ``name``'s kept units again on ``stats`` (its inputs, all columns),
-    permute ``layer`` and ``stats`` so that they are the prefix, and return the layer's new order."""
+    permute ``layer`` and ``stats`` so that they are the prefix, and return the layer's new order.
+    ``centred``: by the refit error of a least squares with an intercept (on the centred moment)."""
+    gram = stats.centred_gram() if centred else stats.gram
     if name == "o":
-        heads = chosen_heads(weight64(layer.attention_output()), stats.gram, dims, widths)
+        heads = chosen_heads(weight64(layer.attention_output()), gram, dims, widths)
         kept = {"kv_heads": list(dict.fromkeys(h // dims.group_size for h in heads)), "heads": heads, "channels": []}
     else:
-        channels = chosen_channels(weight64(layer.mlp_output()), stats.gram, widths.channels)
+        channels = chosen_channels(weight64(layer.mlp_output()), gram, widths.channels)
         kept = {"kv_heads": list(range(dims.num_kv_heads)), "heads": list(range(dims.num_heads)),
                 "channels": sorted(channels.tolist())}
     step = orders_from_kept([kept], dims)[0]  # indices of the layer as it is: the chosen units first

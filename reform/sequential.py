@@ -241,8 +241,9 @@ def _upstream_walk(adapter: ModelAdapter, subnet: Subnet, windows: torch.Tensor,
                     target = targets[name]
                     if spec.select == "obs":
                         orders[layer.index] = reselect(layer, name, widths, stats[name], adapter.dims,
-                                                       orders[layer.index])
-                    mine.update(target.overrides(method.solve(target.local_problem(stats[name]), spec)))
+                                                       orders[layer.index], centred=spec.intercept)
+                    problem = target.local_problem(stats[name], centred=spec.intercept)
+                    mine.update(target.overrides(method.solve(problem, spec)))
             with block_in(layer.layer, dtype), view(layer.index, widths, mine):
                 pruned = pruned.with_hidden(run_block(layer.layer, pruned))
             yield layer, stats, mine

@@ -102,7 +102,13 @@ def _bias(problem: Problem, spec: ReformSpec) -> Rectified:
 def _lstsq(problem: Problem, spec: ReformSpec) -> Rectified:
     solver = PrefixLstsq(problem.weight, problem.gram, cross=problem.cross, drift=problem.drift,
                          damping=spec.damping, ridge=spec.ridge)
-    return Rectified(weight=solver.solve(problem.kept if problem.cross is None else solver.width))
+    weight = solver.solve(problem.kept if problem.cross is None else solver.width)
+    if not spec.intercept:
+        return Rectified(weight=weight)
+    # ``problem.gram`` is then the centred moment (Target.local_problem): the weights fit the
+    # deviations from the mean, and the bias restores the mean of the output
+    return Rectified(weight=weight, bias=compensation_bias(problem.weight, problem.kept, problem.dense_mean,
+                                                           problem.seen_mean, kept_weight=weight))
 
 
 @register_method("admm", gram=True, sequential=False, summary="the paper's ADMM on the same problem")
@@ -129,6 +135,9 @@ class ReformSpec:
     select: str = "prefix"
     # what the least squares' ridge pulls toward: zero, or the dense kept weights (reform/lstsq.py)
     ridge: str = "zero"
+    # local and upstream least squares with an intercept: fitted on the centred inputs, the output's
+    # mean restored by a bias on o_proj/down_proj (the export then needs the per-layer config)
+    intercept: bool = False
 
     def __post_init__(self):
         method = method_spec(self.method)
@@ -156,6 +165,9 @@ class ReformSpec:
         if self.ridge != "zero" and (self.method != "lstsq" or self.mode not in ("local", "upstream")):
             raise UserError(f"a ridge toward the dense weights is the least squares' of the local and upstream "
                             f"modes (method lstsq), not {self.method} in the {self.mode} mode")
+        if self.intercept and (self.method != "lstsq" or self.mode not in ("local", "upstream")):
+            raise UserError(f"an intercept is the least squares' of the local and upstream modes (method lstsq), "
+                            f"not {self.method} in the {self.mode} mode")
         if self.rho <= 0 or self.iterations < 1:
             raise UserError(f"ADMM needs rho > 0 and at least one iteration, got {self.rho}, {self.iterations}")
 
@@ -168,7 +180,7 @@ class ReformSpec:
             del data["rho"], data["iterations"]
         if not method_spec(self.method).gram:
             del data["damping"]
-        for key, default in (("pass_dtype", "float32"), ("select", "prefix"), ("ridge", "zero")):
+        for key, default in (("pass_dtype", "float32"), ("select", "prefix"), ("ridge", "zero"), ("intercept", False)):
             if data[key] == default:  # records written before the option read the same
                 del data[key]
         return data

@@ -27,11 +27,13 @@ class Target:
     kept: int | torch.Tensor  # kept input columns of the permuted layer: a prefix width or indices
     key: str  # state-dict name of the module
 
-    def local_problem(self, stats: InputStats) -> Problem:
+    def local_problem(self, stats: InputStats, *, centred: bool = False) -> Problem:
         """The problem of refitting the kept columns to this projection's own output on the inputs
-        ``stats`` describes (all its input columns): the local mode's, and the upstream mode's."""
+        ``stats`` describes (all its input columns): the local mode's, and the upstream mode's.
+        ``centred``: with the centred second moment (a least squares with an intercept)."""
         seen_mean = take_columns(stats.mean[None], self.kept)[0]
-        return Problem(self.module.weight, self.kept, stats.mean, seen_mean, gram=stats.gram)
+        gram = stats.centred_gram() if centred and stats.gram is not None else stats.gram
+        return Problem(self.module.weight, self.kept, stats.mean, seen_mean, gram=gram)
 
     def overrides(self, rectified: Rectified) -> dict[str, torch.Tensor]:
         weight = self.module.weight

@@ -204,6 +204,12 @@ class InputStats:
     def mean(self) -> torch.Tensor:
         return self.sum / self.count
 
+    def centred_gram(self) -> torch.Tensor:
+        """``Σ (x − μ)(x − μ)ᵀ = C − n μμᵀ``: the second moment a least squares with an intercept
+        fits on (the intercept absorbs the mean)."""
+        mean = self.mean
+        return self.gram - self.count * torch.outer(mean, mean)
+
     @property
     def variance(self) -> torch.Tensor:
         """Per-channel variance over tokens (population form, as FLAP's running estimate)."""

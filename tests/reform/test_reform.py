@@ -366,6 +366,46 @@ def test_upstream_fits_each_projection_to_its_own_weights_on_the_pruned_stream(s
         assert error(upstream[f"{t.key}.weight"]) <= error(local[f"{t.key}.weight"]) * (1 + 1e-9), t.key
 
 
+@pytest.mark.parametrize("mode", ["local", "upstream"])
+def test_an_intercept_is_the_least_squares_with_a_constant_input(setup, subnet, mode):
+    """``intercept=True``: (Ŵ_K, b) = argmin ‖W X − Ŵ_K X_K − b 1ᵀ‖ on the inputs the mode fits on, its
+    error no larger than without the intercept and strictly smaller somewhere."""
+    adapter, _, windows = setup
+    fits = {c: rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", mode, damping=0.0, intercept=c))
+            for c in (False, True)}
+    assert not any(k.endswith(".bias") for k in fits[False])
+    dims, gains = adapter.dims, []
+    for t in all_targets(adapter, subnet):
+        index = int(t.key.split(".")[2])
+        layers = list(subnet.layers)
+        w = layers[index]
+        layers[index] = (LayerWidths(dims.num_kv_heads, dims.group_size, w.channels) if t.name == "o"
+                         else LayerWidths(w.kv_heads, w.q_per_kv, dims.intermediate_size))
+        mine = fits[True] if mode == "upstream" else {}
+        others = {k: v for k, v in mine.items() if not k.startswith(t.key)}
+        x = projection_inputs(adapter, windows, [t.module], None if mode == "local" else Subnet(dims, layers),
+                              others)[t.module]
+        goal, x_kept = x @ t.module.weight.detach().double().T, kept_columns(x, t.kept)
+        augmented = torch.cat([x_kept, torch.ones(len(x_kept), 1, dtype=x.dtype)], 1)
+        best = float((goal - augmented @ torch.linalg.lstsq(augmented, goal).solution).norm())
+        got = float((goal - x_kept @ fits[True][f"{t.key}.weight"].double().T
+                     - fits[True][f"{t.key}.bias"].double()).norm())
+        assert got <= best * (1 + 1e-5) + 1e-9, t.key
+        if mode == "local":  # the same inputs: the intercept only adds a degree of freedom
+            plain = float((goal - x_kept @ fits[False][f"{t.key}.weight"].double().T).norm())
+            assert got <= plain * (1 + 1e-6), t.key
+            gains.append(plain - got)
+    assert mode == "upstream" or max(gains) > 1e-4
+
+
+def test_an_intercept_is_refused_outside_the_local_and_upstream_least_squares():
+    for method, mode in (("lstsq", "sequential"), ("lstsq", "residual"), ("bias", "local"), ("admm", "local")):
+        with pytest.raises(UserError, match="intercept"):
+            ReformSpec(method, mode, intercept=True)
+    assert "intercept" not in ReformSpec("lstsq", "local").to_dict()
+    assert ReformSpec("lstsq", "upstream", intercept=True).to_dict()["intercept"] is True
+
+
 @torch.no_grad()
 def streams_and_inputs(adapter, windows, targets, subnet=None, overrides=None) -> dict:
     """Per target: (the residual stream where its sub-layer's output joins it, its inputs), tokens
@@ -525,10 +565,11 @@ def test_admm_has_no_sequential_mode_and_unknown_names_are_refused():
         ReformSpec("lstsq", "global")
 
 
-@pytest.mark.parametrize("method", ["bias", "lstsq"])
-def test_a_rectified_export_reloads_with_the_same_logits(setup, subnet, token_ids, tmp_path, method):
+@pytest.mark.parametrize("spec", [ReformSpec("bias", "sequential"), ReformSpec("lstsq", "sequential"),
+                                  ReformSpec("lstsq", "upstream", intercept=True)], ids=["bias", "lstsq", "intercept"])
+def test_a_rectified_export_reloads_with_the_same_logits(setup, subnet, token_ids, tmp_path, spec):
     adapter, orders, windows = setup
-    overrides = rectify(adapter, subnet, windows, spec=ReformSpec(method, "sequential"))
+    overrides = rectify(adapter, subnet, windows, spec=spec)
     with torch.no_grad(), subnet_view(adapter, subnet, overrides) as model:
         expected = model(token_ids).logits
     with torch.no_grad(), subnet_view(adapter, subnet) as model:
@@ -536,7 +577,7 @@ def test_a_rectified_export_reloads_with_the_same_logits(setup, subnet, token_id
     assert float((expected - unrectified).abs().max()) > 1e-3  # the overrides matter
     export_subnet(adapter, subnet, orders, tmp_path / "export", overrides=overrides)
     config = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert config.get("llm_pruner_output_bias", False) == (method == "bias")
+    assert config.get("llm_pruner_output_bias", False) == (spec.method == "bias" or spec.intercept)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export", trust_remote_code=True,
                                                     dtype=torch.float32).eval()
     with torch.no_grad():
