@@ -336,6 +336,19 @@ def test_sequential_differs_from_local_and_is_never_worse_on_its_targets(setup, 
         assert error(in_sequential, sequential) <= error(in_local, local), t.key
 
 
+def upstream_inputs(adapter, windows, subnet, target, overrides) -> torch.Tensor:
+    """What ``target``'s projection receives in the model pruned to ``subnet`` and rectified by
+    ``overrides`` (its own), its own sub-layer whole: the inputs the upstream mode fits it on."""
+    dims = adapter.dims
+    index = int(target.key.split(".")[2])
+    layers = list(subnet.layers)
+    w = layers[index]
+    layers[index] = (LayerWidths(dims.num_kv_heads, dims.group_size, w.channels) if target.name == "o"
+                     else LayerWidths(w.kv_heads, w.q_per_kv, dims.intermediate_size))
+    others = {k: v for k, v in overrides.items() if not k.startswith(target.key)}
+    return projection_inputs(adapter, windows, [target.module], Subnet(dims, layers), others)[target.module]
+
+
 def test_upstream_fits_each_projection_to_its_own_weights_on_the_pruned_stream(setup, subnet):
     """Týr's reconstruction: Ŵ_K = argmin ‖W X̂ − Ŵ_K X̂_K‖, X̂ the inputs the projection gets from
     the pruned and already rectified upstream model (its own sub-layer whole)."""
@@ -347,15 +360,8 @@ def test_upstream_fits_each_projection_to_its_own_weights_on_the_pruned_stream(s
     for key in first:  # nothing upstream of layer 0's attention is pruned: the local fit
         torch.testing.assert_close(upstream[key], local[key], rtol=1e-4, atol=1e-5)
     assert max(float((local[k] - upstream[k]).abs().max()) for k in local) > 1e-3
-    dims = adapter.dims
     for t in all_targets(adapter, subnet):
-        index = int(t.key.split(".")[2])
-        layers = list(subnet.layers)
-        w = layers[index]
-        layers[index] = (LayerWidths(dims.num_kv_heads, dims.group_size, w.channels) if t.name == "o"
-                         else LayerWidths(w.kv_heads, w.q_per_kv, dims.intermediate_size))
-        others = {k: v for k, v in upstream.items() if not k.startswith(t.key)}
-        x = projection_inputs(adapter, windows, [t.module], Subnet(dims, layers), others)[t.module]
+        x = upstream_inputs(adapter, windows, subnet, t, upstream)
         goal, x_kept = x @ t.module.weight.detach().double().T, kept_columns(x, t.kept)
         best = torch.linalg.lstsq(x_kept, goal).solution.T  # (GQA inputs are rank-deficient: compare errors)
 
@@ -374,17 +380,10 @@ def test_an_intercept_is_the_least_squares_with_a_constant_input(setup, subnet, 
     fits = {c: rectify(adapter, subnet, windows, spec=ReformSpec("lstsq", mode, damping=0.0, intercept=c))
             for c in (False, True)}
     assert not any(k.endswith(".bias") for k in fits[False])
-    dims, gains = adapter.dims, []
+    gains = []
     for t in all_targets(adapter, subnet):
-        index = int(t.key.split(".")[2])
-        layers = list(subnet.layers)
-        w = layers[index]
-        layers[index] = (LayerWidths(dims.num_kv_heads, dims.group_size, w.channels) if t.name == "o"
-                         else LayerWidths(w.kv_heads, w.q_per_kv, dims.intermediate_size))
-        mine = fits[True] if mode == "upstream" else {}
-        others = {k: v for k, v in mine.items() if not k.startswith(t.key)}
-        x = projection_inputs(adapter, windows, [t.module], None if mode == "local" else Subnet(dims, layers),
-                              others)[t.module]
+        x = (projection_inputs(adapter, windows, [t.module])[t.module] if mode == "local"
+             else upstream_inputs(adapter, windows, subnet, t, fits[True]))
         goal, x_kept = x @ t.module.weight.detach().double().T, kept_columns(x, t.kept)
         augmented = torch.cat([x_kept, torch.ones(len(x_kept), 1, dtype=x.dtype)], 1)
         best = float((goal - augmented @ torch.linalg.lstsq(augmented, goal).solution).norm())
