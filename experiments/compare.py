@@ -215,10 +215,16 @@ def search_zeroshot(cell: dict, limit: int) -> dict:
     """A search row's zero-shot scores: quality.py's own where it measured them with this limit on this
     export, else measured here on the export (float32)."""
     source, _, key = cell["record"]["from"].rpartition(" ")
-    measured = json.loads(Path(source).read_text()).get("zeroshot", {}).get(key, {})
-    if measured.get("export") == cell["record"]["export"] and measured.get("limit") == limit:
+    quality = json.loads(Path(source).read_text())
+    # a row read before records kept their export: the quality.json cell's (the same run: quality_changed)
+    export = cell["record"].setdefault("export", quality["cells"][key]["export"])
+    measured = quality.get("zeroshot", {}).get(key, {})
+    if measured.get("export") == export and measured.get("limit") == limit:
         return measured
-    return zeroshot_cell(cell["record"]["export"], limit)
+    if not Path(export).is_dir():
+        raise SystemExit(f"{key}: its export {export} is not on this machine and {source} has no zero-shot "
+                         f"of it; run experiments/quality.py for that cell with --zeroshot first")
+    return zeroshot_cell(export, limit)
 
 
 def depth_search_cell(args, ratio: float, windows, dtype) -> dict:
@@ -334,11 +340,8 @@ def main(argv=None) -> int:
             cells[key]["wall_seconds"] = round(time.time() - started, 1)
             save()
     def measured(key: str, row: str) -> bool:  # rows read from quality.json before they had the short
-        # windows or, at a zero-shot ratio, recorded their export (where the zero-shot scores are measured),
-        # or whose quality.json cell has been measured again since: again
-        zeroshot_here = args.zeroshot and key in cells and cells[key]["ratio"] in args.zeroshot_ratios
+        # windows, or whose quality.json cell has been measured again since: again
         return (key in cells and f"wikitext2_{args.short_seqlen}" in cells[key]["metrics"]
-                and (not zeroshot_here or "export" in cells[key]["record"])
                 and not (args.search_cells and quality_changed(args.search_cells[0], cells[key], row)))
 
     for ratio in args.ratios if not args.label else []:
@@ -397,7 +400,7 @@ def add_zeroshot(args, cells: dict, pristine, recipes, caches, save) -> None:
                 save()
         for row in ("search", "tyr") if not args.label else ():
             cell = cells.get(f"{row}:{ratio}")
-            if cell is not None and "zeroshot" not in cell and "export" in cell["record"]:
+            if cell is not None and "zeroshot" not in cell:
                 cell["zeroshot"] = search_zeroshot(cell, limit)
                 save()
 

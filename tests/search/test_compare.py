@@ -141,6 +141,43 @@ def test_zeroshot_joins_a_finished_comparison_without_changing_its_perplexities(
     assert "## Zero-shot average" in report and "| tyr | 0.123 |" in report and "0.5, zero-shot average" in report
 
 
+def test_zeroshot_of_a_search_row_whose_export_is_gone_reads_quality_or_says_what_to_run(
+        compare, tiny_model_dir, tiny_text_dir, tmp_path, monkeypatch):
+    """Search rows read before compare.json kept their export path, on a machine where that export is gone
+    (run folders stay where they ran): --zeroshot takes quality.py's scores of that export; where
+    quality.py has none, one clear message names the command to run, and nothing measured is lost."""
+    data = shutil.copytree(tiny_text_dir, tmp_path / "data")
+    write_tiny_zeroshot_data(data)
+    monkeypatch.setenv("LLM_PRUNER_DATA", str(data))
+    export = shutil.copytree(tiny_model_dir, tmp_path / "export")
+    out = tmp_path / "compare"
+    quality = quality_file(tmp_path / "quality.json", export)
+    rows = ("--search-cells", str(quality), "defaults", "--tyr-row", "tyr")
+    first = run(compare, tiny_model_dir, out, *rows)
+    for key in ("search:0.5", "tyr:0.5"):  # as written before records kept the export
+        del first["cells"][key]["record"]["export"]
+    out.with_suffix(".json").write_text(json.dumps(first))
+    shutil.rmtree(export)
+    marked = json.loads(quality.read_text())
+    marked["zeroshot"] = {"0.5/tyr/seed0": {"limit": 2, "scores": {"average": 0.123}, "seconds": 1.0,
+                                            "export": str(export)}}
+    quality.write_text(json.dumps(marked))
+    zeroshot = ("--zeroshot", "2", "--zeroshot-ratios", "0.5")
+    with pytest.raises(SystemExit, match="0.5/defaults/seed0: its export .* is not on this machine"):
+        run(compare, tiny_model_dir, out, *rows, *zeroshot)
+    kept = json.loads(out.with_suffix(".json").read_text())["cells"]
+    assert "zeroshot" in kept["dense"] and "zeroshot" in kept["wanda-sp:0.5"]
+    marked["zeroshot"]["0.5/defaults/seed0"] = {"limit": 2, "scores": {"average": 0.321}, "seconds": 1.0,
+                                                "export": str(export)}
+    quality.write_text(json.dumps(marked))
+    cells = run(compare, tiny_model_dir, out, *rows, *zeroshot)["cells"]
+    assert cells["search:0.5"]["zeroshot"]["scores"]["average"] == 0.321
+    assert cells["tyr:0.5"]["zeroshot"]["scores"]["average"] == 0.123  # read, the export not needed
+    assert cells["search:0.5"]["record"]["export"] == str(export)
+    for key in cells:
+        assert cells[key]["metrics"] == first["cells"][key]["metrics"], key
+
+
 def test_the_report_shows_every_seed_of_the_searches_and_compares_their_means(compare, tmp_path):
     """The search and tyr rows at seed 0 come with the other seeds quality.py ran: a table of each seed
     and the mean, and a verdict on the means where both rows have two seeds."""
