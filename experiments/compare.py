@@ -213,7 +213,7 @@ def quality_changed(path: str, cell: dict, row: str) -> bool:
 
 def search_zeroshot(cell: dict, limit: int) -> dict:
     """A search row's zero-shot scores: quality.py's own where it measured them with this limit on this
-    export, else measured here on the export (float32)."""
+    export, else measured here on the export (float32). A record without its export path gets it."""
     source, _, key = cell["record"]["from"].rpartition(" ")
     quality = json.loads(Path(source).read_text())
     # a row read before records kept their export: the quality.json cell's (the same run: quality_changed)

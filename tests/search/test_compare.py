@@ -24,6 +24,15 @@ def compare(monkeypatch):
     return compare
 
 
+@pytest.fixture
+def zeroshot_data(tiny_text_dir, tmp_path, monkeypatch) -> Path:
+    """The tiny texts with the seven zero-shot tasks beside them, as LLM_PRUNER_DATA."""
+    data = shutil.copytree(tiny_text_dir, tmp_path / "data")
+    write_tiny_zeroshot_data(data)
+    monkeypatch.setenv("LLM_PRUNER_DATA", str(data))
+    return data
+
+
 def run(compare, model_dir: Path, out: Path, *extra: str) -> dict:
     argv = ["--model", str(model_dir), "--ratios", "0.5", "--recipes", "wanda-sp", "--windows", "1",
             "--held-out", "ptb", "--out", str(out), *extra]
@@ -109,15 +118,12 @@ def test_a_file_of_another_comparison_is_refused(compare, tiny_model_dir, tiny_d
     assert json.loads(out.with_suffix(".json").read_text())["config"] == {"model": "other"}
 
 
-def test_zeroshot_joins_a_finished_comparison_without_changing_its_perplexities(compare, tiny_model_dir, tiny_text_dir,
-                                                                                tmp_path, monkeypatch):
+def test_zeroshot_joins_a_finished_comparison_without_changing_its_perplexities(compare, tiny_model_dir, zeroshot_data,
+                                                                                tmp_path):
     """--zeroshot on a comparison measured without it: the dense model and every row at --zeroshot-ratios
     get the seven tasks' average (a recipe runs again, its perplexities kept; a search row takes
     quality.py's scores where it measured them on the same export with the same limit, else is measured on
     its export), and the report has their table."""
-    data = shutil.copytree(tiny_text_dir, tmp_path / "data")
-    write_tiny_zeroshot_data(data)
-    monkeypatch.setenv("LLM_PRUNER_DATA", str(data))
     out = tmp_path / "compare"
     quality = quality_file(tmp_path / "quality.json", tiny_model_dir)
     rows = ("--search-cells", str(quality), "defaults", "--tyr-row", "tyr")
@@ -142,13 +148,10 @@ def test_zeroshot_joins_a_finished_comparison_without_changing_its_perplexities(
 
 
 def test_zeroshot_of_a_search_row_whose_export_is_gone_reads_quality_or_says_what_to_run(
-        compare, tiny_model_dir, tiny_text_dir, tmp_path, monkeypatch):
+        compare, tiny_model_dir, zeroshot_data, tmp_path):
     """Search rows read before compare.json kept their export path, on a machine where that export is gone
     (run folders stay where they ran): --zeroshot takes quality.py's scores of that export; where
     quality.py has none, one clear message names the command to run, and nothing measured is lost."""
-    data = shutil.copytree(tiny_text_dir, tmp_path / "data")
-    write_tiny_zeroshot_data(data)
-    monkeypatch.setenv("LLM_PRUNER_DATA", str(data))
     export = shutil.copytree(tiny_model_dir, tmp_path / "export")
     out = tmp_path / "compare"
     quality = quality_file(tmp_path / "quality.json", export)

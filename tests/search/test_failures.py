@@ -27,6 +27,9 @@ from space.errors import JobFailed, UserError
 from space.subnet import ModelDims, Subnet
 from tests.search.test_search import tiny_config
 
+# a guard against a hang, not a timing test: each Ray actor restart takes minutes on a loaded 2-core machine
+RESTART_GUARD_S = 600
+
 DIMS = ModelDims(num_layers=6, hidden_size=64, head_dim=8, num_heads=8, num_kv_heads=4, intermediate_size=256)
 FAIL = optuna.trial.TrialState.FAIL
 COMPLETE = optuna.trial.TrialState.COMPLETE
@@ -167,8 +170,7 @@ def test_a_hung_ray_worker_is_restarted_and_its_job_sent_again(tmp_path):
         assert wait_for_one(pool)[0].result["value"] == 0.0
         pool.submit(2, {"subnet": {}})  # hangs: past the deadline it comes back to be sent again
         assert [(o.job_id, o.worker_died, o.error) for o in wait_for_one(pool)] == [(2, True, "deadline")]
-        # a guard against a hang, not a timing test: each restart takes minutes on a loaded 2-core machine
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + RESTART_GUARD_S
         while time.monotonic() < deadline:  # to the restarted actor (Ray says unavailable while it restarts)
             while not pool.capacity:  # an unavailable actor rests before it takes a job again
                 pool.wait()
@@ -194,8 +196,7 @@ def test_an_actor_that_dies_now_and_then_is_restarted_past_max_restarts(tmp_path
     pool = RayPool(_Misbehaves(tmp_path, "die"), 1, max_restarts=1, startup_timeout=600.0)
     finished, deaths = [], 0
     try:
-        # a guard against a hang, not a timing test: each restart takes minutes on a loaded 2-core machine
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + RESTART_GUARD_S
         while len(finished) < 3 and time.monotonic() < deadline:
             while not pool.capacity:
                 pool.wait()
