@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,9 @@ ROWS: dict[str, dict] = {
     # tyr calibrated (statistics, fitness and re-scoring regions) on WikiText-2 validation + c4:calib
     "tyr-mixed": {**SEARCH_METHODS["tyr"], "export_nsamples": 64, "export_pass_dtype": "float32",
                   "calib": "wikitext2+c4:calib", "export_calib": "wikitext2+c4:calib"},
+    # tyr with the search's export of the day (what `llm-pruner search --method tyr` runs today): the same
+    # calibration text and token budget as the final row's export, for compare.md's equal-calibration tyr row
+    "tyr-equal": dict(SEARCH_METHODS["tyr"]),
     # the defaults of the day (search/config.py RECOMMENDED): tyr's search at 0.5 and staged's at 0.7,
     # the winner refitted on 256 windows (calibration_size.py measured that step on their seed-0 winners);
     # its cells were exported with float32 passes on WikiText-2; the defaults since are bfloat16 passes (the
@@ -64,6 +68,10 @@ ROWS: dict[str, dict] = {
     # the first start (--fitness-statistics upstream), against the final row
     "fitstats": {"fitness_statistics": "upstream", "export_pass_dtype": "float32", "export_calib": "wikitext2"},
 }
+
+# Rows whose search is another row's (they differ in runtime fields only, e.g. the export): the other row's
+# finished run folder is copied, the winner re-scored and exported again, the search's seconds are that row's.
+SEARCH_FROM = {"tyr-equal": "tyr"}
 
 
 def cell_options(row: str, trials: int | None) -> dict:
@@ -90,19 +98,48 @@ def write_config(config: SearchConfig, row: str) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int | None) -> dict:
+def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int | None, cells: dict) -> dict:
     config = cell_config(ratio, row, seed, trials)
     options = {**cell_options(row, trials), "trials": config.trials}
     write_config(config, row)
-    result = run_search(config, runs / f"{ratio}" / f"{row}-seed{seed}", progress=False)
+    run_dir = runs / f"{ratio}" / f"{row}-seed{seed}"
+    source = reused_search(config, row, run_dir, cells)
+    result = run_search(config, run_dir, progress=False)
     best = result.best
     ppl = {spec: t["ppl"] for spec, t in [("wikitext2", best["test"]), *best["held_out"].items()]}
     if VALIDATION[0] not in ppl:
         ppl[VALIDATION[0]] = validation_ppl(best["export"])
+    seconds = {k: round(v, 1) for k, v in best["seconds"].items()}
+    if source is not None:  # the trial loop ran in the source row's cell
+        seconds["search"] = source["seconds"]["search"]
     return {"ratio": ratio, "row": row, "seed": seed, "options": options, "trials": result.completed,
             "block_ratio": best["best"]["block_ratio"], "rescored": best["best"]["rescored"],
-            "fitness": config.fitness_name, "ppl": ppl, "windows": best["test"]["windows"],
-            "seconds": {k: round(v, 1) for k, v in best["seconds"].items()}, "export": best["export"]}
+            "fitness": config.fitness_name, "ppl": ppl, "windows": best["test"]["windows"], "seconds": seconds,
+            "export": best["export"], **({"search_from": f"{ratio}/{source['row']}/seed{seed}"} if source else {})}
+
+
+def reused_search(config: SearchConfig, row: str, run_dir: Path, cells: dict) -> dict | None:
+    """The cell of the row whose search ``row`` reuses (``SEARCH_FROM``): where that cell ran here with
+    the same search and ``run_dir`` does not exist yet, its run folder is copied there without its export
+    and result (a marker names the source, so a resumed copy still reports the source's search); None
+    where ``run_dir`` holds a search of its own (it runs whole)."""
+    key = f"{config.ratio}/{SEARCH_FROM.get(row)}/seed{config.seed}"
+    marker = run_dir / "search_from"
+    if run_dir.exists():
+        return cells.get(marker.read_text()) if marker.is_file() else None
+    source = cells.get(key)
+    if source is None:
+        return None
+    source_dir = Path(source["export"]).parent
+    source_config = cell_config(config.ratio, source["row"], config.seed, source["options"].get("trials"))
+    if source_config.identity() != config.identity() or not (source_dir / "study.journal").is_file():
+        return None
+    partial = run_dir.with_name(run_dir.name + ".copying")  # an interrupted copy never looks like a run folder
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source_dir, partial, ignore=shutil.ignore_patterns("export", "best.json", "report.md", "*.png"))
+    (partial / marker.name).write_text(key)
+    partial.rename(run_dir)
+    return source
 
 
 def validation_ppl(export: str) -> float:
@@ -209,7 +246,8 @@ def main(argv=None) -> int:
                 # folders stay where they ran) runs again, its earlier numbers kept beside the new ones
                 rerun = earlier is not None and args.zeroshot and not Path(earlier["export"]).is_dir()
                 if earlier is None or rerun:  # the machine's matmul peak, measured in the same run as the cell
-                    data["cells"][key] = {**search_cell(ratio, row, seed, args.runs, args.trials), **peak}
+                    data["cells"][key] = {**search_cell(ratio, row, seed, args.runs, args.trials, data["cells"]),
+                                          **peak}
                     if rerun:  # its zero-shot, if any, was measured on the earlier export
                         data["zeroshot"].pop(key, None)
                         data["cells"][key]["earlier"] = {k: earlier[k] for k in ("ppl", "seconds", "bf16_tflops")
