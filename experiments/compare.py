@@ -23,7 +23,11 @@ The search row comes from ``--search-cells``: the cells of experiments/quality.p
 windows and dtype; a row of its table, ``defaults`` being the defaults of the day), or else from
 run folders ``runs/search-<searcher>-<ratio>/`` (their export, evaluated here on the same windows);
 where neither exists and ``--search-trials`` is given, :func:`search.job.run_search` runs with that
-budget; otherwise the row says pending.
+budget; otherwise the row says pending. ``--tyr-rows`` adds Týr's search (``search --method tyr``) from
+the same file's rows: ``tyr`` exported as first measured (64 windows of WikiText-2), ``tyr-equal`` with
+the search's export of the day (the same calibration text and token budget as the search row); where
+the defaults of the day are Týr's search and export (ratio <= 0.6) that row is the search row itself,
+shown as ``= search`` and never counted as its rival.
 
 Writes ``experiments/results/compare.json`` after every cell (config, versions, seed, wall
 times), then ``compare.md`` and ``compare.png``. Re-running resumes: finished cells are kept.
@@ -32,6 +36,7 @@ times), then ``compare.md`` and ``compare.png``. Re-running resumes: finished ce
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import json
@@ -60,6 +65,9 @@ from space.views import subnet_view  # noqa: E402
 log = logging.getLogger("compare")
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# quality.py's tyr rows by their name here: ``tyr`` exported as first measured (64 windows of WikiText-2),
+# ``tyr-equal`` with the search's export of the day (the final row's calibration text and token budget)
+TYR_ROWS = {"tyr": "tyr", "tyr-equal": "tyr (search's calibration)"}
 
 
 def parse_args(argv=None):
@@ -80,8 +88,9 @@ def parse_args(argv=None):
                         "in runs/compare-evopress-depth-<ratio>")
     p.add_argument("--search-cells", nargs=2, metavar=("QUALITY_JSON", "ROW"),
                    help="the search row from experiments/quality.py's cells of this row (seed 0)")
-    p.add_argument("--tyr-row", metavar="ROW",
-                   help="with --search-cells: the tyr row (search --method tyr) from that file's cells of this row")
+    p.add_argument("--tyr-rows", nargs="+", default=[], metavar="ROW",
+                   help="with --search-cells: tyr rows (search --method tyr) from that file's cells of these rows "
+                        f"(named {', '.join(f'{k!r} {v!r}' for k, v in TYR_ROWS.items())}; others 'tyr (ROW)')")
     p.add_argument("--max-calib-tokens", type=int, default=None,
                    help="cap each recipe's calibration at this many tokens (fewer windows of its length)")
     p.add_argument("--calib-as-search", action="store_true",
@@ -200,11 +209,23 @@ def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | N
                        "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops"), "export": cell["export"]}}
 
 
-def quality_changed(path: str, cell: dict, row: str) -> bool:
+def tyr_row_name(row: str) -> str:
+    return TYR_ROWS.get(row, f"tyr ({row})")
+
+
+def same_search(ratio: float, row: str, search_row: str) -> bool:
+    """Whether quality.py's ``row`` runs, at ``ratio``, exactly the search and export of ``search_row``."""
+    from experiments.quality import ROWS, cell_config
+
+    return (row in ROWS and search_row in ROWS
+            and cell_config(ratio, row, 0).to_dict() == cell_config(ratio, search_row, 0).to_dict())
+
+
+def quality_changed(path: str, cell: dict) -> bool:
     """Whether the quality.json cell a search row was read from now holds other perplexities or another
     export (it ran again, e.g. for a zero-shot on a machine without its export)."""
-    ratio = cell["ratio"]
-    measured = json.loads(Path(path).read_text())["cells"].get(f"{ratio}/{row}/seed0")
+    key = cell["record"]["from"].rpartition(" ")[2]
+    measured = json.loads(Path(path).read_text())["cells"].get(key)
     return measured is not None and (
         cell["record"].get("export", measured["export"]) != measured["export"]
         or any(cell["metrics"][f"{name}_2048"]["ppl"] != measured["ppl"].get(name)
@@ -339,26 +360,31 @@ def main(argv=None) -> int:
             cells[key] = depth_search_cell(args, ratio, windows, dtype)
             cells[key]["wall_seconds"] = round(time.time() - started, 1)
             save()
-    def measured(key: str, row: str) -> bool:  # rows read from quality.json before they had the short
-        # windows, or whose quality.json cell has been measured again since: again
+    def measured(key: str) -> bool:  # rows read from quality.json before they had the short windows, or
+        # whose quality.json cell has been measured again since: again
         return (key in cells and f"wikitext2_{args.short_seqlen}" in cells[key]["metrics"]
-                and not (args.search_cells and quality_changed(args.search_cells[0], cells[key], row)))
+                and not (args.search_cells and quality_changed(args.search_cells[0], cells[key])))
 
     for ratio in args.ratios if not args.label else []:
         key = f"search:{ratio}"
-        if measured(key, args.search_cells[1] if args.search_cells else None):
+        if measured(key):
             continue
         cell = (quality_cell(args, ratio, args.search_cells[1], windows, dtype) if args.search_cells else
                 search_cell(args, ratio, windows, dtype))
         if cell is not None:
             cells[key] = cell
             save()
-    for ratio in args.ratios if args.tyr_row and args.search_cells else []:
-        key = f"tyr:{ratio}"
-        if measured(key, args.tyr_row):
-            continue
-        if (cell := quality_cell(args, ratio, args.tyr_row, windows, dtype)) is not None:
-            cells[key] = cell
+    for row in args.tyr_rows if args.search_cells else []:
+        name = tyr_row_name(row)
+        for ratio in args.ratios:
+            key = f"{name}:{ratio}"
+            if measured(key):
+                continue
+            if same_search(ratio, row, args.search_cells[1]) and f"search:{ratio}" in cells:
+                # the same search and export as the search row (tyr-equal at ratios whose defaults are tyr's)
+                cells[key] = {**copy.deepcopy(cells[f"search:{ratio}"]), "same_as": f"search:{ratio}"}
+            elif (cell := quality_cell(args, ratio, row, windows, dtype)) is not None:
+                cells[key] = cell
             save()
     if args.zeroshot:
         add_zeroshot(args, cells, pristine, recipes, caches, save)
@@ -398,7 +424,7 @@ def add_zeroshot(args, cells: dict, pristine, recipes, caches, save) -> None:
                                     caches[recipe.name], args.batch_size, limit)
                 cell["zeroshot"] = again["zeroshot"]
                 save()
-        for row in ("search", "tyr") if not args.label else ():
+        for row in ("search", *map(tyr_row_name, args.tyr_rows)) if not args.label else ():
             cell = cells.get(f"{row}:{ratio}")
             if cell is not None and "zeroshot" not in cell:
                 cell["zeroshot"] = search_zeroshot(cell, limit)

@@ -66,6 +66,12 @@ def write_report(results: dict, out: Path) -> None:
         "keeping every finished cell.",
         "",
     ]
+    if any(name.startswith("tyr (") for name in rows):
+        lines += ["Rows `tyr`: Týr's search (`llm-pruner search --method tyr`, experiments/quality.py's cells). `tyr` is "
+                  "exported as first measured (least squares on 64 windows of 512 of WikiText-2); `tyr (search's "
+                  "calibration)` is the same search exported like the search row (256 windows, with C4's calibration "
+                  "half above 0.6): the same calibration text and token budget. `= search` marks the ratios where "
+                  "the search's defaults are Týr's search: there that row is the search row itself.", ""]
     for metric, label in metrics:
         lines += [f"## Perplexity: {label}", "", "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |",
                   "|---|" + "---|" * len(ratios)]
@@ -76,6 +82,8 @@ def write_report(results: dict, out: Path) -> None:
                 cell = row.get(r)
                 if name == "search" and cell is None:
                     cells.append("pending")
+                elif cell is not None and "same_as" in cell:
+                    cells.append("= search")
                 elif cell is not None and "error" in cell:
                     cells.append("error")
                 else:
@@ -90,12 +98,16 @@ def write_report(results: dict, out: Path) -> None:
     for name in recipes + (["search"] if "search" in rows else []):
         row = rows[name]
         lines.append(f"| {name} | " + " | ".join(
+            "= search" if "same_as" in row.get(r, {}) else
             f"{row[r]['recipe_seconds']:.0f}" if r in row and row[r].get("recipe_seconds") is not None else "–"
             for r in ratios) + " |")
-    lines += ["", "## Strongest recipe and the search, per ratio and text (2048 tokens)", ""]
+    lines += ["", f"## Strongest recipe and the search, per ratio and text (2048 tokens; WikiText-2 also in "
+                  f"windows of {config['short_seqlen']})", ""]
     for r in ratios:
-        for metric in ["wikitext2_2048", *(f"{name}_2048" for name in held_out)]:
-            scored = [(v, n) for n in recipes if (v := _ppl(rows[n].get(r), metric)) is not None]
+        for metric in ["wikitext2_2048", short, *(f"{name}_2048" for name in held_out)]:
+            # a row that is the search itself (the same search and export) is not a rival
+            scored = [(v, n) for n in recipes if (v := _ppl(rows[n].get(r), metric)) is not None
+                      and "same_as" not in rows[n][r]]
             if not scored:
                 continue
             best, name = min(scored)
@@ -103,8 +115,10 @@ def write_report(results: dict, out: Path) -> None:
             verdict = ("search pending" if search is None else
                        f"search {search:.2f}, {abs(best - search) / best:.1%} "
                        f"{'lower (better)' if search < best else 'higher (worse)'}")
-            lines.append(f"- {r:g}, {metric.removesuffix('_2048')}: {name} {best:.2f}; {verdict}")
-        scored = [(v, n) for n in recipes if (v := _zeroshot(rows[n].get(r))) is not None]
+            text = metric.removesuffix("_2048").replace("_", " in windows of ")
+            lines.append(f"- {r:g}, {text}: {name} {best:.2f}; {verdict}")
+        scored = [(v, n) for n in recipes if (v := _zeroshot(rows[n].get(r))) is not None
+                  and "same_as" not in rows[n][r]]
         if scored:
             best, name = max(scored)
             search = _zeroshot(rows.get("search", {}).get(r))
@@ -160,8 +174,9 @@ def _zeroshot_table(rows: dict, recipes: list[str], dense: dict | None) -> list[
              "better" + (f"; dense {dense_average:.3f}" if dense_average is not None else "") + ")", "",
              "| method | " + " | ".join(f"{r:g}" for r in measured) + " |", "|---|" + "---|" * len(measured)]
     for name in recipes + (["search"] if "search" in rows else []):
-        values = [_zeroshot(rows[name].get(r)) for r in measured]
-        lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in values) + " |")
+        values = ["= search" if "same_as" in rows[name].get(r, {}) else
+                  "–" if (v := _zeroshot(rows[name].get(r))) is None else f"{v:.3f}" for r in measured]
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
     return lines + [""]
 
 

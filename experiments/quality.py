@@ -132,7 +132,8 @@ def reused_search(config: SearchConfig, row: str, run_dir: Path, cells: dict) ->
         return None
     source_dir = Path(source["export"]).parent
     source_config = cell_config(config.ratio, source["row"], config.seed, source["options"].get("trials"))
-    if source_config.identity() != config.identity() or not (source_dir / "study.journal").is_file():
+    same = source_config.identity() == config.identity() and source["options"].get("trials") == config.trials
+    if not same or not (source_dir / "study.journal").is_file():
         return None
     partial = run_dir.with_name(run_dir.name + ".copying")  # an interrupted copy never looks like a run folder
     shutil.rmtree(partial, ignore_errors=True)

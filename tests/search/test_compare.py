@@ -55,7 +55,7 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
     out = tmp_path / "compare"
     quality = quality_file(tmp_path / "quality.json", tiny_model_dir)
     results = run(compare, tiny_model_dir, out, "--lstsq-rows", "--search-cells", str(quality), "defaults",
-                  "--tyr-row", "tyr")
+                  "--tyr-rows", "tyr")
     cells = results["cells"]
     assert set(cells) == {"dense", "wanda-sp:0.5", "wanda-sp + lstsq:0.5", "search:0.5", "tyr:0.5"}
     for key in ("dense", "wanda-sp:0.5", "wanda-sp + lstsq:0.5"):
@@ -80,7 +80,7 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
     marked["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] = 1234.5
     out.with_suffix(".json").write_text(json.dumps(marked))
     again = run(compare, tiny_model_dir, out, "--lstsq-rows", "--search-cells", str(quality), "defaults",
-                "--tyr-row", "tyr")
+                "--tyr-rows", "tyr")
     assert again["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] == 1234.5
     assert "1234" in out.with_suffix(".md").read_text()
 
@@ -89,7 +89,7 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
     remeasured["cells"]["0.5/defaults/seed0"]["ppl"] = {"wikitext2": 41.0, "ptb": 83.0}
     quality.write_text(json.dumps(remeasured))
     again = run(compare, tiny_model_dir, out, "--lstsq-rows", "--search-cells", str(quality), "defaults",
-                "--tyr-row", "tyr")
+                "--tyr-rows", "tyr")
     assert again["cells"]["search:0.5"]["metrics"]["ptb_2048"]["ppl"] == 83.0
     assert again["cells"]["tyr:0.5"] == cells["tyr:0.5"]
     assert again["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] == 1234.5
@@ -98,7 +98,7 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
     remeasured["cells"]["0.5/defaults/seed0"]["export"] = str(tmp_path / "moved")
     quality.write_text(json.dumps(remeasured))
     again = run(compare, tiny_model_dir, out, "--lstsq-rows", "--search-cells", str(quality), "defaults",
-                "--tyr-row", "tyr")
+                "--tyr-rows", "tyr")
     assert again["cells"]["search:0.5"]["record"]["export"] == str(tmp_path / "moved")
 
     # --report writes the report from the JSON alone: no model is loaded
@@ -126,7 +126,7 @@ def test_zeroshot_joins_a_finished_comparison_without_changing_its_perplexities(
     its export), and the report has their table."""
     out = tmp_path / "compare"
     quality = quality_file(tmp_path / "quality.json", tiny_model_dir)
-    rows = ("--search-cells", str(quality), "defaults", "--tyr-row", "tyr")
+    rows = ("--search-cells", str(quality), "defaults", "--tyr-rows", "tyr")
     first = run(compare, tiny_model_dir, out, *rows)
     assert all("zeroshot" not in cell for cell in first["cells"].values())
     marked = json.loads(quality.read_text())
@@ -155,7 +155,7 @@ def test_zeroshot_of_a_search_row_whose_export_is_gone_reads_quality_or_says_wha
     export = shutil.copytree(tiny_model_dir, tmp_path / "export")
     out = tmp_path / "compare"
     quality = quality_file(tmp_path / "quality.json", export)
-    rows = ("--search-cells", str(quality), "defaults", "--tyr-row", "tyr")
+    rows = ("--search-cells", str(quality), "defaults", "--tyr-rows", "tyr")
     first = run(compare, tiny_model_dir, out, *rows)
     for key in ("search:0.5", "tyr:0.5"):  # as written before records kept the export
         del first["cells"][key]["record"]["export"]
@@ -244,7 +244,7 @@ def test_quality_runs_a_cell_again_for_a_zeroshot_when_its_export_is_not_here(tm
                                "zeroshot": {"0.7/final/seed0": {"export": str(tmp_path / "gone")}}}))
     searched = []
 
-    def search_cell(ratio, row, seed, runs, trials):
+    def search_cell(ratio, row, seed, runs, trials, cells):
         searched.append(ratio)
         return {**earlier, "ppl": {"wikitext2": 41.0}, "export": str(here)}
 
@@ -259,3 +259,63 @@ def test_quality_runs_a_cell_again_for_a_zeroshot_when_its_export_is_not_here(tm
     assert data["cells"]["0.7/final/seed0"]["earlier"]["ppl"] == {"wikitext2": 40.0}
     assert data["zeroshot"]["0.7/final/seed0"]["export"] == str(here)
     assert "earlier" not in data["cells"]["0.5/final/seed0"]
+
+
+def test_the_equal_calibration_tyr_row_is_the_search_row_where_the_defaults_are_tyrs_search(
+        compare, tiny_model_dir, tiny_data, tmp_path):
+    """quality.py's tyr-equal row (Týr's search exported like the search) at 0.5, where the defaults of the
+    day are Týr's search with that export: the search row itself, marked so, and no rival in the verdicts;
+    at 0.8 (another unit order) a search of its own, read from its quality.py cell."""
+    assert compare.same_search(0.5, "tyr-equal", "final") and not compare.same_search(0.8, "tyr-equal", "final")
+    assert not compare.same_search(0.5, "tyr", "final")  # the first export: 64 windows
+    out = tmp_path / "compare"
+    quality = tmp_path / "quality.json"
+    cells = {f"{ratio}/{row}/seed0": {"ppl": {"wikitext2": value, "ptb": 2 * value}, "block_ratio": ratio,
+                                      "seconds": {"search": 10.0, "export": 1.0}, "options": {"trials": 4},
+                                      "trials": 4, "export": str(tiny_model_dir)}
+             for ratio in (0.5, 0.8) for row, value in (("final", 40.0), ("tyr", 30.0), ("tyr-equal", 35.0))
+             if (ratio, row) != (0.5, "tyr-equal")}
+    quality.write_text(json.dumps({"cells": cells}))
+    argv = ["--model", str(tiny_model_dir), "--ratios", "0.8", "0.5", "--recipes", "wanda-sp", "--windows", "1",
+            "--held-out", "ptb", "--out", str(out), "--search-cells", str(quality), "final",
+            "--tyr-rows", "tyr", "tyr-equal"]
+    assert compare.main(argv) == 0
+    cells = json.loads(out.with_suffix(".json").read_text())["cells"]
+    equal = "tyr (search's calibration)"
+    assert cells[f"{equal}:0.5"]["same_as"] == "search:0.5"
+    assert cells[f"{equal}:0.5"]["metrics"] == cells["search:0.5"]["metrics"]
+    assert "same_as" not in cells[f"{equal}:0.8"]
+    assert cells[f"{equal}:0.8"]["metrics"]["ptb_2048"]["ppl"] == 70.0
+    report = out.with_suffix(".md").read_text()
+    assert f"| {equal} | 35.00 | = search |" in report
+    # at 0.5 the strongest rival on WikiText-2 is tyr (30.00), never the search's own copy (40.00)
+    assert "- 0.5, wikitext2: tyr 30.00; search 40.00" in report
+    assert "- 0.8, wikitext2 in windows of 128:" in report
+
+
+def test_quality_reuses_the_tyr_rows_search_for_the_equal_calibration_row(tmp_path, monkeypatch):
+    """quality.py's tyr-equal cell starts from a copy of the tyr cell's run folder (the same search: only the
+    export differs), without its export and result; a resumed copy still names its source, and a folder
+    that holds a search of its own, or a source with another search, is never taken for it."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import quality
+
+    source_dir = tmp_path / "0.9" / "tyr-seed0"
+    (source_dir / "export").mkdir(parents=True)
+    for name in ("study.journal", "config.yaml", "best.json", "report.md"):
+        (source_dir / name).write_text(name)
+    source = {"ratio": 0.9, "row": "tyr", "seed": 0, "options": {"trials": 260}, "seconds": {"search": 785.3},
+              "export": str(source_dir / "export")}
+    cells = {"0.9/tyr/seed0": source}
+    config = quality.cell_config(0.9, "tyr-equal", 0)
+    run_dir = tmp_path / "0.9" / "tyr-equal-seed0"
+    assert quality.reused_search(config, "tyr-equal", run_dir, cells) is source
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", "search_from", "study.journal"]
+    assert quality.reused_search(config, "tyr-equal", run_dir, cells) is source  # resumed: the marker
+    (run_dir / "search_from").unlink()
+    assert quality.reused_search(config, "tyr-equal", run_dir, cells) is None  # a search of its own
+    other = tmp_path / "0.9" / "other-seed0"
+    assert quality.reused_search(config, "final", other, cells) is None and not other.exists()
+    for changed in ({"options": {"trials": 100}}, {"row": "final"}):  # fewer trials; another unit order
+        cells["0.9/tyr/seed0"] = {**source, **changed}
+        assert quality.reused_search(config, "tyr-equal", other, cells) is None and not other.exists()
