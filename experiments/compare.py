@@ -85,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--depth-search-trials", type=int,
                    help="also the row evopress-depth: EvoPress's search over which attention / MLP sub-layers to "
                         "drop (search --preset depth --evolution staged --fitness kl), this many trials per ratio, "
-                        "in runs/compare-evopress-depth-<ratio>")
+                        "in <runs>/compare-evopress-depth-<ratio>")
     p.add_argument("--search-cells", nargs=2, metavar=("QUALITY_JSON", "ROW"),
                    help="the search row from experiments/quality.py's cells of this row (seed 0)")
     p.add_argument("--tyr-rows", nargs="+", default=[], metavar="ROW",
@@ -96,7 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--calib-as-search", action="store_true",
                    help="every recipe calibrates (scores and compensation) on the windows the search's export "
                         "fits on at that ratio with the defaults of the day: the same text and token budget")
-    p.add_argument("--searcher", default="evolution", help="the search runs to read: runs/search-<searcher>-<ratio>")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs",
+                   help="where the searches this script runs or reads keep their run folders")
+    p.add_argument("--searcher", default="evolution", help="the search runs to read: <runs>/search-<searcher>-<ratio>")
     p.add_argument("--search-trials", type=int, help="run the search with this many trials where no run exists")
     p.add_argument("--label", default="", help="appended to the recipes' row names (a variant run with its own --out)")
     p.add_argument("--merge", type=Path, nargs="*", default=[],
@@ -234,7 +236,10 @@ def quality_changed(path: str, cell: dict) -> bool:
 
 def search_zeroshot(cell: dict, limit: int) -> dict:
     """A search row's zero-shot scores: quality.py's own where it measured them with this limit on this
-    export, else measured here on the export (float32). A record without its export path gets it."""
+    export, else measured here on the export (float32). A record without its export path gets it; a row
+    that did not come from quality.py (the depth search) is measured on its own export."""
+    if "from" not in cell["record"]:
+        return zeroshot_cell(cell["record"]["export"], limit)
     source, _, key = cell["record"]["from"].rpartition(" ")
     quality = json.loads(Path(source).read_text())
     # a row read before records kept their export: the quality.json cell's (the same run: quality_changed)
@@ -248,27 +253,33 @@ def search_zeroshot(cell: dict, limit: int) -> dict:
     return zeroshot_cell(export, limit)
 
 
-def depth_search_cell(args, ratio: float, windows, dtype) -> dict:
-    """EvoPress's depth search (whole attention / MLP sub-layers, staged evolution, KL fitness),
-    its export evaluated on the comparison's windows."""
+def depth_search_config(args, ratio: float):
+    """EvoPress's depth search at ``ratio``: whole attention / MLP sub-layers, staged evolution, KL fitness."""
     from search.config import SearchConfig
+
+    return SearchConfig.create(args.model, ratio, preset="depth", evolution="staged", fitness="kl",
+                               trials=args.depth_search_trials, eval_windows=0)
+
+
+def depth_search_cell(args, ratio: float, windows, dtype) -> dict:
+    """The depth search (resumed in ``--runs``/compare-evopress-depth-<ratio>), its export evaluated on
+    the comparison's windows."""
     from search.job import run_search
 
-    config = SearchConfig.create(args.model, ratio, preset="depth", evolution="staged", fitness="kl",
-                                 trials=args.depth_search_trials, eval_windows=0)
-    run_dir = ROOT / "runs" / f"compare-evopress-depth-{ratio}"
+    config = depth_search_config(args, ratio)
+    run_dir = args.runs / f"compare-evopress-depth-{ratio}"
     result = run_search(config, run_dir, progress=False)
-    exported = load_model(result.best["export"], dtype=dtype)
+    exported = load_model(result.best["export"], dtype=dtype, trust_remote_code=True)  # our export, any widths
     seconds = result.best.get("seconds", {})
     return {"kind": "search", "ratio": ratio, "block_ratio": result.best["best"]["block_ratio"],
             "metrics": evaluate(exported.model, windows), "widths": result.best["best"]["widths"],
             "recipe_seconds": sum(seconds.values()) if seconds else None,
             "record": {"run_dir": str(run_dir), "trials": result.completed, "config": config.to_dict(),
-                       "seconds": seconds}}
+                       "seconds": seconds, "export": result.best["export"]}}
 
 
 def search_cell(args, ratio: float, windows, dtype) -> dict | None:
-    run_dir = ROOT / "runs" / f"search-{args.searcher}-{ratio}"
+    run_dir = args.runs / f"search-{args.searcher}-{ratio}"
     best = run_dir / "best.json"
     if not best.is_file() and args.search_trials:
         from search.config import SearchConfig
@@ -424,7 +435,7 @@ def add_zeroshot(args, cells: dict, pristine, recipes, caches, save) -> None:
                                     caches[recipe.name], args.batch_size, limit)
                 cell["zeroshot"] = again["zeroshot"]
                 save()
-        for row in ("search", *map(tyr_row_name, args.tyr_rows)) if not args.label else ():
+        for row in ("search", *map(tyr_row_name, args.tyr_rows), "evopress-depth") if not args.label else ():
             cell = cells.get(f"{row}:{ratio}")
             if cell is not None and "zeroshot" not in cell:
                 cell["zeroshot"] = search_zeroshot(cell, limit)

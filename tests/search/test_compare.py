@@ -319,3 +319,25 @@ def test_quality_reuses_the_tyr_rows_search_for_the_equal_calibration_row(tmp_pa
     for changed in ({"options": {"trials": 100}}, {"row": "final"}):  # fewer trials; another unit order
         cells["0.9/tyr/seed0"] = {**source, **changed}
         assert quality.reused_search(config, "tyr-equal", other, cells) is None and not other.exists()
+
+
+def test_the_evopress_depth_row_searches_whole_sublayers_and_joins_the_table(compare, tiny_model_dir, zeroshot_data,
+                                                                             tmp_path, monkeypatch):
+    """--depth-search-trials: EvoPress's depth search runs in --runs (here with the tiny model's settings), its
+    export, whole sub-layers kept or removed, is evaluated on the comparison's windows and gets a zero-shot."""
+    from tests.search.test_search import tiny_config
+
+    def tiny_depth(args, ratio):
+        return tiny_config(tiny_model_dir, ratio, preset="depth", evolution="staged-tiny",
+                           trials=args.depth_search_trials, eval_windows=0)
+
+    monkeypatch.setattr(compare, "depth_search_config", tiny_depth)
+    runs = tmp_path / "runs"
+    cells = run(compare, tiny_model_dir, tmp_path / "compare", "--depth-search-trials", "8", "--runs", str(runs),
+                "--zeroshot", "2", "--zeroshot-ratios", "0.5")["cells"]
+    depth = cells["evopress-depth:0.5"]
+    assert depth["record"]["run_dir"] == str(runs / "compare-evopress-depth-0.5") and depth["record"]["trials"] >= 8
+    assert all(math.isfinite(depth["metrics"][m]["ppl"]) for m in METRICS)
+    assert all(w[:2] in ([0, 0], [2, 3]) and w[2] in (0, 96) for w in depth["widths"])
+    assert 0 <= depth["zeroshot"]["scores"]["average"] <= 1
+    assert "| evopress-depth | " in (tmp_path / "compare.md").read_text()
