@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -51,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from evaluators.data import dataset_windows  # noqa: E402
-from evaluators.environment import environment  # noqa: E402
+from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
 from experiments.quality import zeroshot_cell, zeroshot_scores  # noqa: E402
 from reform.spec import ReformSpec  # noqa: E402
@@ -206,7 +207,7 @@ def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | N
     metrics[short] = evaluate(exported.model, {short: windows[short]})[short]
     seconds = {k: v for k, v in cell["seconds"].items() if k != "test"}  # the search, not its evaluation
     return {"kind": "search", "ratio": ratio, "block_ratio": cell["block_ratio"], "metrics": metrics,
-            "recipe_seconds": sum(seconds.values()),
+            "recipe_seconds": sum(seconds.values()), "bf16_tflops": cell.get("bf16_tflops"),
             "record": {"from": f"{path} {ratio}/{row}/seed0", "options": cell["options"], "trials": cell["trials"],
                        "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops"), "export": cell["export"]}}
 
@@ -338,6 +339,10 @@ def main(argv=None) -> int:
     def save():
         write_json(json_path, results)
 
+    @functools.cache
+    def machine_peak() -> float:  # the bfloat16 matmul peak beside the wall times this run measures
+        return round(matmul_tflops(torch.bfloat16), 3)
+
     if "dense" not in cells:
         dense = dense_copy(pristine)
         dense.model.to(dtype)
@@ -361,6 +366,7 @@ def main(argv=None) -> int:
                 log.exception("%s failed", key)
                 cells[key] = {"kind": "recipe", "ratio": ratio, "error": f"{type(exc).__name__}: {exc}"}
             cells[key]["wall_seconds"] = round(time.time() - started, 1)
+            cells[key]["bf16_tflops"] = machine_peak()
             log.info("%s: %s", key, cells[key].get("metrics", cells[key].get("error")))
             save()
             gc.collect()
@@ -370,6 +376,7 @@ def main(argv=None) -> int:
             started = time.time()
             cells[key] = depth_search_cell(args, ratio, windows, dtype)
             cells[key]["wall_seconds"] = round(time.time() - started, 1)
+            cells[key]["bf16_tflops"] = machine_peak()
             save()
     def measured(key: str) -> bool:  # rows read from quality.json before they had the short windows, or
         # whose quality.json cell has been measured again since: again

@@ -93,13 +93,14 @@ def write_report(results: dict, out: Path) -> None:
     lines += _zeroshot_table(rows, recipes, dense)
     lines += _seeds_table(rows, ratios, ["wikitext2", *held_out])
     lines += ["## Wall time of each recipe (seconds: scoring, selection, allocation, compensation; "
-              "search: trial loop, rescoring of the finalists, rectified export; not its test evaluation)", "",
+              "search: trial loop, rescoring of the finalists, rectified export; not its test evaluation; in "
+              "parentheses the bfloat16 matmul peak in TFLOP/s of the machine, measured in the cell's run, where "
+              "recorded: the cells ran on machines up to twice apart)", "",
               "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
     for name in recipes + (["search"] if "search" in rows else []):
         row = rows[name]
         lines.append(f"| {name} | " + " | ".join(
-            "= search" if "same_as" in row.get(r, {}) else
-            f"{row[r]['recipe_seconds']:.0f}" if r in row and row[r].get("recipe_seconds") is not None else "–"
+            "= search" if "same_as" in row.get(r, {}) else _wall(row[r]) if r in row else "–"
             for r in ratios) + " |")
     lines += ["", f"## Strongest recipe and the search, per ratio and text (2048 tokens; WikiText-2 also in "
                   f"windows of {config['short_seqlen']})", ""]
@@ -157,6 +158,13 @@ def write_report(results: dict, out: Path) -> None:
         lines += ["", notes.read_text(encoding="utf-8").rstrip()]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _plot(rows, recipes, dense, out.with_suffix(".png"))
+
+
+def _wall(cell: dict) -> str:
+    seconds, peak = cell.get("recipe_seconds"), cell.get("bf16_tflops") or cell.get("record", {}).get("bf16_tflops")
+    if seconds is None:
+        return "–"
+    return f"{seconds:.0f}" + (f" ({peak:.2f})" if peak else "")
 
 
 def _zeroshot(cell: dict | None) -> float | None:
