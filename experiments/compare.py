@@ -54,7 +54,7 @@ import torch  # noqa: E402
 from evaluators.data import dataset_windows  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
-from experiments.quality import zeroshot_cell, zeroshot_scores  # noqa: E402
+from experiments.quality import ROWS, cell_config, zeroshot_cell, zeroshot_scores  # noqa: E402
 from reform.spec import ReformSpec  # noqa: E402
 from search.cli import common  # noqa: E402
 from search.oneshot import RECIPES, OneShotCache, dense_copy, run_recipe  # noqa: E402
@@ -218,8 +218,6 @@ def tyr_row_name(row: str) -> str:
 
 def same_search(ratio: float, row: str, search_row: str) -> bool:
     """Whether quality.py's ``row`` runs, at ``ratio``, exactly the search and export of ``search_row``."""
-    from experiments.quality import ROWS, cell_config
-
     return (row in ROWS and search_row in ROWS
             and cell_config(ratio, row, 0).to_dict() == cell_config(ratio, search_row, 0).to_dict())
 
