@@ -43,6 +43,7 @@ import torch
 from reform.local import rectify_local
 from reform.sequential import rectify_residual, rectify_sequential, rectify_upstream
 from reform.spec import ReformSpec, method_spec
+from reform.targets import layer_targets
 from space.adapters import ModelAdapter
 from space.order import LayerOrder
 from space.subnet import Subnet
@@ -72,6 +73,8 @@ def rectify(
     them) when ``spec.select`` re-selects the kept units."""
     if method_spec(spec.method).solve is None:
         return {}
+    if not any(layer_targets(adapter, layer, widths) for layer, widths in zip(adapter.layers, subnet.layers)):
+        return {}  # every sub-layer whole or removed (a dense or depth-pruned subnet): no calibration pass needed
     started = time.time()
     reselection = {"orders": orders} if spec.select != "prefix" else {}
     overrides = DRIVERS[spec.mode](adapter, subnet, windows, spec=spec, batch_size=batch_size,

@@ -187,19 +187,26 @@ def test_explained_output_gives_the_refit_residual_of_any_kept_set(setup):
         assert solver.explained(0) == 0.0
 
 
-def test_full_width_is_the_identity_and_a_dense_subnet_is_left_alone(setup):
+def test_full_width_is_the_identity_and_whole_or_removed_sublayers_are_left_alone(setup, monkeypatch):
+    """A dense subnet, and a depth-pruned one (every sub-layer whole or removed), have nothing to refit:
+    no override, and not one calibration pass (a depth search's export would run them all for nothing)."""
     adapter, _, windows = setup
     layer, stats = next(output_stats(adapter, windows))
     weight = layer.mlp_output().weight
     assert PrefixLstsq(weight, stats["down"].gram).solve(weight.shape[1]) is weight
-    dense = Subnet.dense(adapter.dims)
-    for method in METHODS:
-        for mode in DRIVERS:
-            try:
-                spec = ReformSpec(method, mode)
-            except UserError:  # a combination the mode refuses (test_..._are_refused)
-                continue
-            assert rectify(adapter, dense, windows, spec=spec) == {}
+    dims = adapter.dims
+    depth = Subnet(dims, [LayerWidths(0, 0, dims.intermediate_size), LayerWidths(dims.num_kv_heads, dims.group_size, 0),
+                          LayerWidths(dims.num_kv_heads, dims.group_size, dims.intermediate_size)])
+    monkeypatch.setattr("reform.sequential.capture_block_inputs", lambda *a, **k: pytest.fail("a calibration pass"))
+    monkeypatch.setattr("reform.local.output_stats", lambda *a, **k: pytest.fail("a calibration pass"))
+    for subnet in (Subnet.dense(dims), depth):
+        for method in METHODS:
+            for mode in DRIVERS:
+                try:
+                    spec = ReformSpec(method, mode)
+                except UserError:  # a combination the mode refuses (test_..._are_refused)
+                    continue
+                assert rectify(adapter, subnet, windows, spec=spec) == {}
 
 
 def test_a_singular_gram_without_damping_falls_back_and_says_so(caplog):
