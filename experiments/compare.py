@@ -207,7 +207,7 @@ def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | N
     metrics[short] = evaluate(exported.model, {short: windows[short]})[short]
     seconds = {k: v for k, v in cell["seconds"].items() if k != "test"}  # the search, not its evaluation
     return {"kind": "search", "ratio": ratio, "block_ratio": cell["block_ratio"], "metrics": metrics,
-            "recipe_seconds": sum(seconds.values()), "bf16_tflops": cell.get("bf16_tflops"),
+            "recipe_seconds": sum(seconds.values()),
             "record": {"from": f"{path} {ratio}/{row}/seed0", "options": cell["options"], "trials": cell["trials"],
                        "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops"), "export": cell["export"]}}
 

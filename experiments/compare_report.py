@@ -82,7 +82,7 @@ def write_report(results: dict, out: Path) -> None:
                 cell = row.get(r)
                 if name == "search" and cell is None:
                     cells.append("pending")
-                elif cell is not None and "same_as" in cell:
+                elif _is_search(cell):
                     cells.append("= search")
                 elif cell is not None and "error" in cell:
                     cells.append("error")
@@ -100,7 +100,7 @@ def write_report(results: dict, out: Path) -> None:
     for name in recipes + (["search"] if "search" in rows else []):
         row = rows[name]
         lines.append(f"| {name} | " + " | ".join(
-            "= search" if "same_as" in row.get(r, {}) else _wall(row[r]) if r in row else "–"
+            "= search" if _is_search(row.get(r)) else _wall(row[r]) if r in row else "–"
             for r in ratios) + " |")
     lines += ["", f"## Strongest recipe and the search, per ratio and text (2048 tokens; WikiText-2 also in "
                   f"windows of {config['short_seqlen']})", ""]
@@ -108,7 +108,7 @@ def write_report(results: dict, out: Path) -> None:
         for metric in ["wikitext2_2048", short, *(f"{name}_2048" for name in held_out)]:
             # a row that is the search itself (the same search and export) is not a rival
             scored = [(v, n) for n in recipes if (v := _ppl(rows[n].get(r), metric)) is not None
-                      and "same_as" not in rows[n][r]]
+                      and not _is_search(rows[n][r])]
             if not scored:
                 continue
             best, name = min(scored)
@@ -122,7 +122,7 @@ def write_report(results: dict, out: Path) -> None:
             text = metric.removesuffix("_2048").replace("_", " in windows of ")
             lines.append(f"- {r:g}, {text}: {name} {best:.{digits}f}; {verdict}")
         scored = [(v, n) for n in recipes if (v := _zeroshot(rows[n].get(r))) is not None
-                  and "same_as" not in rows[n][r]]
+                  and not _is_search(rows[n][r])]
         if scored:
             best, name = max(scored)
             search = _zeroshot(rows.get("search", {}).get(r))
@@ -163,7 +163,13 @@ def write_report(results: dict, out: Path) -> None:
     _plot(rows, recipes, dense, out.with_suffix(".png"))
 
 
+def _is_search(cell: dict | None) -> bool:
+    """Whether a row's cell is the search row's own (the same search and export: never its rival)."""
+    return cell is not None and "same_as" in cell
+
+
 def _wall(cell: dict) -> str:
+    # a recipe's run records its machine's peak; a search row has its quality.py cell's
     seconds, peak = cell.get("recipe_seconds"), cell.get("bf16_tflops") or cell.get("record", {}).get("bf16_tflops")
     if seconds is None:
         return "–"
@@ -185,7 +191,7 @@ def _zeroshot_table(rows: dict, recipes: list[str], dense: dict | None) -> list[
              "better" + (f"; dense {dense_average:.3f}" if dense_average is not None else "") + ")", "",
              "| method | " + " | ".join(f"{r:g}" for r in measured) + " |", "|---|" + "---|" * len(measured)]
     for name in recipes + (["search"] if "search" in rows else []):
-        values = ["= search" if "same_as" in rows[name].get(r, {}) else
+        values = ["= search" if _is_search(rows[name].get(r)) else
                   "–" if (v := _zeroshot(rows[name].get(r))) is None else f"{v:.3f}" for r in measured]
         lines.append(f"| {name} | " + " | ".join(values) + " |")
     return lines + [""]

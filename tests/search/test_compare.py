@@ -40,12 +40,13 @@ def run(compare, model_dir: Path, out: Path, *extra: str) -> dict:
     return json.loads(out.with_suffix(".json").read_text())
 
 
-def quality_file(path: Path, export: Path) -> Path:
-    """quality.py's cells of two rows, their exports at ``export`` (the short windows are measured on it)."""
-    cells = {f"0.5/{row}/seed0": {"ppl": {"wikitext2": value, "ptb": 2 * value}, "block_ratio": 0.5,
-                                  "seconds": {"search": 10.0, "export": 1.0, "test": 99.0},
-                                  "options": {"trials": 4}, "trials": 4, "export": str(export)}
-             for row, value in (("defaults", 40.0), ("tyr", 30.0))}
+def quality_file(path: Path, export: Path, rows=((0.5, "defaults", 40.0), (0.5, "tyr", 30.0))) -> Path:
+    """quality.py's cells of ``rows`` (ratio, row, WikiText-2 perplexity; PTB twice that), their exports at
+    ``export`` (the short windows are measured on it)."""
+    cells = {f"{ratio}/{row}/seed0": {"ppl": {"wikitext2": value, "ptb": 2 * value}, "block_ratio": ratio,
+                                      "seconds": {"search": 10.0, "export": 1.0, "test": 99.0},
+                                      "options": {"trials": 4}, "trials": 4, "export": str(export)}
+             for ratio, row, value in rows}
     path.write_text(json.dumps({"cells": cells}))
     return path
 
@@ -269,13 +270,9 @@ def test_the_equal_calibration_tyr_row_is_the_search_row_where_the_defaults_are_
     assert compare.same_search(0.5, "tyr-equal", "final") and not compare.same_search(0.8, "tyr-equal", "final")
     assert not compare.same_search(0.5, "tyr", "final")  # the first export: 64 windows
     out = tmp_path / "compare"
-    quality = tmp_path / "quality.json"
-    cells = {f"{ratio}/{row}/seed0": {"ppl": {"wikitext2": value, "ptb": 2 * value}, "block_ratio": ratio,
-                                      "seconds": {"search": 10.0, "export": 1.0}, "options": {"trials": 4},
-                                      "trials": 4, "export": str(tiny_model_dir)}
-             for ratio in (0.5, 0.8) for row, value in (("final", 40.0), ("tyr", 30.0), ("tyr-equal", 35.0))
-             if (ratio, row) != (0.5, "tyr-equal")}
-    quality.write_text(json.dumps({"cells": cells}))
+    rows = [(ratio, row, value) for ratio in (0.5, 0.8)
+            for row, value in (("final", 40.0), ("tyr", 30.0), ("tyr-equal", 35.0)) if (ratio, row) != (0.5, "tyr-equal")]
+    quality = quality_file(tmp_path / "quality.json", tiny_model_dir, rows)
     argv = ["--model", str(tiny_model_dir), "--ratios", "0.8", "0.5", "--recipes", "wanda-sp", "--windows", "1",
             "--held-out", "ptb", "--out", str(out), "--search-cells", str(quality), "final",
             "--tyr-rows", "tyr", "tyr-equal"]
