@@ -43,7 +43,12 @@ def write_report(results: dict, out: Path) -> None:
                *((f"{name}_2048", f"{name}, 2048 tokens") for name in held_out)]
     rows = _rows(results)
     ratios = sorted({r for row in rows.values() for r in row} | set(results.get("ratios", [])), reverse=True)
-    recipes = [name for name in rows if name != "search"]
+    names = [name for name in rows if name != "search"]
+    first = {}
+    for i, name in enumerate(names):
+        first.setdefault(_base(name), i)
+    # a labelled variant (a --merge file's "osscar (search's calibration)") right under its recipe's row
+    recipes = sorted(names, key=lambda name: first[_base(name)])
     dense = results["cells"].get("dense")
     cap = ("each recipe's own calibration amount" if config["max_calib_tokens"] is None else
            f"each recipe's windows capped at {config['max_calib_tokens']} tokens")

@@ -338,3 +338,19 @@ def test_the_evopress_depth_row_searches_whole_sublayers_and_joins_the_table(com
     assert all(w[:2] in ([0, 0], [2, 3]) and w[2] in (0, 96) for w in depth["widths"])
     assert 0 <= depth["zeroshot"]["scores"]["average"] <= 1
     assert "| evopress-depth | " in (tmp_path / "compare.md").read_text()
+
+
+def test_the_report_puts_a_labelled_variant_under_its_recipe(compare, tmp_path):
+    """A merged file's rows ("osscar (search's calibration)") follow their recipe's row, whatever the
+    order of the cells, in every table."""
+    import compare_report
+
+    metrics = {"wikitext2_2048": {"ppl": 30.0}, "wikitext2_128": {"ppl": 60.0}}
+    cells = {f"{name}:0.7": {"kind": "recipe", "metrics": metrics}
+             for name in ("osscar", "ziplm", "tyr", "osscar (search's calibration)", "search")}
+    cells["dense"] = {"metrics": metrics}
+    config = {"short_seqlen": 128, "held_out": [], "windows_2048": 32, "dtype": "float32", "max_calib_tokens": None}
+    compare_report.write_report({"config": config, "cells": cells}, tmp_path / "compare")
+    table = (tmp_path / "compare.md").read_text().split("## Perplexity: WikiText-2, 2048 tokens")[1].split("##")[0]
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["osscar", "osscar (search's calibration)", "ziplm", "tyr", "search"]
