@@ -44,11 +44,9 @@ def write_report(results: dict, out: Path) -> None:
     rows = _rows(results)
     ratios = sorted({r for row in rows.values() for r in row} | set(results.get("ratios", [])), reverse=True)
     names = [name for name in rows if name != "search"]
-    first = {}
-    for i, name in enumerate(names):
-        first.setdefault(_base(name), i)
+    bases = list(dict.fromkeys(_base(name) for name in names))
     # a labelled variant (a --merge file's "osscar (search's calibration)") right under its recipe's row
-    recipes = sorted(names, key=lambda name: first[_base(name)])
+    recipes = sorted(names, key=lambda name: bases.index(_base(name)))
     dense = results["cells"].get("dense")
     cap = ("each recipe's own calibration amount" if config["max_calib_tokens"] is None else
            f"each recipe's windows capped at {config['max_calib_tokens']} tokens")
