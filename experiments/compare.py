@@ -212,6 +212,25 @@ def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | N
                        "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops"), "export": cell["export"]}}
 
 
+def short_windows_of_seeds(cell: dict, windows: dict, dtype, short: str) -> bool:
+    """The short windows of the other seeds' exports of a row read from quality.py (which measures only
+    windows of 2048), where their exports are on this machine; each kept with the seed's WikiText-2
+    perplexity, so that a seed measured again is evaluated again. Whether any was measured."""
+    from compare_report import seed_cells
+
+    done = cell.setdefault("short_by_seed", {})
+    added = False
+    for seed, quality in seed_cells(cell).items():
+        kept = done.get(str(seed), {})
+        if seed == 0 or kept.get("wikitext2_2048") == quality["ppl"]["wikitext2"] or not Path(quality["export"]).is_dir():
+            continue
+        exported = load_model(quality["export"], dtype=dtype, trust_remote_code=True)
+        done[str(seed)] = {"wikitext2_2048": quality["ppl"]["wikitext2"],
+                           short: evaluate(exported.model, {short: windows[short]})[short]}
+        added = True
+    return added
+
+
 def tyr_row_name(row: str) -> str:
     return TYR_ROWS.get(row, f"tyr ({row})")
 
@@ -401,6 +420,9 @@ def main(argv=None) -> int:
                 cells[key] = {**copy.deepcopy(cells[f"search:{ratio}"]), "same_as": f"search:{ratio}"}
             elif (cell := quality_cell(args, ratio, row, windows, dtype)) is not None:
                 cells[key] = cell
+            save()
+    for key in [k for k, c in cells.items() if "from" in c.get("record", {}) and "same_as" not in c]:
+        if short_windows_of_seeds(cells[key], windows, dtype, f"wikitext2_{args.short_seqlen}"):
             save()
     if args.zeroshot:
         add_zeroshot(args, cells, pristine, recipes, caches, save)

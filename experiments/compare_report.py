@@ -94,7 +94,7 @@ def write_report(results: dict, out: Path) -> None:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += _zeroshot_table(rows, recipes, dense)
-    lines += _seeds_table(rows, ratios, ["wikitext2", *held_out])
+    lines += _seeds_table(rows, ratios, ["wikitext2", *held_out], short)
     lines += ["## Wall time of each recipe (seconds: scoring, selection, allocation, compensation; "
               "search: trial loop, rescoring of the finalists, rectified export; not its test evaluation; in "
               "parentheses the bfloat16 matmul peak in TFLOP/s of the machine, measured in the cell's run, where "
@@ -133,7 +133,7 @@ def write_report(results: dict, out: Path) -> None:
                        f"search {search:.3f}, {abs(search - best) * 100:.1f} points "
                        f"{'higher (better)' if search > best else 'lower (worse)' if search < best else 'tie'}")
             lines.append(f"- {r:g}, zero-shot average: {name} {best:.3f}; {verdict}")
-        lines += _seeds_verdict(rows, r, ["wikitext2", *held_out])
+        lines += _seeds_verdict(rows, r, ["wikitext2", *held_out], short)
     lines += ["", "## Settings each recipe ran with", "",
               "| method | importance | allocation | compensation | calibration used | chosen by its selection step |",
               "|---|---|---|---|---|---|"]
@@ -212,38 +212,64 @@ def seed_cells(cell: dict | None) -> dict[int, dict]:
     return {int(seed): c for k, c in found.items() for prefix, _, seed in [k.rpartition("/seed")] if prefix == stem}
 
 
-def _seed_means(rows: dict, name: str, ratio: float, texts: list[str]) -> dict[str, float] | None:
+def _seed_means(rows: dict, name: str, ratio: float, texts: list[str], short: str) -> dict[str, float] | None:
+    """The means over a row's seeds at ``ratio`` (None below two seeds); the short windows' where every seed
+    has them."""
     seeds = seed_cells(rows.get(name, {}).get(ratio))
     if len(seeds) < 2:
         return None
-    return {t: sum(c["ppl"][t] for c in seeds.values()) / len(seeds) for t in texts}
+    means = {t: sum(c["ppl"][t] for c in seeds.values()) / len(seeds) for t in texts}
+    shorts = [_seed_short(rows[name][ratio], s, short) for s in seeds]
+    if None not in shorts:
+        means[short] = sum(shorts) / len(shorts)
+    return means
 
 
-def _seeds_table(rows: dict, ratios: list[float], texts: list[str]) -> list[str]:
-    """The rows that are whole searches (search, tyr) at every seed quality.py ran them: each seed's
-    perplexity and the mean, where there are two or more."""
+def _seed_short(cell: dict, seed: int, short: str) -> float | None:
+    """A seed's WikiText-2 perplexity in the short windows: seed 0's is the row's, the others' measured by
+    compare.py on their exports (``short_by_seed``) where they were on its machine."""
+    if seed == 0:
+        return _ppl(cell, short)
+    return cell.get("short_by_seed", {}).get(str(seed), {}).get(short, {}).get("ppl")
+
+
+def _seeds_table(rows: dict, ratios: list[float], texts: list[str], short: str) -> list[str]:
+    """The rows that are whole searches (read from quality.py: the search and the Týr rows) at every seed
+    quality.py ran them: each seed's perplexity and the mean, where there are two or more; WikiText-2 in
+    the short windows too, its mean where every seed has it."""
     lines = []
-    for name in [n for n in rows if n in ("search", "tyr")]:
+    for name in rows:
         for r in ratios:
             seeds = seed_cells(rows[name].get(r))
             if len(seeds) < 2:
                 continue
             values = [" / ".join(_fmt(seeds[s]["ppl"][t]) for s in sorted(seeds))
                       + f" (mean {_fmt(sum(c['ppl'][t] for c in seeds.values()) / len(seeds))})" for t in texts]
+            shorts = [_seed_short(rows[name][r], s, short) for s in sorted(seeds)]
+            values.insert(1, " / ".join(map(_fmt, shorts))
+                          + ("" if None in shorts else f" (mean {_fmt(sum(shorts) / len(shorts))})"))
             lines.append(f"| {name} | {r:g} | {', '.join(map(str, sorted(seeds)))} | " + " | ".join(values) + " |")
     if not lines:
         return []
-    return ["## Seeds of the searches (2048 tokens; each seed a whole search, the tables above show seed 0)", "",
-            "| method | ratio | seeds | " + " | ".join(texts) + " |", "|---|---|---|" + "---|" * len(texts),
+    columns = [texts[0], short.replace("_", " in windows of "), *texts[1:]]
+    return ["## Seeds of the searches (windows of 2048 unless named; each seed a whole search, the tables above "
+            "show seed 0)", "",
+            "| method | ratio | seeds | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns),
             *lines, ""]
 
 
-def _seeds_verdict(rows: dict, ratio: float, texts: list[str]) -> list[str]:
-    search, tyr = (_seed_means(rows, name, ratio, texts) for name in ("search", "tyr"))
-    if search is None or tyr is None:
-        return []
-    return [f"- {ratio:g}, means over the seeds: " + "; ".join(
-        f"{t} tyr {tyr[t]:.2f}, search {search[t]:.2f} ({(search[t] - tyr[t]) / tyr[t]:+.1%})" for t in texts)]
+def _seeds_verdict(rows: dict, ratio: float, texts: list[str], short: str) -> list[str]:
+    """The search's seed means against each Týr row's, where both have two or more seeds at ``ratio``."""
+    search = _seed_means(rows, "search", ratio, texts, short)
+    lines = []
+    for name in [n for n in rows if n.startswith("tyr")]:
+        tyr = _seed_means(rows, name, ratio, texts, short)
+        if search is None or tyr is None:
+            continue
+        lines.append(f"- {ratio:g}, means over the seeds, {name} against the search: " + "; ".join(
+            f"{t.replace('_', ' in windows of ')} {tyr[t]:.2f} vs {search[t]:.2f} "
+            f"({(search[t] - tyr[t]) / tyr[t]:+.1%})" for t in [*texts, short] if t in tyr and t in search))
+    return lines
 
 
 def _count(n: int, noun: str) -> str:

@@ -102,6 +102,22 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
                 "--tyr-rows", "tyr")
     assert again["cells"]["search:0.5"]["record"]["export"] == str(tmp_path / "moved")
 
+    # another seed of the search row: its short windows measured on its export, once, again when it changes
+    remeasured["cells"]["0.5/defaults/seed1"] = {**remeasured["cells"]["0.5/defaults/seed0"], "export": str(tiny_model_dir)}
+    quality.write_text(json.dumps(remeasured))
+    again = run(compare, tiny_model_dir, out, "--search-cells", str(quality), "defaults", "--tyr-rows", "tyr")
+    seed1 = again["cells"]["search:0.5"]["short_by_seed"]["1"]
+    assert seed1["wikitext2_128"]["ppl"] == pytest.approx(cells["dense"]["metrics"]["wikitext2_128"]["ppl"], rel=1e-4)
+    seed1["wikitext2_128"]["ppl"] = 7.0
+    out.with_suffix(".json").write_text(json.dumps(again))
+    again = run(compare, tiny_model_dir, out, "--search-cells", str(quality), "defaults", "--tyr-rows", "tyr")
+    assert again["cells"]["search:0.5"]["short_by_seed"]["1"]["wikitext2_128"]["ppl"] == 7.0
+    remeasured["cells"]["0.5/defaults/seed1"]["ppl"] = {"wikitext2": 42.0, "ptb": 84.0}
+    quality.write_text(json.dumps(remeasured))
+    again = run(compare, tiny_model_dir, out, "--search-cells", str(quality), "defaults", "--tyr-rows", "tyr")
+    assert again["cells"]["search:0.5"]["short_by_seed"]["1"]["wikitext2_128"]["ppl"] != 7.0
+    assert "| search | 0.5 | 0, 1 |" in out.with_suffix(".md").read_text()
+
     # --report writes the report from the JSON alone: no model is loaded
     marked["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] = 2222.0
     out.with_suffix(".json").write_text(json.dumps(marked))
@@ -183,26 +199,35 @@ def test_zeroshot_of_a_search_row_whose_export_is_gone_reads_quality_or_says_wha
 
 
 def test_the_report_shows_every_seed_of_the_searches_and_compares_their_means(compare, tmp_path):
-    """The search and tyr rows at seed 0 come with the other seeds quality.py ran: a table of each seed
-    and the mean, and a verdict on the means where both rows have two seeds."""
+    """The search and Týr rows at seed 0 come with the other seeds quality.py ran: a table of each seed
+    and the mean, and a verdict on the means for each Týr row that has two seeds as the search has."""
     import compare_report
 
     quality = tmp_path / "quality.json"
-    seeds = {("final", 0): 40.0, ("final", 1): 44.0, ("tyr", 0): 41.0, ("tyr", 1): 47.0}
+    seeds = {("final", 0): 40.0, ("final", 1): 44.0, ("tyr", 0): 41.0, ("tyr", 1): 47.0,
+             ("tyr-equal", 0): 39.0, ("tyr-equal", 1): 43.0}
     quality.write_text(json.dumps({"cells": {f"0.5/{row}/seed{s}": {"ppl": {"wikitext2": v, "ptb": 2 * v}}
                                              for (row, s), v in seeds.items()}}))
     metrics = {"wikitext2_2048": {"ppl": 1.0}, "wikitext2_128": {"ppl": 1.0}, "ptb_2048": {"ppl": 1.0}}
     cells = {f"{name}:0.5": {"kind": "search", "metrics": metrics, "record": {"from": f"{quality} 0.5/{row}/seed0"}}
-             for name, row in (("search", "final"), ("tyr", "tyr"))}
+             for name, row in (("search", "final"), ("tyr", "tyr"), ("tyr (search's calibration)", "tyr-equal"))}
+    # the short windows of a seed other than 0, where compare.py measured them on its export
+    for name, value in (("search", 3.0), ("tyr (search's calibration)", 2.0)):
+        cells[f"{name}:0.5"]["short_by_seed"] = {"1": {"wikitext2_2048": 0.0, "wikitext2_128": {"ppl": value}}}
     cells["dense"] = {"metrics": metrics}
     config = {"short_seqlen": 128, "held_out": ["ptb"], "windows_2048": 32, "dtype": "float32",
               "max_calib_tokens": None}
     compare_report.write_report({"config": config, "cells": cells}, tmp_path / "compare")
     report = (tmp_path / "compare.md").read_text()
-    assert "| search | 0.5 | 0, 1 | 40.00 / 44.00 (mean 42.00) | 80.00 / 88.00 (mean 84.00) |" in report
-    assert "| tyr | 0.5 | 0, 1 | 41.00 / 47.00 (mean 44.00) |" in report
-    assert "means over the seeds: wikitext2 tyr 44.00, search 42.00 (-4.5%); ptb tyr 88.00, search 84.00 (-4.5%)" \
-        in report
+    assert ("| search | 0.5 | 0, 1 | 40.00 / 44.00 (mean 42.00) | 1.00 / 3.00 (mean 2.00) | "
+            "80.00 / 88.00 (mean 84.00) |") in report
+    assert "| tyr | 0.5 | 0, 1 | 41.00 / 47.00 (mean 44.00) | 1.00 / – |" in report
+    assert "means over the seeds, tyr against the search: wikitext2 44.00 vs 42.00 (-4.5%); ptb 88.00 vs 84.00 " \
+        "(-4.5%)\n" in report
+    # every Týr row with seeds, the one with the search's calibration too, its short windows where both have them
+    assert "| tyr (search's calibration) | 0.5 | 0, 1 | 39.00 / 43.00 (mean 41.00) | 1.00 / 2.00 (mean 1.50) |" in report
+    assert ("tyr (search's calibration) against the search: wikitext2 41.00 vs 42.00 (+2.4%); ptb 82.00 vs 84.00 "
+            "(+2.4%); wikitext2 in windows of 128 1.50 vs 2.00 (+33.3%)") in report
 
 
 def test_calib_as_search_gives_every_recipe_the_searchs_export_windows(compare, tiny_model_dir, tiny_data, tmp_path):
