@@ -71,7 +71,7 @@ ROWS: dict[str, dict] = {
 
 # Rows whose search is another row's (they differ in runtime fields only, e.g. the export): the other row's
 # finished run folder is copied, the winner re-scored and exported again, the search's seconds are that row's.
-SEARCH_FROM = {"tyr-equal": "tyr"}
+SEARCH_FROM = {"tyr-equal": "tyr", "upstream": "kl"}
 
 
 def cell_options(row: str, trials: int | None) -> dict:

@@ -145,8 +145,8 @@ class SearchConfig:
     gpus_per_worker: int = 1
 
     RUNTIME = ("trials", "pruner", "final_top_k", "eval_windows", "eval_datasets", "max_failures", "trial_timeout",
-               "solver_device", "gpus_per_worker", "export_nsamples", "export_pass_dtype", "export_select", "export_calib",
-               "export_ridge", "export_damping")
+               "solver_device", "gpus_per_worker", "export_reform", "export_nsamples", "export_pass_dtype", "export_select",
+               "export_calib", "export_ridge", "export_damping")
 
     @classmethod
     def create(cls, model: str, ratio: float, *, calib: str = "wikitext2", nsamples: int = 64,

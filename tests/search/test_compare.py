@@ -315,7 +315,7 @@ def test_the_equal_calibration_tyr_row_is_the_search_row_where_the_defaults_are_
     assert "- 0.8, wikitext2 in windows of 128:" in report
 
 
-def test_quality_reuses_the_tyr_rows_search_for_the_equal_calibration_row(tmp_path, monkeypatch):
+def test_quality_reuses_another_rows_search_where_only_the_export_differs(tmp_path, monkeypatch):
     """quality.py's tyr-equal cell starts from a copy of the tyr cell's run folder (the same search: only the
     export differs), without its export and result; a resumed copy still names its source, and a folder
     that holds a search of its own, or a source with another search, is never taken for it."""
@@ -341,6 +341,11 @@ def test_quality_reuses_the_tyr_rows_search_for_the_equal_calibration_row(tmp_pa
     for changed in ({"options": {"trials": 100}}, {"row": "final"}):  # fewer trials; another unit order
         cells["0.9/tyr/seed0"] = {**source, **changed}
         assert quality.reused_search(config, "tyr-equal", other, cells) is None and not other.exists()
+    # the upstream row is the kl row's search exported by the upstream least squares
+    cells["0.9/kl/seed0"] = {**source, "row": "kl", "options": {"trials": 100}}
+    upstream = tmp_path / "0.9" / "upstream-seed0"
+    assert quality.reused_search(quality.cell_config(0.9, "upstream", 0), "upstream", upstream, cells) is not None
+    assert (upstream / "search_from").read_text() == "0.9/kl/seed0"
 
 
 def test_the_evopress_depth_row_searches_whole_sublayers_and_joins_the_table(compare, tiny_model_dir, zeroshot_data,

@@ -123,6 +123,8 @@ def test_the_export_fits_on_its_own_count_of_statistics_windows():
     assert export.nsamples == 32 and (export.dataset, export.seed, export.region, export.seqlen) == \
         (statistics.dataset, statistics.seed, statistics.region, statistics.seqlen)
     assert "export_nsamples" not in config.identity()  # a run resumes with another count: it is the export's
+    # ...and with another least-squares mode for the export: the trials never use it
+    assert SearchConfig.create("m", 0.5, export_reform="local").identity() == SearchConfig.create("m", 0.5).identity()
     with pytest.raises(UserError, match="--export-nsamples"):
         SearchConfig.create("m", 0.5, export_nsamples=0).check()
 
