@@ -11,6 +11,8 @@ validation and c4:heldout (never a test split); for ``--zeroshot`` of them, the 
 each measure, over all candidates and within each ratio (where the search decides).
 
     LLM_PRUNER_DATA=../shared/data python experiments/fitness_rank.py --per-ratio 10 --zeroshot 20
+
+The JSON (``--out``) is written after every candidate; the same command resumes after the last one.
 """
 
 from __future__ import annotations
@@ -103,23 +105,66 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parse_args_with_config(parser, argv)
 
 
+def spearman_table(rows: list[dict]) -> dict:
+    """Each fitness's Spearman correlation with each measure: over all candidates and, averaged, within
+    each ratio (where the search decides); None where fewer than three candidates have the measure."""
+    table = {}
+    for measure in [*MEASURES, "zeroshot"]:
+        for kind in ("ppl", "kl"):
+            sign = -1.0 if measure == "zeroshot" else 1.0  # higher accuracy is better
+            pairs = [(r[f"fitness_{kind}"], sign * r[measure]) for r in rows if measure in r and math.isfinite(r[measure])]
+            within = [spearman(*zip(*[(r[f"fitness_{kind}"], sign * r[measure]) for r in rows
+                                      if r["ratio"] == ratio and measure in r]))
+                      for ratio in RATIOS if sum(measure in r and r["ratio"] == ratio for r in rows) > 2]
+            table[f"{measure}/{kind}"] = {"all": spearman(*zip(*pairs)) if len(pairs) > 2 else None,
+                                          "within_ratio_mean": float(np.mean(within)) if within else None}
+    return table
+
+
+def finished_rows(path: Path, config: dict, pool: list) -> list[dict]:
+    """The candidates an earlier run of the same configuration measured (the JSON is written after each
+    one), kept while each row's widths are the pool's candidate at its place; a file of another
+    configuration is refused."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    if data.get("config") != config:
+        print(f"{path} holds another configuration ({data.get('config')}); use another --out", file=sys.stderr)
+        raise SystemExit(2)
+    rows = []
+    for row, (ratio, subnet) in zip(data["rows"], pool):
+        if row["ratio"] != ratio or row["widths"] != widths_of(subnet):
+            break
+        rows.append(row)
+    return rows
+
+
+def widths_of(subnet) -> list[list[int]]:
+    return [[w.kv_heads, w.q_per_kv, w.channels] for w in subnet.layers]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    config = {"per_ratio": args.per_ratio, "zeroshot": args.zeroshot, "zeroshot_limit": args.zeroshot_limit,
+              "windows": args.windows, "seed": args.seed}
     started = time.time()
     adapter, tokenizer, ordered, statistics = permuted_smollm2()
-    solvers = output_solvers(adapter, statistics, precompute=torch.float32)
     space = WidthSpace(adapter.dims, preset="wide")
     pool = candidates(space, ordered, args.per_ratio, args.seed)
+    rows = finished_rows(args.out, config, pool)
+    seconds = json.loads(args.out.read_text())["seconds"] if rows else 0.0
+    solvers = output_solvers(adapter, statistics, precompute=torch.float32)
     measures = {  # the re-scoring region's random windows; the first windows of the held-out texts
         "wikitext2:rescoring": CalibrationSpec("wikitext2", args.windows, 512, 3, RESCORING_REGION).windows(tokenizer),
         **{name: dataset_windows(tokenizer, name, seqlen=512, limit=args.windows)
            for name in ("ptb:validation", "c4:heldout")}}
     fitness_windows = CalibrationSpec("wikitext2", 8, 512, 1, FITNESS_REGION).windows(tokenizer)
-    rows = []
+    command = "python experiments/fitness_rank.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for i, (ratio, subnet) in enumerate(pool):
+        if i < len(rows):
+            continue
         overrides = solver_overrides(adapter, subnet, solvers)
-        row = {"ratio": ratio, "block_ratio": subnet.ratio(), "widths": [[w.kv_heads, w.q_per_kv, w.channels]
-                                                                         for w in subnet.layers]}
+        row = {"ratio": ratio, "block_ratio": subnet.ratio(), "widths": widths_of(subnet)}
         with subnet_view(adapter, subnet, overrides) as model:
             row.update({name: perplexity(model, w) for name, w in measures.items()})
         adapter.model.to(torch.bfloat16)
@@ -134,21 +179,12 @@ def main(argv=None) -> int:
                                                     limit=args.zeroshot_limit)["zeroshot_avg"]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "widths"}), flush=True)
-    table = {}
-    for measure in [*MEASURES, "zeroshot"]:
-        for kind in ("ppl", "kl"):
-            sign = -1.0 if measure == "zeroshot" else 1.0  # higher accuracy is better
-            pairs = [(r[f"fitness_{kind}"], sign * r[measure]) for r in rows if measure in r and math.isfinite(r[measure])]
-            within = [spearman(*zip(*[(r[f"fitness_{kind}"], sign * r[measure]) for r in rows
-                                      if r["ratio"] == ratio and measure in r]))
-                      for ratio in RATIOS if sum(measure in r and r["ratio"] == ratio for r in rows) > 2]
-            table[f"{measure}/{kind}"] = {"all": spearman(*zip(*pairs)) if len(pairs) > 2 else None,
-                                          "within_ratio_mean": float(np.mean(within)) if within else None}
-    data = {"rows": rows, "spearman": table, "seconds": round(time.time() - started, 1), "environment": environment(),
-            "command": "python experiments/fitness_rank.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    write_json(args.out, data)
+        # after every candidate: an interrupted run resumes here (the seconds add up over the runs)
+        write_json(args.out, {"config": config, "rows": rows, "spearman": spearman_table(rows),
+                              "seconds": round(seconds + time.time() - started, 1), "environment": environment(),
+                              "command": command})
     lines = ["| measure | fitness | Spearman, all candidates | mean Spearman within a ratio |", "|---|---|---|---|"]
-    for key, v in table.items():
+    for key, v in spearman_table(rows).items():
         measure, kind = key.split("/")
         lines.append(f"| {measure} | {kind} | {v['all'] if v['all'] is None else round(v['all'], 3)} | "
                      f"{v['within_ratio_mean'] if v['within_ratio_mean'] is None else round(v['within_ratio_mean'], 3)} |")
