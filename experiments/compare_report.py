@@ -243,11 +243,11 @@ def _seeds_table(rows: dict, ratios: list[float], texts: list[str], short: str) 
             seeds = seed_cells(rows[name].get(r))
             if len(seeds) < 2:
                 continue
-            values = [" / ".join(_fmt(seeds[s]["ppl"][t]) for s in sorted(seeds))
-                      + f" (mean {_fmt(sum(c['ppl'][t] for c in seeds.values()) / len(seeds))})" for t in texts]
-            shorts = [_seed_short(rows[name][r], s, short) for s in sorted(seeds)]
-            values.insert(1, " / ".join(map(_fmt, shorts))
-                          + ("" if None in shorts else f" (mean {_fmt(sum(shorts) / len(shorts))})"))
+            means = _seed_means(rows, name, r, texts, short)
+            per_seed = {t: [seeds[s]["ppl"][t] for s in sorted(seeds)] for t in texts}
+            per_seed[short] = [_seed_short(rows[name][r], s, short) for s in sorted(seeds)]
+            values = [" / ".join(map(_fmt, per_seed[t])) + (f" (mean {_fmt(means[t])})" if t in means else "")
+                      for t in [texts[0], short, *texts[1:]]]
             lines.append(f"| {name} | {r:g} | {', '.join(map(str, sorted(seeds)))} | " + " | ".join(values) + " |")
     if not lines:
         return []
