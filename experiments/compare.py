@@ -59,6 +59,7 @@ from reform.spec import ReformSpec  # noqa: E402
 from search.cli import common  # noqa: E402
 from search.oneshot import RECIPES, OneShotCache, dense_copy, run_recipe  # noqa: E402
 from search.oneshot.recipes import SEARCH_STATISTICS  # noqa: E402
+from space.errors import UserError  # noqa: E402
 from space.export import write_json  # noqa: E402
 from space.models import load_model  # noqa: E402
 from space.views import subnet_view  # noqa: E402
@@ -170,7 +171,7 @@ def load_results(path: Path, config: dict) -> dict:
     if path.is_file():
         results = json.loads(path.read_text())
         if results.get("config") != config:
-            raise SystemExit(f"{path} holds another comparison (config differs); use another --out")
+            raise UserError(f"{path} holds another comparison (config differs); use another --out")
         return results
     return {"config": config, "cells": {}}
 
@@ -218,7 +219,7 @@ def short_windows_of_seeds(cell: dict, windows: dict, dtype, short: str) -> bool
     perplexity, so that a seed measured again is evaluated again. Whether any was measured."""
     from compare_report import seed_cells
 
-    done = cell.setdefault("short_by_seed", {})
+    done = cell.get("short_by_seed", {})
     added = False
     for seed, quality in seed_cells(cell).items():
         kept = done.get(str(seed), {})
@@ -227,6 +228,7 @@ def short_windows_of_seeds(cell: dict, windows: dict, dtype, short: str) -> bool
         exported = load_model(quality["export"], dtype=dtype, trust_remote_code=True)
         done[str(seed)] = {"wikitext2_2048": quality["ppl"]["wikitext2"],
                            short: evaluate(exported.model, {short: windows[short]})[short]}
+        cell["short_by_seed"] = done  # only on rows with another seed
         added = True
     return added
 
@@ -266,7 +268,7 @@ def search_zeroshot(cell: dict, limit: int) -> dict:
     if measured.get("export") == export and measured.get("limit") == limit:
         return measured
     if not Path(export).is_dir():
-        raise SystemExit(f"{key}: its export {export} is not on this machine and {source} has no zero-shot "
+        raise UserError(f"{key}: its export {export} is not on this machine and {source} has no zero-shot "
                          f"of it; run experiments/quality.py for that cell with --zeroshot first")
     return zeroshot_cell(export, limit)
 
@@ -319,7 +321,14 @@ def search_cell(args, ratio: float, windows, dtype) -> dict | None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return run(parse_args(argv), argv)
+    except UserError as exc:  # a comparison that cannot go on as asked: what it measured is saved
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args, argv) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     import transformers

@@ -102,23 +102,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--windows", type=int, default=8, help="windows of 512 per measure")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "fitness_rank.json")
+    parser.add_argument("--report", action="store_true", help="only write the Markdown table of --out's JSON")
     return parse_args_with_config(parser, argv)
 
 
 def spearman_table(rows: list[dict]) -> dict:
-    """Each fitness's Spearman correlation with each measure: over all candidates and, averaged, within
-    each ratio (where the search decides); None where fewer than three candidates have the measure."""
+    """Each fitness's Spearman correlation with each measure: over all candidates, within each ratio
+    (where the search decides) and their mean; None where fewer than three candidates have the measure."""
     table = {}
     for measure in [*MEASURES, "zeroshot"]:
         for kind in ("ppl", "kl"):
             sign = -1.0 if measure == "zeroshot" else 1.0  # higher accuracy is better
-            pairs = [(r[f"fitness_{kind}"], sign * r[measure]) for r in rows if measure in r and math.isfinite(r[measure])]
-            within = [spearman(*zip(*[(r[f"fitness_{kind}"], sign * r[measure]) for r in rows
-                                      if r["ratio"] == ratio and measure in r]))
-                      for ratio in RATIOS if sum(measure in r and r["ratio"] == ratio for r in rows) > 2]
-            table[f"{measure}/{kind}"] = {"all": spearman(*zip(*pairs)) if len(pairs) > 2 else None,
-                                          "within_ratio_mean": float(np.mean(within)) if within else None}
+            measured = [r for r in rows if measure in r and math.isfinite(r[measure])]
+            pairs = {ratio: [(r[f"fitness_{kind}"], sign * r[measure]) for r in measured if r["ratio"] == ratio]
+                     for ratio in RATIOS}
+            everywhere = [pair for ratio in RATIOS for pair in pairs[ratio]]
+            within = {str(ratio): spearman(*zip(*pairs[ratio])) for ratio in RATIOS if len(pairs[ratio]) > 2}
+            table[f"{measure}/{kind}"] = {"all": spearman(*zip(*everywhere)) if len(everywhere) > 2 else None,
+                                          "within_ratio": within,
+                                          "within_ratio_mean": float(np.mean(list(within.values()))) if within else None}
     return table
+
+
+def report(data: dict, out: Path) -> str:
+    """The Markdown table of a run's JSON (``out``), and the hand-written notes beside it."""
+    rows, table = data["rows"], spearman_table(data["rows"])
+    machine = data["environment"]["machine"]
+    with_zeroshot = sum("zeroshot" in r for r in rows)
+    lines = ["# KL vs perplexity fitness: which ranks candidates like text no step fitted (issue 13, item 2)", "",
+             f"Command: `LLM_PRUNER_DATA=../shared/data {data['command']}`", "",
+             f"{len(rows)} candidates (the search's starts and level-switch mutants of them at block ratios "
+             f"{', '.join(map(str, RATIOS))}; wanda-sp order, o_proj / down_proj refitted by local least squares on "
+             "the search's statistics windows). Fitness: 8 windows of 512 tokens of the fitness region of WikiText-2 "
+             "validation, bfloat16, as in a search. Measures: float32, "
+             f"{data['config']['windows']} windows of 512 of the re-scoring region of WikiText-2 validation, of PTB "
+             f"validation and of c4:heldout; the zero-shot average of the seven tasks (first "
+             f"{data['config']['zeroshot_limit']} each) for {with_zeroshot} of them, evenly spread. No test split. "
+             f"Machine: {machine['cpu']}, {machine['threads']} threads; {data['seconds'] / 60:.0f} min.", "",
+             "Spearman's rank correlation of each fitness (lower is better) with each measure (perplexity; for the "
+             "zero-shot, minus the accuracy), over all candidates and within each ratio (where a search decides):", "",
+             "| measure | fitness | all candidates | " + " | ".join(f"within {r}" for r in RATIOS) + " | mean within |",
+             "|---|---|---|" + "---|" * (len(RATIOS) + 1)]
+
+    def cell(value):
+        return "–" if value is None else f"{value:.3f}"
+
+    for key, v in table.items():
+        measure, kind = key.split("/")
+        lines.append(f"| {measure} | {kind} | {cell(v['all'])} | "
+                     + " | ".join(cell(v["within_ratio"].get(str(r))) for r in RATIOS)
+                     + f" | {cell(v['within_ratio_mean'])} |")
+    notes = out.with_suffix(".notes.md")  # hand-written findings, kept across re-runs
+    if notes.is_file():
+        lines += ["", notes.read_text(encoding="utf-8").rstrip()]
+    return "\n".join(lines) + "\n"
 
 
 def finished_rows(path: Path, config: dict, pool: list) -> list[dict]:
@@ -145,6 +182,9 @@ def widths_of(subnet) -> list[list[int]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        args.out.with_suffix(".md").write_text(report(json.loads(args.out.read_text()), args.out))
+        return 0
     config = {"per_ratio": args.per_ratio, "zeroshot": args.zeroshot, "zeroshot_limit": args.zeroshot_limit,
               "windows": args.windows, "seed": args.seed}
     started = time.time()
@@ -183,12 +223,9 @@ def main(argv=None) -> int:
         write_json(args.out, {"config": config, "rows": rows, "spearman": spearman_table(rows),
                               "seconds": round(seconds + time.time() - started, 1), "environment": environment(),
                               "command": command})
-    lines = ["| measure | fitness | Spearman, all candidates | mean Spearman within a ratio |", "|---|---|---|---|"]
-    for key, v in spearman_table(rows).items():
-        measure, kind = key.split("/")
-        lines.append(f"| {measure} | {kind} | {v['all'] if v['all'] is None else round(v['all'], 3)} | "
-                     f"{v['within_ratio_mean'] if v['within_ratio_mean'] is None else round(v['within_ratio_mean'], 3)} |")
-    print("\n".join(lines))
+    text = report(json.loads(args.out.read_text()), args.out)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
     return 0
 
 

@@ -33,3 +33,29 @@ def test_an_interrupted_run_resumes_after_its_last_candidate(tmp_path, monkeypat
     with pytest.raises(SystemExit) as refused:
         fitness_rank.finished_rows(out, {**config, "windows": 4}, pool)
     assert refused.value.code == 2 and "another configuration" in capsys.readouterr().err
+
+
+def test_the_table_ranks_within_each_ratio_and_counts_accuracy_as_higher_better(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import fitness_rank
+
+    rows = []
+    for ratio, offset in ((0.5, 100.0), (0.6, 10.0)):
+        for i in range(4):
+            # ppl fitness follows the held-out texts everywhere; kl follows them across the ratios only (its
+            # order is reversed inside each ratio); the accuracy falls as the perplexities rise
+            rows.append({"ratio": ratio, "fitness_ppl": offset + i, "fitness_kl": offset - i,
+                         "wikitext2:rescoring": offset + i, "ptb:validation": offset + 2 * i,
+                         "c4:heldout": offset + i, "zeroshot": 1.0 - (offset + i) / 1000})
+    table = fitness_rank.spearman_table(rows)
+    assert table["ptb:validation/ppl"]["within_ratio"] == {"0.5": pytest.approx(1.0), "0.6": pytest.approx(1.0)}
+    assert table["ptb:validation/kl"]["within_ratio_mean"] == pytest.approx(-1.0)
+    assert table["ptb:validation/kl"]["all"] > 0.5  # the ratios' offsets dominate the pooled ranks
+    assert table["zeroshot/ppl"]["all"] == pytest.approx(1.0)  # lower fitness, higher accuracy: agreement
+    assert "0.7" not in table["zeroshot/ppl"]["within_ratio"]  # no candidates there
+    data = {"rows": rows, "config": {"windows": 8, "zeroshot_limit": 100}, "seconds": 60.0, "command": "x",
+            "environment": {"machine": {"cpu": "cpu", "threads": 2}}}
+    out = tmp_path / "fitness_rank.json"
+    out.with_suffix(".notes.md").write_text("hand-written finding\n")
+    text = fitness_rank.report(data, out)
+    assert "| ptb:validation | kl | " in text and text.rstrip().endswith("hand-written finding")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -33,10 +34,13 @@ def zeroshot_data(tiny_text_dir, tmp_path, monkeypatch) -> Path:
     return data
 
 
-def run(compare, model_dir: Path, out: Path, *extra: str) -> dict:
-    argv = ["--model", str(model_dir), "--ratios", "0.5", "--recipes", "wanda-sp", "--windows", "1",
+def argv_of(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(model_dir), "--ratios", "0.5", "--recipes", "wanda-sp", "--windows", "1",
             "--held-out", "ptb", "--out", str(out), *extra]
-    assert compare.main(argv) == 0
+
+
+def run(compare, model_dir: Path, out: Path, *extra: str) -> dict:
+    assert compare.main(argv_of(model_dir, out, *extra)) == 0
     return json.loads(out.with_suffix(".json").read_text())
 
 
@@ -66,6 +70,7 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
     # the least-squares row is the same selection with the search's compensation: other weights, other numbers
     assert cells["wanda-sp + lstsq:0.5"]["widths"] == cells["wanda-sp:0.5"]["widths"]
     assert cells["wanda-sp + lstsq:0.5"]["metrics"] != cells["wanda-sp:0.5"]["metrics"]
+    assert "short_by_seed" not in cells["search:0.5"]  # no other seed: no entry
     # the search rows come from quality.py's cells, without the test evaluation's time
     assert cells["search:0.5"]["metrics"]["ptb_2048"]["ppl"] == 80.0
     # ...but for the short windows, measured on their export (here the dense tiny model: the dense row's)
@@ -127,11 +132,11 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
     assert "2222" in out.with_suffix(".md").read_text()
 
 
-def test_a_file_of_another_comparison_is_refused(compare, tiny_model_dir, tiny_data, tmp_path):
+def test_a_file_of_another_comparison_is_refused(compare, tiny_model_dir, tiny_data, tmp_path, capsys):
     out = tmp_path / "compare"
     out.with_suffix(".json").write_text(json.dumps({"config": {"model": "other"}, "cells": {}}))
-    with pytest.raises(SystemExit, match="another comparison"):
-        run(compare, tiny_model_dir, out)
+    assert compare.main(argv_of(tiny_model_dir, out)) == 2
+    assert "another comparison" in capsys.readouterr().err
     assert json.loads(out.with_suffix(".json").read_text())["config"] == {"model": "other"}
 
 
@@ -165,7 +170,7 @@ def test_zeroshot_joins_a_finished_comparison_without_changing_its_perplexities(
 
 
 def test_zeroshot_of_a_search_row_whose_export_is_gone_reads_quality_or_says_what_to_run(
-        compare, tiny_model_dir, zeroshot_data, tmp_path):
+        compare, tiny_model_dir, zeroshot_data, tmp_path, capsys):
     """Search rows read before compare.json kept their export path, on a machine where that export is gone
     (run folders stay where they ran): --zeroshot takes quality.py's scores of that export; where
     quality.py has none, one clear message names the command to run, and nothing measured is lost."""
@@ -183,8 +188,8 @@ def test_zeroshot_of_a_search_row_whose_export_is_gone_reads_quality_or_says_wha
                                             "export": str(export)}}
     quality.write_text(json.dumps(marked))
     zeroshot = ("--zeroshot", "2", "--zeroshot-ratios", "0.5")
-    with pytest.raises(SystemExit, match="0.5/defaults/seed0: its export .* is not on this machine"):
-        run(compare, tiny_model_dir, out, *rows, *zeroshot)
+    assert compare.main(argv_of(tiny_model_dir, out, *rows, *zeroshot)) == 2
+    assert re.search("0.5/defaults/seed0: its export .* is not on this machine", capsys.readouterr().err)
     kept = json.loads(out.with_suffix(".json").read_text())["cells"]
     assert "zeroshot" in kept["dense"] and "zeroshot" in kept["wanda-sp:0.5"]
     marked["zeroshot"]["0.5/defaults/seed0"] = {"limit": 2, "scores": {"average": 0.321}, "seconds": 1.0,
