@@ -53,9 +53,13 @@ def test_the_table_ranks_within_each_ratio_and_counts_accuracy_as_higher_better(
     assert table["ptb:validation/kl"]["all"] > 0.5  # the ratios' offsets dominate the pooled ranks
     assert table["zeroshot/ppl"]["all"] == pytest.approx(1.0)  # lower fitness, higher accuracy: agreement
     assert "0.7" not in table["zeroshot/ppl"]["within_ratio"]  # no candidates there
+    reversed_inside = fitness_rank.kl_minus_ppl(rows, "ptb:validation", resamples=50)
+    assert reversed_inside["difference"] == pytest.approx(-2.0)
+    assert reversed_inside["above_zero"] == 0.0 and reversed_inside["p95"] < 0
     data = {"rows": rows, "config": {"windows": 8, "zeroshot_limit": 100}, "seconds": 60.0, "command": "x",
             "environment": {"machine": {"cpu": "cpu", "threads": 2}}}
     out = tmp_path / "fitness_rank.json"
     out.with_suffix(".notes.md").write_text("hand-written finding\n")
     text = fitness_rank.report(data, out)
-    assert "| ptb:validation | kl | " in text and text.rstrip().endswith("hand-written finding")
+    assert "| ptb:validation | kl | " in text and "| ptb:validation | -2.000 |" in text
+    assert text.rstrip().endswith("hand-written finding")
