@@ -106,11 +106,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parse_args_with_config(parser, argv)
 
 
-def spearman_table(rows: list[dict]) -> dict:
+def spearman_table(rows: list[dict], measures=(*MEASURES, "zeroshot")) -> dict:
     """Each fitness's Spearman correlation with each measure: over all candidates, within each ratio
     (where the search decides) and their mean; None where fewer than three candidates have the measure."""
     table = {}
-    for measure in [*MEASURES, "zeroshot"]:
+    for measure in measures:
         for kind in ("ppl", "kl"):
             sign = -1.0 if measure == "zeroshot" else 1.0  # higher accuracy is better
             measured = [r for r in rows if measure in r and math.isfinite(r[measure])]
@@ -132,7 +132,7 @@ def kl_minus_ppl(rows: list[dict], measure: str, resamples: int = 2000, seed: in
     by_ratio = [[r for r in rows if r["ratio"] == ratio and measure in r] for ratio in RATIOS]
 
     def difference(sample: list[dict]) -> float:
-        table = spearman_table(sample)
+        table = spearman_table(sample, [measure])
         kl, ppl = table[f"{measure}/kl"]["within_ratio_mean"], table[f"{measure}/ppl"]["within_ratio_mean"]
         return kl - ppl if kl is not None and ppl is not None else math.nan
 
