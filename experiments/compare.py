@@ -269,7 +269,7 @@ def search_zeroshot(cell: dict, limit: int) -> dict:
         return measured
     if not Path(export).is_dir():
         raise UserError(f"{key}: its export {export} is not on this machine and {source} has no zero-shot "
-                         f"of it; run experiments/quality.py for that cell with --zeroshot first")
+                        f"of it; run experiments/quality.py for that cell with --zeroshot first")
     return zeroshot_cell(export, limit)
 
 
