@@ -49,6 +49,7 @@ from space.views import subnet_view
 RESULTS = Path(__file__).parent / "results"
 RATIOS = (0.5, 0.6, 0.7, 0.8)
 MEASURES = ("wikitext2:rescoring", "ptb:validation", "c4:heldout")
+RESAMPLES = 2000  # the bootstrap of the KL - ppl difference
 
 
 def ranks(values: list[float]) -> np.ndarray:
@@ -124,7 +125,7 @@ def spearman_table(rows: list[dict], measures=(*MEASURES, "zeroshot")) -> dict:
     return table
 
 
-def kl_minus_ppl(rows: list[dict], measure: str, resamples: int = 2000, seed: int = 0) -> dict:
+def kl_minus_ppl(rows: list[dict], measure: str, resamples: int = RESAMPLES, seed: int = 0) -> dict:
     """How far the KL fitness's mean within-ratio Spearman with ``measure`` exceeds the perplexity
     fitness's, with a bootstrap over the candidates (resampled within each ratio, both fitnesses on the
     same resample): the difference, its 5th / 95th percentiles and the share of resamples above zero."""
@@ -173,7 +174,7 @@ def report(data: dict, out: Path) -> str:
                      + " | ".join(cell(v["within_ratio"].get(str(r))) for r in RATIOS)
                      + f" | {cell(v['within_ratio_mean'])} |")
     lines += ["", "KL minus perplexity fitness, mean within-ratio Spearman, with a bootstrap of the candidates "
-              "(2000 resamples within each ratio, seed 0; 90 % interval):", "",
+              f"({RESAMPLES} resamples within each ratio, seed 0; 90 % interval):", "",
               "| measure | KL - ppl | 90 % interval | resamples where KL ranks better |", "|---|---|---|---|"]
     for measure in [*MEASURES, "zeroshot"]:
         if table[f"{measure}/kl"]["within_ratio_mean"] is not None:
@@ -184,6 +185,13 @@ def report(data: dict, out: Path) -> str:
     if notes.is_file():
         lines += ["", notes.read_text(encoding="utf-8").rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path) -> str:
+    """fitness_rank.md beside the JSON ``out``; its text."""
+    text = report(json.loads(out.read_text()), out)
+    out.with_suffix(".md").write_text(text)
+    return text
 
 
 def finished_rows(path: Path, config: dict, pool: list) -> list[dict]:
@@ -211,7 +219,7 @@ def widths_of(subnet) -> list[list[int]]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
-        args.out.with_suffix(".md").write_text(report(json.loads(args.out.read_text()), args.out))
+        write_report(args.out)
         return 0
     config = {"per_ratio": args.per_ratio, "zeroshot": args.zeroshot, "zeroshot_limit": args.zeroshot_limit,
               "windows": args.windows, "seed": args.seed}
@@ -251,9 +259,7 @@ def main(argv=None) -> int:
         write_json(args.out, {"config": config, "rows": rows, "spearman": spearman_table(rows),
                               "seconds": round(seconds + time.time() - started, 1), "environment": environment(),
                               "command": command})
-    text = report(json.loads(args.out.read_text()), args.out)
-    args.out.with_suffix(".md").write_text(text)
-    print(text)
+    print(write_report(args.out))
     return 0
 
 
