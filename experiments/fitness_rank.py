@@ -188,8 +188,12 @@ def report(data: dict, out: Path) -> str:
 
 
 def write_report(out: Path) -> str:
-    """fitness_rank.md beside the JSON ``out``; its text."""
-    text = report(json.loads(out.read_text()), out)
+    """fitness_rank.md beside the JSON ``out``; its text. The JSON's ``spearman`` is recomputed from its
+    rows first, so that a file written by an earlier form of the table has today's fields (per ratio)."""
+    data = json.loads(out.read_text())
+    if data["spearman"] != (table := spearman_table(data["rows"])):
+        write_json(out, {**data, "spearman": table})
+    text = report(data, out)
     out.with_suffix(".md").write_text(text)
     return text
 

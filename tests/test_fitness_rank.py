@@ -63,3 +63,7 @@ def test_the_table_ranks_within_each_ratio_and_counts_accuracy_as_higher_better(
     text = fitness_rank.report(data, out)
     assert "| ptb:validation | kl | " in text and "| ptb:validation | -2.000 |" in text
     assert text.rstrip().endswith("hand-written finding")
+    # a file of an earlier form of the table (no per-ratio values) gets today's from its rows
+    out.write_text(json.dumps({**data, "spearman": {"ptb:validation/kl": {"all": 0.0}}}))
+    assert fitness_rank.write_report(out) == out.with_suffix(".md").read_text()
+    assert json.loads(out.read_text())["spearman"] == table
