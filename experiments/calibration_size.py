@@ -39,6 +39,7 @@ from reform.lstsq import DEFAULT_DAMPING, RIDGES  # noqa: E402
 from reform.spec import MODES, PASS_DTYPES, SELECTIONS, ReformSpec  # noqa: E402
 from search.cli.common import parse_args_with_config  # noqa: E402
 from search.oneshot import reform_export  # noqa: E402
+from space.errors import UserError  # noqa: E402
 from space.export import read_subnet_record, write_json  # noqa: E402
 from space.models import load_model  # noqa: E402
 
@@ -59,6 +60,10 @@ def cell(export: Path, nsamples: int, calib: str | None = None, zeroshot: int | 
     also the seven tasks' zero-shot accuracy on their first ``zeroshot`` questions."""
     record = read_subnet_record(export)
     recipe = record["recipe"]
+    if changed.get("select") == "prefix" and recipe["compensation"].get("select", "prefix") != "prefix":
+        # the refit starts from the export's kept units, which its own selection chose: their prefix is that set
+        raise UserError(f"{export}: its units were re-selected ({recipe['compensation']['select']}); a prefix refit "
+                        "would keep the same units (the search's unit order is not in the export)")
     source = CalibrationSpec.from_dict(recipe["calibration"])
     calibration = CalibrationSpec(calib or source.dataset, nsamples, source.seqlen, source.seed, source.region)
     reform = ReformSpec(**{**recipe["compensation"], **{k: v for k, v in changed.items() if v is not None}})
@@ -113,10 +118,13 @@ def report(data: dict) -> str:
         if own is not None and c["export"] not in shown:
             shown.add(c["export"])
             p = own["ppl"]
-            recipe = read_subnet_record(Path(c["export"]))["recipe"]  # what the search's export did
-            fitted = recipe.get("export_calibration", recipe["calibration"])  # (older runs: the statistics')
-            lines.append(f"| {c['export']} | {c['ratio']} | {recipe['compensation']['mode']} (search) | "
-                         f"{fitted['dataset']} | {fitted['nsamples']} | "
+            try:  # what the search's export did
+                recipe = read_subnet_record(Path(c["export"]))["recipe"]
+                fitted = recipe.get("export_calibration", recipe["calibration"])  # (older runs: the statistics')
+                mode, text, windows = recipe["compensation"]["mode"], fitted["dataset"], fitted["nsamples"]
+            except UserError:  # its run folder is on another machine; quality.json has its figures
+                mode, text, windows = "–", "–", "–"
+            lines.append(f"| {c['export']} | {c['ratio']} | {mode} (search) | {text} | {windows} | "
                          f"{p['ptb:validation']:.2f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
                          f"{own['seconds'].get('export', float('nan')):.0f} | – |")
         lines.append(f"| {c['export']} | {c['ratio']} | {least_squares(c['reform'])} | {c['calibration']['dataset']} | {c['nsamples']} | "
@@ -154,7 +162,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        return run(parse_args(argv))
+    except UserError as exc:  # the cells measured before it are saved
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"cells": {}}
     if args.report:
         args.out.with_suffix(".md").write_text(report(data))
