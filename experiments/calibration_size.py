@@ -37,7 +37,7 @@ from evaluators.suite import evaluate  # noqa: E402
 from experiments.quality import EVAL, VALIDATION, zeroshot_cell  # noqa: E402
 from reform.lstsq import DEFAULT_DAMPING, RIDGES  # noqa: E402
 from reform.spec import MODES, PASS_DTYPES, SELECTIONS, ReformSpec  # noqa: E402
-from search.cli.common import parse_args_with_config  # noqa: E402
+from search.cli.common import exit_status, parse_args_with_config  # noqa: E402
 from search.oneshot import reform_export  # noqa: E402
 from space.errors import UserError  # noqa: E402
 from space.export import read_subnet_record, write_json  # noqa: E402
@@ -162,11 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    try:
-        return run(parse_args(argv))
-    except UserError as exc:  # the cells measured before it are saved
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: run(parse_args(argv)))
 
 
 def run(args) -> int:

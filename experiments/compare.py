@@ -321,11 +321,7 @@ def search_cell(args, ratio: float, windows, dtype) -> dict | None:
 
 
 def main(argv=None) -> int:
-    try:
-        return run(parse_args(argv), argv)
-    except UserError as exc:  # a comparison that cannot go on as asked: what it measured is saved
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return common.exit_status(lambda: run(parse_args(argv), argv))  # a comparison that cannot go on as asked
 
 
 def run(args, argv) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -211,3 +212,13 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
         parser.error(str(exc))
     del args.config_file
     return args
+
+
+def exit_status(run, *args) -> int:
+    """``run(*args)``'s status, a :class:`UserError` from it one message on stderr and status 2 (the
+    experiment scripts' mains: what they measured before the error is already saved)."""
+    try:
+        return run(*args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
