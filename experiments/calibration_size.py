@@ -64,6 +64,7 @@ def cell(export: Path, nsamples: int, calib: str | None = None, zeroshot: int | 
         # the refit starts from the export's kept units, which its own selection chose: their prefix is that set
         raise UserError(f"{export}: its units were re-selected ({recipe['compensation']['select']}); a prefix refit "
                         "would keep the same units (the search's unit order is not in the export)")
+    own = search_export(export, recipe)  # before the refit: a later search may re-run into the same folder
     source = CalibrationSpec.from_dict(recipe["calibration"])
     calibration = CalibrationSpec(calib or source.dataset, nsamples, source.seqlen, source.seed, source.region)
     reform = ReformSpec(**{**recipe["compensation"], **{k: v for k, v in changed.items() if v is not None}})
@@ -79,14 +80,21 @@ def cell(export: Path, nsamples: int, calib: str | None = None, zeroshot: int | 
             values["zeroshot"] = zeroshot_cell(str(Path(tmp) / "export"), zeroshot)
     return {"export": str(export), "nsamples": nsamples, "tokens": nsamples * calibration.seqlen,
             "reform": reform.to_dict(), "calibration": calibration.to_dict(), "reform_s": round(seconds, 1),
-            "ratio": record["target_ratio"], **values}
+            "ratio": record["target_ratio"], "search": own, **values}
 
 
-def searched(export: str) -> dict | None:
-    """The search's own export of this winner as quality.json measured it (its statistics' count)."""
+def search_export(export: Path, recipe: dict) -> dict | None:
+    """The search's own export of this winner as quality.json measured it and how its least squares
+    was fitted (``recipe``, its subnet record's): stored in the cell, since a search re-run later
+    into the same folder replaces both the export and quality.json's figures."""
     quality = RESULTS / "quality.json"
     cells = json.loads(quality.read_text())["cells"].values() if quality.is_file() else []
-    return next((c for c in cells if Path(c["export"]).resolve() == Path(export).resolve()), None)
+    own = next((c for c in cells if Path(c["export"]).resolve() == export.resolve()), None)
+    if own is None:
+        return None
+    fitted = recipe.get("export_calibration", recipe["calibration"])  # (older runs: the statistics')
+    return {"mode": recipe["compensation"]["mode"], "text": fitted["dataset"], "windows": fitted["nsamples"],
+            "ppl": own["ppl"], "export_s": own["seconds"].get("export")}
 
 
 def least_squares(reform: dict) -> str:
@@ -114,19 +122,13 @@ def report(data: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     shown = set()
     for c in data["cells"].values():
-        own = searched(c["export"])
-        if own is not None and c["export"] not in shown:
-            shown.add(c["export"])
-            p = own["ppl"]
-            try:  # what the search's export did
-                recipe = read_subnet_record(Path(c["export"]))["recipe"]
-                fitted = recipe.get("export_calibration", recipe["calibration"])  # (older runs: the statistics')
-                mode, text, windows = recipe["compensation"]["mode"], fitted["dataset"], fitted["nsamples"]
-            except UserError:  # its run folder is on another machine; quality.json has its figures
-                mode, text, windows = "–", "–", "–"
-            lines.append(f"| {c['export']} | {c['ratio']} | {mode} (search) | {text} | {windows} | "
+        own = c.get("search")
+        if own is not None and (c["export"], own["ppl"]["wikitext2"]) not in shown:  # once per export as measured
+            shown.add((c["export"], own["ppl"]["wikitext2"]))
+            p, seconds = own["ppl"], own["export_s"]
+            lines.append(f"| {c['export']} | {c['ratio']} | {own['mode']} (search) | {own['text']} | {own['windows']} | "
                          f"{p['ptb:validation']:.2f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
-                         f"{own['seconds'].get('export', float('nan')):.0f} | – |")
+                         f"{'–' if seconds is None else f'{seconds:.0f}'} | – |")
         lines.append(f"| {c['export']} | {c['ratio']} | {least_squares(c['reform'])} | {c['calibration']['dataset']} | {c['nsamples']} | "
                      f"{c['validation']:.2f} | "
                      f"{c['wikitext2']:.2f} | {c['ptb']:.2f} | {c['c4:heldout']:.2f} | {c['reform_s']:.0f} | "

@@ -1,4 +1,4 @@
-"""experiments/calibration_size.py: its table survives a search export whose run folder is gone, and a prefix
+"""experiments/calibration_size.py: its table shows the search's figures each cell was measured beside, and a prefix
 refit of an export whose units were re-selected (the same units again) is refused with exit status 2."""
 
 from __future__ import annotations
@@ -20,23 +20,37 @@ def export_folder(path: Path, select: str) -> Path:
     return path
 
 
-def test_the_table_has_the_search_row_of_an_export_whose_folder_is_gone(tmp_path, monkeypatch):
+def test_a_cell_keeps_the_search_figures_it_was_measured_beside(tmp_path, monkeypatch):
+    """The search's row comes from the cell, not from quality.json at report time: a search re-run later into
+    the same folder (new figures there, its old export gone) leaves the earlier cells' rows as measured."""
     monkeypatch.syspath_prepend(str(EXPERIMENTS))
     import calibration_size
 
-    gone = str(tmp_path / "runs" / "gone" / "export")
-    (tmp_path / "quality.json").write_text(json.dumps({"cells": {"0.9/final/seed0": {
-        "export": gone, "ppl": {"ptb:validation": 54.3, "wikitext2": 24.7, "ptb": 53.5, "c4:heldout": 36.2},
+    export = tmp_path / "runs" / "0.9" / "export"
+    quality = tmp_path / "quality.json"
+    quality.write_text(json.dumps({"cells": {"0.9/final/seed0": {
+        "export": str(export), "ppl": {"ptb:validation": 54.3, "wikitext2": 24.7, "ptb": 53.5, "c4:heldout": 36.2},
         "seconds": {"export": 446.0}}}}))
     monkeypatch.setattr(calibration_size, "RESULTS", tmp_path)
-    cell = {"export": gone, "ratio": 0.9, "nsamples": 256, "reform": {"mode": "upstream", "select": "prefix"},
+    recipe = {"compensation": {"mode": "upstream"}, "calibration": {"dataset": "wikitext2", "nsamples": 64},
+              "export_calibration": {"dataset": "wikitext2+c4", "nsamples": 256}}
+    own = calibration_size.search_export(export, recipe)
+    assert own == {"mode": "upstream", "text": "wikitext2+c4", "windows": 256, "export_s": 446.0,
+                   "ppl": {"ptb:validation": 54.3, "wikitext2": 24.7, "ptb": 53.5, "c4:heldout": 36.2}}
+    assert calibration_size.search_export(tmp_path / "other" / "export", recipe) is None
+
+    quality.write_text(json.dumps({"cells": {"0.9/final/seed0": {  # the re-run
+        "export": str(export), "ppl": {"ptb:validation": 60.0, "wikitext2": 26.0, "ptb": 58.0, "c4:heldout": 40.0},
+        "seconds": {"export": 300.0}}}}))
+    cell = {"export": str(export), "ratio": 0.9, "nsamples": 256, "reform": {"mode": "upstream", "select": "prefix"},
             "calibration": {"dataset": "wikitext2+c4"}, "validation": 55.0, "wikitext2": 24.8, "ptb": 54.0,
-            "c4:heldout": 36.5, "reform_s": 300.0}
-    data = {"cells": {f"{gone}:256": cell}, "bf16_tflops": 0.4,
+            "c4:heldout": 36.5, "reform_s": 300.0, "search": own}
+    data = {"cells": {f"{export}:256": cell, f"{export}:64": {**cell, "nsamples": 64}}, "bf16_tflops": 0.4,
             "environment": {"machine": {"cpu": "cpu", "threads": 2}}}
     text = calibration_size.report(data)
-    assert f"| {gone} | 0.9 | – (search) | – | – | 54.30 | 24.70 |" in text
-    assert f"| {gone} | 0.9 | upstream, prefix units | wikitext2+c4 | 256 | 55.00 |" in text
+    assert text.count(f"| {export} | 0.9 | upstream (search) | wikitext2+c4 | 256 | 54.30 | 24.70 | 53.50 | 36.20 | 446 |") == 1
+    assert f"| {export} | 0.9 | upstream, prefix units | wikitext2+c4 | 256 | 55.00 |" in text
+    assert "26.00" not in text
 
 
 def test_a_prefix_refit_of_re_selected_units_is_refused(tmp_path, monkeypatch, capsys):
