@@ -31,7 +31,7 @@ from evaluators import harness, speed  # noqa: E402
 from evaluators.data import dataset_windows  # noqa: E402
 from evaluators.environment import environment  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
-from search.cli.common import parse_args_with_config  # noqa: E402
+from search.cli.common import exit_status, parse_args_with_config  # noqa: E402
 from space.errors import UserError  # noqa: E402
 from space.models import load_model  # noqa: E402
 
@@ -161,16 +161,15 @@ def validate(args) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        args = validate(parse_args(argv))
-        started = time.time()
-        torch.manual_seed(0)
-        specs = dict(zip(args.names, args.models))
-        quality = {name: evaluate_quality(spec, args) for name, spec in specs.items()}
-        speeds = measure_speed(specs, args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return exit_status(lambda: run(validate(parse_args(argv))))
+
+
+def run(args) -> int:
+    started = time.time()
+    torch.manual_seed(0)
+    specs = dict(zip(args.names, args.models))
+    quality = {name: evaluate_quality(spec, args) for name, spec in specs.items()}
+    speeds = measure_speed(specs, args)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     report = {"config": config, "seed": 0, "environment": environment(), "models": quality,
               "speed": speeds, "wall_time_s": time.time() - started}
