@@ -51,14 +51,7 @@ def progress_plot(study: optuna.Study, path: Path, *, baselines: dict[str, float
     ax.plot(numbers, running, color="black", label="best so far")
     for name, value in (baselines or {}).items():
         ax.axhline(value, linestyle="--", linewidth=1, label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("trial")
-    ax.set_ylabel(fitness_label(study))
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_fitness_plot(fig, ax, study, "trial", path)
 
 
 def front_plot(study: optuna.Study, path: Path) -> Path:
@@ -69,8 +62,13 @@ def front_plot(study: optuna.Study, path: Path) -> Path:
     ax.scatter([t.values[1] for t in trials], [t.values[0] for t in trials], s=8, alpha=0.4, label="trial")
     best = sorted((t for t in trials if t.number in front), key=lambda t: t.values[1])
     ax.plot([t.values[1] for t in best], [t.values[0] for t in best], "o-", color="black", ms=3, label="front")
+    return save_fitness_plot(fig, ax, study, "block ratio (kept)", path)
+
+
+def save_fitness_plot(fig, ax, study: optuna.Study, xlabel: str, path: Path) -> Path:
+    """Finish a plot of the study's fitness (log scale) against ``xlabel`` and write it to ``path``."""
     ax.set_yscale("log")
-    ax.set_xlabel("block ratio (kept)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(fitness_label(study))
     ax.legend(fontsize=8)
     fig.tight_layout()
