@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -132,6 +133,10 @@ def write_report(results: dict, out: Path) -> None:
             verdict = ("search pending" if search is None else
                        f"search {search:.3f}, {abs(search - best) * 100:.1f} points "
                        f"{'higher (better)' if search > best else 'lower (worse)' if search < best else 'tie'}")
+            errors = [zeroshot_standard_error(rows[n].get(r)) for n in (name, "search") if n in rows]
+            if search is not None and None not in errors:
+                verdict += (f" (standard error of the difference {math.hypot(*errors) * 100:.1f} points: "
+                            "binomial over each task's questions, unpaired)")
             lines.append(f"- {r:g}, zero-shot average: {name} {best:.3f}; {verdict}")
         lines += _seeds_verdict(rows, r, ["wikitext2", *held_out], short)
     lines += ["", "## Settings each recipe ran with", "",
@@ -181,6 +186,18 @@ def _wall(cell: dict) -> str:
 
 def _zeroshot(cell: dict | None) -> float | None:
     return cell["zeroshot"]["scores"]["average"] if cell and "zeroshot" in cell else None
+
+
+def zeroshot_standard_error(cell: dict | None) -> float | None:
+    """The binomial standard error of a cell's zero-shot average: each task's accuracy p on its first
+    ``limit`` questions has variance p(1 - p) / limit, the tasks independent (None without per-task scores)."""
+    if _zeroshot(cell) is None:
+        return None
+    measured = cell["zeroshot"]
+    tasks = [p for task, p in measured["scores"].items() if task != "average"]
+    if not tasks:
+        return None
+    return math.sqrt(sum(p * (1 - p) for p in tasks) / measured["limit"]) / len(tasks)
 
 
 def _zeroshot_table(rows: dict, recipes: list[str], dense: dict | None) -> list[str]:

@@ -389,3 +389,26 @@ def test_the_report_puts_a_labelled_variant_under_its_recipe(compare, tmp_path):
     table = (tmp_path / "compare.md").read_text().split("## Perplexity: WikiText-2, 2048 tokens")[1].split("##")[0]
     rows = [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines() if line.startswith("| ")][1:]
     assert rows == ["osscar", "osscar (search's calibration)", "ziplm", "tyr", "search"]
+
+
+def test_the_zero_shot_verdict_gives_the_standard_error_of_the_difference(compare, tmp_path):
+    """Two zero-shot averages on a few hundred questions a task differ by chance: the verdict line states the
+    binomial standard error of their difference (none where a cell has only its average)."""
+    import compare_report
+
+    def scores(p: float) -> dict:
+        return {"zeroshot": {"limit": 500, "scores": {"boolq": p, "piqa": p, "average": p}}}
+
+    assert compare_report.zeroshot_standard_error(scores(0.5)) == pytest.approx(math.sqrt(2 * 0.25 / 500) / 2)
+    assert compare_report.zeroshot_standard_error({"zeroshot": {"limit": 2, "scores": {"average": 0.1}}}) is None
+    metrics = {"wikitext2_2048": {"ppl": 1.0}, "wikitext2_128": {"ppl": 1.0}, "ptb_2048": {"ppl": 1.0}}
+    cells = {"osscar:0.5": {"kind": "recipe", "metrics": metrics, **scores(0.40)},
+             "search:0.5": {"kind": "search", "metrics": metrics, **scores(0.38)}, "dense": {"metrics": metrics}}
+    config = {"short_seqlen": 128, "held_out": ["ptb"], "windows_2048": 32, "dtype": "float32",
+              "max_calib_tokens": None}
+    compare_report.write_report({"config": config, "cells": cells}, tmp_path / "compare")
+    report = (tmp_path / "compare.md").read_text()
+    difference = math.hypot(compare_report.zeroshot_standard_error(scores(0.40)),
+                            compare_report.zeroshot_standard_error(scores(0.38)))
+    assert (f"- 0.5, zero-shot average: osscar 0.400; search 0.380, 2.0 points lower (worse) (standard error of "
+            f"the difference {difference * 100:.1f} points") in report
