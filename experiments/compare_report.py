@@ -232,8 +232,9 @@ def seed_cells(cell: dict | None) -> dict[int, dict]:
 def _seed_means(rows: dict, name: str, ratio: float, texts: list[str], short: str) -> dict[str, float] | None:
     """The means over a row's seeds at ``ratio`` (None below two seeds); the short windows' where every seed
     has them."""
-    seeds = seed_cells(rows.get(name, {}).get(ratio))
-    if len(seeds) < 2:
+    cell = rows.get(name, {}).get(ratio)
+    seeds = seed_cells(cell)
+    if len(seeds) < 2 or (name != "search" and _is_search(cell)):  # the search row itself is not its own rival
         return None
     means = {t: sum(c["ppl"][t] for c in seeds.values()) / len(seeds) for t in texts}
     shorts = [_seed_short(rows[name][ratio], s, short) for s in seeds]
@@ -258,7 +259,7 @@ def _seeds_table(rows: dict, ratios: list[float], texts: list[str], short: str) 
     for name in rows:
         for r in ratios:
             seeds = seed_cells(rows[name].get(r))
-            if len(seeds) < 2:
+            if len(seeds) < 2 or _is_search(rows[name][r]):  # a row that is the search's own: its seeds are the search's
                 continue
             means = _seed_means(rows, name, r, texts, short)
             per_seed = {t: [seeds[s]["ppl"][t] for s in sorted(seeds)] for t in texts}

@@ -412,3 +412,24 @@ def test_the_zero_shot_verdict_gives_the_standard_error_of_the_difference(compar
                             compare_report.zeroshot_standard_error(scores(0.38)))
     assert (f"- 0.5, zero-shot average: osscar 0.400; search 0.380, 2.0 points lower (worse) (standard error of "
             f"the difference {difference * 100:.1f} points") in report
+
+
+def test_a_row_that_is_the_search_itself_has_no_seeds_row_and_no_verdict_of_its_own(compare, tmp_path):
+    """Where Týr's search with the search's calibration is the search row (= search), its seeds are the
+    search's: the seeds table shows them once and no verdict pits the search against itself."""
+    import compare_report
+
+    quality = tmp_path / "quality.json"
+    quality.write_text(json.dumps({"cells": {f"0.5/final/seed{s}": {"ppl": {"wikitext2": v, "ptb": 2 * v}}
+                                             for s, v in ((0, 40.0), (1, 44.0))}}))
+    metrics = {"wikitext2_2048": {"ppl": 1.0}, "wikitext2_128": {"ppl": 1.0}, "ptb_2048": {"ppl": 1.0}}
+    search = {"kind": "search", "metrics": metrics, "record": {"from": f"{quality} 0.5/final/seed0"}}
+    equal = "tyr (search's calibration)"
+    cells = {"search:0.5": search, f"{equal}:0.5": {**search, "same_as": "search:0.5"}, "dense": {"metrics": metrics}}
+    config = {"short_seqlen": 128, "held_out": ["ptb"], "windows_2048": 32, "dtype": "float32",
+              "max_calib_tokens": None}
+    compare_report.write_report({"config": config, "cells": cells}, tmp_path / "compare")
+    report = (tmp_path / "compare.md").read_text()
+    assert "| search | 0.5 | 0, 1 | 40.00 / 44.00 (mean 42.00) |" in report
+    assert f"| {equal} | 0.5 | 0, 1 |" not in report
+    assert "against the search" not in report
