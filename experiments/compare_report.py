@@ -219,7 +219,9 @@ def _zeroshot_table(rows: dict, recipes: list[str], dense: dict | None) -> list[
 
 def seed_cells(cell: dict | None) -> dict[int, dict]:
     """Every seed's cell of a row read from experiments/quality.py (its ``record.from`` names seed 0's),
-    by seed; empty for the other rows."""
+    by seed; empty for the other rows and for a row that is the search row itself (its seeds are the search's)."""
+    if _is_search(cell):
+        return {}
     source, _, key = (cell or {}).get("record", {}).get("from", "").rpartition(" ")
     path = Path(source) if Path(source).is_absolute() else ROOT / source
     if not source or not path.is_file():
@@ -232,9 +234,8 @@ def seed_cells(cell: dict | None) -> dict[int, dict]:
 def _seed_means(rows: dict, name: str, ratio: float, texts: list[str], short: str) -> dict[str, float] | None:
     """The means over a row's seeds at ``ratio`` (None below two seeds); the short windows' where every seed
     has them."""
-    cell = rows.get(name, {}).get(ratio)
-    seeds = seed_cells(cell)
-    if len(seeds) < 2 or (name != "search" and _is_search(cell)):  # the search row itself is not its own rival
+    seeds = seed_cells(rows.get(name, {}).get(ratio))
+    if len(seeds) < 2:
         return None
     means = {t: sum(c["ppl"][t] for c in seeds.values()) / len(seeds) for t in texts}
     shorts = [_seed_short(rows[name][ratio], s, short) for s in seeds]
@@ -259,7 +260,7 @@ def _seeds_table(rows: dict, ratios: list[float], texts: list[str], short: str) 
     for name in rows:
         for r in ratios:
             seeds = seed_cells(rows[name].get(r))
-            if len(seeds) < 2 or _is_search(rows[name][r]):  # a row that is the search's own: its seeds are the search's
+            if len(seeds) < 2:
                 continue
             means = _seed_means(rows, name, r, texts, short)
             per_seed = {t: [seeds[s]["ppl"][t] for s in sorted(seeds)] for t in texts}
