@@ -322,18 +322,3 @@ def ratios(result: dict, reference: dict) -> dict:
         "peak_memory_bytes": _ratio(result["peak_memory_bytes"], reference["peak_memory_bytes"]),
     }
 
-
-def benchmark(
-    model,
-    *,
-    shapes=((1, 128), (1, 512), (4, 512)),
-    decode_tokens: int = 64,
-    decode_prompt: int = 128,
-    repeats: int = 3,
-    warmup: int = 1,
-    seed: int = 0,
-) -> dict:
-    """Speed and memory of one model (see the module docstring for what each field means)."""
-    result = compare({"model": model}, shapes=shapes, decode_tokens=decode_tokens, decode_prompt=decode_prompt,
-                     repeats=repeats, warmup=warmup, seed=seed)
-    return {**result["models"]["model"], "config": result["config"]}

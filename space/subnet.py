@@ -16,7 +16,6 @@ budget is :mod:`space.budget`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 
 
@@ -158,10 +157,3 @@ class Subnet:
     @classmethod
     def from_dict(cls, data: dict) -> "Subnet":
         return cls(ModelDims(**data["dims"]), tuple(LayerWidths(**w) for w in data["layers"]))
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str) -> "Subnet":
-        return cls.from_dict(json.loads(text))

@@ -19,8 +19,14 @@ def tiny_llama(*, intermediate: int = 64, tied: bool = True, dtype=torch.float32
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+def one_model(model, **options) -> dict:
+    """speed.compare of one model: its figures and the run's config."""
+    result = speed.compare({"model": model}, **options)
+    return {**result["models"]["model"], "config": result["config"]}
+
+
 def test_benchmark_returns_every_field():
-    result = speed.benchmark(tiny_llama(), **SMALL)
+    result = one_model(tiny_llama(), **SMALL)
     for key in ("params", "weight_bytes", "dtype", "device", "torch_threads", "prefill", "prefill_logits",
                 "decode", "ttft_s", "peak_increase_bytes", "peak_memory_bytes", "memory_method", "cpu", "config"):
         assert key in result, key
@@ -94,9 +100,9 @@ def test_compare_interleaves_rotates_and_gives_ratios(monkeypatch):
 def test_bad_options_raise():
     model = tiny_llama()
     with pytest.raises(ValueError):
-        speed.benchmark(model, shapes=((0, 8),))
+        one_model(model, shapes=((0, 8),))
     with pytest.raises(ValueError):
-        speed.benchmark(model, decode_tokens=1)
+        one_model(model, decode_tokens=1)
     with pytest.raises(ValueError):
         speed.compare({})
 
@@ -104,7 +110,7 @@ def test_bad_options_raise():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_benchmark_on_cuda_uses_the_allocator_peak():
-    result = speed.benchmark(tiny_llama().cuda(), **SMALL)
+    result = one_model(tiny_llama().cuda(), **SMALL)
     assert result["device"].startswith("cuda")
     assert result["memory_method"] == "torch.cuda.max_memory_allocated"
     assert result["peak_increase_bytes"] > 0
@@ -115,7 +121,7 @@ def test_real_model_benchmark_in_bfloat16():
     from experiments.eval_exports import load_for_eval
 
     model, _, _ = load_for_eval("smollm2-135m", dtype=torch.bfloat16)
-    result = speed.benchmark(model, shapes=((1, 64),), decode_tokens=4, repeats=1, warmup=0)
+    result = one_model(model, shapes=((1, 64),), decode_tokens=4, repeats=1, warmup=0)
     assert result["dtype"] == "bfloat16"
     assert result["params"] == pytest.approx(134.5e6, rel=0.01)  # PROTOCOL.md, tied embeddings once
     assert result["weight_bytes"] == 2 * result["params"]
