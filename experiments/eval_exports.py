@@ -17,7 +17,6 @@ Writes ``<out>.json`` (everything, with config, versions, seed, machine, wall ti
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -33,6 +32,7 @@ from evaluators.environment import environment  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
 from search.cli.common import exit_status, parse_args_with_config  # noqa: E402
 from space.errors import UserError  # noqa: E402
+from space.export import write_json  # noqa: E402
 from space.models import load_model  # noqa: E402
 
 log = logging.getLogger("eval_exports")
@@ -174,7 +174,7 @@ def run(args) -> int:
     report = {"config": config, "seed": 0, "environment": environment(), "models": quality,
               "speed": speeds, "wall_time_s": time.time() - started}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out.with_suffix(".json"), report)
     args.out.with_suffix(".md").write_text(table(args.names, quality, speeds))
     print(table(args.names, quality, speeds))
     return 0

@@ -11,7 +11,6 @@ the largest difference between the two modes' rectified down_proj per layer.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from reform.rectify import ReformSpec, rectify  # noqa: E402
 from search.prepare import dense_scores
 from space.order import order_model  # noqa: E402
 from space.adapters import adapter_for  # noqa: E402
+from space.export import write_json  # noqa: E402
 from space.models import load_model  # noqa: E402
 from space.views import subnet_view  # noqa: E402
 from space.subnet import LayerWidths, Subnet  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> None:
     for row in rows:
         if "ppl" in row:
             print(f"{row['layers_cut']:>2} layers cut  {row['mode']:<10}  damping {row['damping']}  ppl {row['ppl']:.2f}")
-    OUT.write_text(json.dumps({"rows": rows, "environment": environment()}, indent=2) + "\n")
+    write_json(OUT, {"rows": rows, "environment": environment()})
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ log = logging.getLogger("robustness")
 from evaluators.workers import RayPool  # noqa: E402
 from search.cli.common import parse_args_with_config  # noqa: E402
 from search.prepare import SearchEvaluator  # noqa: E402
+from space.export import write_json  # noqa: E402
 
 COMPLETE, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
 
@@ -135,7 +136,7 @@ def run(args, config, run_dir: Path, disturbed: bool) -> dict:
     shutil.rmtree(markers, ignore_errors=True)
     out = {"run_dir": str(run_dir), "seconds": seconds, "completed": result.completed,
            "raised_in_trials": raised if disturbed else [], "kills": KillingPool.kills if disturbed else []}
-    record.write_text(json.dumps(out))
+    write_json(record, out)
     return out
 
 
@@ -279,7 +280,7 @@ def write(out: dict, tag: str) -> None:
     data = {k: v for k, v in out.items() if k not in ("undisturbed", "disturbed")}
     for label in ("undisturbed", "disturbed"):
         data[label] = {k: v for k, v in out[label].items() if k not in ("completed", "order", "counts")}
-    (RESULTS / f"robustness{tag}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    write_json(RESULTS / f"robustness{tag}.json", data)
     (RESULTS / f"robustness{tag}.md").write_text(report(out))
 
 

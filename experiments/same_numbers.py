@@ -22,6 +22,7 @@ from pathlib import Path
 
 from search.cli.common import parse_args_with_config
 from search.rundir import load_run_study
+from space.export import write_json
 
 
 def study_trials(run_dir: Path) -> list[dict]:
@@ -72,9 +73,9 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"| {r['what']} | {r['shown']} | {'yes' if r['same'] else 'NO'} |")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "before": str(args.before), "after": str(args.after),
-                                         "demo_test_ppl": [a["demo_test_ppl"], b["demo_test_ppl"]],
-                                         "flap_test_ppl": [a["flap_test_ppl"], b["flap_test_ppl"]]}, indent=2) + "\n")
+        write_json(args.json, {"rows": rows, "before": str(args.before), "after": str(args.after),
+                               "demo_test_ppl": [a["demo_test_ppl"], b["demo_test_ppl"]],
+                               "flap_test_ppl": [a["flap_test_ppl"], b["flap_test_ppl"]]})
 
 
 if __name__ == "__main__":
