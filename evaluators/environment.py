@@ -50,9 +50,23 @@ def environment() -> dict:
     return {
         "python": platform.python_version(),
         "versions": {p: v for p in PACKAGES if (v := _version(p))},
-        "machine": {"cpu": cpu_model(), "threads": torch.get_num_threads(), "gpu": gpu},
+        "machine": {"cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "threads": torch.get_num_threads(), "gpu": gpu},
         "git_commit": _git_commit(),
     }
+
+
+def fast_bfloat16(device: str = "cpu") -> bool:
+    """Whether bfloat16 matmuls run faster than float32 ones on ``device``: on a GPU with native
+    bfloat16 (or one not visible here: the worker's), and on a CPU with AVX-512, where oneDNN runs
+    them (about 2x the float32 peak on the AVX-512 EPYCs measured). A CPU with AVX2 alone falls back to
+    generic kernels: on an AVX2 EPYC a SmolLM2 candidate scored 2.4x slower in bfloat16 than in float32,
+    its matmul peak 1/130 of float32's (experiments/results/scoring_dtype.md)."""
+    if device.startswith("cuda"):
+        return not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.startswith("cpu"):
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return True  # other accelerators: the dtype their users choose; bfloat16 unless told
 
 
 @torch.inference_mode()

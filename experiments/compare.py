@@ -54,7 +54,7 @@ import torch  # noqa: E402
 from evaluators.data import dataset_windows  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from evaluators.perplexity import perplexity  # noqa: E402
-from experiments.quality import ROWS, cell_config, zeroshot_cell, zeroshot_scores  # noqa: E402
+from experiments.quality import MEASURED_DTYPES, ROWS, cell_config, zeroshot_cell, zeroshot_scores  # noqa: E402
 from reform.spec import ReformSpec  # noqa: E402
 from search.cli import common  # noqa: E402
 from search.oneshot import RECIPES, OneShotCache, dense_copy, run_recipe  # noqa: E402
@@ -278,7 +278,8 @@ def depth_search_config(args, ratio: float):
     from search.config import SearchConfig
 
     return SearchConfig.create(args.model, ratio, preset="depth", evolution="staged", fitness="kl",
-                               trials=args.depth_search_trials, eval_windows=0)
+                               trials=args.depth_search_trials, eval_windows=0,
+                               **MEASURED_DTYPES)  # as its cells were measured, on any CPU
 
 
 def depth_search_cell(args, ratio: float, windows, dtype) -> dict:

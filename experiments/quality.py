@@ -74,8 +74,13 @@ ROWS: dict[str, dict] = {
 SEARCH_FROM = {"tyr-equal": "tyr", "upstream": "kl"}
 
 
+# Every cell scores and exports in bfloat16, as measured (on AVX-512 CPUs, where the defaults' ``auto`` is
+# bfloat16; an AVX2 CPU would resolve it to float32, another search); a row may pin its own export passes.
+MEASURED_DTYPES = {"dtype": "bfloat16", "export_pass_dtype": "bfloat16"}
+
+
 def cell_options(row: str, trials: int | None) -> dict:
-    return {**({"trials": trials} if trials else {}), **ROWS[row]}
+    return {**MEASURED_DTYPES, **({"trials": trials} if trials else {}), **ROWS[row]}
 
 
 def cell_config(ratio: float, row: str, seed: int, trials: int | None = None) -> SearchConfig:

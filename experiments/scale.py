@@ -256,7 +256,8 @@ def simulate(args, sampler: RssSampler) -> dict:
     from transformers import AutoConfig
 
     config = SearchConfig.create(str(args.model), 0.5, nsamples=args.nsamples, calib_seqlen=args.seqlen,
-                                 fitness_nsamples=args.fitness_nsamples, fitness_seqlen=args.seqlen)
+                                 fitness_nsamples=args.fitness_nsamples, fitness_seqlen=args.seqlen,
+                                 dtype="bfloat16")  # a GPU worker's scoring dtype, simulated on any CPU
     hf_config = AutoConfig.from_pretrained(args.model)
     full_dims, vocab = config_dims(hf_config), hf_config.vocab_size
     hf_config.num_hidden_layers = args.layers

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 from evaluators.data import CalibrationSpec, parse_dataset
+from evaluators.environment import fast_bfloat16
 from reform.spec import MODES, SELECTIONS, ReformSpec
 from search.fitness import KINDS as FITNESS_KINDS
 from search.fitness import NAMES as FITNESS_NAMES
@@ -52,9 +53,10 @@ SOLVER_DEVICES = ("model", "cpu")  # where the fitness's least-squares state liv
 # ORDER_SWITCH_RATIO, ``wanda-sp`` above it (PTB-validation perplexity of the same search, osscar vs
 # wanda-sp: 151.7 vs 202.3 at 0.5, 112.4 vs 122.8 at 0.6, 97.0 vs 85.5 at 0.7). The dataclass's own field
 # defaults stay what a run folder made before each field existed meant (:func:`search.rundir.open_run_dir`).
+# The dtypes (``auto``: :func:`default_dtype`) are bfloat16 where its matmuls are fast, float32 elsewhere.
 RECOMMENDED = {"fitness": "kl", "evolution": "staged", "export_reform": "upstream", "importance": "auto",
-               "export_nsamples": 256, "export_pass_dtype": "bfloat16", "export_select": "auto", "export_calib": "auto",
-               "export_ridge": "zero"}
+               "export_nsamples": 256, "export_pass_dtype": "auto", "export_select": "auto", "export_calib": "auto",
+               "export_ridge": "zero", "dtype": "auto"}
 STAGED_TRIALS = 260
 PLAIN_TRIALS = 100
 ORDER_SWITCH_RATIO = 0.6
@@ -72,6 +74,16 @@ MIXED_EXPORT_MIN_RATIO = 0.6
 # and +6.3 % at 0.6 (re-selecting by the criterion the order was made by only adds fitting).
 EXPORT_SELECTIONS = ("auto", *SELECTIONS)
 ORDERS_BY_REFIT_ERROR = ("osscar", "obs-elimination", "ziplm")
+
+
+def default_dtype(device: str) -> str:
+    """The dtype ``auto`` stands for (candidates' scoring, the upstream export's passes) on ``device``:
+    bfloat16 where its matmuls are faster than float32's (:func:`evaluators.environment.fast_bfloat16`:
+    a GPU, a CPU with AVX-512), float32 on other CPUs, where a candidate scores 2.4x slower in bfloat16
+    (an AVX2 EPYC: experiments/results/scoring_dtype.md).
+    Resolved when a search is created and recorded in its config, so a run resumes in the dtype it began
+    with (on another machine too: ``--config RUN/config.yaml``)."""
+    return "bfloat16" if fast_bfloat16(device) else "float32"
 
 
 def default_importance(ratio: float) -> str:
@@ -159,11 +171,15 @@ class SearchConfig:
         (staged evolution: its stages' windows, 4 generations' worth); ``final_nsamples`` to
         max(32, 4 x the windows a candidate is scored on). ``options``: the other fields; those not
         given (or None) take the defaults of the day (``RECOMMENDED``, ``importance="auto"`` resolved
-        by the ratio, STAGED_TRIALS children for the staged evolution, else PLAIN_TRIALS trials)."""
+        by the ratio, the dtypes by the device (:func:`default_dtype`), STAGED_TRIALS children for the
+        staged evolution, else PLAIN_TRIALS trials)."""
         chosen = (*RECOMMENDED, "trials")  # None there: "not given" (the command line's unset flags)
         options = {**RECOMMENDED, **{k: v for k, v in options.items() if k not in chosen or v is not None}}
         if options["importance"] == "auto":
             options["importance"] = default_importance(ratio)
+        for dtype in ("dtype", "export_pass_dtype"):
+            if options[dtype] == "auto":
+                options[dtype] = default_dtype(options.get("device") or cls.device)
         staged = STAGED_PRESETS.get(options["evolution"])
         if options.get("searcher", cls.searcher) != "evolution":
             staged = None

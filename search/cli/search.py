@@ -69,7 +69,8 @@ def add(sub) -> None:
     common.add_calibration_flags(p)
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows for scores and least squares")
     p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--dtype", default="bfloat16", help="dtype candidates are scored in: " + " | ".join(DTYPES))
+    p.add_argument("--dtype", help="dtype candidates are scored in: auto (default: bfloat16 on a GPU and on a CPU "
+                                   "with AVX-512, float32 on other CPUs, where bfloat16 is slower) | " + " | ".join(DTYPES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--solver-dtype", default="auto", help="dtype of the fitness's least-squares state (L⁻¹, P): "
                                                           "auto (--dtype on a GPU, float32 on the CPU) | "
@@ -90,8 +91,9 @@ def add_export_options(p) -> None:
     p.add_argument("--export-reform", choices=MODES,
                    help="least squares of the winner: upstream (default: on the pruned upstream model's inputs), "
                         "local (as in the fitness) or sequential")
-    p.add_argument("--export-pass-dtype", choices=PASS_DTYPES,
-                   help="upstream export: the dtype its calibration passes run in (statistics stay float64)")
+    p.add_argument("--export-pass-dtype", choices=("auto", *PASS_DTYPES),
+                   help="upstream export: the dtype its calibration passes run in (statistics stay float64); "
+                        "auto (default): as --dtype's auto")
     p.add_argument("--export-select", choices=EXPORT_SELECTIONS,
                    help="upstream export: each layer keeps the prefix of the importance order, or the units "
                         "chosen again on the upstream statistics at the winner's widths (obs); auto (default): "

@@ -138,13 +138,30 @@ def test_the_export_is_fitted_on_256_windows_by_default():
 def test_the_exports_pass_dtype_is_the_upstream_modes_and_its_selection_needs_that_mode():
     """bfloat16 passes by default in the upstream mode; a config with another mode keeps working
     (its passes run in float32); a unit re-selection outside the upstream mode is a usage error."""
-    assert SearchConfig.create("m", 0.5).export_spec().pass_dtype == "bfloat16"
+    assert SearchConfig.create("m", 0.5, export_pass_dtype="bfloat16").export_spec().pass_dtype == "bfloat16"
     local = SearchConfig.create("m", 0.5, export_reform="local")
     local.check()
     assert local.export_spec().pass_dtype == "float32"
     assert "select" not in SearchConfig.create("m", 0.5).export_spec().to_dict()  # the prefix: unrecorded
     with pytest.raises(UserError, match="mode upstream"):
         SearchConfig.create("m", 0.5, export_reform="local", export_select="obs").check()
+
+
+@pytest.mark.parametrize("capability, expected", [("AVX512", "bfloat16"), ("AVX2", "float32"), ("DEFAULT", "float32")])
+def test_the_dtypes_default_to_bfloat16_only_where_its_matmuls_are_fast(monkeypatch, capability, expected):
+    """auto (the default scoring dtype and the upstream export's passes) is bfloat16 on a GPU and on a CPU
+    with AVX-512, float32 on other CPUs (bfloat16 2.4x slower a candidate there), resolved into the config;
+    an explicit dtype is kept whatever the machine."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    config = SearchConfig.create("m", 0.5)
+    assert config.dtype == config.export_pass_dtype == expected
+    assert config.to_dict()["dtype"] == expected  # recorded: a resume runs in the dtype it began with
+    assert SearchConfig.create("m", 0.5, dtype="auto", export_pass_dtype="auto").dtype == expected
+    on_gpu = SearchConfig.create("m", 0.5, device="cuda")
+    if not torch.cuda.is_available():  # a GPU worker's, planned from a machine without one
+        assert on_gpu.dtype == on_gpu.export_pass_dtype == "bfloat16"
+    kept = SearchConfig.create("m", 0.5, dtype="bfloat16", export_pass_dtype="float32")
+    assert (kept.dtype, kept.export_pass_dtype) == ("bfloat16", "float32")
 
 
 def test_the_exports_selection_auto_re_selects_units_on_mixed_text_only():
