@@ -73,17 +73,35 @@ def fast_bfloat16(device: str = "cpu") -> bool:
 def matmul_tflops(dtype: torch.dtype = torch.bfloat16, *, size: int = 2048, device: str = "cpu",
                   seconds: float = 2.0) -> float:
     """The achieved TFLOP/s of square ``size`` matmuls in ``dtype`` (best of about ``seconds``): the
-    machine's practical peak, to quote beside any throughput measured in the same run."""
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    a @ b  # warm-up
-    while time.perf_counter() < deadline or best == float("inf"):
+    machine's practical peak, to quote beside any throughput measured in the same run.
+
+    Where one ``size`` matmul would take over a quarter of ``seconds`` (bfloat16 on a CPU without AVX-512:
+    PyTorch's generic kernels, about 1 GFLOP/s on two cores, 17 s for 2048²), the size halves until it
+    would not (down to 256), estimated from a 256² probe: a peak that slow is an order of magnitude, and
+    measuring it at 2048² made every result file's header cost a minute."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def operands(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        return (torch.randn(n, n, generator=generator).to(device=device, dtype=dtype),
+                torch.randn(n, n, generator=generator).to(device=device, dtype=dtype))
+
+    def timed(a: torch.Tensor, b: torch.Tensor) -> float:
         sync()
         t = time.perf_counter()
         a @ b
         sync()
-        best = min(best, time.perf_counter() - t)
+        return time.perf_counter() - t
+
+    probe = min(size, 256)
+    a, b = operands(probe)
+    timed(a, b)  # warm-up
+    per_flop = timed(a, b) / probe**3
+    while size > probe and per_flop * size**3 > seconds / 4:
+        size //= 2
+    a, b = operands(size)
+    timed(a, b)  # warm-up
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == float("inf"):
+        best = min(best, timed(a, b))
     return 2 * size**3 / best / 1e12

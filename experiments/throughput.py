@@ -165,7 +165,7 @@ def report(data: dict) -> str:
     lines = ["# Candidate throughput (SmolLM2-135M, one CPU worker)", "", __doc__.split("\n\n")[1], "",
              __doc__.split("\n\n")[2], "",
              f"`{data['command']}` ({data['seconds']:.0f} s; {machine['cpu']}, {machine['threads']} threads). Matmul "
-             f"peak in the same run (2048², best of 2 s, before / after): bfloat16 "
+             f"peak in the same run (up to 2048², smaller where a matmul is slow; best of 2 s; before / after): bfloat16 "
              f"{data['peak_before']['bf16_tflops']:.3f} / {data['peak_after']['bf16_tflops']:.3f}, float32 "
              f"{data['peak_before']['fp32_tflops']:.3f} / {data['peak_after']['fp32_tflops']:.3f} TFLOP/s.", "",
              "| fitness windows | children | solves s / child (TFLOP/s, of fp32 peak) | pass GFLOP | whole pass s "
