@@ -119,6 +119,8 @@ def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int | Non
         seconds["search"] = source["seconds"]["search"]
     return {"ratio": ratio, "row": row, "seed": seed, "options": options, "trials": result.completed,
             "block_ratio": best["best"]["block_ratio"], "rescored": best["best"]["rescored"],
+            # the winner itself (as compare.py's cells record it), exportable again without its run folder
+            "winner_trial": best["best"]["trial"], "widths": best["best"]["widths"],
             "fitness": config.fitness_name, "ppl": ppl, "windows": best["test"]["windows"], "seconds": seconds,
             "export": best["export"], **({"search_from": f"{ratio}/{source['row']}/seed{seed}"} if source else {})}
 
@@ -187,7 +189,7 @@ def report(data: dict) -> str:
              "kind) and PTB validation (32 windows in the first cells, 8 after), never a test split. Dense: "
              + ", ".join(f"{k} {v:.2f}" for k, v in data.get("dense", {}).items()) + ".", "",
              f"Machine: {data['environment']['machine']['cpu']}, {data['environment']['machine']['threads']} threads; "
-             "`bf16` is the bfloat16 matmul peak (2048^3, TFLOP/s) measured in the same run as the cell.", "",
+             "`bf16` is the bfloat16 matmul peak (up to 2048², TFLOP/s) measured in the same run as the cell.", "",
              "A `*` after the row marks the search today's defaults run at that ratio (the final row; today's "
              "defaults refit its winner on 256 windows, not 64: calibration_size.md).", "",
              "Wall time: the search, the re-scoring of its finalists and the export's least squares (seconds; "

@@ -2,7 +2,8 @@
 buys (issue 15, item 4; ``search.fitness.PrefixStates``).
 
 SmolLM2-135M permuted by wanda-sp, the fitness's float32 prefix solvers (``L⁻¹``, ``P``), the model
-in bfloat16, as a search worker holds them. Candidates: the staged evolution's children (level
+in the scoring dtype (``--dtype``: bfloat16 as first measured; ``auto`` is the search's default, float32
+on a CPU without AVX-512), as a search worker holds them. Candidates: the staged evolution's children (level
 switches of one incumbent at ``--ratio``, two to six switches each, MLP quantum 4 grid steps), scored
 in order, as a generation is. Each child is scored twice per setting, interleaved so that both
 settings see the same machine load: its least-squares solves (the layers no earlier candidate had),
@@ -11,8 +12,8 @@ states. Two fitness-window settings: the staged evolution's first stage (1 x 512
 plain evolution's fitness (8 x 512).
 
 Achieved TFLOP/s = the work of a whole pass (the blocks at the child's widths, attention included,
-the LM head; ``Subnet.flops_per_token``) / seconds, beside the bfloat16 matmul peak of this machine
-measured in the same run; the solves' FLOPs (2 k² d_out per projection and layer solved) over their
+the LM head; ``Subnet.flops_per_token``) / seconds, beside the matmul peak of the scoring dtype on this
+machine measured in the same run; the solves' FLOPs (2 k² d_out per projection and layer solved) over their
 own seconds, beside the float32 peak.
 
     LLM_PRUNER_DATA=../shared/data python experiments/throughput.py --children 32
@@ -36,7 +37,7 @@ from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from experiments.fitness_rank import permuted_smollm2  # noqa: E402
 from reform.local import output_solvers  # noqa: E402
 from search.cli.common import parse_args_with_config  # noqa: E402
-from search.config import FITNESS_REGION, SearchConfig  # noqa: E402
+from search.config import FITNESS_REGION, SearchConfig, default_dtype  # noqa: E402
 from search.fitness import PREFIX_BYTES, Fitness  # noqa: E402
 from search.prepare import PREFIX_ONLY, starts_for  # noqa: E402
 from search.samplers.levels import LevelSwitches  # noqa: E402
@@ -132,6 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--children", type=int, default=32)
     parser.add_argument("--ratio", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32", "auto"), default="bfloat16",
+                        help="the candidates' scoring dtype (auto: the search's default on this machine)")
     parser.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     return parse_args_with_config(parser, argv)
 
@@ -141,7 +144,8 @@ def main(argv=None) -> int:
     started = time.time()
     adapter, tokenizer, ordered, statistics = permuted_smollm2()
     solvers = output_solvers(adapter, statistics, precompute=torch.float32, prefix_only=PREFIX_ONLY)
-    adapter.model.to(torch.bfloat16)
+    dtype = default_dtype("cpu") if args.dtype == "auto" else args.dtype
+    adapter.model.to(getattr(torch, dtype))
     pool = children(WidthSpace(adapter.dims, preset="wide"), ordered, args.ratio, args.children, args.seed)
     peak = {"bf16_tflops": matmul_tflops(torch.bfloat16), "fp32_tflops": matmul_tflops(torch.float32)}
     results = {}
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
         results[name] = measure(adapter, solvers, windows, pool, adapter.config.vocab_size)
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "rows"}), flush=True)
     peak_after = {"bf16_tflops": matmul_tflops(torch.bfloat16), "fp32_tflops": matmul_tflops(torch.float32)}
-    data = {"ratio": args.ratio, "results": results, "peak_before": peak, "peak_after": peak_after,
+    data = {"ratio": args.ratio, "dtype": dtype, "results": results, "peak_before": peak, "peak_after": peak_after,
             "seconds": round(time.time() - started, 1), "environment": environment(),
             "command": "python experiments/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     write_json(args.out, data)
@@ -162,20 +166,22 @@ def main(argv=None) -> int:
 def report(data: dict) -> str:
     machine = data["environment"]["machine"]
     peak = {k: max(data["peak_before"][k], data["peak_after"][k]) for k in data["peak_before"]}
-    lines = ["# Candidate throughput (SmolLM2-135M, one CPU worker)", "", __doc__.split("\n\n")[1], "",
+    dtype = data.get("dtype", "bfloat16")  # files written before --dtype scored in bfloat16
+    pass_peak, short = (peak["bf16_tflops"], "bf16") if dtype == "bfloat16" else (peak["fp32_tflops"], "fp32")
+    lines = [f"# Candidate throughput (SmolLM2-135M, one CPU worker, scoring in {dtype})", "", __doc__.split("\n\n")[1], "",
              __doc__.split("\n\n")[2], "",
              f"`{data['command']}` ({data['seconds']:.0f} s; {machine['cpu']}, {machine['threads']} threads). Matmul "
              f"peak in the same run (up to 2048², smaller where a matmul is slow; best of 2 s; before / after): bfloat16 "
              f"{data['peak_before']['bf16_tflops']:.3f} / {data['peak_after']['bf16_tflops']:.3f}, float32 "
              f"{data['peak_before']['fp32_tflops']:.3f} / {data['peak_after']['fp32_tflops']:.3f} TFLOP/s.", "",
              "| fitness windows | children | solves s / child (TFLOP/s, of fp32 peak) | pass GFLOP | whole pass s "
-             "(TFLOP/s, of bf16 peak) | with kept states s (equivalent TFLOP/s) | blocks skipped | candidate s: "
+             f"(TFLOP/s, of {short} peak) | with kept states s (equivalent TFLOP/s) | blocks skipped | candidate s: "
              "whole → kept | speed-up | whole pass: matmul / attention / other |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in data["results"].items():
         lines.append(
             f"| {name} | {r['children']} | {r['solve_s_per_child']:.3f} ({r['solve_tflops']:.3f}, "
             f"{r['solve_tflops'] / peak['fp32_tflops']:.0%}) | {r['pass_gflop']:.1f} | {r['pass_s_whole']:.3f} "
-            f"({r['tflops_whole']:.3f}, {r['tflops_whole'] / peak['bf16_tflops']:.0%}) | {r['pass_s_reused']:.3f} "
+            f"({r['tflops_whole']:.3f}, {r['tflops_whole'] / pass_peak:.0%}) | {r['pass_s_reused']:.3f} "
             f"({r['tflops_reused_equivalent']:.3f}) | {r['blocks_skipped']:.0%} | {r['candidate_s_whole']:.3f} → "
             f"{r['candidate_s_reused']:.3f} | {r['candidate_s_whole'] / r['candidate_s_reused']:.2f}x | "
             + " / ".join(f"{share:.0%}" for share in r["profile"].values()) + " |")

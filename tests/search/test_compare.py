@@ -353,6 +353,25 @@ def test_quality_reuses_another_rows_search_where_only_the_export_differs(tmp_pa
     assert (upstream / "search_from").read_text() == "0.9/kl/seed0"
 
 
+def test_a_quality_cell_records_its_winner_so_it_can_be_exported_again(tmp_path, monkeypatch):
+    """The run folders stay on the machine a search ran on: the cell keeps the winner's trial and widths."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import quality
+
+    widths = [[3, 1, 512], [2, 1, 384]]
+    best = {"best": {"trial": 7, "widths": widths, "block_ratio": 0.7, "rescored": 0.6},
+            "test": {"ppl": 36.0, "windows": 32}, "held_out": {"ptb": {"ppl": 80.0}},
+            "seconds": {"search": 1.0}, "export": str(tmp_path / "export")}
+    monkeypatch.setattr(quality, "write_config", lambda config, row: None)  # not into the repository's configs
+    monkeypatch.setattr(quality, "run_search", lambda config, run_dir, progress: SimpleNamespace(best=best, completed=9))
+    monkeypatch.setattr(quality, "validation_ppl", lambda export: 78.0)
+    cell = quality.search_cell(0.7, "final", 0, tmp_path, None, {})
+    assert cell["widths"] == widths and cell["winner_trial"] == 7
+    assert cell["ppl"] == {"wikitext2": 36.0, "ptb": 80.0, "ptb:validation": 78.0}
+
+
 def test_the_evopress_depth_row_searches_whole_sublayers_and_joins_the_table(compare, tiny_model_dir, zeroshot_data,
                                                                              tmp_path, monkeypatch):
     """--depth-search-trials: EvoPress's depth search runs in --runs (here with the tiny model's settings), its
