@@ -76,25 +76,33 @@ SEARCH_FROM = {"tyr-equal": "tyr", "upstream": "kl"}
 
 # Every cell scores and exports in bfloat16, as measured (on AVX-512 CPUs, where the defaults' ``auto`` is
 # bfloat16; an AVX2 CPU would resolve it to float32, another search); a row may pin its own export passes.
+# ``--dtype float32`` runs new cells in float32 instead (2.4x faster a candidate on an AVX2 CPU), recorded
+# in their options.
 MEASURED_DTYPES = {"dtype": "bfloat16", "export_pass_dtype": "bfloat16"}
 
 
-def cell_options(row: str, trials: int | None) -> dict:
-    return {**MEASURED_DTYPES, **({"trials": trials} if trials else {}), **ROWS[row]}
+def cell_options(row: str, trials: int | None, dtype: str = "bfloat16") -> dict:
+    return {"dtype": dtype, "export_pass_dtype": dtype, **({"trials": trials} if trials else {}), **ROWS[row]}
 
 
-def cell_config(ratio: float, row: str, seed: int, trials: int | None = None) -> SearchConfig:
+def cell_config(ratio: float, row: str, seed: int, trials: int | None = None, dtype: str = "bfloat16") -> SearchConfig:
     """The search of one cell (``experiments/configs/quality/`` holds each as the YAML a run folder
     records: ``llm-pruner search --config FILE --run-dir DIR`` runs it again)."""
     return SearchConfig.create("smollm2-135m", ratio, seed=seed, eval_windows=32, eval_datasets=EVAL,
-                               **cell_options(row, trials))
+                               **cell_options(row, trials, dtype))
+
+
+def measured_config(cell: dict) -> SearchConfig:
+    """The search a measured cell ran (cells before ``--dtype`` record bfloat16 in their options)."""
+    return cell_config(cell["ratio"], cell["row"], cell["seed"], cell["options"].get("trials"),
+                       cell["options"].get("dtype", "bfloat16"))
 
 
 def is_default(cell: dict) -> bool:
     """Whether a cell's search is the one today's defaults run (the final row, whatever its name; its
     export may differ: a runtime field)."""
-    config = cell_config(cell["ratio"], cell["row"], cell["seed"], cell["options"].get("trials"))
-    return config.identity() == cell_config(cell["ratio"], "final", cell["seed"]).identity()
+    dtype = cell["options"].get("dtype", "bfloat16")
+    return measured_config(cell).identity() == cell_config(cell["ratio"], "final", cell["seed"], dtype=dtype).identity()
 
 
 def write_config(config: SearchConfig, row: str) -> None:
@@ -103,9 +111,10 @@ def write_config(config: SearchConfig, row: str) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int | None, cells: dict) -> dict:
-    config = cell_config(ratio, row, seed, trials)
-    options = {**cell_options(row, trials), "trials": config.trials}
+def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int | None, cells: dict,
+                dtype: str = "bfloat16") -> dict:
+    config = cell_config(ratio, row, seed, trials, dtype)
+    options = {**cell_options(row, trials, dtype), "trials": config.trials}
     write_config(config, row)
     run_dir = runs / f"{ratio}" / f"{row}-seed{seed}"
     source = reused_search(config, row, run_dir, cells)
@@ -138,7 +147,7 @@ def reused_search(config: SearchConfig, row: str, run_dir: Path, cells: dict) ->
     if source is None:
         return None
     source_dir = Path(source["export"]).parent
-    source_config = cell_config(config.ratio, source["row"], config.seed, source["options"].get("trials"))
+    source_config = measured_config(source)
     same = source_config.identity() == config.identity() and source["options"].get("trials") == config.trials
     if not same or not (source_dir / "study.journal").is_file():
         return None
@@ -203,7 +212,7 @@ def report(data: dict) -> str:
         p = c["ppl"]
         t = c["seconds"]
         wall = " + ".join(f"{t[k]:.0f}" for k in ("search", "rescore", "export") if k in t)
-        options = cell_options(c["row"], c["options"].get("trials"))
+        options = cell_options(c["row"], c["options"].get("trials"), c["options"].get("dtype", "bfloat16"))
         lines.append(f"| {c['ratio']} | {c['row']}{' *' if is_default(c) else ''} | "
                      f"{'today' + chr(39) + 's defaults ' if c['row'] == 'final' else ''}`{json.dumps(options)}` | "
                      f"{c['seed']} | "
@@ -224,6 +233,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--trials", type=int, help="trials of a row that does not set its own (default: the search's)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="scoring and export passes of new cells (bfloat16, as the cells were measured)")
     parser.add_argument("--zeroshot", action="store_true", help="also the zero-shot average of these cells")
     parser.add_argument("--zeroshot-limit", type=int, default=500)
     parser.add_argument("--runs", type=Path, default=Path("runs/quality"))
@@ -237,7 +248,7 @@ def main(argv=None) -> int:
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"cells": {}, "zeroshot": {}}
     if args.report:  # the table, and the config of every cell measured so far
         for cell in data["cells"].values():
-            write_config(cell_config(cell["ratio"], cell["row"], cell["seed"], cell["options"]["trials"]), cell["row"])
+            write_config(measured_config(cell), cell["row"])
         args.out.with_suffix(".md").write_text(report(data))
         return 0
     data["environment"] = environment()
@@ -254,8 +265,8 @@ def main(argv=None) -> int:
                 # folders stay where they ran) runs again, its earlier numbers kept beside the new ones
                 rerun = earlier is not None and args.zeroshot and not Path(earlier["export"]).is_dir()
                 if earlier is None or rerun:  # the machine's matmul peak, measured in the same run as the cell
-                    data["cells"][key] = {**search_cell(ratio, row, seed, args.runs, args.trials, data["cells"]),
-                                          **peak}
+                    cell = search_cell(ratio, row, seed, args.runs, args.trials, data["cells"], args.dtype)
+                    data["cells"][key] = {**cell, **peak}
                     if rerun:  # its zero-shot, if any, was measured on the earlier export
                         data["zeroshot"].pop(key, None)
                         data["cells"][key]["earlier"] = {k: earlier[k] for k in ("ppl", "seconds", "bf16_tflops")

@@ -275,7 +275,7 @@ def test_quality_runs_a_cell_again_for_a_zeroshot_when_its_export_is_not_here(tm
                                "zeroshot": {"0.7/final/seed0": {"export": str(tmp_path / "gone")}}}))
     searched = []
 
-    def search_cell(ratio, row, seed, runs, trials, cells):
+    def search_cell(ratio, row, seed, runs, trials, cells, dtype="bfloat16"):
         searched.append(ratio)
         return {**earlier, "ppl": {"wikitext2": 41.0}, "export": str(here)}
 
@@ -365,7 +365,8 @@ def test_a_quality_cell_records_its_winner_so_it_can_be_exported_again(tmp_path,
             "test": {"ppl": 36.0, "windows": 32}, "held_out": {"ptb": {"ppl": 80.0}},
             "seconds": {"search": 1.0}, "export": str(tmp_path / "export")}
     monkeypatch.setattr(quality, "write_config", lambda config, row: None)  # not into the repository's configs
-    monkeypatch.setattr(quality, "run_search", lambda config, run_dir, progress: SimpleNamespace(best=best, completed=9))
+    finished = SimpleNamespace(best=best, completed=9)
+    monkeypatch.setattr(quality, "run_search", lambda config, run_dir, progress: finished)
     monkeypatch.setattr(quality, "validation_ppl", lambda export: 78.0)
     cell = quality.search_cell(0.7, "final", 0, tmp_path, None, {})
     assert cell["widths"] == widths and cell["winner_trial"] == 7
