@@ -78,31 +78,37 @@ SEARCH_FROM = {"tyr-equal": "tyr", "upstream": "kl"}
 # bfloat16; an AVX2 CPU would resolve it to float32, another search); a row may pin its own export passes.
 # ``--dtype float32`` runs new cells in float32 instead (2.4x faster a candidate on an AVX2 CPU), recorded
 # in their options.
-MEASURED_DTYPES = {"dtype": "bfloat16", "export_pass_dtype": "bfloat16"}
+MEASURED_DTYPE = "bfloat16"
+MEASURED_DTYPES = {"dtype": MEASURED_DTYPE, "export_pass_dtype": MEASURED_DTYPE}
 
 
-def cell_options(row: str, trials: int | None, dtype: str = "bfloat16") -> dict:
+def cell_options(row: str, trials: int | None, dtype: str = MEASURED_DTYPE) -> dict:
     return {"dtype": dtype, "export_pass_dtype": dtype, **({"trials": trials} if trials else {}), **ROWS[row]}
 
 
-def cell_config(ratio: float, row: str, seed: int, trials: int | None = None, dtype: str = "bfloat16") -> SearchConfig:
+def cell_config(ratio: float, row: str, seed: int, trials: int | None = None,
+                dtype: str = MEASURED_DTYPE) -> SearchConfig:
     """The search of one cell (``experiments/configs/quality/`` holds each as the YAML a run folder
     records: ``llm-pruner search --config FILE --run-dir DIR`` runs it again)."""
     return SearchConfig.create("smollm2-135m", ratio, seed=seed, eval_windows=32, eval_datasets=EVAL,
                                **cell_options(row, trials, dtype))
 
 
+def cell_dtype(cell: dict) -> str:
+    """The dtype a measured cell scored in (cells older than the dtype option were bfloat16)."""
+    return cell["options"].get("dtype", MEASURED_DTYPE)
+
+
 def measured_config(cell: dict) -> SearchConfig:
-    """The search a measured cell ran (cells before ``--dtype`` record bfloat16 in their options)."""
-    return cell_config(cell["ratio"], cell["row"], cell["seed"], cell["options"].get("trials"),
-                       cell["options"].get("dtype", "bfloat16"))
+    """The search a measured cell ran."""
+    return cell_config(cell["ratio"], cell["row"], cell["seed"], cell["options"].get("trials"), cell_dtype(cell))
 
 
 def is_default(cell: dict) -> bool:
     """Whether a cell's search is the one today's defaults run (the final row, whatever its name; its
     export may differ: a runtime field)."""
-    dtype = cell["options"].get("dtype", "bfloat16")
-    return measured_config(cell).identity() == cell_config(cell["ratio"], "final", cell["seed"], dtype=dtype).identity()
+    final = cell_config(cell["ratio"], "final", cell["seed"], dtype=cell_dtype(cell))
+    return measured_config(cell).identity() == final.identity()
 
 
 def write_config(config: SearchConfig, row: str) -> None:
@@ -112,7 +118,7 @@ def write_config(config: SearchConfig, row: str) -> None:
 
 
 def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int | None, cells: dict,
-                dtype: str = "bfloat16") -> dict:
+                dtype: str = MEASURED_DTYPE) -> dict:
     config = cell_config(ratio, row, seed, trials, dtype)
     options = {**cell_options(row, trials, dtype), "trials": config.trials}
     write_config(config, row)
@@ -212,7 +218,7 @@ def report(data: dict) -> str:
         p = c["ppl"]
         t = c["seconds"]
         wall = " + ".join(f"{t[k]:.0f}" for k in ("search", "rescore", "export") if k in t)
-        options = cell_options(c["row"], c["options"].get("trials"), c["options"].get("dtype", "bfloat16"))
+        options = cell_options(c["row"], c["options"].get("trials"), cell_dtype(c))
         lines.append(f"| {c['ratio']} | {c['row']}{' *' if is_default(c) else ''} | "
                      f"{'today' + chr(39) + 's defaults ' if c['row'] == 'final' else ''}`{json.dumps(options)}` | "
                      f"{c['seed']} | "
@@ -233,7 +239,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--trials", type=int, help="trials of a row that does not set its own (default: the search's)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=MEASURED_DTYPE,
                         help="scoring and export passes of new cells (bfloat16, as the cells were measured)")
     parser.add_argument("--zeroshot", action="store_true", help="also the zero-shot average of these cells")
     parser.add_argument("--zeroshot-limit", type=int, default=500)

@@ -405,7 +405,8 @@ def markdown(data: dict) -> str:
              f"{data['seconds'] / 60:.1f} min). Machine: "
              f"{env['machine']['cpu']}, {env['machine']['threads']} threads, no GPU; torch "
              f"{env['versions'].get('torch')}, transformers {env['versions'].get('transformers')}. Matmul peak of this "
-             f"CPU in the same run (`evaluators.environment.matmul_tflops`, up to 2048², smaller where a matmul is slow; best of 2 s): bfloat16 "
+             "CPU in the same run (`evaluators.environment.matmul_tflops`, up to 2048², smaller where a matmul is "
+             f"slow; best of 2 s): bfloat16 "
              f"{peak['bfloat16']:.3f}, float32 {peak['float32']:.3f}, float64 {peak['float64']:.3f} TFLOP/s. Other "
              "jobs shared the two cores throughout (this one ran under `nice -n 19`): every time here is an upper "
              "bound, and the achieved fractions of peak are rough.", "",
