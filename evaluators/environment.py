@@ -56,17 +56,32 @@ def environment() -> dict:
     }
 
 
+BFLOAT16_MIN_SPEEDUP = 1.25  # bfloat16 over float32 matmul throughput that makes bfloat16 the faster choice
+
+
 def fast_bfloat16(device: str = "cpu") -> bool:
     """Whether bfloat16 matmuls run faster than float32 ones on ``device``: on a GPU with native
-    bfloat16 (or one not visible here: the worker's), and on a CPU with AVX-512, where oneDNN runs
-    them (about 2x the float32 peak on the AVX-512 EPYCs measured). A CPU with AVX2 alone falls back to
-    generic kernels: on an AVX2 EPYC a SmolLM2 candidate scored 2.4x slower in bfloat16 than in float32,
-    its matmul peak 1/130 of float32's (experiments/results/scoring_dtype.md)."""
+    bfloat16 (or one not visible here: the worker's); on a CPU where a measured product says so
+    (:func:`bfloat16_speedup` at least ``BFLOAT16_MIN_SPEEDUP``). The instruction set alone does not
+    tell: with AVX-512 BF16 or AMX oneDNN runs bfloat16 at about 2-5x the float32 rate (the AVX-512
+    EPYCs measured), AVX-512 without BF16 converts to float32 and is no faster (reported 2x slower on a
+    Skylake Xeon: intel/intel-extension-for-pytorch#178), and with
+    AVX2 alone PyTorch falls back to generic kernels: on an AVX2 EPYC a SmolLM2 candidate scored 2.4x
+    slower in bfloat16 than in float32, its matmul peak 1/100 of float32's
+    (experiments/results/scoring_dtype.md)."""
     if device.startswith("cuda"):
         return not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
     if device.startswith("cpu"):
-        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        return bfloat16_speedup() >= BFLOAT16_MIN_SPEEDUP
     return True  # other accelerators: the dtype their users choose; bfloat16 unless told
+
+
+@lru_cache(maxsize=1)
+def bfloat16_speedup() -> float:
+    """bfloat16 over float32 matmul throughput on this CPU (512² products or smaller, about 0.3 s each
+    dtype), measured once per process; a margin of BFLOAT16_MIN_SPEEDUP keeps a busy machine's noise
+    from flipping the choice, since the cases it separates are 2-5x apart either way."""
+    return matmul_tflops(torch.bfloat16, size=512, seconds=0.3) / matmul_tflops(torch.float32, size=512, seconds=0.3)
 
 
 @torch.inference_mode()

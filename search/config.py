@@ -79,8 +79,8 @@ ORDERS_BY_REFIT_ERROR = ("osscar", "obs-elimination", "ziplm")
 def default_dtype(device: str) -> str:
     """The dtype ``auto`` stands for (candidates' scoring, the upstream export's passes) on ``device``:
     bfloat16 where its matmuls are faster than float32's (:func:`evaluators.environment.fast_bfloat16`:
-    a GPU, a CPU with AVX-512), float32 on other CPUs, where a candidate scores 2.4x slower in bfloat16
-    (an AVX2 EPYC: experiments/results/scoring_dtype.md).
+    a GPU, a CPU that measures so: AVX-512 BF16, AMX), float32 on other CPUs (on an AVX2 EPYC a
+    candidate scores 2.4x slower in bfloat16: experiments/results/scoring_dtype.md).
     Resolved when a search is created and recorded in its config, so a run resumes in the dtype it began
     with (on another machine too: ``--config RUN/config.yaml``)."""
     return "bfloat16" if fast_bfloat16(device) else "float32"

@@ -70,7 +70,7 @@ def add(sub) -> None:
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows for scores and least squares")
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--dtype", help="dtype candidates are scored in: auto (default: bfloat16 on a GPU and on a CPU "
-                                   "with AVX-512, float32 on other CPUs, where bfloat16 is slower) | " + " | ".join(DTYPES))
+                                   "where its matmuls measure faster, e.g. AVX-512 BF16 or AMX; float32 on other CPUs) | " + " | ".join(DTYPES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--solver-dtype", default="auto", help="dtype of the fitness's least-squares state (L⁻¹, P): "
                                                           "auto (--dtype on a GPU, float32 on the CPU) | "

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from evaluators import environment
 from evaluators.data import CalibrationSpec, calibration_text, region_bounds, region_starts
 from search.config import MIXED_EXPORT_MIN_RATIO, SearchConfig
 from space.errors import UserError
@@ -147,12 +148,13 @@ def test_the_exports_pass_dtype_is_the_upstream_modes_and_its_selection_needs_th
         SearchConfig.create("m", 0.5, export_reform="local", export_select="obs").check()
 
 
-@pytest.mark.parametrize("capability, expected", [("AVX512", "bfloat16"), ("AVX2", "float32"), ("DEFAULT", "float32")])
-def test_the_dtypes_default_to_bfloat16_only_where_its_matmuls_are_fast(monkeypatch, capability, expected):
+@pytest.mark.parametrize("speedup, expected", [(3.0, "bfloat16"), (1.1, "float32"), (0.01, "float32")])
+def test_the_dtypes_default_to_bfloat16_only_where_its_matmuls_are_fast(monkeypatch, speedup, expected):
     """auto (the default scoring dtype and the upstream export's passes) is bfloat16 on a GPU and on a CPU
-    with AVX-512, float32 on other CPUs (bfloat16 2.4x slower a candidate there), resolved into the config;
-    an explicit dtype is kept whatever the machine."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    where its matmuls measure at least BFLOAT16_MIN_SPEEDUP times float32's (AVX-512 BF16, AMX), float32 on
+    other CPUs (AVX-512 without BF16: no faster; AVX2: bfloat16 2.4x slower a candidate), resolved into the
+    config; an explicit dtype is kept whatever the machine."""
+    monkeypatch.setattr(environment, "bfloat16_speedup", lambda: speedup)
     config = SearchConfig.create("m", 0.5)
     assert config.dtype == config.export_pass_dtype == expected
     assert config.to_dict()["dtype"] == expected  # recorded: a resume runs in the dtype it began with
@@ -212,3 +214,13 @@ def test_the_exports_text_auto_adds_c4_beside_the_default_wikitext_only():
     assert before.export_calibration_spec().parts() == before.calibration_spec().parts()
     with pytest.raises(UserError):
         SearchConfig.create("m", 0.5, export_calib="no-such-text").check()
+
+
+def test_the_bfloat16_probe_measures_this_cpu():
+    """The probe that ``auto`` rests on measures both dtypes here; where PyTorch has no fast bfloat16 kernels
+    (AVX2 alone: generic kernels, about 1/100 of float32's rate) it must say so."""
+    environment.bfloat16_speedup.cache_clear()
+    speedup = environment.bfloat16_speedup()
+    assert 0 < speedup < float("inf")
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":
+        assert speedup < 1 and not environment.fast_bfloat16("cpu")
