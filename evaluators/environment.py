@@ -64,11 +64,10 @@ def fast_bfloat16(device: str = "cpu") -> bool:
     bfloat16 (or one not visible here: the worker's); on a CPU where a measured product says so
     (:func:`bfloat16_speedup` at least ``BFLOAT16_MIN_SPEEDUP``). The instruction set alone does not
     tell: with AVX-512 BF16 or AMX oneDNN runs bfloat16 at about 2-5x the float32 rate (the AVX-512
-    EPYCs measured), AVX-512 without BF16 converts to float32 and is no faster (reported 2x slower on a
-    Skylake Xeon: intel/intel-extension-for-pytorch#178), and with
-    AVX2 alone PyTorch falls back to generic kernels: on an AVX2 EPYC a SmolLM2 candidate scored 2.4x
-    slower in bfloat16 than in float32, its matmul peak 1/100 of float32's
-    (experiments/results/scoring_dtype.md)."""
+    EPYCs measured); AVX-512 without BF16 converts to float32 and is no faster (reported 2x slower on a
+    Skylake Xeon: intel/intel-extension-for-pytorch#178); with AVX2 alone PyTorch falls back to generic
+    kernels (on an AVX2 EPYC a SmolLM2 candidate scored 2.4x slower in bfloat16, its matmul peak 1/100
+    of float32's: experiments/results/scoring_dtype.md)."""
     if device.startswith("cuda"):
         return not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
     if device.startswith("cpu"):
