@@ -41,7 +41,7 @@ def same(parsed, value) -> bool:
 def test_every_table_script_has_a_config():
     assert {p.parent.name for p in CONFIGS} >= {
         "compare", "foundation", "reform_table", "orders", "search_table", "robustness", "scale", "throughput",
-        "solver_precision", "fitness_rank", "llamacpp", "eval_exports", "calibration_size"}
+        "solver_precision", "fitness_rank", "llamacpp", "eval_exports", "calibration_size", "finalists"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
