@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 import yaml
 
@@ -36,23 +37,20 @@ from evaluators.data import dataset_windows
 from evaluators.divergence import batch_kl, reference
 from evaluators.environment import environment
 from evaluators.perplexity import perplexity
+from experiments.fitness_rank import spearman
 from search.artifacts import trial_subnet_of
-from search.cli.common import parse_args_with_config
+from search.cli.common import exit_status, parse_args_with_config
 from search.config import SearchConfig
 from search.finalize import export_perplexity, export_winner
 from search.plan import config_dims, model_config
 from search.rundir import BEST, CONFIG, EXPORT, load_run_study
+from space.errors import UserError
 from space.export import write_json
 from space.models import load_model
 
 RESULTS = Path(__file__).parent / "results"
 EXPORTS = Path("runs/finalists")  # the finalists' exports (ignored by git; the run's winner stays in its folder)
 KL_BATCH = 8
-
-
-def spearman(a, b) -> float:
-    ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable") for x in (a, b)]
-    return float(np.corrcoef(*ranks)[0, 1])
 
 
 def kl_to_reference(model, windows: torch.Tensor, ref) -> float:
@@ -74,7 +72,7 @@ def finalist_export(run_dir: Path, config: SearchConfig, best: dict, trial, dims
         export_winner(trial_subnet_of(trial, dims), trial.number, config, run_dir, out_dir=out)
     recorded = json.loads((out / "subnet.json").read_text())["recipe"]["trial"]
     if recorded != trial.number:
-        raise SystemExit(f"{out} holds trial {recorded}, not {trial.number}")
+        raise UserError(f"{out} holds trial {recorded}, not {trial.number}: move it away and run again")
     return out
 
 
@@ -183,4 +181,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))
