@@ -22,7 +22,6 @@ does. Resumable: finalists already in the JSON are kept.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -31,7 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import yaml
 
 from evaluators.data import dataset_windows
 from evaluators.divergence import batch_kl, reference
@@ -43,7 +41,7 @@ from search.cli.common import exit_status, parse_args_with_config
 from search.config import SearchConfig
 from search.finalize import export_perplexity, export_winner
 from search.plan import config_dims, model_config
-from search.rundir import BEST, CONFIG, EXPORT, load_run_study
+from search.rundir import BEST, EXPORT, load_run_config, load_run_study
 from space.errors import UserError
 from space.export import write_json
 from space.models import load_model
@@ -77,8 +75,7 @@ def finalist_export(run_dir: Path, config: SearchConfig, best: dict, trial, dims
 
 
 def measure_run(run_dir: Path, args, done: list[dict], save) -> list[dict]:
-    config = SearchConfig(**yaml.safe_load((run_dir / CONFIG).read_text()))
-    config = dataclasses.replace(config, eval_windows=args.test_windows)
+    config = load_run_config(run_dir, eval_windows=args.test_windows)
     best = json.loads((run_dir / BEST).read_text())
     dims = config_dims(model_config(config.model))
     trials = {t.number: t for t in load_run_study(run_dir).get_trials(deepcopy=False)}

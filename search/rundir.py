@@ -179,6 +179,14 @@ def study_record(run_dir: Path, config: SearchConfig, storage_url: str | None) -
     return record
 
 
+def load_run_config(run_dir: Path, **overrides) -> SearchConfig:
+    """The configuration an existing run folder records (for tools that export or measure its trials),
+    with ``overrides`` of its runtime fields (e.g. ``eval_windows``)."""
+    values = yaml.safe_load((run_dir / CONFIG).read_text())
+    values["eval_datasets"] = tuple(values.get("eval_datasets", ("wikitext2",)))
+    return SearchConfig(**{**values, **overrides})
+
+
 def load_run_study(run_dir: Path, storage_url: str | None = None) -> optuna.Study:
     """The study of an existing run folder (for reports and tools; the job opens it with :func:`open_study`)."""
     record = json.loads((run_dir / STUDY_RECORD).read_text()) if (run_dir / STUDY_RECORD).is_file() else \

@@ -7,13 +7,12 @@ import json
 from pathlib import Path
 
 import optuna
-import yaml
 
 from search.artifacts import trial_subnet_of
 from search.config import SearchConfig
 from search.finalize import export_perplexity, export_winner, front_trials
 from search.plan import config_dims, model_config
-from search.rundir import CONFIG, load_run_study
+from search.rundir import CONFIG, load_run_config, load_run_study
 from space.errors import UserError
 from space.export import check_destination
 
@@ -37,9 +36,7 @@ def validate(args) -> None:
     if args.eval_windows < 0:
         raise UserError("--eval-windows must be 0 (no test) or more")
     check_destination(args.out)
-    values = yaml.safe_load((args.run_dir / CONFIG).read_text())
-    values.update(eval_windows=args.eval_windows, eval_datasets=tuple(values.get("eval_datasets", ("wikitext2",))))
-    args.config = SearchConfig(**values)
+    args.config = load_run_config(args.run_dir, eval_windows=args.eval_windows)
     study = load_run_study(args.run_dir, args.storage)
     args.chosen = chosen_trial(study, args.config, trial=args.trial, ratio=args.ratio)
 
