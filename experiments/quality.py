@@ -28,7 +28,7 @@ import yaml
 from evaluators.environment import environment, matmul_tflops
 from evaluators.harness import TASKS, evaluate_zeroshot
 from search.cli.common import parse_args_with_config
-from search.config import SEARCH_METHODS, SearchConfig
+from search.config import SEARCH_METHODS, STAGED_TRIALS, SearchConfig
 from search.job import run_search
 from space.export import write_json
 from space.models import load_model
@@ -64,6 +64,13 @@ ROWS: dict[str, dict] = {
     # same to 0.03 %) and, above 0.6, C4 beside WikiText-2 with the units re-selected on both (calibration_size.md
     # measured these on its winners)
     "final": {},
+    # the defaults of the day with twice the children (about 33 generations instead of 17): is the search
+    # short of generations, or is what it finds already as good as its fitness can tell?
+    "long": {"trials": 2 * STAGED_TRIALS},
+    # the defaults of the day with any GQA-valid attention shape (``wide`` keeps at least half the heads):
+    # level switches within attention need two layers at shapes an equal parameter step apart, so under
+    # ``wide`` a start with every layer at 6 of 9 heads keeps its attention as it is for the whole search
+    "full": {"preset": "full"},
     # the defaults of the day with the fitness's least squares on the statistics of the model pruned like
     # the first start (--fitness-statistics upstream), against the final row
     "fitstats": {"fitness_statistics": "upstream", "export_pass_dtype": "float32", "export_calib": "wikitext2"},
@@ -108,7 +115,9 @@ def is_default(cell: dict) -> bool:
     """Whether a cell's search is the one today's defaults run (the final row, whatever its name; its
     export may differ: a runtime field)."""
     final = cell_config(cell["ratio"], "final", cell["seed"], dtype=cell_dtype(cell))
-    return measured_config(cell).identity() == final.identity()
+    measured = measured_config(cell)
+    # trials is a runtime field (a search resumes with more), but a longer search is not the defaults'
+    return measured.identity() == final.identity() and measured.trials == final.trials
 
 
 def write_config(config: SearchConfig, row: str) -> None:
