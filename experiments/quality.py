@@ -67,10 +67,9 @@ ROWS: dict[str, dict] = {
     # the defaults of the day with twice the children (about 33 generations instead of 17): is the search
     # short of generations, or is what it finds already as good as its fitness can tell?
     "long": {"trials": 2 * STAGED_TRIALS},
-    # the defaults of the day with any GQA-valid attention shape (``wide`` keeps at least half the heads):
-    # level switches within attention need two layers at shapes an equal parameter step apart, so under
-    # ``wide`` a start with every layer at 6 of 9 heads keeps its attention as it is for the whole search
-    "full": {"preset": "full"},
+    # the defaults of the day with switches across kinds (attention shapes traded for MLP channels), so
+    # that the split between attention and MLP is searched, not fixed by the start generation 0 keeps
+    "across": {"evolution": "staged-across"},
     # the defaults of the day with the fitness's least squares on the statistics of the model pruned like
     # the first start (--fitness-statistics upstream), against the final row
     "fitstats": {"fitness_statistics": "upstream", "export_pass_dtype": "float32", "export_calib": "wikitext2"},

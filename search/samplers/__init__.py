@@ -1,7 +1,7 @@
 """Searchers by name: the paper's evolution, and Optuna's own samplers over the same space.
 
 ``evolution`` is :class:`search.samplers.evolution.EvolutionSampler` (presets ``paper``, ``cpu``,
-``tiny``) or, with a staged preset (``staged``, ``staged-tiny``), EvoPress's selection in stages with
+``tiny``) or, with a staged preset (``staged``, ``staged-across``, ``staged-tiny``), EvoPress's selection in stages with
 level-switch mutations (:class:`search.samplers.staged.StagedEvolution`); ``tpe``, ``gp``, ``cmaes`` and
 ``random`` come from Optuna and see the same integer parameters (attention-shape index and MLP
 grid index per layer); ``nsga2`` is Optuna's NSGA-II on two objectives (calibration perplexity,

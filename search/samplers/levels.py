@@ -3,7 +3,9 @@ parameter quanta (EvoPress, Týr-the-Pruner), so that a child has exactly its pa
 
 An MLP switch takes ``quantum`` channels from one layer and gives them to another; an attention
 switch moves one layer to a smaller GQA shape and another to a larger one whose parameter counts
-differ by the same amount. No projection follows: the budget holds by construction, and a
+differ by the same amount; a switch across kinds moves one layer's attention to another shape and
+gives or takes the same parameters in MLP channels of one layer (where that amount is a whole number
+of grid steps), so that the split between attention and MLP is not fixed by the start. No projection follows: the budget holds by construction, and a
 sub-layer may reach zero width where the width space allows it (depth pruning inside the search).
 
 Which layers give and receive is drawn from the exact least-squares residuals of the fitness
@@ -39,15 +41,20 @@ class LevelSwitches:
         space: the width space (its grid and shapes bound every move).
         errors: residuals that weight the choice of layers; None draws layers uniformly.
         attention_prob: chance that a switch is an attention switch.
+        across_prob: chance that a switch trades attention for MLP width (0: the split between the
+            kinds stays the start's; attention_prob + across_prob <= 1).
         max_switches: a child has 1..max_switches switches.
         explore: share of uniform draws mixed into the error-weighted ones.
     """
 
     def __init__(self, space: WidthSpace, *, errors: UnitErrors | None = None, attention_prob: float = 0.25,
-                 max_switches: int = 3, explore: float = 0.5):
+                 max_switches: int = 3, explore: float = 0.5, across_prob: float = 0.0):
+        if attention_prob + across_prob > 1:
+            raise ValueError("attention_prob + across_prob must be at most 1")
         self.space = space
         self.errors = errors
         self.attention_prob = attention_prob if len(space.shapes) > 1 else 0.0
+        self.across_prob = across_prob if len(space.shapes) > 1 else 0.0
         self.max_switches = max_switches
         self.explore = explore if errors is not None else 1.0
         self.channels = {c: i for i, c in enumerate(space.grid)}
@@ -57,8 +64,13 @@ class LevelSwitches:
         """A child of ``parent`` with the same parameter count; ``quantum``: MLP channels a switch moves."""
         layers = list(parent.layers)
         for _ in range(int(rng.integers(1, self.max_switches + 1))):
-            if not (rng.random() < self.attention_prob and self._switch_attention(layers, rng)):
-                self._switch_mlp(layers, rng, quantum)
+            # one draw decides the kind of switch (with across_prob 0, the draws of earlier versions)
+            kind = rng.random()
+            if kind < self.attention_prob and self._switch_attention(layers, rng):
+                continue
+            if kind >= 1 - self.across_prob and self._switch_across(layers, rng):
+                continue
+            self._switch_mlp(layers, rng, quantum)
         return Subnet(parent.dims, layers)
 
     # --- choosing layers --------------------------------------------------------------------
@@ -125,6 +137,33 @@ class LevelSwitches:
         receiver, shape_r, _ = receivers[self._draw(np.array([m[2] for m in receivers]), rng, cheap=False)]
         for i, shape in ((giver, shape_g), (receiver, shape_r)):
             layers[i] = LayerWidths(*self.space.shapes[shape], layers[i].channels)
+        return True
+
+
+    def _switch_across(self, layers: list[LayerWidths], rng: np.random.Generator) -> bool:
+        """One layer's attention to another shape, one layer's MLP by the same parameters the other way."""
+        channel = self.space.dims.mlp_params(1)
+        options = []  # (attention shrinks, parameter delta, channels)
+        for down in (True, False):
+            for delta in self._moves(layers, down):
+                channels, rest = divmod(delta, channel)
+                if rest == 0 and any(w.channels + (channels if down else -channels) in self.channels for w in layers):
+                    options.append((down, delta, channels))
+        if not options:
+            return False
+        weights = 1.0 / np.square(np.array([o[1] for o in options], dtype=float))  # small steps first
+        down, delta, channels = options[int(rng.choice(len(options), p=weights / weights.sum()))]
+        moves = self._moves(layers, down)[delta]
+        layer, shape, _ = moves[self._draw(np.array([m[2] for m in moves]), rng, cheap=down)]
+        change = channels if down else -channels
+        mlp = [i for i, w in enumerate(layers) if w.channels + change in self.channels]
+        # the MLP that receives where growing removes much error, or gives where shrinking adds little
+        errors = np.array([abs(self._mlp_error(i, layers[i].channels + change) - self._mlp_error(i, layers[i].channels))
+                           for i in mlp])
+        target = mlp[self._draw(errors, rng, cheap=not down)]
+        layers[layer] = LayerWidths(*self.space.shapes[shape], layers[layer].channels)
+        w = layers[target]
+        layers[target] = LayerWidths(w.kv_heads, w.q_per_kv, w.channels + change)
         return True
 
 

@@ -34,6 +34,7 @@ class StagedPreset:
     windows: tuple[int, ...]  # fitness windows per stage, growing
     rounds: int  # coarse-to-fine rounds
     coarse_steps: int  # MLP grid steps a switch moves in the first round, halved every round
+    across: float = 0.0  # share of switches that trade attention for MLP width (LevelSwitches.across_prob)
 
     @property
     def pool(self) -> int:
@@ -45,6 +46,9 @@ PRESETS = {
     # 16 children on 1 window of 512 tokens, the best 4 on 4 fresh windows, the best of those and the
     # incumbent on 16 more: 64 window evaluations a generation, like 8 children on 8 windows.
     "staged": StagedPreset(offspring=16, survivors=(4, 1), windows=(1, 4, 16), rounds=3, coarse_steps=4),
+    # the same with one switch in six across kinds: the split between attention and MLP moves too
+    "staged-across": StagedPreset(offspring=16, survivors=(4, 1), windows=(1, 4, 16), rounds=3, coarse_steps=4,
+                                  across=1 / 6),
     "staged-tiny": StagedPreset(offspring=4, survivors=(2, 1), windows=(1, 2, 3), rounds=2, coarse_steps=2),
 }
 
@@ -61,7 +65,7 @@ class StagedEvolution(BaseSampler):
         # starts inside the space are kept as they are (starts_for puts them on the budget; a depth start,
         # as near it as whole sub-layers go, could not be projected); level switches keep their size
         self.starts = [s if space.contains(s) else space.repair(s, ratio) for s in starts]
-        self.switches = LevelSwitches(space, errors=errors)
+        self.switches = LevelSwitches(space, errors=errors, across_prob=preset.across)
         self.seed = seed
         self._proposed: dict[str, int] | None = None
 

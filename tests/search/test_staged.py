@@ -51,6 +51,28 @@ def test_level_switches_keep_the_exact_budget(preset):
         assert seen_empty
 
 
+@pytest.mark.parametrize("preset", ["wide", "full"])
+def test_switches_across_kinds_keep_the_budget_and_move_the_split(preset):
+    """A switch across kinds moves parameters between attention and MLP, exactly; without it the
+    attention total stays the start's."""
+    space = WidthSpace(DIMS, preset=preset, mlp_step=8)
+    parent = Subnet(DIMS, [LayerWidths(4, 2, 128)] * DIMS.num_layers)  # every layer at the same shape
+    attention = sum(DIMS.attention_params(w.kv_heads, w.q_per_kv) for w in parent.layers)
+    rng = np.random.default_rng(0)
+    within = LevelSwitches(space, attention_prob=0.5)
+    child = parent
+    for _ in range(200):
+        child = within.mutate(child, rng, 8)
+    assert sum(DIMS.attention_params(w.kv_heads, w.q_per_kv) for w in child.layers) == attention
+    across = LevelSwitches(space, attention_prob=0.25, across_prob=0.5)
+    totals, child = set(), parent
+    for _ in range(300):
+        child = across.mutate(child, rng, 8)
+        assert child.block_params() == parent.block_params() and space.contains(child)
+        totals.add(sum(DIMS.attention_params(w.kv_heads, w.q_per_kv) for w in child.layers))
+    assert len(totals) > 3
+
+
 def test_switches_follow_the_residuals():
     """A layer whose residual barely rises when it shrinks gives; one whose residual falls most when
     it grows receives."""
