@@ -5,8 +5,9 @@ An MLP switch takes ``quantum`` channels from one layer and gives them to anothe
 switch moves one layer to a smaller GQA shape and another to a larger one whose parameter counts
 differ by the same amount; a switch across kinds moves one layer's attention to another shape and
 gives or takes the same parameters in MLP channels of one layer (where that amount is a whole number
-of grid steps), so that the split between attention and MLP is not fixed by the start. No projection follows: the budget holds by construction, and a
-sub-layer may reach zero width where the width space allows it (depth pruning inside the search).
+of grid steps), so that the split between attention and MLP is not fixed by the start. No projection
+follows: the budget holds by construction, and a sub-layer may reach zero width where the width space
+allows it (depth pruning inside the search).
 
 Which layers give and receive is drawn from the exact least-squares residuals of the fitness
 (:class:`UnitErrors`): a layer gives where losing the quantum adds little error after the refit,
@@ -138,7 +139,6 @@ class LevelSwitches:
         for i, shape in ((giver, shape_g), (receiver, shape_r)):
             layers[i] = LayerWidths(*self.space.shapes[shape], layers[i].channels)
         return True
-
 
     def _switch_across(self, layers: list[LayerWidths], rng: np.random.Generator) -> bool:
         """One layer's attention to another shape, one layer's MLP by the same parameters the other way."""
