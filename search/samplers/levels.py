@@ -143,9 +143,10 @@ class LevelSwitches:
     def _switch_across(self, layers: list[LayerWidths], rng: np.random.Generator) -> bool:
         """One layer's attention to another shape, one layer's MLP by the same parameters the other way."""
         channel = self.space.dims.mlp_params(1)
+        by_direction = {down: self._moves(layers, down) for down in (True, False)}
         options = []  # (attention shrinks, parameter delta, channels)
-        for down in (True, False):
-            for delta in self._moves(layers, down):
+        for down, by_delta in by_direction.items():
+            for delta in by_delta:
                 channels, rest = divmod(delta, channel)
                 if rest == 0 and any(w.channels + (channels if down else -channels) in self.channels for w in layers):
                     options.append((down, delta, channels))
@@ -153,7 +154,7 @@ class LevelSwitches:
             return False
         weights = 1.0 / np.square(np.array([o[1] for o in options], dtype=float))  # small steps first
         down, delta, channels = options[int(rng.choice(len(options), p=weights / weights.sum()))]
-        moves = self._moves(layers, down)[delta]
+        moves = by_direction[down][delta]
         layer, shape, _ = moves[self._draw(np.array([m[2] for m in moves]), rng, cheap=down)]
         change = channels if down else -channels
         mlp = [i for i, w in enumerate(layers) if w.channels + change in self.channels]
