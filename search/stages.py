@@ -50,10 +50,12 @@ def incumbent_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTri
     return [by_number[n] for n in numbers[:k]]
 
 
-def evaluate_all(pool, subnets: list[Subnet], rows: list[int], budget: FailureBudget) -> tuple[list[float], list]:
-    """Fitness of every subnet on the windows ``rows``, and each one's error (None if it worked); a
-    failed evaluation scores infinity and counts against ``budget``."""
+def evaluate_all(pool, subnets: list[Subnet], rows: list[int], budget: FailureBudget) -> tuple[list[float], list, list]:
+    """Fitness of every subnet on the windows ``rows``, each one's error (None if it worked) and its
+    running value after each batch of windows; a failed evaluation scores infinity and counts against
+    ``budget``."""
     values: list[float] = [math.inf] * len(subnets)
+    batches: list[list[float]] = [[] for _ in subnets]
     errors: list[str | None] = [None] * len(subnets)
     queue = list(range(len(subnets)))
     pending = 0
@@ -74,10 +76,11 @@ def evaluate_all(pool, subnets: list[Subnet], rows: list[int], budget: FailureBu
                 errors[i] = fitness_error(outcome.result["value"])
                 if errors[i] is None:
                     values[i] = outcome.result["value"]
+                    batches[i] = outcome.result["batch_values"]
             if errors[i] is not None:
                 log.error("a candidate's evaluation failed: %s", errors[i])
             budget.record(errors[i])
-    return values, errors
+    return values, errors, batches
 
 
 def run_staged(study: optuna.Study, config: SearchConfig, space: WidthSpace, pool, show_progress: bool,
@@ -122,8 +125,8 @@ def _generation(study, space: WidthSpace, pool, children: list[Subnet], incumben
         trial.set_user_attr("generation", generation)
         trials.append(trial)
     try:
-        values, alive, incumbent_value = _stages(pool, trials, children, incumbent, rows, sampler.preset.survivors,
-                                                 budget)
+        values, alive, incumbent_value, last_batches = _stages(pool, trials, children, incumbent, rows,
+                                                               sampler.preset.survivors, budget)
     except (KeyboardInterrupt, JobFailed):
         for trial in trials:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -140,7 +143,9 @@ def _generation(study, space: WidthSpace, pool, children: list[Subnet], incumben
                    state=optuna.trial.TrialState.COMPLETE if finite else optuna.trial.TrialState.FAIL)
     entry = {"generation": generation, "trial": trials[best].number if replaced else state["incumbent"],
              "value": values[best][-1] if replaced else incumbent_value, "challenger": values[best][-1],
-             "windows": len(rows[-1])}
+             "windows": len(rows[-1]),
+             # running values after each batch of the last stage: would fewer windows have decided the same?
+             "batches": {"challenger": last_batches.get(best, []), "incumbent": last_batches.get("incumbent", [])}}
     chosen = children[best] if replaced else incumbent
     new_state = {"generation": generation, "incumbent": entry["trial"],
                  "widths": [[w.kv_heads, w.q_per_kv, w.channels] for w in chosen.layers],
@@ -152,9 +157,10 @@ def _generation(study, space: WidthSpace, pool, children: list[Subnet], incumben
 
 
 def _stages(pool, trials, children: list[Subnet], incumbent: Subnet | None, rows: list[list[int]],
-            survivors: tuple[int, ...], budget: FailureBudget) -> tuple[list[list[float]], list[int], float]:
-    """Every stage of a generation: per child its values by stage, the last stage's children, and
-    the incumbent's value on the last stage's windows (inf without one)."""
+            survivors: tuple[int, ...], budget: FailureBudget) -> tuple[list[list[float]], list[int], float, dict]:
+    """Every stage of a generation: per child its values by stage, the last stage's children, the
+    incumbent's value on the last stage's windows (inf without one), and the last stage's running
+    values per batch (by child index, and ``"incumbent"``)."""
     values: list[list[float]] = [[] for _ in children]
     alive = list(range(len(children)))
     incumbent_value = math.inf
@@ -163,13 +169,16 @@ def _stages(pool, trials, children: list[Subnet], incumbent: Subnet | None, rows
             alive = sorted(alive, key=lambda i: values[i][-1])[: survivors[stage - 1]]
         last = stage == len(rows) - 1
         jobs = [children[i] for i in alive] + ([incumbent] if last and incumbent is not None else [])
-        scored, errors = evaluate_all(pool, jobs, stage_rows, budget)
+        scored, errors, batches = evaluate_all(pool, jobs, stage_rows, budget)
         for i, value, error in zip(alive, scored, errors):
             values[i].append(value)
             if error is None:
                 trials[i].report(value, stage)
             else:
                 trials[i].set_user_attr("error", error[:2000])
-        if last and incumbent is not None:
-            incumbent_value = scored[-1]
-    return values, alive, incumbent_value
+        if last:
+            last_batches = dict(zip(alive, batches))
+            if incumbent is not None:
+                incumbent_value = scored[-1]
+                last_batches["incumbent"] = batches[-1]
+    return values, alive, incumbent_value, last_batches

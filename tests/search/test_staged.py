@@ -181,6 +181,16 @@ def test_a_staged_depth_search_runs_and_keeps_whole_sublayers(tiny_model_dir, ti
     widths = result.best["best"]["widths"]
     assert all(w in ([0, 0], [2, 3]) for w in (x[:2] for x in widths)) and all(x[2] in (0, 96) for x in widths)
     assert any(x[:2] == [0, 0] or x[2] == 0 for x in widths)
+    # each generation records the last stage's running values per batch, ending at the values it compared
+    history = load_run_study(tmp_path / "run").user_attrs[STATE]["history"]
+    for entry in history:
+        assert entry["batches"]["challenger"][-1] == entry["challenger"]
+        if entry["generation"] > 0:
+            kept = entry["value"] != entry["challenger"]
+            assert not kept or entry["batches"]["incumbent"][-1] == entry["value"]
+        else:
+            assert entry["batches"]["incumbent"] == []
+    assert any(len(entry["batches"]["incumbent"]) for entry in history)
     with pytest.raises(UserError, match="preset depth"):
         SearchConfig.create("m", 0.6, preset="depth", evolution="cpu").check()
 
