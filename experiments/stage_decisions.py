@@ -1,0 +1,89 @@
+"""Would fewer windows in the staged evolution's last stage have made the same decisions?
+
+Each generation of ``--evolution staged`` ends with its best challenger and the incumbent scored on the
+same fresh windows of the last stage (16 by default, half of a generation's 64 window evaluations); the
+lower value becomes the incumbent. A run's history (``study.user_attrs["staged"]["history"]``) keeps both
+candidates' running values after each batch of windows (since c56a360). This script reads them and says,
+for every prefix of batches, in how many generations the decision on those windows alone equals the
+decision on all of them, and how far apart the two values were where they disagree. A cheaper generation
+(fewer last-stage windows, more generations in the same time) is safe where the decisions agree.
+
+Reads only the run's journal (no model).
+
+    python experiments/stage_decisions.py runs/quality/0.7/long-seed0 [more runs] --out experiments/results/stage_decisions.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from search.cli.common import exit_status
+from search.rundir import JOURNAL, load_run_study
+from search.stages import STATE
+from space.errors import UserError
+from space.export import write_json
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def decisions(history: list[dict]) -> list[dict]:
+    """Per generation with an incumbent and per-batch values: the running values of the challenger and
+    the incumbent, and whether the challenger won after each prefix of batches (the last: the decision)."""
+    out = []
+    for entry in history:
+        batches = entry.get("batches") or {}
+        challenger, incumbent = batches.get("challenger", []), batches.get("incumbent", [])
+        if not challenger or len(challenger) != len(incumbent):
+            continue  # generation 0 (no incumbent), a failed candidate, or a run older than the record
+        out.append({"generation": entry["generation"], "challenger": challenger, "incumbent": incumbent,
+                    "won": [c < i for c, i in zip(challenger, incumbent)]})
+    return out
+
+
+def agreement(rows: list[dict]) -> list[dict]:
+    """For each prefix of batches: in how many generations its decision is the whole stage's, and the
+    largest relative gap between the two candidates where it is not."""
+    if not rows:
+        return []
+    batches = min(len(r["won"]) for r in rows)
+    out = []
+    for prefix in range(1, batches + 1):
+        differ = [r for r in rows if r["won"][prefix - 1] != r["won"][-1]]
+        gaps = [abs(r["challenger"][-1] - r["incumbent"][-1]) / r["incumbent"][-1] for r in differ]
+        out.append({"batches": prefix, "generations": len(rows), "same": len(rows) - len(differ),
+                    "replacements_on_all": sum(r["won"][-1] for r in rows),
+                    "largest_gap_where_different": max(gaps, default=0.0)})
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="+", help="staged search run folders")
+    parser.add_argument("--out", type=Path, default=RESULTS / "stage_decisions.json")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    missing = [run for run in args.runs if not (run / JOURNAL).is_file()]
+    if missing:
+        raise UserError(f"{missing[0]} is not a search run folder (no {JOURNAL})")
+    data = {"command": "python experiments/stage_decisions.py " + " ".join(sys.argv[1:]), "runs": {}}
+    for run in args.runs:
+        history = load_run_study(run).user_attrs.get(STATE, {}).get("history", [])
+        rows = decisions(history)
+        data["runs"][str(run)] = {"decisions": rows, "agreement": agreement(rows)}
+        for a in data["runs"][str(run)]["agreement"]:
+            print(f"{run}: first {a['batches']} batch(es): the same decision in {a['same']} of {a['generations']} "
+                  f"generations ({a['replacements_on_all']} replacements on all); largest gap where different "
+                  f"{100 * a['largest_gap_where_different']:.2f} %")
+    write_json(args.out, data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(exit_status(main))
