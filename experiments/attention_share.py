@@ -70,14 +70,15 @@ def main(argv=None) -> int:
     if not (args.run / BEST).is_file():
         raise UserError(f"{args.run} is not a finished search run folder (no {BEST})")
     config = load_run_config(args.run)
-    best = json.loads((args.run / BEST).read_text())["best"]
+    record = json.loads((args.run / BEST).read_text())
+    best = record["best"]
     started = time.time()
     fitness = build_fitness(config, args.run, windows="final_windows")
     dims = fitness.adapter.dims
     winner = Subnet(dims, [LayerWidths(*w) for w in best["widths"]])
     step = config.mlp_step or default_step(dims)
     # the run's export carries the model's tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(json.loads((args.run / BEST).read_text())["export"], trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(record["export"], trust_remote_code=True)
     ptb = dataset_windows(tokenizer, VALIDATION[0], seqlen=VALIDATION[1], limit=args.validation_windows)
     rows = list(range(min(args.windows, fitness.windows.shape[0])))
     uniform = Subnet.dense(dims)
