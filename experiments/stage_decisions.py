@@ -60,6 +60,21 @@ def agreement(rows: list[dict]) -> list[dict]:
     return out
 
 
+def alone(running: list[float]) -> list[float]:
+    """Each batch's own value from running means over batches of equal size (equal windows, equal
+    positions: the mean of batch k is k * running[k] - (k - 1) * running[k - 1])."""
+    return [(k + 1) * v - k * running[k - 1] if k else v for k, v in enumerate(running)]
+
+
+def halves(rows: list[dict]) -> dict:
+    """Whether the first and the last batch, each alone (disjoint windows), decide alike: the decision's
+    own noise, which the prefix agreement understates (a prefix is part of the whole)."""
+    rows = [r for r in rows if len(r["won"]) >= 2]
+    same = sum((alone(r["challenger"])[0] < alone(r["incumbent"])[0]) ==
+               (alone(r["challenger"])[-1] < alone(r["incumbent"])[-1]) for r in rows)
+    return {"generations": len(rows), "same": same}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", help="staged search run folders")
@@ -76,11 +91,13 @@ def main(argv=None) -> int:
     for run in args.runs:
         history = load_run_study(run).user_attrs.get(STATE, {}).get("history", [])
         rows = decisions(history)
-        data["runs"][str(run)] = {"decisions": rows, "agreement": agreement(rows)}
+        data["runs"][str(run)] = {"decisions": rows, "agreement": agreement(rows), "halves": halves(rows)}
         for a in data["runs"][str(run)]["agreement"]:
             print(f"{run}: first {a['batches']} batch(es): the same decision in {a['same']} of {a['generations']} "
                   f"generations ({a['replacements_on_all']} replacements on all); largest gap where different "
-                  f"{100 * a['largest_gap_where_different']:.2f} %")
+                  f"{100 * a['largest_gap_where_different']:.3f} %")
+        split = data["runs"][str(run)]["halves"]
+        print(f"{run}: the first and the last batch alone decide alike in {split['same']} of {split['generations']}")
     write_json(args.out, data)
     return 0
 

@@ -31,6 +31,9 @@ def test_decisions_on_fewer_batches_are_compared_with_the_whole_stage(monkeypatc
     assert (first["same"], first["generations"], first["replacements_on_all"]) == (1, 3, 2)
     assert first["largest_gap_where_different"] == pytest.approx(0.05 / 1.0)
     assert whole["same"] == 3 and whole["largest_gap_where_different"] == 0.0
+    # batches alone: generation 1 0.8 < 0.9 both halves; 2: 0.9 < 1.0 then 1.2 > 1.0; 4: 1.3 > 1.2 then 1.1 < 1.3
+    assert stage_decisions.alone([0.9, 1.05]) == pytest.approx([0.9, 1.2])
+    assert stage_decisions.halves(rows) == {"generations": 3, "same": 1}
 
 
 def test_a_folder_without_a_journal_is_refused(monkeypatch, tmp_path, capsys):
