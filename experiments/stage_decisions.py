@@ -6,7 +6,8 @@ lower value becomes the incumbent. A run's history (``study.user_attrs["staged"]
 candidates' running values after each batch of windows (since c56a360). This script reads them and says,
 for every prefix of batches, in how many generations the decision on those windows alone equals the
 decision on all of them, and how far apart the two values were where they disagree. A cheaper generation
-(fewer last-stage windows, more generations in the same time) is safe where the decisions agree.
+(fewer last-stage windows, more generations in the same time) is safe where the decisions agree. It also
+reads off a sequential last stage: stop after the first batch where the two are far apart.
 
 Reads only the run's journal (no model).
 
@@ -28,6 +29,7 @@ from space.errors import UserError
 from space.export import write_json
 
 RESULTS = Path(__file__).parent / "results"
+EARLY_STOP_GAPS = [0.002, 0.003, 0.005, 0.01]  # relative gaps after the first batch (a sequential last stage)
 
 
 def decisions(history: list[dict]) -> list[dict]:
@@ -57,6 +59,18 @@ def agreement(rows: list[dict]) -> list[dict]:
         out.append({"batches": prefix, "generations": len(rows), "same": len(rows) - len(differ),
                     "replacements_on_all": sum(r["won"][-1] for r in rows),
                     "largest_gap_where_different": max(gaps, default=0.0)})
+    return out
+
+
+def early_stops(rows: list[dict], thresholds: list[float]) -> list[dict]:
+    """A sequential last stage read off the record: per relative gap threshold, in how many generations
+    the first batch's gap exceeds it (the stage would stop there) and how many of those the whole stage
+    decides the other way."""
+    out = []
+    for threshold in thresholds:
+        stopped = [r for r in rows if abs(r["challenger"][0] - r["incumbent"][0]) / r["incumbent"][0] > threshold]
+        out.append({"threshold": threshold, "generations": len(rows), "stopped": len(stopped),
+                    "changed": sum(r["won"][0] != r["won"][-1] for r in stopped)})
     return out
 
 
@@ -91,13 +105,17 @@ def main(argv=None) -> int:
     for run in args.runs:
         history = load_run_study(run).user_attrs.get(STATE, {}).get("history", [])
         rows = decisions(history)
-        data["runs"][str(run)] = {"decisions": rows, "agreement": agreement(rows), "halves": halves(rows)}
+        data["runs"][str(run)] = {"decisions": rows, "agreement": agreement(rows), "halves": halves(rows),
+                                  "early_stops": early_stops(rows, EARLY_STOP_GAPS)}
         for a in data["runs"][str(run)]["agreement"]:
             print(f"{run}: first {a['batches']} batch(es): the same decision in {a['same']} of {a['generations']} "
                   f"generations ({a['replacements_on_all']} replacements on all); largest gap where different "
                   f"{100 * a['largest_gap_where_different']:.3f} %")
         split = data["runs"][str(run)]["halves"]
         print(f"{run}: the first and the last batch alone decide alike in {split['same']} of {split['generations']}")
+        for stop in data["runs"][str(run)]["early_stops"]:
+            print(f"{run}: stopping after the first batch where its gap exceeds {100 * stop['threshold']:.1f} %: "
+                  f"{stop['stopped']} of {stop['generations']} generations, {stop['changed']} decided otherwise by all")
     write_json(args.out, data)
     return 0
 

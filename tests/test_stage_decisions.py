@@ -34,6 +34,10 @@ def test_decisions_on_fewer_batches_are_compared_with_the_whole_stage(monkeypatc
     # batches alone: generation 1 0.8 < 0.9 both halves; 2: 0.9 < 1.0 then 1.2 > 1.0; 4: 1.3 > 1.2 then 1.1 < 1.3
     assert stage_decisions.alone([0.9, 1.05]) == pytest.approx([0.9, 1.2])
     assert stage_decisions.halves(rows) == {"generations": 3, "same": 1}
+    # first-batch gaps: 1: 0.1/1.1 = 9.1 %, 2: 10 % (then decided otherwise), 4: 0.1/1.2 = 8.3 % (otherwise)
+    loose, tight = stage_decisions.early_stops(rows, [0.085, 0.095])
+    assert (loose["stopped"], loose["changed"]) == (2, 1)
+    assert (tight["stopped"], tight["changed"]) == (1, 1)
 
 
 def test_a_folder_without_a_journal_is_refused(monkeypatch, tmp_path, capsys):
