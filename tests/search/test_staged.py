@@ -90,11 +90,12 @@ def test_switches_follow_the_residuals():
     assert gained[0] == gained.min() < 0 < gained[11] == gained.max()
 
 
-def test_stages_draw_fresh_windows_and_coarse_steps_halve():
+@pytest.mark.parametrize("preset", ["staged", "staged-8"])
+def test_stages_draw_fresh_windows_and_coarse_steps_halve(preset):
     space = WidthSpace(DIMS, preset="wide", mlp_step=16)
-    sampler = StagedEvolution(space=space, ratio=0.6, starts=[start(space)], preset=PRESETS["staged"], seed=3)
+    sampler = StagedEvolution(space=space, ratio=0.6, starts=[start(space)], preset=PRESETS[preset], seed=3)
     rows = sampler.stage_rows(5, pool_size=84)
-    assert [len(r) for r in rows] == list(PRESETS["staged"].windows)
+    assert [len(r) for r in rows] == list(PRESETS[preset].windows)
     flat = [r for stage in rows for r in stage]
     assert len(set(flat)) == len(flat)  # no window scores two stages of a generation
     assert rows == sampler.stage_rows(5, pool_size=84) and rows != sampler.stage_rows(6, pool_size=84)
