@@ -72,11 +72,11 @@ ROWS: dict[str, dict] = {
     "across": {"evolution": "staged-across"},
     # the defaults of the day with the fitness's least squares on the statistics of the model pruned like
     # the first start (--fitness-statistics upstream), against the final row
+    "fitstats": {"fitness_statistics": "upstream", "export_pass_dtype": "float32", "export_calib": "wikitext2"},
     # the defaults of the day with an 8-window last stage and the children that make as many window
     # evaluations as the final row's 260 (22 generations of 48 instead of 17 of 64); the fitness pool and
     # the finalists' re-scoring windows kept at the final row's 84 and 64
     "last8": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64},
-    "fitstats": {"fitness_statistics": "upstream", "export_pass_dtype": "float32", "export_calib": "wikitext2"},
 }
 
 # Rows whose search is another row's (they differ in runtime fields only, e.g. the export): the other row's

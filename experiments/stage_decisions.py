@@ -84,8 +84,10 @@ def halves(rows: list[dict]) -> dict:
     """Whether the first and the last batch, each alone (disjoint windows), decide alike: the decision's
     own noise, which the prefix agreement understates (a prefix is part of the whole)."""
     rows = [r for r in rows if len(r["won"]) >= 2]
-    same = sum((alone(r["challenger"])[0] < alone(r["incumbent"])[0]) ==
-               (alone(r["challenger"])[-1] < alone(r["incumbent"])[-1]) for r in rows)
+    same = 0
+    for r in rows:
+        challenger, incumbent = alone(r["challenger"]), alone(r["incumbent"])
+        same += (challenger[0] < incumbent[0]) == (challenger[-1] < incumbent[-1])
     return {"generations": len(rows), "same": same}
 
 
