@@ -28,7 +28,7 @@ import yaml
 from evaluators.environment import environment, matmul_tflops
 from evaluators.harness import TASKS, evaluate_zeroshot
 from search.cli.common import parse_args_with_config
-from search.config import SEARCH_METHODS, STAGED_TRIALS, SearchConfig
+from search.config import SEARCH_METHODS, SearchConfig
 from search.job import run_search
 from space.export import write_json
 from space.models import load_model
@@ -38,7 +38,8 @@ CONFIGS = Path(__file__).parent / "configs" / "quality"
 EVAL = ("wikitext2", "ptb", "c4:heldout")  # the protocol's texts, 32 windows of 2048 each
 VALIDATION = ("ptb:validation", 8)  # for decisions (never a test split): 8 windows of 2048
 
-# Row 0: the search's defaults before this issue's items (pinned: the defaults of the day are the final row).
+# Row 0: the search's defaults before this issue's items (pinned, as every row measured against the defaults of
+# its day: the defaults change).
 BEFORE = {"fitness": "ppl", "evolution": "cpu", "export_reform": "local", "importance": "wanda-sp", "trials": 100,
           "export_nsamples": 64, "export_pass_dtype": "float32", "export_calib": "wikitext2"}
 STAGED = {**BEFORE, "fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 260}
@@ -58,24 +59,27 @@ ROWS: dict[str, dict] = {
     # tyr with the search's export of the day (what `llm-pruner search --method tyr` runs today): the same
     # calibration text and token budget as the final row's export, for compare.md's equal-calibration tyr row
     "tyr-equal": dict(SEARCH_METHODS["tyr"]),
-    # the defaults of the day (search/config.py RECOMMENDED): tyr's search at 0.5 and staged's at 0.7,
+    # Rows below measured against the defaults of their day pin what has changed since, so that each cell's
+    # options still give the search it ran (tests/test_quality_cells.py). The defaults of 2026-12-02 to
+    # 12-06, the final row (a 16-window last stage, 260 children): tyr's search at 0.5 and staged's at 0.7,
     # the winner refitted on 256 windows (calibration_size.py measured that step on their seed-0 winners);
     # its cells were exported with float32 passes on WikiText-2; the defaults since are bfloat16 passes (the
     # same to 0.03 %) and, above 0.6, C4 beside WikiText-2 with the units re-selected on both (calibration_size.md
     # measured these on its winners)
-    "final": {},
-    # the defaults of the day with twice the children (about 33 generations instead of 17): is the search
-    # short of generations, or is what it finds already as good as its fitness can tell?
-    "long": {"trials": 2 * STAGED_TRIALS},
-    # the defaults of the day with switches across kinds (attention shapes traded for MLP channels), so
+    "final": {"evolution": "staged"},
+    # the final row with twice the children (about 33 generations instead of 17): is the search short of
+    # generations, or is what it finds already as good as its fitness can tell?
+    "long": {"evolution": "staged", "trials": 520},
+    # the final row with switches across kinds (attention shapes traded for MLP channels), so
     # that the split between attention and MLP is searched, not fixed by the start generation 0 keeps
     "across": {"evolution": "staged-across"},
-    # the defaults of the day with the fitness's least squares on the statistics of the model pruned like
-    # the first start (--fitness-statistics upstream), against the final row
-    "fitstats": {"fitness_statistics": "upstream", "export_pass_dtype": "float32", "export_calib": "wikitext2"},
-    # the defaults of the day with an 8-window last stage and the children that make as many window
-    # evaluations as the final row's 260 (22 generations of 48 instead of 17 of 64); the fitness pool and
-    # the finalists' re-scoring windows kept at the final row's 84 and 64
+    # the final row with the fitness's least squares on the statistics of the model pruned like the first
+    # start (--fitness-statistics upstream)
+    "fitstats": {"evolution": "staged", "fitness_statistics": "upstream", "export_pass_dtype": "float32",
+                 "export_calib": "wikitext2"},
+    # the final row with an 8-window last stage and the children that make as many window evaluations as
+    # its 260 (22 generations of 48 instead of 17 of 64); the fitness pool and the finalists' re-scoring
+    # windows kept at the final row's 84 and 64. The defaults since 2026-12-06 (today's, until they change)
     "last8": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64},
 }
 
@@ -92,11 +96,13 @@ MEASURED_DTYPE = "bfloat16"
 MEASURED_DTYPES = {"dtype": MEASURED_DTYPE, "export_pass_dtype": MEASURED_DTYPE}
 
 
-def cell_options(row: str, trials: int | None, dtype: str = MEASURED_DTYPE) -> dict:
-    return {"dtype": dtype, "export_pass_dtype": dtype, **({"trials": trials} if trials else {}), **ROWS[row]}
+def cell_options(row: str | None, trials: int | None, dtype: str = MEASURED_DTYPE) -> dict:
+    """A row's options (``None``: none, today's defaults) in ``dtype``."""
+    return {"dtype": dtype, "export_pass_dtype": dtype, **({"trials": trials} if trials else {}),
+            **(ROWS[row] if row else {})}
 
 
-def cell_config(ratio: float, row: str, seed: int, trials: int | None = None,
+def cell_config(ratio: float, row: str | None, seed: int, trials: int | None = None,
                 dtype: str = MEASURED_DTYPE) -> SearchConfig:
     """The search of one cell (``experiments/configs/quality/`` holds each as the YAML a run folder
     records: ``llm-pruner search --config FILE --run-dir DIR`` runs it again)."""
@@ -115,12 +121,12 @@ def measured_config(cell: dict) -> SearchConfig:
 
 
 def is_default(cell: dict) -> bool:
-    """Whether a cell's search is the one today's defaults run (the final row, whatever its name; its
-    export may differ: a runtime field)."""
-    final = cell_config(cell["ratio"], "final", cell["seed"], dtype=cell_dtype(cell))
+    """Whether a cell's search is the one today's defaults run (whatever its row's name; its export may
+    differ: a runtime field)."""
+    today = cell_config(cell["ratio"], None, cell["seed"], dtype=cell_dtype(cell))
     measured = measured_config(cell)
     # trials is a runtime field (a search resumes with more), but a longer search is not the defaults'
-    return measured.identity() == final.identity() and measured.trials == final.trials
+    return measured.identity() == today.identity() and measured.trials == today.trials
 
 
 def write_config(config: SearchConfig, row: str) -> None:
@@ -217,8 +223,9 @@ def report(data: dict) -> str:
              + ", ".join(f"{k} {v:.2f}" for k, v in data.get("dense", {}).items()) + ".", "",
              f"Machine: {data['environment']['machine']['cpu']}, {data['environment']['machine']['threads']} threads; "
              "`bf16` is the bfloat16 matmul peak (up to 2048², TFLOP/s) measured in the same run as the cell.", "",
-             "A `*` after the row marks the search today's defaults run at that ratio (the final row; today's "
-             "defaults refit its winner on 256 windows, not 64: calibration_size.md).", "",
+             "A `*` after the row marks the search today's defaults run at that ratio (the `last8` row since "
+             "2026-12-06; the `final` row is the defaults of 2026-12-02 to 12-06; both refit the winner on 256 windows, "
+             "not 64: calibration_size.md).", "",
              "Wall time: the search, the re-scoring of its finalists and the export's least squares (seconds; "
              "the test evaluation not counted).", "",
              "| ratio | row | options | seed | WikiText-2 | PTB | c4:heldout | PTB valid | re-scored | "
@@ -232,7 +239,7 @@ def report(data: dict) -> str:
         wall = " + ".join(f"{t[k]:.0f}" for k in ("search", "rescore", "export") if k in t)
         options = cell_options(c["row"], c["options"].get("trials"), cell_dtype(c))
         lines.append(f"| {c['ratio']} | {c['row']}{' *' if is_default(c) else ''} | "
-                     f"{'today' + chr(39) + 's defaults ' if c['row'] == 'final' else ''}`{json.dumps(options)}` | "
+                     f"{'today' + chr(39) + 's defaults ' if is_default(c) else ''}`{json.dumps(options)}` | "
                      f"{c['seed']} | "
                      f"{p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | {p['ptb:validation']:.2f} | "
                      f"{c['rescored']:.4g} | {wall} | {c.get('bf16_tflops', float('nan')):.2f} |")

@@ -43,21 +43,21 @@ SEARCH_METHODS: dict[str, dict] = {
 
 SOLVER_DEVICES = ("model", "cpu")  # where the fitness's least-squares state lives
 
-# The defaults of the day for a new search (:meth:`SearchConfig.create`, the command line, a config
-# file's missing keys), chosen on PTB validation and the re-scoring region, never a test split
-# (experiments/results/quality.md): the KL fitness, selection in stages with level switches over
-# STAGED_TRIALS children, the winner refitted on the pruned upstream model's statistics over 256
-# windows (64 for the search's own statistics; the winner re-fitted on 256: PTB validation -2.1 % at 0.7,
-# -3.3 % at 0.5, experiments/results/calibration_size.md; its calibration passes in bfloat16: the same
-# perplexities to 0.03 % at both ratios, 44 % less time at 0.7), and the unit order by ratio: ``osscar`` up to
-# ORDER_SWITCH_RATIO, ``wanda-sp`` above it (PTB-validation perplexity of the same search, osscar vs
-# wanda-sp: 151.7 vs 202.3 at 0.5, 112.4 vs 122.8 at 0.6, 97.0 vs 85.5 at 0.7). The dataclass's own field
-# defaults stay what a run folder made before each field existed meant (:func:`search.rundir.open_run_dir`).
-# The dtypes (``auto``: :func:`default_dtype`) are bfloat16 where its matmuls are fast, float32 elsewhere.
-RECOMMENDED = {"fitness": "kl", "evolution": "staged", "export_reform": "upstream", "importance": "auto",
+# The defaults of the day for a new search (:meth:`SearchConfig.create`, the command line, a config file's missing
+# keys), chosen on PTB validation and the re-scoring region, never a test split (experiments/results/quality.md): the
+# KL fitness; selection in stages with level switches, ``staged-8`` (the last stage on 8 windows, 340 children:
+# against ``staged``'s 16 windows and 260 children, the same window evaluations, PTB validation -2.4 to -2.9 % at
+# 0.5 and -1.0 % at 0.7, re-scored KL lower too, two seeds each); the winner refitted on the pruned upstream model's
+# statistics over 256 windows (64 for the search's own statistics; PTB validation -2.1 % at 0.7, -3.3 % at 0.5,
+# experiments/results/calibration_size.md), its calibration passes in bfloat16 (the same perplexities to 0.03 % at
+# both ratios, 44 % less time at 0.7); the unit order by ratio: ``osscar`` up to ORDER_SWITCH_RATIO, ``wanda-sp``
+# above it (PTB-validation perplexity of the same search, osscar vs wanda-sp: 151.7 vs 202.3 at 0.5, 112.4 vs
+# 122.8 at 0.6, 97.0 vs 85.5 at 0.7). The dataclass's own field defaults stay what a run folder made before each
+# field existed meant (:func:`search.rundir.open_run_dir`). The dtypes (``auto``: :func:`default_dtype`) are
+# bfloat16 where its matmuls are fast, float32 elsewhere.
+RECOMMENDED = {"fitness": "kl", "evolution": "staged-8", "export_reform": "upstream", "importance": "auto",
                "export_nsamples": 256, "export_pass_dtype": "auto", "export_select": "auto", "export_calib": "auto",
                "export_ridge": "zero", "dtype": "auto"}
-STAGED_TRIALS = 260
 PLAIN_TRIALS = 100
 ORDER_SWITCH_RATIO = 0.6
 # export_calib auto: with the default statistics' text (WikiText-2), the export also fits on C4's calibration
@@ -168,11 +168,11 @@ class SearchConfig:
         """A config whose statistics, fitness and re-scoring windows come from their disjoint regions
         of ``calib`` (seeds ``seed``, ``seed + 1``, ``seed + 2``; each document through the model's
         chat template when ``chat_template``). ``fitness_nsamples`` defaults to 8
-        (staged evolution: its stages' windows, 4 generations' worth); ``final_nsamples`` to
-        max(32, 4 x the windows a candidate is scored on). ``options``: the other fields; those not
-        given (or None) take the defaults of the day (``RECOMMENDED``, ``importance="auto"`` resolved
-        by the ratio, the dtypes by the device (:func:`default_dtype`), STAGED_TRIALS children for the
-        staged evolution, else PLAIN_TRIALS trials)."""
+        and ``final_nsamples`` to max(32, 4 x the windows a candidate is scored on); a staged evolution's
+        preset sets both (:class:`search.samplers.staged.StagedPreset`). ``options``: the other fields;
+        those not given (or None) take the defaults of the day (``RECOMMENDED``, ``importance="auto"``
+        resolved by the ratio, the dtypes by the device (:func:`default_dtype`), the preset's children for
+        a staged evolution, else PLAIN_TRIALS trials)."""
         chosen = (*RECOMMENDED, "trials")  # None there: "not given" (the command line's unset flags)
         options = {**RECOMMENDED, **{k: v for k, v in options.items() if k not in chosen or v is not None}}
         if options["importance"] == "auto":
@@ -183,12 +183,12 @@ class SearchConfig:
         staged = STAGED_PRESETS.get(options["evolution"])
         if options.get("searcher", cls.searcher) != "evolution":
             staged = None
-        options.setdefault("trials", STAGED_TRIALS if staged is not None else PLAIN_TRIALS)
-        scored = fitness_nsamples or 8
+        options.setdefault("trials", staged.children if staged is not None else PLAIN_TRIALS)
         if staged is not None:
-            fitness_nsamples = fitness_nsamples or 4 * staged.pool
-            scored = staged.windows[-1]
-        final = final_nsamples or max(32, scored * 4)
+            fitness_nsamples = fitness_nsamples or staged.default_fitness_windows()
+            final = final_nsamples or staged.default_rescoring_windows()
+        else:
+            final = final_nsamples or max(32, 4 * (fitness_nsamples or 8))
         return cls(
             model=model, ratio=ratio, seed=seed,
             calibration=CalibrationSpec(calib, nsamples, calib_seqlen, seed, STATISTICS_REGION, chat_template).to_dict(),

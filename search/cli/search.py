@@ -35,7 +35,7 @@ def add(sub) -> None:
                    help="a published search system's settings (tyr: Týr-the-Pruner); the flags given override them")
     p.add_argument("--ratio-min", type=common.ratio, help="nsga2: the bottom of the ratio range")
     p.add_argument("--searcher", default="evolution", help=" | ".join(SAMPLERS))
-    p.add_argument("--trials", type=int, help="trials to reach (default 260 staged, else 100; a re-run may raise it)")
+    p.add_argument("--trials", type=int, help="trials to reach (default: 340 staged-8, 260 staged, else 100; a re-run may raise it)")
     p.add_argument("--run-dir", required=True, type=Path, help="run folder (re-running the command resumes it)")
     p.add_argument("--workers", type=int, default=0, help="Ray actors (0: evaluate in this process); at most the "
                                                           "cluster's GPUs / --gpus-per-worker where it has GPUs")
@@ -46,7 +46,7 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default="wide", help="per-layer width bounds: " + " | ".join(WIDTHS))
     p.add_argument("--mlp-step", type=int, help="MLP width step (default: about 1/48 of the width)")
-    p.add_argument("--evolution", help="evolution sizes (default staged): " + " | ".join([*EVOLUTION, *STAGED]) +
+    p.add_argument("--evolution", help="evolution sizes (default staged-8): " + " | ".join([*EVOLUTION, *STAGED]) +
                    " (staged: selection in stages with level-switch mutations)")
     p.add_argument("--importance", help=f"unit order (default auto: osscar to ratio {ORDER_SWITCH_RATIO}, wanda-sp above)")
     p.add_argument("--fitness-reform", default="lstsq", help="lstsq | none: rectify candidates before scoring")
@@ -56,7 +56,7 @@ def add(sub) -> None:
     p.add_argument("--fitness", help="kl | ppl: KL to the dense model (default), or calibration perplexity")
     p.add_argument("--fitness-top-k", type=int, default=256, help="kl: dense tokens kept per position (default 256)")
     p.add_argument("--fitness-nsamples", type=int, help="fitness windows (default 8; staged evolution: the pool "
-                                                          "its stages draw from, 4 generations' worth)")
+                                                          "its stages draw from: 84 for staged and staged-8)")
     p.add_argument("--fitness-seqlen", type=int, default=512)
     p.add_argument("--pruner", default="none", help="none | median (stop hopeless candidates early; in-process)")
     p.add_argument("--final-top-k", type=int, default=5, help="re-score this many of the best at the end")

@@ -35,11 +35,21 @@ class StagedPreset:
     rounds: int  # coarse-to-fine rounds
     coarse_steps: int  # MLP grid steps a switch moves in the first round, halved every round
     across: float = 0.0  # share of switches that trade attention for MLP width (LevelSwitches.across_prob)
+    # what a search with this preset gets when the command line does not say (SearchConfig.create):
+    children: int = 260  # --trials
+    fitness_windows: int | None = None  # --fitness-nsamples, the region the generations draw from; 4 x pool
+    rescoring_windows: int | None = None  # --final-nsamples, the finalists'; max(32, 4 x the last stage)
 
     @property
     def pool(self) -> int:
         """Fitness windows a generation draws from (its stages never share one)."""
         return sum(self.windows)
+
+    def default_fitness_windows(self) -> int:
+        return self.fitness_windows or 4 * self.pool
+
+    def default_rescoring_windows(self) -> int:
+        return self.rescoring_windows or max(32, 4 * self.windows[-1])
 
 
 PRESETS = {
@@ -49,9 +59,12 @@ PRESETS = {
     # the same with one switch in six across kinds: the split between attention and MLP moves too
     "staged-across": StagedPreset(offspring=16, survivors=(4, 1), windows=(1, 4, 16), rounds=3, coarse_steps=4,
                                   across=1 / 6),
-    # the last stage on 8 windows (48 evaluations a generation: 4/3 the generations in the same time), since
-    # half the late decisions on 16 are coin flips anyway (experiments/results/stage_decisions.md); on trial
-    "staged-8": StagedPreset(offspring=16, survivors=(4, 1), windows=(1, 4, 8), rounds=3, coarse_steps=4),
+    # the last stage on 8 windows (48 evaluations a generation), since half the late decisions on 16 are coin
+    # flips anyway (experiments/results/stage_decisions.md): with 340 children it makes as many window
+    # evaluations as `staged` with 260 (22 generations instead of 17), from as many fitness windows, its
+    # finalists re-scored on as many (quality.md's last8 row)
+    "staged-8": StagedPreset(offspring=16, survivors=(4, 1), windows=(1, 4, 8), rounds=3, coarse_steps=4,
+                             children=340, fitness_windows=84, rescoring_windows=64),
     "staged-tiny": StagedPreset(offspring=4, survivors=(2, 1), windows=(1, 2, 3), rounds=2, coarse_steps=2),
 }
 

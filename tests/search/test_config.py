@@ -82,14 +82,18 @@ def test_every_results_config_is_a_valid_search_config():
 
 
 def test_the_defaults_of_the_day_and_the_order_by_ratio():
-    from search.config import ORDER_SWITCH_RATIO, STAGED_TRIALS
+    from search.config import ORDER_SWITCH_RATIO
 
     low, high = SearchConfig.create("m", 0.5), SearchConfig.create("m", 0.7)
     for config in (low, high):
+        # staged-8 as quality.md's last8 row measured it: 340 children, 84 fitness windows, 64 to re-score
         assert (config.fitness, config.evolution, config.export_reform, config.trials) == \
-            ("kl", "staged", "upstream", STAGED_TRIALS)
-        assert config.calibration_spec("fitness_windows").nsamples >= max(config.staged.windows)
+            ("kl", "staged-8", "upstream", 340)
+        assert (config.fitness_windows["nsamples"], config.final_windows["nsamples"]) == (84, 64)
         config.check()
+    # a preset given on its own takes its own sizes
+    staged = SearchConfig.create("m", 0.5, evolution="staged")
+    assert (staged.trials, staged.fitness_windows["nsamples"], staged.final_windows["nsamples"]) == (260, 84, 64)
     assert (low.importance, high.importance) == ("osscar", "wanda-sp")
     assert SearchConfig.create("m", ORDER_SWITCH_RATIO).importance == "osscar"
     # what is given wins; None is "not given" (the command line's unset flags)
