@@ -182,7 +182,12 @@ def study_record(run_dir: Path, config: SearchConfig, storage_url: str | None) -
 def load_run_config(run_dir: Path, **overrides) -> SearchConfig:
     """The configuration an existing run folder records (for tools that export or measure its trials),
     with ``overrides`` of its runtime fields (e.g. ``eval_windows``)."""
-    values = yaml.safe_load((run_dir / CONFIG).read_text())
+    return load_config_file(run_dir / CONFIG, **overrides)
+
+
+def load_config_file(path: Path, **overrides) -> SearchConfig:
+    """The configuration a run folder's config.yaml (or a copy of it) records, with ``overrides``."""
+    values = yaml.safe_load(path.read_text())
     values["eval_datasets"] = tuple(values.get("eval_datasets", ("wikitext2",)))
     return SearchConfig(**{**values, **overrides})
 

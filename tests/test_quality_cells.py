@@ -7,16 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from search.config import SearchConfig
+from search.rundir import load_config_file
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def recorded(path: Path) -> SearchConfig:
-    values = yaml.safe_load(path.read_text())
-    return SearchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def test_each_cell_row_gives_the_search_it_ran(monkeypatch):
@@ -26,7 +20,7 @@ def test_each_cell_row_gives_the_search_it_ran(monkeypatch):
     cells = json.loads((EXPERIMENTS / "results" / "quality.json").read_text())["cells"]
     assert cells
     for key, cell in cells.items():
-        ran = recorded(quality.CONFIGS / f"{cell['ratio']}-{cell['row']}-seed{cell['seed']}.yaml")
+        ran = load_config_file(quality.CONFIGS / f"{cell['ratio']}-{cell['row']}-seed{cell['seed']}.yaml")
         read = quality.measured_config(cell)
         assert (read.identity(), read.trials) == (ran.identity(), ran.trials), key
         today = SearchConfig.create("smollm2-135m", cell["ratio"], seed=cell["seed"], eval_windows=32,

@@ -70,15 +70,13 @@ def test_calibration_from_two_sources_shares_its_windows_and_regions(tiny_text_d
 def test_every_results_config_is_a_valid_search_config():
     """experiments/configs/quality/ holds the searches of the results tables; each still loads and checks
     (configs/compare/ holds compare.py's own options, read by its parser)."""
-    import yaml
+    from search.rundir import load_config_file
 
     folder = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "quality"
     files = sorted(folder.rglob("*.yaml"))
     assert files
     for path in files:
-        values = yaml.safe_load(path.read_text())
-        values["eval_datasets"] = tuple(values["eval_datasets"])
-        SearchConfig(**values).check()
+        load_config_file(path).check()
 
 
 def test_the_defaults_of_the_day_and_the_order_by_ratio():
