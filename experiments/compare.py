@@ -193,15 +193,26 @@ def recipe_cell(pristine, recipe, ratio: float, windows, dtype, cache, batch_siz
             "recipe_seconds": record["seconds"]["total"], "record": record, **scores}
 
 
+def quality_source(path: str, ratio: float, row: str) -> str | None:
+    """Where a row of this table is read from at ``ratio``: ``"<quality.json> <key>"`` of the seed-0 cell of
+    ``row`` in that file, else of a row that runs the same search and export there (tyr-equal below 0.7 is
+    the final row: the defaults of 2026-12-02 to 12-06 were Týr's search there); None if neither ran."""
+    cells = json.loads(Path(path).read_text())["cells"]
+    for name in [row, *(r for r in ROWS if r != row and same_search(ratio, row, r))]:
+        if f"{ratio}/{name}/seed0" in cells:
+            return f"{path} {ratio}/{name}/seed0"
+    return None
+
+
 def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | None:
-    """A search row from experiments/quality.py's cell of ``row`` at ``ratio`` in the file of
-    ``--search-cells`` (measured on the same texts and windows, in float32); the short windows, which
-    quality.py does not measure, evaluated here on its export."""
-    path = args.search_cells[0]
-    quality = json.loads(Path(path).read_text())
-    cell = quality["cells"].get(f"{ratio}/{row}/seed0")
-    if cell is None:
+    """A search row from experiments/quality.py's cell of ``row`` at ``ratio`` (``quality_source``) in the
+    file of ``--search-cells`` (measured on the same texts and windows, in float32); the short windows,
+    which quality.py does not measure, evaluated here on its export."""
+    source = quality_source(args.search_cells[0], ratio, row)
+    if source is None:
         return None
+    path, _, key = source.rpartition(" ")
+    cell = json.loads(Path(path).read_text())["cells"][key]
     metrics = {f"{name}_2048": {"ppl": cell["ppl"][name]} for name in ["wikitext2", *args.held_out]}
     short = f"wikitext2_{args.short_seqlen}"
     exported = load_model(cell["export"], dtype=dtype, trust_remote_code=True)
@@ -209,7 +220,7 @@ def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | N
     seconds = {k: v for k, v in cell["seconds"].items() if k != "test"}  # the search, not its evaluation
     return {"kind": "search", "ratio": ratio, "block_ratio": cell["block_ratio"], "metrics": metrics,
             "recipe_seconds": sum(seconds.values()),
-            "record": {"from": f"{path} {ratio}/{row}/seed0", "options": cell["options"], "trials": cell["trials"],
+            "record": {"from": source, "options": cell["options"], "trials": cell["trials"],
                        "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops"), "export": cell["export"]}}
 
 
@@ -401,29 +412,38 @@ def run(args, argv) -> int:
             cells[key]["wall_seconds"] = round(time.time() - started, 1)
             cells[key]["bf16_tflops"] = machine_peak()
             save()
-    def measured(key: str) -> bool:  # rows read from quality.json before they had the short windows, or
-        # whose quality.json cell has been measured again since: again
-        return (key in cells and f"wikitext2_{args.short_seqlen}" in cells[key]["metrics"]
-                and not (args.search_cells and quality_changed(args.search_cells[0], cells[key])))
+    def measured(key: str, row: str, ratio: float) -> bool:  # again: rows read from quality.json before they
+        # had the short windows, from another row's cell (the search row's defaults changed), or from a cell
+        # measured again since
+        cell = cells.get(key)
+        if cell is None or f"wikitext2_{args.short_seqlen}" not in cell["metrics"]:
+            return False
+        if not args.search_cells:
+            return True
+        return (cell["record"].get("from") == quality_source(args.search_cells[0], ratio, row)
+                and not quality_changed(args.search_cells[0], cell))
 
     for ratio in args.ratios if not args.label else []:
         key = f"search:{ratio}"
-        if measured(key):
+        if measured(key, args.search_cells[1] if args.search_cells else None, ratio):
             continue
         cell = (quality_cell(args, ratio, args.search_cells[1], windows, dtype) if args.search_cells else
                 search_cell(args, ratio, windows, dtype))
         if cell is not None:
             cells[key] = cell
-            save()
+        elif args.search_cells:  # the search row's quality.py row has no cell at this ratio yet: a "–",
+            cells.pop(key, None)  # not another row's numbers
+        save()
     for row in args.tyr_rows if args.search_cells else []:
         name = tyr_row_name(row)
         for ratio in args.ratios:
             key = f"{name}:{ratio}"
-            if measured(key):
-                continue
             if same_search(ratio, row, args.search_cells[1]) and f"search:{ratio}" in cells:
                 # the same search and export as the search row (tyr-equal at ratios whose defaults are tyr's)
                 cells[key] = {**copy.deepcopy(cells[f"search:{ratio}"]), "same_as": f"search:{ratio}"}
+            elif measured(key, row, ratio):
+                cells[key].pop("same_as", None)  # the search row's cell until its defaults changed: kept
+                # (with its short windows and zero-shot), now a row of its own
             elif (cell := quality_cell(args, ratio, row, windows, dtype)) is not None:
                 cells[key] = cell
             save()

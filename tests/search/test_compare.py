@@ -293,7 +293,7 @@ def test_quality_runs_a_cell_again_for_a_zeroshot_when_its_export_is_not_here(tm
 
 
 def test_the_equal_calibration_tyr_row_is_the_search_row_where_the_defaults_are_tyrs_search(
-        compare, tiny_model_dir, tiny_data, tmp_path):
+        compare, tiny_model_dir, tiny_data, tmp_path, monkeypatch):
     """quality.py's tyr-equal row (Týr's search exported like the search) at 0.5, where the defaults of the
     day are Týr's search with that export: the search row itself, marked so, and no rival in the verdicts;
     at 0.8 (another unit order) a search of its own, read from its quality.py cell."""
@@ -318,6 +318,26 @@ def test_the_equal_calibration_tyr_row_is_the_search_row_where_the_defaults_are_
     # at 0.5 the strongest rival on WikiText-2 is tyr (30.00), never the search's own copy (40.00)
     assert "- 0.5, wikitext2: tyr 30.00; search 40.00" in report
     assert "- 0.8, wikitext2 in windows of 128:" in report
+
+    # the defaults change (last8: at 0.5 another search than tyr-equal's): the search row is read from the new
+    # row where it has a cell and is a "–" where not; tyr-equal at 0.5 keeps the final row's cell as a row of
+    # its own, with its short windows, without measuring it again (its export may be gone from this machine)
+    data = json.loads(quality.read_text())
+    data["cells"]["0.5/last8/seed0"] = {**data["cells"]["0.5/final/seed0"], "ppl": {"wikitext2": 38.0, "ptb": 76.0}}
+    quality.write_text(json.dumps(data))
+    read, quality_cell = [], compare.quality_cell
+    monkeypatch.setattr(compare, "quality_cell", lambda args, ratio, row, *a: read.append((ratio, row)) or
+                        quality_cell(args, ratio, row, *a))
+    argv[argv.index("final")] = "last8"
+    assert compare.main(argv) == 0
+    assert sorted(read) == [(0.5, "last8"), (0.8, "last8")]
+    again = json.loads(out.with_suffix(".json").read_text())["cells"]
+    assert "search:0.8" not in again and again["search:0.5"]["metrics"]["ptb_2048"]["ppl"] == 76.0
+    assert again[f"{equal}:0.5"]["record"]["from"] == f"{quality} 0.5/final/seed0"
+    assert "same_as" not in again[f"{equal}:0.5"] and again[f"{equal}:0.5"]["metrics"] == cells["search:0.5"]["metrics"]
+    report = out.with_suffix(".md").read_text()
+    assert f"| {equal} | 35.00 | 40.00 |" in report and "| search | pending | 38.00 |" in report
+    assert "- 0.5, wikitext2: tyr 30.00; search 38.00" in report
 
 
 def test_quality_reuses_another_rows_search_where_only_the_export_differs(tmp_path, monkeypatch):
