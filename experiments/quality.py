@@ -81,6 +81,9 @@ ROWS: dict[str, dict] = {
     # its 260 (22 generations of 48 instead of 17 of 64); the fitness pool and the finalists' re-scoring
     # windows kept at the final row's 84 and 64. The defaults since 2026-12-06 (today's, until they change)
     "last8": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64},
+    # last8 whose last stage also scores the second stage's two best children combined (a generation may take
+    # two children's switches), with the children that make about as many window evaluations (292)
+    "combine": {"evolution": "staged-8-combine", "trials": 292, "fitness_nsamples": 84, "final_nsamples": 64},
 }
 
 # Rows whose search is another row's (they differ in runtime fields only, e.g. the export): the other row's

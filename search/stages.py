@@ -117,16 +117,22 @@ def _generation(study, space: WidthSpace, pool, children: list[Subnet], incumben
                 rows: list[list[int]], generation: int, state: dict, run_dir: Path, budget: FailureBudget) -> dict:
     """Score one generation in stages, tell its trials and commit the new incumbent."""
     sampler: StagedEvolution = study.sampler
-    trials = []
-    for child in children:
+    children, trials = list(children), []
+
+    def ask(child: Subnet) -> optuna.Trial:
         sampler.propose(space.encode(child))
         trial = study.ask(fixed_distributions=space.distributions())
         describe_trial(trial, child)
         trial.set_user_attr("generation", generation)
         trials.append(trial)
+        return trial
+
+    for child in children:
+        ask(child)
     try:
         values, alive, incumbent_value, last_batches = _stages(pool, trials, children, incumbent, rows,
-                                                               sampler.preset.survivors, budget)
+                                                               sampler.preset.survivors, budget,
+                                                               combine=sampler.combined, ask=ask)
     except (KeyboardInterrupt, JobFailed):
         for trial in trials:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -137,9 +143,12 @@ def _generation(study, space: WidthSpace, pool, children: list[Subnet], incumben
     if replaced and math.isfinite(values[best][-1]):
         attach_profile(study, trials[best], children[best], run_dir)  # the dashboard shows each incumbent
     for i, trial in enumerate(trials):
-        trial.set_user_attr("stage_windows", [len(r) for r in rows[: len(values[i])]])
-        finite = math.isfinite(values[i][0])
-        study.tell(trial, values[i][0] if finite else None,
+        # a trial's value is its first stage's (every child's, on the same windows); a combined child is
+        # scored on the last stage only, and that value is its own
+        stage = len(rows) - 1 if "combined_from" in trial.user_attrs else 0
+        trial.set_user_attr("stage_windows", [len(r) for r in rows[stage: len(values[i])]])
+        finite = math.isfinite(values[i][stage])
+        study.tell(trial, values[i][stage] if finite else None,
                    state=optuna.trial.TrialState.COMPLETE if finite else optuna.trial.TrialState.FAIL)
     entry = {"generation": generation, "trial": trials[best].number if replaced else state["incumbent"],
              "value": values[best][-1] if replaced else incumbent_value, "challenger": values[best][-1],
@@ -157,17 +166,28 @@ def _generation(study, space: WidthSpace, pool, children: list[Subnet], incumben
 
 
 def _stages(pool, trials, children: list[Subnet], incumbent: Subnet | None, rows: list[list[int]],
-            survivors: tuple[int, ...], budget: FailureBudget) -> tuple[list[list[float]], list[int], float, dict]:
+            survivors: tuple[int, ...], budget: FailureBudget, *, combine=None,
+            ask=None) -> tuple[list[list[float]], list[int], float, dict]:
     """Every stage of a generation: per child its values by stage, the last stage's children, the
     incumbent's value on the last stage's windows (inf without one), and the last stage's running
-    values per batch (by child index, and ``"incumbent"``)."""
+    values per batch (by child index, and ``"incumbent"``). ``combine(incumbent, first, second)``: a child
+    joining the two best of the stage before the last (or None), scored on the last stage beside its
+    survivors; it is appended to ``children`` and its trial, from ``ask(child)``, to ``trials``."""
     values: list[list[float]] = [[] for _ in children]
     alive = list(range(len(children)))
     incumbent_value = math.inf
     for stage, stage_rows in enumerate(rows):
-        if stage > 0:
-            alive = sorted(alive, key=lambda i: values[i][-1])[: survivors[stage - 1]]
         last = stage == len(rows) - 1
+        if stage > 0:
+            ranked = sorted(alive, key=lambda i: values[i][-1])
+            alive = ranked[: survivors[stage - 1]]
+            joined = combine(incumbent, *(children[i] for i in ranked[:2])) if last and combine and len(ranked) > 1 \
+                and all(math.isfinite(values[i][-1]) for i in ranked[:2]) else None
+            if joined is not None and joined not in children:
+                children.append(joined)
+                values.append([math.inf] * stage)  # not scored before the last stage
+                ask(joined).set_user_attr("combined_from", [trials[i].number for i in ranked[:2]])
+                alive.append(len(children) - 1)
         jobs = [children[i] for i in alive] + ([incumbent] if last and incumbent is not None else [])
         scored, errors, batches = evaluate_all(pool, jobs, stage_rows, budget)
         for i, value, error in zip(alive, scored, errors):

@@ -24,7 +24,7 @@ from optuna.samplers import BaseSampler
 
 from search.samplers.levels import LevelSwitches, UnitErrors
 from search.widths import WidthSpace
-from space.subnet import Subnet
+from space.subnet import LayerWidths, Subnet
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class StagedPreset:
     rounds: int  # coarse-to-fine rounds
     coarse_steps: int  # MLP grid steps a switch moves in the first round, halved every round
     across: float = 0.0  # share of switches that trade attention for MLP width (LevelSwitches.across_prob)
+    # the last stage also scores the two best children of the stage before it combined (both one's and the
+    # other's switches): a generation may then take two children's moves
+    combine: bool = False
     # what a search with this preset gets when the command line does not say (SearchConfig.create):
     children: int = 260  # --trials
     fitness_windows: int | None = None  # --fitness-nsamples, the region the generations draw from; 4 x pool
@@ -65,6 +68,11 @@ PRESETS = {
     # finalists re-scored on as many (quality.md's last8 row)
     "staged-8": StagedPreset(offspring=16, survivors=(4, 1), windows=(1, 4, 8), rounds=3, coarse_steps=4,
                              children=340, fitness_windows=84, rescoring_windows=64),
+    # `staged-8` whose last stage also scores the two best children of the second stage combined (56 window
+    # evaluations a generation where they combine): 292 children make about as many window evaluations as
+    # `staged-8` with 340 (quality.md's combine row)
+    "staged-8-combine": StagedPreset(offspring=16, survivors=(4, 1), windows=(1, 4, 8), rounds=3, coarse_steps=4,
+                                     combine=True, children=292, fitness_windows=84, rescoring_windows=64),
     "staged-tiny": StagedPreset(offspring=4, survivors=(2, 1), windows=(1, 2, 3), rounds=2, coarse_steps=2),
 }
 
@@ -112,6 +120,25 @@ class StagedEvolution(BaseSampler):
                     break
             out.append(child)
         return out
+
+    def combined(self, incumbent: Subnet | None, first: Subnet, second: Subnet) -> Subnet | None:
+        """``incumbent`` with the changes of both children: each one's MLP channel changes added, and the
+        attention shape of a layer only one of them changes. Each child keeps the incumbent's attention and
+        MLP totals, so their changes together keep them too. None where both change one layer's attention
+        shape, a layer's channels leave the grid, the two are one, or there is no incumbent."""
+        if incumbent is None or not self.preset.combine or first == second:
+            return None
+        layers = []
+        for base, a, b in zip(incumbent.layers, first.layers, second.layers):
+            shapes = {(w.kv_heads, w.q_per_kv) for w in (a, b)} - {(base.kv_heads, base.q_per_kv)}
+            if len(shapes) > 1:
+                return None
+            kv, q = shapes.pop() if shapes else (base.kv_heads, base.q_per_kv)
+            channels = a.channels + b.channels - base.channels
+            if channels not in self.switches.channels:
+                return None
+            layers.append(LayerWidths(kv, q, channels))
+        return Subnet(incumbent.dims, layers)
 
     def stage_rows(self, generation: int, pool_size: int) -> list[list[int]]:
         """The fitness windows of each stage of ``generation``: fresh, disjoint while the pool lasts."""

@@ -107,6 +107,64 @@ def test_stages_draw_fresh_windows_and_coarse_steps_halve(preset):
     assert all(c.block_params() == start(space).block_params() for c in children)
 
 
+def test_two_children_combine_at_the_incumbents_size():
+    """staged-8-combine: the second stage's two best children joined have both one's and the other's
+    changes and the incumbent's size; two attention shapes for one layer, channels off the grid, or a
+    preset without combining give none."""
+    space = WidthSpace(DIMS, preset="wide", mlp_step=16)
+    incumbent = Subnet(DIMS, [LayerWidths(3, 2, 16 if i == 0 else 128) for i in range(DIMS.num_layers)])
+
+    def moved(giver: int, receiver: int, grow: int | None = None, shrink: int | None = None) -> Subnet:
+        """16 channels from ``giver`` to ``receiver``; layer ``grow`` to 4 KV heads, ``shrink`` to 2."""
+        layers = list(incumbent.layers)
+        for layer, delta in ((giver, -16), (receiver, 16)):
+            layers[layer] = LayerWidths(3, 2, layers[layer].channels + delta)
+        for layer, kv in ((grow, 4), (shrink, 2)):
+            if layer is not None:
+                layers[layer] = LayerWidths(kv, 2, layers[layer].channels)
+        return Subnet(DIMS, layers)
+
+    sampler = StagedEvolution(space=space, ratio=0.6, starts=[incumbent], preset=PRESETS["staged-8-combine"])
+    first, second = moved(2, 1), moved(1, 9, grow=3, shrink=4)
+    assert first.block_params() == second.block_params() == incumbent.block_params()
+    joined = sampler.combined(incumbent, first, second)
+    assert [w.channels for w in joined.layers] == [16, 128, 112] + [128] * 6 + [144, 128, 128]  # layer 1: +16 - 16
+    assert [w.kv_heads for w in joined.layers][2:6] == [3, 4, 2, 3]
+    assert joined.block_params() == incumbent.block_params() and space.contains(joined)
+    assert sampler.combined(incumbent, moved(5, 6, grow=3, shrink=4), moved(7, 8, grow=4, shrink=3)) is None
+    assert sampler.combined(incumbent, moved(0, 1), moved(0, 9)) is None  # layer 0 would have -16 channels
+    assert sampler.combined(None, first, second) is None  # generation 0: no incumbent
+    plain = StagedEvolution(space=space, ratio=0.6, starts=[incumbent], preset=PRESETS["staged-8"])
+    assert plain.combined(incumbent, first, second) is None
+
+
+def test_a_combining_staged_search_scores_joined_children_on_the_last_stage(tiny_model_dir, tiny_data, tmp_path,
+                                                                             monkeypatch):
+    """Each generation whose two best second-stage children touch different layers scores them joined on
+    the last stage, as a trial of its own with that stage's value; the incumbents keep the budget."""
+    from dataclasses import replace
+
+    from search.job import run_search
+    from tests.search.test_search import tiny_config
+
+    monkeypatch.setitem(PRESETS, "staged-tiny", replace(PRESETS["staged-tiny"], combine=True))
+    result = run_search(tiny_config(tiny_model_dir, evolution="staged-tiny", trials=24, eval_windows=0),
+                        tmp_path / "run", progress=False)
+    study = load_run_study(tmp_path / "run")
+    by_number = {t.number: t for t in study.get_trials()}
+    joined = [t for t in by_number.values() if "combined_from" in t.user_attrs]
+    assert joined, "no generation combined its two best children"
+    last_stage = len(PRESETS["staged-tiny"].windows) - 1
+    for trial in joined:
+        first, second = (by_number[n] for n in trial.user_attrs["combined_from"])
+        assert first.user_attrs["generation"] == second.user_attrs["generation"] == trial.user_attrs["generation"]
+        assert list(trial.intermediate_values) == [last_stage] and trial.value == trial.intermediate_values[last_stage]
+        assert trial.user_attrs["stage_windows"] == [PRESETS["staged-tiny"].windows[-1]]
+    incumbents = [by_number[e["trial"]] for e in study.user_attrs[STATE]["history"][1:]]
+    assert {t.user_attrs["block_params"] for t in incumbents + joined} == {incumbents[0].user_attrs["block_params"]}
+    assert result.best["best"]["trial"] in {t.number for t in incumbents}
+
+
 def test_staged_settings_are_checked(tiny_model_dir):
     with pytest.raises(UserError, match="fitness-nsamples"):
         SearchConfig.create(str(tiny_model_dir), 0.6, evolution="staged", fitness_nsamples=8).check()
