@@ -183,7 +183,7 @@ def _stages(pool, trials, children: list[Subnet], incumbent: Subnet | None, rows
             alive = ranked[: survivors[stage - 1]]
             joined = combine(incumbent, *(children[i] for i in ranked[:2])) if last and combine and len(ranked) > 1 \
                 and all(math.isfinite(values[i][-1]) for i in ranked[:2]) else None
-            if joined is not None and joined not in children:
+            if joined is not None and joined != incumbent and joined not in children:
                 children.append(joined)
                 values.append([math.inf] * stage)  # not scored before the last stage
                 ask(joined).set_user_attr("combined_from", [trials[i].number for i in ranked[:2]])
