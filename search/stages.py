@@ -129,6 +129,7 @@ def _generation(study, space: WidthSpace, pool, children: list[Subnet], incumben
 
     for child in children:
         ask(child)
+    asked = len(trials)  # trials past these are combined children, asked on the last stage
     try:
         values, alive, incumbent_value, last_batches = _stages(pool, trials, children, incumbent, rows,
                                                                sampler.preset.survivors, budget,
@@ -145,7 +146,7 @@ def _generation(study, space: WidthSpace, pool, children: list[Subnet], incumben
     for i, trial in enumerate(trials):
         # a trial's value is its first stage's (every child's, on the same windows); a combined child is
         # scored on the last stage only, and that value is its own
-        stage = len(rows) - 1 if "combined_from" in trial.user_attrs else 0
+        stage = len(rows) - 1 if i >= asked else 0
         trial.set_user_attr("stage_windows", [len(r) for r in rows[stage: len(values[i])]])
         finite = math.isfinite(values[i][stage])
         study.tell(trial, values[i][stage] if finite else None,
@@ -181,13 +182,14 @@ def _stages(pool, trials, children: list[Subnet], incumbent: Subnet | None, rows
         if stage > 0:
             ranked = sorted(alive, key=lambda i: values[i][-1])
             alive = ranked[: survivors[stage - 1]]
-            joined = combine(incumbent, *(children[i] for i in ranked[:2])) if last and combine and len(ranked) > 1 \
-                and all(math.isfinite(values[i][-1]) for i in ranked[:2]) else None
-            if joined is not None and joined != incumbent and joined not in children:
-                children.append(joined)
-                values.append([math.inf] * stage)  # not scored before the last stage
-                ask(joined).set_user_attr("combined_from", [trials[i].number for i in ranked[:2]])
-                alive.append(len(children) - 1)
+            pair = ranked[:2]
+            if last and combine is not None and len(pair) == 2 and all(math.isfinite(values[i][-1]) for i in pair):
+                joined = combine(incumbent, children[pair[0]], children[pair[1]])
+                if joined is not None and joined != incumbent and joined not in children:
+                    children.append(joined)
+                    values.append([math.inf] * stage)  # not scored before the last stage
+                    ask(joined).set_user_attr("combined_from", [trials[i].number for i in pair])
+                    alive.append(len(children) - 1)
         jobs = [children[i] for i in alive] + ([incumbent] if last and incumbent is not None else [])
         scored, errors, batches = evaluate_all(pool, jobs, stage_rows, budget)
         for i, value, error in zip(alive, scored, errors):
