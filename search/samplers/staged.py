@@ -70,7 +70,7 @@ PRESETS = {
                              children=340, fitness_windows=84, rescoring_windows=64),
     # `staged-8` whose last stage also scores the two best children of the second stage combined (56 window
     # evaluations a generation where they combine): 292 children make about as many window evaluations as
-    # `staged-8` with 340 (quality.md's combine row)
+    # `staged-8` with 340 (quality.md's combine row: better at 0.6, worse at 0.5, so not the default)
     "staged-8-combine": StagedPreset(offspring=16, survivors=(4, 1), windows=(1, 4, 8), rounds=3, coarse_steps=4,
                                      combine=True, children=292, fitness_windows=84, rescoring_windows=64),
     "staged-tiny": StagedPreset(offspring=4, survivors=(2, 1), windows=(1, 2, 3), rounds=2, coarse_steps=2),
