@@ -33,14 +33,15 @@ def output_stats(
     layers: Iterable[int] | None = None,
     batch_size: int = 8,
     execution_device: torch.device | str | None = None,
+    pass_dtype: torch.dtype | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> Iterator[tuple[LayerAdapter, dict[str, InputStats]]]:
     """Per layer (streamed, in order), the dense model's statistics of the o_proj and down_proj
     inputs (``"o"``, ``"down"``): mean, and with ``gram`` the float64 ``C = XᵀX``, in the
-    layer's current (importance) order."""
+    layer's current (importance) order; ``pass_dtype``: the blocks run in it (None: the model's)."""
     request = StatsRequest(inputs=OUTPUTS, gram=OUTPUTS if gram else ())
     for stats in walk_layers(adapter, windows, request, batch_size=batch_size, layers=layers,
-                             execution_device=execution_device, progress=progress):
+                             execution_device=execution_device, pass_dtype=pass_dtype, progress=progress):
         yield adapter.layers[stats.index], stats.inputs
 
 
@@ -97,6 +98,7 @@ def output_solvers(
     prefix_only: tuple[str, ...] = (),
     state_device: torch.device | str | None = None,
     execution_device: torch.device | str | None = None,
+    pass_dtype: torch.dtype | None = None,
     batch_size: int = 8,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
     stats: Iterable[tuple[LayerAdapter, dict[str, InputStats]]] | None = None,
@@ -110,12 +112,13 @@ def output_solvers(
     on ``state_device`` (default: where they were formed); the projections named in
     ``prefix_only`` keep only those (the fitness: ``down``, always a prefix). Layer by layer:
     the float64 state of one layer at a time, whatever the depth. ``execution_device``: each block
-    runs there for its turn (:func:`space.calibration.walk_layers`), its solvers formed there.
-    ``stats``: the statistics to build from, in :func:`output_stats`' form (default: that, the
-    dense model's; :func:`reform.sequential.upstream_stats` gives the pruned upstream model's)."""
+    runs there for its turn (:func:`space.calibration.walk_layers`), its solvers formed there, and
+    in ``pass_dtype`` (None: the model's; the solvers read the float32 weights). ``stats``: the
+    statistics to build from, in :func:`output_stats`' form (default: that, the dense model's;
+    :func:`reform.sequential.upstream_stats` gives the pruned upstream model's)."""
     if stats is None:
         stats = output_stats(adapter, windows, batch_size=batch_size, execution_device=execution_device,
-                             progress=progress)
+                             pass_dtype=pass_dtype, progress=progress)
     solvers = []
     for layer, layer_stats in stats:
         linears = layer.linears()

@@ -278,6 +278,7 @@ def upstream_stats(
     windows: torch.Tensor,
     *,
     damping: float,
+    pass_dtype: str = "float32",
     batch_size: int = 8,
     execution_device: torch.device | str | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
@@ -286,8 +287,8 @@ def upstream_stats(
     pruned to ``anchor`` and rectified by upstream least squares (``damping``), each projection's
     own sub-layer whole: Týr-the-Pruner's statistics around one centre, the form of
     :func:`reform.local.output_stats` (prefix solvers built on them fit every width of a layer on
-    the inputs an upstream model pruned like ``anchor`` gives it)."""
-    spec = ReformSpec("lstsq", "upstream", damping=damping)
+    the inputs an upstream model pruned like ``anchor`` gives it); the blocks run in ``pass_dtype``."""
+    spec = ReformSpec("lstsq", "upstream", damping=damping, pass_dtype=pass_dtype)
     for layer, stats, _ in _upstream_walk(adapter, anchor, windows, spec=spec, every_output=True,
                                           batch_size=batch_size, execution_device=execution_device,
                                           progress=progress):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from evaluators.data import CalibrationSpec, parse_dataset
 from evaluators.environment import fast_bfloat16
-from reform.spec import MODES, SELECTIONS, ReformSpec
+from reform.spec import MODES, PASS_DTYPES, SELECTIONS, ReformSpec
 from search.fitness import KINDS as FITNESS_KINDS
 from search.fitness import NAMES as FITNESS_NAMES
 from search.samplers import MULTI_OBJECTIVE, SAMPLERS
@@ -57,7 +57,7 @@ SOLVER_DEVICES = ("model", "cpu")  # where the fitness's least-squares state liv
 # bfloat16 where its matmuls are fast, float32 elsewhere.
 RECOMMENDED = {"fitness": "kl", "evolution": "staged-8", "export_reform": "upstream", "importance": "auto",
                "export_nsamples": 256, "export_pass_dtype": "auto", "export_select": "auto", "export_calib": "auto",
-               "export_ridge": "zero", "dtype": "auto"}
+               "export_ridge": "zero", "dtype": "auto", "pass_dtype": "float32"}
 PLAIN_TRIALS = 100
 ORDER_SWITCH_RATIO = 0.6
 # export_calib auto: with the default statistics' text (WikiText-2), the export also fits on C4's calibration
@@ -118,6 +118,8 @@ class SearchConfig:
     fitness_top_k: int = 256  # kl: tokens of the dense distribution kept per position
     damping: float = 1e-4
     dtype: str = "bfloat16"
+    # the dtype of the search's own calibration passes (unit order, fitness statistics; float32: older run folders)
+    pass_dtype: str = "float32"
     device: str = "cpu"
     # the fitness's least-squares state: the dtype of L⁻¹ and P (auto: the scoring dtype on a GPU, where
     # it halves the state and ranks candidates as float32 does, Spearman 0.99 within a ratio
@@ -177,7 +179,7 @@ class SearchConfig:
         options = {**RECOMMENDED, **{k: v for k, v in options.items() if k not in chosen or v is not None}}
         if options["importance"] == "auto":
             options["importance"] = default_importance(ratio)
-        for dtype in ("dtype", "export_pass_dtype"):
+        for dtype in ("dtype", "pass_dtype", "export_pass_dtype"):
             if options[dtype] == "auto":
                 options[dtype] = default_dtype(options.get("device") or cls.device)
         staged = STAGED_PRESETS.get(options["evolution"])
@@ -303,12 +305,10 @@ class SearchConfig:
         elif self.preset == "depth":
             raise UserError("--preset depth (whole sub-layers) is searched by --evolution staged: its level switches "
                             "drop one sub-layer and restore another; the other searchers project onto the budget")
-        if self.dtype not in DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
-        if self.solver_dtype not in ("auto", *DTYPES):
-            raise UserError(f"--solver-dtype must be auto or one of {', '.join(DTYPES)}")
-        if self.solver_device not in SOLVER_DEVICES:
-            raise UserError(f"--solver-device must be one of {', '.join(SOLVER_DEVICES)}")
+        for name, known in (("dtype", DTYPES), ("pass_dtype", PASS_DTYPES), ("solver_dtype", ("auto", *DTYPES)),
+                            ("solver_device", SOLVER_DEVICES)):
+            if getattr(self, name) not in known:
+                raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(known)}")
         if self.export_reform not in MODES:
             raise UserError(f"--export-reform must be one of {', '.join(MODES)}")
         self.export_spec()  # the export's settings go together (pass dtype and selection: upstream mode)

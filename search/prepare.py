@@ -39,13 +39,15 @@ PREFIX_ONLY = ("down",)  # MLP channels are importance prefixes: their solvers k
 
 
 def dense_scores(loaded: LoadedModel, names: list[str], calibration: CalibrationSpec, *, ratio: float | None = None,
-                 copy_to: Path | None = None, execution_device: str | None = None) -> dict[str, list[LayerScores]]:
+                 copy_to: Path | None = None, execution_device: str | None = None,
+                 pass_dtype: torch.dtype | None = None) -> dict[str, list[LayerScores]]:
     """Scores ``names`` of the dense ``loaded`` model on ``calibration``, through the shared score
-    cache (and ``copy_to``, a run folder's file); ``execution_device``: computed there block by block."""
+    cache (and ``copy_to``, a run folder's file); ``execution_device``: computed there block by block,
+    in ``pass_dtype`` (None: the model's)."""
     scored = ScoreCache().scores(
         adapter_for(loaded.model), names, windows=lambda: calibration.windows(loaded.tokenizer),
         source=loaded.source.path, calibration=calibration.to_dict(), ratio=ratio, copy_to=copy_to,
-        execution_device=execution_device,
+        execution_device=execution_device, pass_dtype=pass_dtype,
     )
     return scored.scores
 
@@ -73,7 +75,8 @@ def load_prepared(config: SearchConfig, run_dir: Path, *, streamed: bool = False
     # scores that depend on the target (newton's mask keeps that fraction) get the search's ratio;
     # for an nsga2 front, its upper end
     scores = dense_scores(loaded, [config.importance], config.calibration_spec(), ratio=config.ratio,
-                          copy_to=run_dir / IMPORTANCE, execution_device=execution_device)
+                          copy_to=run_dir / IMPORTANCE, execution_device=execution_device,
+                          pass_dtype=getattr(torch, config.pass_dtype))
     orders, ordered = order_model(adapter, scores[config.importance])
     return loaded, adapter, orders, ordered
 
@@ -92,12 +95,12 @@ def _fitness_parts(config_json: str, run_dir: str):
         if config.fitness_statistics == "upstream":
             space = WidthSpace(adapter.dims, preset=config.preset, mlp_step=config.mlp_step)
             anchor = starts_for(config, space, ordered, score_spec(config.importance).standardized)[0]
-            stats = upstream_stats(adapter, anchor, windows, damping=config.damping,
+            stats = upstream_stats(adapter, anchor, windows, damping=config.damping, pass_dtype=config.pass_dtype,
                                    execution_device=streamed_device(config))
         solvers = output_solvers(adapter, windows, damping=config.damping, stats=stats,
                                  precompute=getattr(torch, config.state_dtype), prefix_only=PREFIX_ONLY,
                                  state_device="cpu" if config.solver_device == "cpu" else None,
-                                 execution_device=streamed_device(config))
+                                 execution_device=streamed_device(config), pass_dtype=getattr(torch, config.pass_dtype))
     place_model(adapter.model.to(getattr(torch, config.dtype)), config.device,
                 **worker_placement(config.device, config.gpus_per_worker))
     return adapter, solvers, loaded.tokenizer

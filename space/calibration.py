@@ -275,20 +275,24 @@ def walk_layers(
     batch_size: int = 8,
     layers: Iterable[int] | None = None,
     execution_device: torch.device | str | None = None,
+    pass_dtype: torch.dtype | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> Iterator[LayerStats]:
     """Yield each layer's statistics in order, feeding each block the previous block's output.
     ``execution_device``: run each block there (moved in for its turn, and back once its statistics
     are consumed), the rest of the model staying where it is: a model in host memory is prepared on
-    a GPU one block at a time."""
-    inputs = capture_block_inputs(adapter, windows, batch_size=batch_size, execution_device=execution_device)
+    a GPU one block at a time. ``pass_dtype``: the blocks run in it (:func:`block_in`; None: the
+    model's), the statistics still accumulated in float64."""
+    inputs = capture_block_inputs(adapter, windows, batch_size=batch_size,
+                                  execution_device=execution_device).to(dtype=pass_dtype)
     wanted = set(range(len(adapter.layers)) if layers is None else layers)
     for layer in progress(adapter.layers):
         if layer.index > max(wanted):
             break
         with block_on(layer.layer, execution_device):
-            stats, outputs = collect_layer_stats(layer, inputs,
-                                                 request if layer.index in wanted else StatsRequest((), ()))
+            with block_in(layer.layer, pass_dtype):
+                stats, outputs = collect_layer_stats(layer, inputs,
+                                                     request if layer.index in wanted else StatsRequest((), ()))
             inputs = inputs.with_hidden(outputs)
             if layer.index in wanted:
                 yield stats

@@ -69,8 +69,24 @@ def add(sub) -> None:
     common.add_calibration_flags(p)
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows for scores and least squares")
     p.add_argument("--calib-seqlen", type=int, default=512)
+    add_precision_options(p)
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan per worker and stop (the model may "
+                                                          "be a folder with only its config.json)")
+    p.add_argument("--json", type=Path, help="--dry-run: also write the plan here")
+    p.add_argument("--gpu-memory", type=float, help="GB of the device a worker runs on, when none is visible here")
+    p.set_defaults(validate=validate, main=main)
+    DEFAULTS.update({action.dest: action.default for action in p._actions})
+
+
+def add_precision_options(p) -> None:
+    """The dtypes the search computes in, its device, and where the fitness's least-squares state lives."""
     p.add_argument("--dtype", help="dtype candidates are scored in: auto (default: bfloat16 on a GPU and on a CPU "
                                    "where its matmuls measure faster, e.g. AVX-512 BF16 or AMX; float32 on other CPUs) | " + " | ".join(DTYPES))
+    p.add_argument("--pass-dtype", choices=("auto", *PASS_DTYPES),
+                   help="the dtype of the search's own calibration passes, the unit order's and the fitness "
+                        "statistics' (the statistics stay float64, the solves read float32 weights); default "
+                        "float32 (bfloat16 moved the osscar order: experiments/results/pass_dtype.md); auto: as "
+                        "--dtype's auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--solver-dtype", default="auto", help="dtype of the fitness's least-squares state (L⁻¹, P): "
                                                           "auto (--dtype on a GPU, float32 on the CPU) | "
@@ -78,12 +94,6 @@ def add(sub) -> None:
     p.add_argument("--solver-device", default="model", choices=SOLVER_DEVICES,
                    help="where that state lives: on the model's device, or in (pinned) host memory, each solve "
                         "copying one layer's rows to the model's device")
-    p.add_argument("--dry-run", action="store_true", help="print the memory plan per worker and stop (the model may "
-                                                          "be a folder with only its config.json)")
-    p.add_argument("--json", type=Path, help="--dry-run: also write the plan here")
-    p.add_argument("--gpu-memory", type=float, help="GB of the device a worker runs on, when none is visible here")
-    p.set_defaults(validate=validate, main=main)
-    DEFAULTS.update({action.dest: action.default for action in p._actions})
 
 
 def add_export_options(p) -> None:
@@ -137,7 +147,8 @@ def config_from(args) -> SearchConfig:
         fitness_nsamples=args.fitness_nsamples, fitness_seqlen=args.fitness_seqlen, seed=args.seed,
         ratio_min=args.ratio_min, searcher=args.searcher, trials=args.trials, preset=args.preset,
         mlp_step=args.mlp_step, evolution=args.evolution, importance=args.importance,
-        fitness_reform=args.fitness_reform, fitness_statistics=args.fitness_statistics, fitness=args.fitness, fitness_top_k=args.fitness_top_k, dtype=args.dtype, device=args.device,
+        fitness_reform=args.fitness_reform, fitness_statistics=args.fitness_statistics, fitness=args.fitness,
+        fitness_top_k=args.fitness_top_k, dtype=args.dtype, pass_dtype=args.pass_dtype, device=args.device,
         solver_dtype=args.solver_dtype, solver_device=args.solver_device, pruner=args.pruner,
         final_top_k=args.final_top_k, export_reform=args.export_reform, export_nsamples=args.export_nsamples,
         export_pass_dtype=args.export_pass_dtype, export_select=args.export_select, export_calib=args.export_calib,

@@ -45,10 +45,17 @@ class ScoreSpec:
     uses_ratio: bool = False  # depends on the target ratio (ScoreContext.ratio)
     version: int = 1  # raised when the formula changes, so that cached scores of the old one are not served
     streamed: bool = True  # runs block by block (on ScoreContext.execution_device); False: needs the whole model
+    dtype_passes: bool = False  # a whole-model score whose passes run in ScoreContext.pass_dtype
 
     @property
     def needs_data(self) -> bool:
         return bool(self.request.inputs) or self.whole_model
+
+    @property
+    def honours_pass_dtype(self) -> bool:
+        """Its calibration passes run in a requested pass dtype (the per-layer scores' shared pass
+        does, where they need one; of the whole-model scores, those that declare it)."""
+        return self.dtype_passes or (not self.whole_model and self.needs_data)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class ScoreContext:
     group_size: int
     ratio: float | None = None  # the target budget, for scores that depend on it (newton)
     execution_device: str | None = None  # where blocks run when the model is kept elsewhere (streamed)
+    pass_dtype: torch.dtype | None = None  # the dtype blocks run in for the statistics (None: the model's)
 
 
 SCORES: dict[str, ScoreSpec] = {}
@@ -64,15 +72,17 @@ SCORES: dict[str, ScoreSpec] = {}
 
 def register_score(name: str, *, request: StatsRequest = StatsRequest((), ()), standardized: bool = False,
                    source: str = "", whole_model: bool = False, uses_ratio: bool = False, version: int = 1,
-                   streamed: bool = True):
+                   streamed: bool = True, dtype_passes: bool = False):
     """Register a score. Per-layer scores take ``(layer, stats, ctx)`` and the statistics named by
     ``request``; ``whole_model`` scores (gradients, block outputs) make their own calibration pass
     and take ``(adapter, windows, ctx, *, batch_size, progress)``. ``version``: raise it whenever
     the formula changes (it keys the score cache). ``streamed``: a whole-model score that still runs
-    block by block, on ``ctx.execution_device`` (else the whole model is moved there for its pass)."""
+    block by block, on ``ctx.execution_device`` (else the whole model is moved there for its pass).
+    ``dtype_passes``: a whole-model score that runs its blocks in ``ctx.pass_dtype``."""
 
     def decorate(fn):
-        SCORES[name] = ScoreSpec(name, fn, request, standardized, source, whole_model, uses_ratio, version, streamed)
+        SCORES[name] = ScoreSpec(name, fn, request, standardized, source, whole_model, uses_ratio, version, streamed,
+                                 dtype_passes)
         return fn
 
     return decorate
@@ -142,13 +152,15 @@ def compute_scores(
     batch_size: int = 8,
     ratio: float | None = None,
     execution_device: str | None = None,
+    pass_dtype: torch.dtype | None = None,
     progress: Callable = lambda it: it,
 ) -> dict[str, list[LayerScores]]:
     """Every requested score for every layer: the per-layer ones from one shared block-by-block
     calibration pass, the whole-model ones from their own passes. ``ratio``: the target budget,
     for the scores that depend on it. ``execution_device``: run the blocks there, one at a time,
-    the model staying where it is (see :func:`space.calibration.walk_layers`)."""
-    ctx = ScoreContext(adapter.dims.head_dim, adapter.dims.group_size, ratio, execution_device)
+    the model staying where it is (see :func:`space.calibration.walk_layers`). ``pass_dtype``: the
+    blocks run in it for the scores that honour it (:attr:`ScoreSpec.honours_pass_dtype`)."""
+    ctx = ScoreContext(adapter.dims.head_dim, adapter.dims.group_size, ratio, execution_device, pass_dtype)
     results: dict[str, list[LayerScores]] = {}
     for spec in (score_spec(n) for n in names):
         if spec.whole_model:
@@ -166,7 +178,7 @@ def compute_scores(
                 results[spec.name].append(spec.fn(layer, None, ctx).to())
         return results
     for stats in walk_layers(adapter, windows, request, batch_size=batch_size, execution_device=execution_device,
-                             progress=progress):
+                             pass_dtype=pass_dtype, progress=progress):
         layer = adapter.layers[stats.index]
         for spec in specs:
             results[spec.name].append(spec.fn(layer, stats, ctx).to())

@@ -31,16 +31,19 @@ IMPORTANCE_FILE = "importance.pt"
 
 
 def score_key(names: list[str], *, source: str | None, calibration: dict | None, ratio: float | None,
-              dtype: torch.dtype = torch.float32) -> dict:
+              dtype: torch.dtype = torch.float32, pass_dtype: torch.dtype | None = None) -> dict:
     """What cached scores must match to be reused: the model and its files' fingerprint, the
-    calibration windows, the scores, the ratio for the scores that depend on it, and the dtype
-    they were computed in when it is not float32 (float32 keys are those of earlier versions)."""
+    calibration windows, the scores, the ratio for the scores that depend on it, and the dtypes
+    they were computed in when not float32, the model's and its passes' (float32 keys are those of
+    earlier versions)."""
     key = {"source": source, "fingerprint": fingerprint(source) if source else None, "calibration": calibration,
            "scores": sorted(names)}
     if any(score_spec(n).uses_ratio for n in names):
         key["ratio"] = ratio
     if dtype != torch.float32:
         key["dtype"] = str(dtype).removeprefix("torch.")
+    if pass_dtype not in (None, dtype) and any(score_spec(n).honours_pass_dtype for n in names):
+        key["pass_dtype"] = str(pass_dtype).removeprefix("torch.")
     versions = {n: score_spec(n).version for n in sorted(names) if score_spec(n).version != 1}
     if versions:  # a corrected formula never serves the old one's scores (version 1 keys are unchanged)
         key["versions"] = versions
@@ -95,10 +98,11 @@ class ScoreCache:
 
     @staticmethod
     def key(adapter: ModelAdapter, names: list[str], *, source: str | None, calibration: dict | None,
-            ratio: float | None) -> dict:
+            ratio: float | None, pass_dtype: torch.dtype | None = None) -> dict:
         """The key of scores ``names`` of the model of ``adapter`` (see :func:`score_key`)."""
         dtype = next(adapter.model.parameters()).dtype
-        return score_key(names, source=source, calibration=calibration, ratio=ratio, dtype=dtype)
+        return score_key(names, source=source, calibration=calibration, ratio=ratio, dtype=dtype,
+                         pass_dtype=pass_dtype)
 
     def get(self, key: dict, *, copy_to: Path | None = None) -> tuple[dict[str, list[LayerScores]], float] | None:
         """Stored scores of ``key`` (memory, then ``copy_to``, then the shared folder), or None."""
@@ -131,20 +135,21 @@ class ScoreCache:
         copy_to: Path | None = None,
         batch_size: int = 8,
         execution_device: str | None = None,
+        pass_dtype: torch.dtype | None = None,
         progress: Callable = lambda it: it,
     ) -> Scored:
         """Scores ``names`` of the dense ``adapter`` model, from the cache or computed on
         ``windows()`` (called only when computing, and only when a score needs data).
         ``copy_to``: a run or export folder's file that also receives them. ``execution_device``:
-        computed block by block there (:func:`compute_scores`)."""
-        key = self.key(adapter, names, source=source, calibration=calibration, ratio=ratio)
+        computed block by block there; ``pass_dtype``: the blocks run in it (:func:`compute_scores`)."""
+        key = self.key(adapter, names, source=source, calibration=calibration, ratio=ratio, pass_dtype=pass_dtype)
         found = self.get(key, copy_to=copy_to)
         reused = found is not None
         if found is None:
             started = time.time()
             data = windows() if any(score_spec(n).needs_data for n in names) else None
             scores = compute_scores(adapter, data, names, batch_size=batch_size, ratio=ratio,
-                                    execution_device=execution_device, progress=progress)
+                                    execution_device=execution_device, pass_dtype=pass_dtype, progress=progress)
             found = (scores, time.time() - started)
             self.put(key, *found)
         if copy_to is not None and copy_to.parent.is_dir() and load_scores(copy_to, key) is None:

@@ -31,8 +31,8 @@ import torch
 
 from space.adapters import LayerAdapter, ModelAdapter
 from space.budget import project
-from space.calibration import (BlockInputs, StatsRequest, block_on, capture_block_inputs, collect_layer_stats,
-                               run_block)
+from space.calibration import (BlockInputs, StatsRequest, block_in, block_on, capture_block_inputs,
+                               collect_layer_stats, run_block)
 from space.scores.base import LayerScores, ScoreContext, best_shape, kept_heads, register_score, weight64
 from space.scores.elimination import CHANNELS_PER_STEP, damped, eliminate, swap_search, unit_scores
 from space.subnet import LayerWidths, ModelDims, Subnet
@@ -62,6 +62,7 @@ def uniform_target(dims: ModelDims, ratio: float) -> Subnet:
     standardized=True,
     source="OSSCAR: greedy OBS + local swap search at the uniform target width, statistics from the "
            "pruned upstream model",
+    dtype_passes=True,
 )
 @torch.no_grad()
 def osscar(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, batch_size: int = 8,
@@ -70,25 +71,27 @@ def osscar(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, b
         raise ValueError("the osscar score needs the target ratio")
     dims = adapter.dims
     target = uniform_target(dims, ctx.ratio)
-    inputs = capture_block_inputs(adapter, windows, batch_size=batch_size, execution_device=ctx.execution_device)
+    inputs = capture_block_inputs(adapter, windows, batch_size=batch_size,
+                                  execution_device=ctx.execution_device).to(dtype=ctx.pass_dtype)
     scores = []
     for layer, widths in progress(list(zip(adapter.layers, target.layers))):
         o, down = layer.attention_output(), layer.mlp_output()
         with block_on(layer.layer, ctx.execution_device):
             dense = (o.weight.data.clone(), down.weight.data.clone())
             try:
-                heads = _select_heads(layer, inputs, dims, ctx.ratio)
-                channels = _select_channels(layer, inputs, widths.channels)
-                inputs = inputs.with_hidden(run_block(layer.layer, inputs))
+                heads = _select_heads(layer, inputs, dims, ctx)
+                channels = _select_channels(layer, inputs, widths.channels, ctx)
+                with block_in(layer.layer, ctx.pass_dtype):
+                    inputs = inputs.with_hidden(run_block(layer.layer, inputs))
             finally:
                 o.weight.data, down.weight.data = dense
         scores.append(LayerScores(heads, heads.view(-1, dims.group_size).sum(1), channels))
     return scores
 
 
-def _select_heads(layer: LayerAdapter, inputs: BlockInputs, dims: ModelDims, ratio: float) -> torch.Tensor:
-    o = layer.attention_output()
-    gram = _gram(layer, inputs, "o")
+def _select_heads(layer: LayerAdapter, inputs: BlockInputs, dims: ModelDims, ctx: ScoreContext) -> torch.Tensor:
+    o, ratio = layer.attention_output(), ctx.ratio
+    gram = _gram(layer, inputs, "o", ctx)
     scores = unit_scores(eliminate(weight64(o), damped(gram), unit=dims.head_dim), dims.num_heads)
     layer_scores = LayerScores(scores, scores.view(-1, dims.group_size).sum(1), torch.zeros(dims.intermediate_size))
     kept = torch.zeros(dims.num_heads, dtype=torch.bool)
@@ -97,9 +100,9 @@ def _select_heads(layer: LayerAdapter, inputs: BlockInputs, dims: ModelDims, rat
     return scores
 
 
-def _select_channels(layer: LayerAdapter, inputs: BlockInputs, width: int) -> torch.Tensor:
+def _select_channels(layer: LayerAdapter, inputs: BlockInputs, width: int, ctx: ScoreContext) -> torch.Tensor:
     down = layer.mlp_output()
-    gram = _gram(layer, inputs, "down")
+    gram = _gram(layer, inputs, "down", ctx)
     h = damped(gram)
     greedy = unit_scores(eliminate(weight64(down), h, step=CHANNELS_PER_STEP), down.in_features)
     start = torch.argsort(greedy, descending=True, stable=True)[:width]
@@ -111,9 +114,11 @@ def _select_channels(layer: LayerAdapter, inputs: BlockInputs, width: int) -> to
     return greedy
 
 
-def _gram(layer: LayerAdapter, inputs: BlockInputs, name: str) -> torch.Tensor:
-    """The second moment of one linear's inputs on the (pruned upstream) stream."""
-    stats, _ = collect_layer_stats(layer, inputs, StatsRequest((name,), gram=(name,)))
+def _gram(layer: LayerAdapter, inputs: BlockInputs, name: str, ctx: ScoreContext) -> torch.Tensor:
+    """The second moment of one linear's inputs on the (pruned upstream) stream, the block run in
+    the pass dtype (the weights it was refitted to, rounded for the pass only)."""
+    with block_in(layer.layer, ctx.pass_dtype):
+        stats, _ = collect_layer_stats(layer, inputs, StatsRequest((name,), gram=(name,)))
     return stats.inputs[name].gram
 
 

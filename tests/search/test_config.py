@@ -150,6 +150,17 @@ def test_the_exports_pass_dtype_is_the_upstream_modes_and_its_selection_needs_th
         SearchConfig.create("m", 0.5, export_reform="local", export_select="obs").check()
 
 
+def test_the_searchs_own_pass_dtype_is_part_of_the_search_and_older_folders_read_float32():
+    """--pass-dtype changes the unit order and the fitness's statistics: a run resumes only with its own
+    (identity), and a run folder made before the field meant float32."""
+    assert SearchConfig(model="m", ratio=0.5).pass_dtype == "float32"
+    assert "pass_dtype" in SearchConfig.create("m", 0.5).identity()
+    auto = SearchConfig.create("m", 0.5, pass_dtype="auto")
+    assert auto.pass_dtype == SearchConfig.create("m", 0.5, dtype="auto").dtype
+    with pytest.raises(UserError, match="--pass-dtype must be one of float32, bfloat16"):
+        SearchConfig.create("m", 0.5, pass_dtype="float16").check()
+
+
 @pytest.mark.parametrize("speedup, expected", [(3.0, "bfloat16"), (1.1, "float32"), (0.01, "float32")])
 def test_the_dtypes_default_to_bfloat16_only_where_its_matmuls_are_fast(monkeypatch, speedup, expected):
     """auto (the default scoring dtype and the upstream export's passes) is bfloat16 on a GPU and on a CPU

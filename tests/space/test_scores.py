@@ -180,3 +180,47 @@ def test_a_model_in_host_memory_is_prepared_on_the_gpu_block_by_block(make_model
     for name in on_gpu:
         for a, b in zip(streamed[name], on_gpu[name]):
             torch.testing.assert_close(a.channels, b.channels, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["wanda-sp", "osscar"])
+def test_scores_in_a_bfloat16_pass_dtype_round_only_the_passes(make_model, token_ids, name):
+    """``pass_dtype``: the blocks run in bfloat16 for the statistics (osscar's refits and elimination
+    read the float32 weights), every parameter is left bit for bit as it was, and the order keeps
+    the float32 passes' heads and most of their channels at half width (this random model's
+    near-ties aside: on SmolLM2, experiments/results/pass_dtype.md)."""
+    adapter = adapter_for(make_model("llama"))
+    before = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    full = compute_scores(adapter, token_ids, [name], ratio=0.5)[name]
+    half = compute_scores(adapter, token_ids, [name], ratio=0.5, pass_dtype=torch.bfloat16)[name]
+    after = adapter.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].dtype == before[k].dtype for k in before)
+    assert any(not torch.equal(a.channels, b.channels) for a, b in zip(full, half))  # the passes did change
+
+    def kept(scores: torch.Tensor) -> set[int]:
+        return set(scores.argsort(descending=True)[:len(scores) // 2].tolist())
+
+    for a, b in zip(full, half):
+        assert kept(a.heads) == kept(b.heads)
+        assert len(kept(a.channels) & kept(b.channels)) >= 0.8 * len(a.channels) // 2
+
+
+def test_walk_layers_in_a_pass_dtype_gathers_float64_statistics_near_float32s(make_model, token_ids):
+    adapter = adapter_for(make_model("llama"))
+    request = StatsRequest(("o", "down"), gram=("down",))
+    full = list(walk_layers(adapter, token_ids, request))
+    half = list(walk_layers(adapter, token_ids, request, pass_dtype=torch.bfloat16))
+    assert all(p.dtype == torch.float32 for p in adapter.model.parameters())
+    for a, b in zip(full, half):
+        gram, rounded = a.inputs["down"].gram, b.inputs["down"].gram
+        assert rounded.dtype == torch.float64 and not torch.equal(gram, rounded)
+        assert float((gram - rounded).norm() / gram.norm()) < 0.02
+
+
+def test_the_score_cache_keys_a_pass_dtype_only_for_scores_that_honour_it(make_model):
+    from space.scores.cache import score_key
+
+    for name, honours in (("wanda-sp", True), ("osscar", True), ("taylor", False), ("magnitude", False)):
+        key = score_key([name], source=None, calibration=None, ratio=0.5, pass_dtype=torch.bfloat16)
+        assert ("pass_dtype" in key) == honours, name
+        assert "pass_dtype" not in score_key([name], source=None, calibration=None, ratio=0.5,
+                                             pass_dtype=torch.float32)
