@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from experiments.calibration_size import measure  # noqa: E402
+from experiments.fitness_rank import spearman  # noqa: E402
 from reform.local import output_solvers  # noqa: E402
 from reform.spec import ReformSpec  # noqa: E402
 from search.artifacts import trial_subnet_of  # noqa: E402
@@ -52,25 +53,17 @@ RESULTS = Path(__file__).parent / "results"
 HALF = torch.bfloat16
 
 
-def ranks(values: list[float]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64).argsort().argsort().double()
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    return float(torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1])
-
-
 def shares(first: list[dict], second: list[dict], unit: str) -> list[float]:
     """Per layer, the share of ``first``'s kept ``unit`` that ``second`` keeps too (1 where none is kept)."""
     return [len(set(a[unit]) & set(b[unit])) / len(a[unit]) if a[unit] else 1.0 for a, b in zip(first, second)]
 
 
-def orders(run_dir: Path, config) -> dict:
+def orders(config) -> dict:
     """Both orders' scores (from the shared cache where computed before) and how long each took."""
     out = {}
+    loaded = load_model(config.model, dtype=torch.float32)  # a score leaves the model as it found it
+    calibration = config.calibration_spec()
     for name, pass_dtype in (("float32", None), ("bfloat16", HALF)):
-        loaded = load_model(config.model, dtype=torch.float32)
-        calibration = config.calibration_spec()
         scored = ScoreCache().scores(adapter_for(loaded.model), [config.importance],
                                      windows=lambda: calibration.windows(loaded.tokenizer), source=loaded.source.path,
                                      calibration=calibration.to_dict(), ratio=config.ratio, pass_dtype=pass_dtype)
@@ -129,7 +122,7 @@ def cell(run_dir: Path, candidates: int) -> dict:
     if config.pass_dtype != "float32":
         raise UserError(f"{run_dir}: its statistics were taken in {config.pass_dtype}; give a float32 search")
     export = Path(json.loads((run_dir / "best.json").read_text())["export"])
-    both = orders(run_dir, config)
+    both = orders(config)
     study = load_run_study(run_dir)
     trials = [t for t in study.get_trials(deepcopy=False) if t.value is not None and "widths" in t.user_attrs]
     picked = trials[:: max(1, len(trials) // candidates)][:candidates]

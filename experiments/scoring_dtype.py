@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, fast_bfloat16, matmul_tflops  # noqa: E402
-from experiments.fitness_rank import permuted_smollm2  # noqa: E402
+from experiments.fitness_rank import permuted_smollm2, spearman  # noqa: E402
 from experiments.throughput import children  # noqa: E402
 from reform.local import output_solvers  # noqa: E402
 from search.cli.common import parse_args_with_config  # noqa: E402
@@ -48,13 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "scoring_dtype.json")
     return parse_args_with_config(parser, argv)
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    rank = lambda xs: [sorted(xs).index(x) for x in xs]  # noqa: E731 (no ties among KL values)
-    ra, rb = rank(a), rank(b)
-    n = len(a)
-    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1)) if n > 1 else float("nan")
 
 
 def main(argv=None) -> int:
