@@ -156,8 +156,8 @@ def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int | Non
     if VALIDATION[0] not in ppl:
         ppl[VALIDATION[0]] = validation_ppl(best["export"])
     seconds = {k: round(v, 1) for k, v in best["seconds"].items()}
-    if source is not None:  # the trial loop ran in the source row's cell
-        seconds["search"] = source["seconds"]["search"]
+    if source is not None:  # the order and the trial loop ran in the source row's cell
+        seconds.update({k: source["seconds"][k] for k in ("prepare", "search") if k in source["seconds"]})
     return {"ratio": ratio, "row": row, "seed": seed, "options": options, "trials": result.completed,
             "block_ratio": best["best"]["block_ratio"], "rescored": best["best"]["rescored"],
             # the winner itself (as compare.py's cells record it), exportable again without its run folder
@@ -189,6 +189,33 @@ def reused_search(config: SearchConfig, row: str, run_dir: Path, cells: dict) ->
     (partial / marker.name).write_text(key)
     partial.rename(run_dir)
     return source
+
+
+def prepare_from_run_folder(cell: dict) -> float | None:
+    """The seconds a cell's search spent before its trials, for a cell measured before the search timed
+    them: from its run folder's file times (config.yaml written at the start, study.json as the trials
+    begin), where that folder is on this machine and ran once (a resumed run rewrites config.yaml; a copied
+    search's preparation was its source's); None where they do not tell."""
+    run_dir = Path(cell["export"]).parent
+    config, study = run_dir / "config.yaml", run_dir / "study.json"
+    if "search_from" in cell or not (config.is_file() and study.is_file()):
+        return None
+    seconds = study.stat().st_mtime - config.stat().st_mtime
+    return round(seconds, 1) if seconds > 0 else None
+
+
+def fill_prepare_seconds(cells: dict) -> bool:
+    """Give each cell measured before the search timed its preparation the seconds its run folder tells,
+    marked as read from file times; whether any cell changed."""
+    changed = False
+    for cell in cells.values():
+        if "prepare" not in cell["seconds"] and "prepare_from" not in cell:
+            seconds = prepare_from_run_folder(cell)
+            cell["prepare_from"] = "run folder file times" if seconds is not None else "not recorded"
+            if seconds is not None:
+                cell["seconds"]["prepare"] = seconds
+            changed = True
+    return changed
 
 
 def validation_ppl(export: str) -> float:
@@ -234,23 +261,27 @@ def report(data: dict) -> str:
              "A `*` after the row marks the search today's defaults run at that ratio (the `last8` row since "
              "2026-12-06; the `final` row is the defaults of 2026-12-02 to 12-06; both refit the winner on 256 windows, "
              "not 64: calibration_size.md).", "",
-             "Wall time: the search, the re-scoring of its finalists and the export's least squares (seconds; "
-             "the test evaluation not counted).", "",
+             "Wall time (seconds; the test evaluation not counted): the preparation (the model's load, the unit "
+             "order, the fitness statistics: timed by the search since 2026-12-06, read from the run folder's file "
+             "times for the earlier cells whose folder is on this machine, – where neither; a unit order already "
+             "in the score cache, the same model, statistics windows and seed, is read, not computed), then the "
+             "search, the re-scoring of its finalists and the export's least squares.", "",
              "| ratio | row | options | seed | WikiText-2 | PTB | c4:heldout | PTB valid | re-scored | "
-             "search + re-score + export s | bf16 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "prepare s | search + re-score + export s | bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(data["cells"], key=lambda k: (-data["cells"][k]["ratio"], list(ROWS).index(data["cells"][k]["row"]),
                                                     data["cells"][k]["seed"])):
         c = data["cells"][key]
         p = c["ppl"]
         t = c["seconds"]
         wall = " + ".join(f"{t[k]:.0f}" for k in ("search", "rescore", "export") if k in t)
+        prepare = f"{t['prepare']:.0f}" if "prepare" in t else "–"
         options = cell_options(c["row"], c["options"].get("trials"), cell_dtype(c))
         lines.append(f"| {c['ratio']} | {c['row']}{' *' if is_default(c) else ''} | "
                      f"{'today' + chr(39) + 's defaults ' if is_default(c) else ''}`{json.dumps(options)}` | "
                      f"{c['seed']} | "
                      f"{p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | {p['ptb:validation']:.2f} | "
-                     f"{c['rescored']:.4g} | {wall} | {c.get('bf16_tflops', float('nan')):.2f} |")
+                     f"{c['rescored']:.4g} | {prepare} | {wall} | {c.get('bf16_tflops', float('nan')):.2f} |")
     if data.get("zeroshot"):
         lines += ["", "Zero-shot accuracy (seven tasks, first 500 each, float32):", "",
                   "| cell | " + " | ".join(TASKS) + " | average |", "|---|" + "---|" * (len(TASKS) + 1)]
@@ -279,6 +310,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"cells": {}, "zeroshot": {}}
+    if fill_prepare_seconds(data["cells"]):
+        write_json(args.out, data)
     if args.report:  # the table, and the config of every cell measured so far
         for cell in data["cells"].values():
             write_config(measured_config(cell), cell["row"])

@@ -158,8 +158,9 @@ def write_outputs(study, summary: dict, subnet: Subnet, config: SearchConfig, ru
     report.markdown_report(summary, run_dir / "report.md")
 
 
-def finalize(study: optuna.Study, config: SearchConfig, run_dir: Path, dims, *, search_seconds: float) -> dict:
-    """Every step of the end of a search; returns the summary written to ``best.json``."""
+def finalize(study: optuna.Study, config: SearchConfig, run_dir: Path, dims, *, seconds: dict) -> dict:
+    """Every step of the end of a search; returns the summary written to ``best.json`` (``seconds``: those
+    before the end, ``prepare`` and ``search``; the end's own are added)."""
     started = time.time()
     trials, front = candidates(study, config)
     rescored = rescore(trials, config, run_dir, dims)
@@ -171,8 +172,7 @@ def finalize(study: optuna.Study, config: SearchConfig, run_dir: Path, dims, *, 
     spec = export_winner(subnet, chosen.number, config, run_dir)
     export_seconds, t0 = time.time() - t0, time.time()
     tests = export_perplexity(config, run_dir / EXPORT)
-    seconds = {"search": search_seconds, "rescore": rescore_seconds, "export": export_seconds,
-               "test": time.time() - t0}
+    seconds = {**seconds, "rescore": rescore_seconds, "export": export_seconds, "test": time.time() - t0}
     summary = summarise(study, chosen, winner, subnet, rescored, front, run_dir=run_dir, spec=spec, tests=tests,
                         seconds=seconds)
     write_outputs(study, summary, subnet, config, run_dir, dims)

@@ -85,6 +85,9 @@ def _run_locked(config: SearchConfig, run_dir: Path, new_folder: bool, started: 
                 else InProcessPool(factory))
         try:
             loop = run_staged if config.staged is not None else run_loop
+            # what this process spent before the trials: the model's load, the unit order (cached in the
+            # run folder: a resumed search reads it), a staged evolution's fitness statistics and unit errors
+            prepare_seconds = time.time() - started
             loop_seconds = loop(study, config, space, pool, progress, run_dir)
         finally:
             pool.close()
@@ -93,7 +96,8 @@ def _run_locked(config: SearchConfig, run_dir: Path, new_folder: bool, started: 
         if final and completed:
             best = finished_result(run_dir, config, completed)
             if best is None:
-                best = finalize(study, config, run_dir, space.dims, search_seconds=loop_seconds)
+                best = finalize(study, config, run_dir, space.dims,
+                                seconds={"prepare": prepare_seconds, "search": loop_seconds})
             else:
                 log.info("the search had already finished and exported; its result stands (%s)", run_dir / "best.json")
         return SearchResult(study, completed, best, time.time() - started)

@@ -130,7 +130,9 @@ def markdown_report(summary: dict, path: Path) -> Path:
     lines += ["## Top candidates, re-scored", "", "| trial | search value | re-scored |", "|---|---|---|"]
     lines += [f"| {r['trial']} | {r['search_value']:.3f} | {r['rescored']:.3f} |" for r in summary["rescored"]]
     timing = summary["seconds"]
-    lines += ["", "## Time", "", f"search loop {timing['search']:.0f} s "
+    # run folders finished before the preparation was timed have no "prepare"
+    prepare = f"preparation {timing['prepare']:.0f} s (model, unit order, statistics), " if "prepare" in timing else ""
+    lines += ["", "## Time", "", f"{prepare}search loop {timing['search']:.0f} s "
               f"({summary['completed_trials'] / max(timing['search'], 1e-9) * 60:.1f} trials/min), "
               f"re-scoring {timing['rescore']:.0f} s, export {timing['export']:.0f} s, test {timing['test']:.0f} s.",
               "", f"Open the study: `llm-pruner dashboard {summary['run_dir']}`", ""]

@@ -173,6 +173,8 @@ def test_rerunning_a_finished_search_keeps_its_result(searched, tiny_model_dir):
     again = run_search(tiny_config(tiny_model_dir), run_dir, progress=False)
     assert again.completed == 12 and again.best == json.loads((run_dir / "best.json").read_text())
     assert again.best["test"] == first.best["test"] and again.best["seconds"] == first.best["seconds"]
+    # the wall time counts what came before the trials (the model, the unit order, the statistics) too
+    assert first.best["seconds"]["prepare"] > 0 and "preparation" in (run_dir / "report.md").read_text()
     assert (run_dir / "export" / "model.safetensors").stat().st_mtime_ns == exported
 
 
