@@ -30,7 +30,8 @@ from experiments.fitness_rank import permuted_smollm2, spearman  # noqa: E402
 from experiments.throughput import children  # noqa: E402
 from reform.local import output_solvers  # noqa: E402
 from search.cli.common import parse_args_with_config  # noqa: E402
-from search.config import FITNESS_REGION, default_dtype  # noqa: E402
+from search.config import FITNESS_REGION  # noqa: E402
+from search.defaults import default_dtype  # noqa: E402
 from search.fitness import Fitness  # noqa: E402
 from search.prepare import PREFIX_ONLY  # noqa: E402
 from search.widths import WidthSpace  # noqa: E402

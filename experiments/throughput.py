@@ -37,7 +37,8 @@ from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from experiments.fitness_rank import permuted_smollm2  # noqa: E402
 from reform.local import output_solvers  # noqa: E402
 from search.cli.common import parse_args_with_config  # noqa: E402
-from search.config import FITNESS_REGION, SearchConfig, default_dtype  # noqa: E402
+from search.config import FITNESS_REGION, SearchConfig  # noqa: E402
+from search.defaults import default_dtype  # noqa: E402
 from search.fitness import PREFIX_BYTES, Fitness  # noqa: E402
 from search.prepare import PREFIX_ONLY, starts_for  # noqa: E402
 from search.samplers.levels import LevelSwitches  # noqa: E402

@@ -11,8 +11,8 @@ from evaluators.data import DATASETS, check_calibration, load_text, parse_datase
 from reform.lstsq import RIDGES
 from reform.spec import MODES, PASS_DTYPES
 from search.cli import common
-from search.config import (DTYPES, EXPORT_SELECTIONS, ORDER_SWITCH_RATIO, SEARCH_METHODS, SOLVER_DEVICES, WINDOW_SETS,
-                           SearchConfig)
+from search.config import DTYPES, EXPORT_SELECTIONS, SEARCH_METHODS, SOLVER_DEVICES, WINDOW_SETS, SearchConfig
+from search.defaults import ORDER_SWITCH_RATIO
 from search.job import run_search
 from search.plan import describe, plan_for
 from search.rundir import check_run_dir

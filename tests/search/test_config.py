@@ -8,7 +8,8 @@ import torch
 
 from evaluators import environment
 from evaluators.data import CalibrationSpec, calibration_text, region_bounds, region_starts
-from search.config import MIXED_EXPORT_MIN_RATIO, SearchConfig
+from search.config import SearchConfig
+from search.defaults import MIXED_EXPORT_MIN_RATIO
 from space.errors import UserError
 
 
@@ -80,7 +81,7 @@ def test_every_results_config_is_a_valid_search_config():
 
 
 def test_the_defaults_of_the_day_and_the_order_by_ratio():
-    from search.config import ORDER_SWITCH_RATIO
+    from search.defaults import ORDER_SWITCH_RATIO
 
     low, high = SearchConfig.create("m", 0.5), SearchConfig.create("m", 0.7)
     for config in (low, high):
