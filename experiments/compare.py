@@ -217,12 +217,26 @@ def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | N
     short = f"wikitext2_{args.short_seqlen}"
     exported = load_model(cell["export"], dtype=dtype, trust_remote_code=True)
     metrics[short] = evaluate(exported.model, {short: windows[short]})[short]
-    seconds = {k: v for k, v in cell["seconds"].items() if k != "test"}  # the search, not its evaluation
-    # without its preparation (the unit order, the statistics) the sum would undercount: unknown, not less
+    seconds, total = search_seconds(cell)
     return {"kind": "search", "ratio": ratio, "block_ratio": cell["block_ratio"], "metrics": metrics,
-            "recipe_seconds": sum(seconds.values()) if "prepare" in seconds else None,
+            "recipe_seconds": total,
             "record": {"from": source, "options": cell["options"], "trials": cell["trials"],
                        "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops"), "export": cell["export"]}}
+
+
+def search_seconds(cell: dict) -> tuple[dict, float | None]:
+    """A quality.py cell's seconds without its test evaluation, and their sum: None where its preparation
+    (the unit order, the statistics) was not recorded, since the sum would undercount."""
+    seconds = {k: v for k, v in cell["seconds"].items() if k != "test"}
+    return seconds, sum(seconds.values()) if "prepare" in seconds else None
+
+
+def refresh_seconds(path: str, cell: dict) -> None:
+    """A finished row read from quality.json takes that cell's seconds as they stand now (the preparation was
+    added to cells measured before it was timed), nothing measured again."""
+    measured = json.loads(Path(path).read_text())["cells"].get(cell["record"]["from"].rpartition(" ")[2])
+    if measured is not None:
+        cell["record"]["seconds"], cell["recipe_seconds"] = search_seconds(measured)
 
 
 def short_windows_of_seeds(cell: dict, windows: dict, dtype, short: str) -> bool:
@@ -421,8 +435,11 @@ def run(args, argv) -> int:
             return False
         if not args.search_cells:
             return True
-        return (cell["record"].get("from") == quality_source(args.search_cells[0], ratio, row)
+        kept = (cell["record"].get("from") == quality_source(args.search_cells[0], ratio, row)
                 and not quality_changed(args.search_cells[0], cell))
+        if kept:
+            refresh_seconds(args.search_cells[0], cell)
+        return kept
 
     for ratio in args.ratios if not args.label else []:
         key = f"search:{ratio}"

@@ -91,6 +91,14 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
                 "--tyr-rows", "tyr")
     assert again["cells"]["wanda-sp:0.5"]["metrics"]["ptb_2048"]["ppl"] == 1234.5
     assert "1234" in out.with_suffix(".md").read_text()
+    # ...but a search row takes its quality.py cell's seconds as they stand (a preparation read since)
+    timed = json.loads(quality.read_text())
+    timed["cells"]["0.5/defaults/seed0"]["seconds"]["prepare"] = 5.0
+    quality.write_text(json.dumps(timed))
+    again = run(compare, tiny_model_dir, out, "--lstsq-rows", "--search-cells", str(quality), "defaults",
+                "--tyr-rows", "tyr")
+    assert again["cells"]["search:0.5"]["recipe_seconds"] == 16.0
+    assert again["cells"]["search:0.5"]["metrics"] == cells["search:0.5"]["metrics"]
 
     # a quality.py cell measured again (another machine, no export there) replaces its row; the others stay
     remeasured = json.loads(quality.read_text())
