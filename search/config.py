@@ -69,6 +69,8 @@ class SearchConfig:
     importance: str = "wanda-sp"
     calibration: dict = field(
         default_factory=lambda: CalibrationSpec("wikitext2", 64, 512, 0, STATISTICS_REGION).to_dict())
+    # the windows the unit order is computed on (None: the statistics' count; their region and seed)
+    order_nsamples: int | None = None
     fitness_windows: dict = field(
         default_factory=lambda: CalibrationSpec("wikitext2", 8, 512, 1, FITNESS_REGION).to_dict())
     fitness_reform: str = "lstsq"  # lstsq | none: rectify candidates before scoring them
@@ -194,6 +196,11 @@ class SearchConfig:
         """The windows of ``calibration`` (statistics), ``fitness_windows`` or ``final_windows``."""
         return CalibrationSpec.from_dict(getattr(self, which))
 
+    def order_calibration_spec(self) -> CalibrationSpec:
+        """The windows the unit order is computed on: ``order_nsamples`` of the statistics' region and seed."""
+        statistics = self.calibration_spec()
+        return dataclasses.replace(statistics, nsamples=self.order_nsamples or statistics.nsamples)
+
     def export_spec(self) -> ReformSpec:
         """The export's least squares (its pass dtype is the upstream mode's; the others run in float32)."""
         pass_dtype = self.export_pass_dtype if self.export_reform == "upstream" else "float32"
@@ -238,8 +245,9 @@ class SearchConfig:
             raise UserError("--trials must be at least 1")
         if self.max_failures < 1:
             raise UserError("--max-failures must be at least 1")
-        if self.export_nsamples is not None and self.export_nsamples < 1:
-            raise UserError("--export-nsamples must be at least 1")
+        for name in ("export_nsamples", "order_nsamples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.trial_timeout is not None and not self.trial_timeout > 0:
             raise UserError("--trial-timeout must be a positive number of seconds")
         if not isinstance(self.gpus_per_worker, int) or self.gpus_per_worker < 1:  # a config file may hold anything

@@ -123,9 +123,10 @@ def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memor
     # one batch's activations, and one projection's float64 factoring
     streamed = not config.device.startswith("cpu") and score_spec(config.importance).streamed
     prepared_model = dims.layer_params(dims.dense_layer()) * 4 if streamed else params * 4
-    calibration_bytes = 2 * statistics.nsamples * statistics.seqlen * dims.hidden_size * 4
+    passed = max(statistics.nsamples, config.order_calibration_spec().nsamples)  # the order's pass may take more
+    calibration_bytes = 2 * passed * statistics.seqlen * dims.hidden_size * 4
     prepare_bytes = (prepared_model + device_fitness + calibration_bytes
-                     + min(FITNESS_BATCH, statistics.nsamples) * statistics.seqlen * hidden * 4
+                     + min(FITNESS_BATCH, passed) * statistics.seqlen * hidden * 4
                      + (factoring_bytes(dims) if lstsq else 0))
     peak = max(search_bytes, prepare_bytes)
     return {

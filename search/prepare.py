@@ -74,7 +74,7 @@ def load_prepared(config: SearchConfig, run_dir: Path, *, streamed: bool = False
                         f"ratio {low} needs a wider preset (wide or full)")
     # scores that depend on the target (newton's mask keeps that fraction) get the search's ratio;
     # for an nsga2 front, its upper end
-    scores = dense_scores(loaded, [config.importance], config.calibration_spec(), ratio=config.ratio,
+    scores = dense_scores(loaded, [config.importance], config.order_calibration_spec(), ratio=config.ratio,
                           copy_to=run_dir / IMPORTANCE, execution_device=execution_device,
                           pass_dtype=getattr(torch, config.pass_dtype))
     orders, ordered = order_model(adapter, scores[config.importance])

@@ -68,6 +68,8 @@ def add(sub) -> None:
     add_export_options(p)
     common.add_calibration_flags(p)
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows for scores and least squares")
+    p.add_argument("--order-nsamples", type=int, help="calibration windows the unit order is computed on "
+                                                      "(default: --nsamples; the same region and seed)")
     p.add_argument("--calib-seqlen", type=int, default=512)
     add_precision_options(p)
     p.add_argument("--dry-run", action="store_true", help="print the memory plan per worker and stop (the model may "
@@ -151,6 +153,7 @@ def config_from(args) -> SearchConfig:
         fitness_top_k=args.fitness_top_k, dtype=args.dtype, pass_dtype=args.pass_dtype, device=args.device,
         solver_dtype=args.solver_dtype, solver_device=args.solver_device, pruner=args.pruner,
         final_top_k=args.final_top_k, export_reform=args.export_reform, export_nsamples=args.export_nsamples,
+        order_nsamples=args.order_nsamples,
         export_pass_dtype=args.export_pass_dtype, export_select=args.export_select, export_calib=args.export_calib,
         export_ridge=args.export_ridge, export_damping=args.export_damping, eval_windows=args.eval_windows or 0,
         eval_datasets=tuple(args.eval_datasets), max_failures=args.max_failures,

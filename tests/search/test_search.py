@@ -1,6 +1,7 @@
 """The search: width space, evolution sampler (in-memory, milliseconds), and whole jobs on a tiny
 model (in-process and on Ray workers; resumed after kill -9; reproducible; served by the dashboard)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -200,6 +201,27 @@ def test_a_ratio_dependent_order_searches_at_its_target(tiny_model_dir, tiny_dat
                         final=False)
     assert result.completed == 4
     assert torch.load(tmp_path / "run" / "importance.pt")["meta"]["ratio"] == 0.6
+
+
+def test_the_unit_order_is_computed_on_its_own_windows(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    """--order-nsamples: the order on more windows than the fitness's least squares fits on."""
+    from search import prepare
+
+    passed = []
+
+    def spy(loaded, names, calibration, **options):
+        passed.append(calibration)
+        return dense_scores(loaded, names, calibration, **options)
+
+    dense_scores = prepare.dense_scores
+    monkeypatch.setattr(prepare, "dense_scores", spy)
+    config = tiny_config(tiny_model_dir, order_nsamples=12)
+    prepare.load_prepared(config, tmp_path / "run")
+    assert passed == [config.order_calibration_spec()] and passed[0].nsamples == 12
+    assert passed[0] == dataclasses.replace(config.calibration_spec(), nsamples=12)  # region, seed: the statistics'
+    assert config.calibration_spec().nsamples == 8 and "order_nsamples" in config.identity()
+    with pytest.raises(UserError, match="--order-nsamples"):
+        tiny_config(tiny_model_dir, order_nsamples=0).check()
 
 
 def test_a_search_with_the_kl_fitness_records_it(tiny_model_dir, tiny_data, tmp_path):
