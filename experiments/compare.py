@@ -224,11 +224,11 @@ def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | N
                        "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops"), "export": cell["export"]}}
 
 
-def search_seconds(cell: dict) -> tuple[dict, float | None]:
-    """A quality.py cell's seconds without its test evaluation, and their sum: None where its preparation
-    (the unit order, the statistics) was not recorded, since the sum would undercount."""
+def search_seconds(cell: dict) -> tuple[dict, float]:
+    """A quality.py cell's seconds without its test evaluation, and their sum (a lower bound where its
+    preparation was not recorded: the report marks it)."""
     seconds = {k: v for k, v in cell["seconds"].items() if k != "test"}
-    return seconds, sum(seconds.values()) if "prepare" in seconds else None
+    return seconds, sum(seconds.values())
 
 
 def refresh_seconds(path: str, cell: dict) -> None:
