@@ -217,18 +217,18 @@ def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | N
     short = f"wikitext2_{args.short_seqlen}"
     exported = load_model(cell["export"], dtype=dtype, trust_remote_code=True)
     metrics[short] = evaluate(exported.model, {short: windows[short]})[short]
-    seconds, total = search_seconds(cell)
+    seconds, total = search_seconds(cell["seconds"])
     return {"kind": "search", "ratio": ratio, "block_ratio": cell["block_ratio"], "metrics": metrics,
             "recipe_seconds": total,
             "record": {"from": source, "options": cell["options"], "trials": cell["trials"],
                        "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops"), "export": cell["export"]}}
 
 
-def search_seconds(cell: dict) -> tuple[dict, float]:
-    """A quality.py cell's seconds without its test evaluation, and their sum (a lower bound where its
-    preparation was not recorded: the report marks it)."""
-    seconds = {k: v for k, v in cell["seconds"].items() if k != "test"}
-    return seconds, sum(seconds.values())
+def search_seconds(seconds: dict) -> tuple[dict, float | None]:
+    """A search's seconds (best.json's or a quality.py cell's) without its test evaluation, and their sum (None
+    where none were recorded; a lower bound where its preparation was not: the report marks it)."""
+    kept = {k: v for k, v in seconds.items() if k != "test"}
+    return kept, sum(kept.values()) if kept else None
 
 
 def refresh_seconds(path: str, cell: dict) -> None:
@@ -236,7 +236,7 @@ def refresh_seconds(path: str, cell: dict) -> None:
     added to cells measured before it was timed), nothing measured again."""
     measured = json.loads(Path(path).read_text())["cells"].get(cell["record"]["from"].rpartition(" ")[2])
     if measured is not None:
-        cell["record"]["seconds"], cell["recipe_seconds"] = search_seconds(measured)
+        cell["record"]["seconds"], cell["recipe_seconds"] = search_seconds(measured["seconds"])
 
 
 def short_windows_of_seeds(cell: dict, windows: dict, dtype, short: str) -> bool:
@@ -317,10 +317,10 @@ def depth_search_cell(args, ratio: float, windows, dtype) -> dict:
     run_dir = args.runs / f"compare-evopress-depth-{ratio}"
     result = run_search(config, run_dir, progress=False)
     exported = load_model(result.best["export"], dtype=dtype, trust_remote_code=True)  # our export, any widths
-    seconds = result.best.get("seconds", {})
+    seconds, total = search_seconds(result.best.get("seconds", {}))
     return {"kind": "search", "ratio": ratio, "block_ratio": result.best["best"]["block_ratio"],
             "metrics": evaluate(exported.model, windows), "widths": result.best["best"]["widths"],
-            "recipe_seconds": sum(seconds.values()) if seconds else None,
+            "recipe_seconds": total,
             "record": {"run_dir": str(run_dir), "trials": result.completed, "config": config.to_dict(),
                        "seconds": seconds, "export": result.best["export"]}}
 
@@ -339,10 +339,10 @@ def search_cell(args, ratio: float, windows, dtype) -> dict | None:
     summary = json.loads(best.read_text())
     exported = load_model(summary["export"], dtype=dtype)
     metrics = evaluate(exported.model, windows)
-    seconds = summary.get("seconds", {})
+    seconds, total = search_seconds(summary.get("seconds", {}))
     return {"kind": "search", "ratio": ratio, "block_ratio": summary["best"]["block_ratio"],
             "total_ratio": summary["best"]["total_ratio"], "metrics": metrics,
-            "widths": summary["best"]["widths"], "recipe_seconds": sum(seconds.values()) if seconds else None,
+            "widths": summary["best"]["widths"], "recipe_seconds": total,
             "record": {"run_dir": str(run_dir), "completed_trials": summary.get("completed_trials"),
                        "config": summary.get("config"), "seconds": seconds}}
 

@@ -420,6 +420,9 @@ def test_the_evopress_depth_row_searches_whole_sublayers_and_joins_the_table(com
                 "--zeroshot", "2", "--zeroshot-ratios", "0.5")["cells"]
     depth = cells["evopress-depth:0.5"]
     assert depth["record"]["run_dir"] == str(runs / "compare-evopress-depth-0.5") and depth["record"]["trials"] >= 8
+    # its wall time, like every search row's, is the search's without its test evaluation
+    assert "test" not in depth["record"]["seconds"] and depth["recipe_seconds"] == pytest.approx(
+        sum(depth["record"]["seconds"].values()))
     assert all(math.isfinite(depth["metrics"][m]["ppl"]) for m in METRICS)
     assert all(w[:2] in ([0, 0], [2, 3]) and w[2] in (0, 96) for w in depth["widths"])
     assert 0 <= depth["zeroshot"]["scores"]["average"] <= 1
