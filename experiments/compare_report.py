@@ -282,7 +282,9 @@ def _seeds_table(rows: dict, ratios: list[float], texts: list[str], short: str) 
 
 
 def _seeds_verdict(rows: dict, ratio: float, texts: list[str], short: str) -> list[str]:
-    """The search's seed means against each Týr row's, where both have two or more seeds at ``ratio``."""
+    """The search's seed means against each Týr row's, where both have two or more seeds at ``ratio``, with
+    the search's difference at each seed both ran: a seed fixes the statistics windows, so the pairs share
+    their draw and their differences show whether the means' gap has one sign or is the spread."""
     search = _seed_means(rows, "search", ratio, texts, short)
     lines = []
     for name in [n for n in rows if n.startswith("tyr")]:
@@ -291,8 +293,21 @@ def _seeds_verdict(rows: dict, ratio: float, texts: list[str], short: str) -> li
             continue
         lines.append(f"- {ratio:g}, means over the seeds, {name} against the search: " + "; ".join(
             f"{t.replace('_', ' in windows of ')} {tyr[t]:.2f} vs {search[t]:.2f} "
-            f"({(search[t] - tyr[t]) / tyr[t]:+.1%})" for t in [*texts, short] if t in tyr and t in search))
+            f"({(search[t] - tyr[t]) / tyr[t]:+.1%}{_paired(rows, name, ratio, t, short)})"
+            for t in [*texts, short] if t in tyr and t in search))
     return lines
+
+
+def _paired(rows: dict, name: str, ratio: float, text: str, short: str) -> str:
+    """The search's relative difference to row ``name`` at each seed both have ``text`` for."""
+    theirs, ours = (seed_cells(rows[n][ratio]) for n in (name, "search"))
+
+    def ppl(n: str, cells: dict, seed: int) -> float | None:
+        return _seed_short(rows[n][ratio], seed, short) if text == short else cells[seed]["ppl"].get(text)
+
+    pairs = [(a, b) for s in sorted(set(theirs) & set(ours))
+             if None not in (a := ppl(name, theirs, s), b := ppl("search", ours, s))]
+    return "; per seed " + " / ".join(f"{(b - a) / a * 100:+.1f}" for a, b in pairs) + " %" if pairs else ""
 
 
 def _count(n: int, noun: str) -> str:

@@ -238,12 +238,14 @@ def test_the_report_shows_every_seed_of_the_searches_and_compares_their_means(co
     assert ("| search | 0.5 | 0, 1 | 40.00 / 44.00 (mean 42.00) | 1.00 / 3.00 (mean 2.00) | "
             "80.00 / 88.00 (mean 84.00) |") in report
     assert "| tyr | 0.5 | 0, 1 | 41.00 / 47.00 (mean 44.00) | 1.00 / – |" in report
-    assert "means over the seeds, tyr against the search: wikitext2 44.00 vs 42.00 (-4.5%); ptb 88.00 vs 84.00 " \
-        "(-4.5%)\n" in report
+    # each mean's gap with the search's difference at each seed (40 vs 41, 44 vs 47)
+    assert "means over the seeds, tyr against the search: wikitext2 44.00 vs 42.00 (-4.5%; per seed -2.4 / -6.4 %); " \
+        "ptb 88.00 vs 84.00 (-4.5%; per seed -2.4 / -6.4 %)\n" in report
     # every Týr row with seeds, the one with the search's calibration too, its short windows where both have them
     assert "| tyr (search's calibration) | 0.5 | 0, 1 | 39.00 / 43.00 (mean 41.00) | 1.00 / 2.00 (mean 1.50) |" in report
-    assert ("tyr (search's calibration) against the search: wikitext2 41.00 vs 42.00 (+2.4%); ptb 82.00 vs 84.00 "
-            "(+2.4%); wikitext2 in windows of 128 1.50 vs 2.00 (+33.3%)") in report
+    assert ("tyr (search's calibration) against the search: wikitext2 41.00 vs 42.00 (+2.4%; per seed +2.6 / +2.3 %); "
+            "ptb 82.00 vs 84.00 (+2.4%; per seed +2.6 / +2.3 %); wikitext2 in windows of 128 1.50 vs 2.00 (+33.3%; "
+            "per seed +0.0 / +50.0 %)") in report
 
 
 def test_calib_as_search_gives_every_recipe_the_searchs_export_windows(compare, tiny_model_dir, tiny_data, tmp_path):
