@@ -15,6 +15,8 @@ Decisions read PTB validation (never a test split); WikiText-2 test, PTB test an
         runs/quality/0.5/final-seed0/export --nsamples 256 --pass-dtypes bfloat16
     LLM_PRUNER_DATA=../shared/data python experiments/calibration_size.py \
         runs/quality/0.5/final-seed0/export --nsamples 256 --dampings 1e-2 --ridges zero dense
+    LLM_PRUNER_DATA=../shared/data python experiments/calibration_size.py \
+        runs/quality/0.6/last8-seed0/export --nsamples 64 --seqlens 2048
 """
 
 from __future__ import annotations
@@ -44,20 +46,27 @@ from space.export import read_subnet_record, write_json  # noqa: E402
 from space.models import load_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+SHORT_SEQLEN = 128  # compare.md's short windows (compare.py --short-seqlen)
 
 
 def measure(export: Path) -> dict:
     loaded = load_model(str(export), dtype=torch.float32, trust_remote_code=True)
     test = evaluate(loaded.model, loaded.tokenizer, ppl=list(EVAL), seqlen=2048, limit=32)["ppl"]
     validation = evaluate(loaded.model, loaded.tokenizer, ppl=[VALIDATION[0]], seqlen=2048, limit=VALIDATION[1])
-    return {"validation": validation["ppl"][VALIDATION[0]], **test}
+    # WikiText-2 test's same tokens in windows of 128 (compare.md's short windows): where a longer context
+    # in the calibration could cost what a short one keeps
+    short = evaluate(loaded.model, loaded.tokenizer, ppl=["wikitext2"], seqlen=SHORT_SEQLEN,
+                     limit=32 * 2048 // SHORT_SEQLEN)["ppl"]["wikitext2"]
+    return {"validation": validation["ppl"][VALIDATION[0]], **test, f"wikitext2_{SHORT_SEQLEN}": short}
 
 
-def cell(export: Path, nsamples: int, calib: str | None = None, zeroshot: int | None = None, **changed) -> dict:
-    """The winner of ``export`` refitted on ``nsamples`` windows; the :class:`ReformSpec` fields in
-    ``changed`` that are not None (mode, pass_dtype, select, damping, ridge) and the text ``calib``
-    (sources joined by ``+``, each from the search's region) replace the export's own. ``zeroshot``:
-    also the seven tasks' zero-shot accuracy on their first ``zeroshot`` questions."""
+def cell(export: Path, nsamples: int, calib: str | None = None, zeroshot: int | None = None,
+         seqlen: int | None = None, **changed) -> dict:
+    """The winner of ``export`` refitted on ``nsamples`` windows of ``seqlen`` tokens (None: the export's
+    own length); the :class:`ReformSpec` fields in ``changed`` that are not None (mode, pass_dtype,
+    select, damping, ridge) and the text ``calib`` (sources joined by ``+``, each from the search's
+    region) replace the export's own. ``zeroshot``: also the seven tasks' zero-shot accuracy on their
+    first ``zeroshot`` questions."""
     record = read_subnet_record(export)
     recipe = record["recipe"]
     if changed.get("select") == "prefix" and recipe["compensation"].get("select", "prefix") != "prefix":
@@ -66,7 +75,7 @@ def cell(export: Path, nsamples: int, calib: str | None = None, zeroshot: int | 
                         "would keep the same units (the search's unit order is not in the export)")
     own = search_export(export, recipe)  # before the refit: a later search may re-run into the same folder
     source = CalibrationSpec.from_dict(recipe["calibration"])
-    calibration = CalibrationSpec(calib or source.dataset, nsamples, source.seqlen, source.seed, source.region)
+    calibration = CalibrationSpec(calib or source.dataset, nsamples, seqlen or source.seqlen, source.seed, source.region)
     reform = ReformSpec(**{**recipe["compensation"], **{k: v for k, v in changed.items() if v is not None}})
     loaded = load_model(record["source"]["path"], dtype=torch.float32)
     started = time.time()
@@ -117,9 +126,9 @@ def report(data: dict) -> str:
              f"Machine: {data['environment']['machine']['cpu']}, {data['environment']['machine']['threads']} threads, "
              f"bf16 peak {data['bf16_tflops']:.2f} TFLOP/s at the start of the last run (other jobs shared the 2 cores: rectify s "
              "is not an idle figure). Rows marked `search` are the search's own exports (quality.json).", "",
-             "| export | ratio | least squares | text | windows x 512 | PTB valid (8) | WikiText-2 | PTB | c4:heldout | "
-             "rectify s | zero-shot avg |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| export | ratio | least squares | text | windows x tokens | PTB valid (8) | WikiText-2 | "
+             f"WikiText-2 in windows of {SHORT_SEQLEN} | PTB | c4:heldout | rectify s | zero-shot avg |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     shown = set()
     for c in data["cells"].values():
         own = c.get("search")
@@ -127,11 +136,13 @@ def report(data: dict) -> str:
             shown.add((c["export"], own["ppl"]["wikitext2"]))
             p, seconds = own["ppl"], own["export_s"]
             lines.append(f"| {c['export']} | {c['ratio']} | {own['mode']} (search) | {own['text']} | {own['windows']} | "
-                         f"{p['ptb:validation']:.2f} | {p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
+                         f"{p['ptb:validation']:.2f} | {p['wikitext2']:.2f} | – | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
                          f"{'–' if seconds is None else f'{seconds:.0f}'} | – |")
-        lines.append(f"| {c['export']} | {c['ratio']} | {least_squares(c['reform'])} | {c['calibration']['dataset']} | {c['nsamples']} | "
-                     f"{c['validation']:.2f} | "
-                     f"{c['wikitext2']:.2f} | {c['ptb']:.2f} | {c['c4:heldout']:.2f} | {c['reform_s']:.0f} | "
+        short = c.get(f"wikitext2_{SHORT_SEQLEN}")  # (cells measured before it was: –)
+        lines.append(f"| {c['export']} | {c['ratio']} | {least_squares(c['reform'])} | {c['calibration']['dataset']} | "
+                     f"{c['nsamples']} x {c['calibration']['seqlen']} | {c['validation']:.2f} | {c['wikitext2']:.2f} | "
+                     f"{'–' if short is None else f'{short:.2f}'} | {c['ptb']:.2f} | {c['c4:heldout']:.2f} | "
+                     f"{c['reform_s']:.0f} | "
                      + (f"{c['zeroshot']['scores']['average']:.3f} |" if "zeroshot" in c else "– |"))
     notes = RESULTS / "calibration_size.notes.md"
     if notes.is_file():
@@ -153,6 +164,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the least squares' ridge, relative to mean(diag XᵀX) (default: the export's own)")
     parser.add_argument("--ridges", nargs="+", choices=RIDGES, default=[None],
                         help="what the ridge pulls toward: zero or the dense kept weights (default: the export's own)")
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[None],
+                        help="the refit's window length in tokens (default: the export's own, 512)")
     parser.add_argument("--calib", nargs="+", default=[None],
                         help="the texts to refit on, each sources joined by + (default: the search's own)")
     parser.add_argument("--zeroshot", type=int, metavar="LIMIT",
@@ -174,14 +187,16 @@ def run(args) -> int:
         return 0
     data["bf16_tflops"] = matmul_tflops(torch.bfloat16)
     for export in args.exports:
-        for n, mode, pass_dtype, calib, select, damping, ridge in itertools.product(
-                args.nsamples, args.modes, args.pass_dtypes, args.calib, args.selects, args.dampings, args.ridges):
+        for n, mode, pass_dtype, calib, select, damping, ridge, seqlen in itertools.product(
+                args.nsamples, args.modes, args.pass_dtypes, args.calib, args.selects, args.dampings, args.ridges,
+                args.seqlens):
             # the export's own settings leave the key as the first cells' were
             key = f"{export}:{n}" + "".join(f":{v}" for v in (mode, pass_dtype, calib, select) if v) \
-                + (f":damping={damping:g}" if damping is not None else "") + (f":ridge={ridge}" if ridge else "")
+                + (f":damping={damping:g}" if damping is not None else "") + (f":ridge={ridge}" if ridge else "") \
+                + (f":seqlen={seqlen}" if seqlen else "")
             if key not in data["cells"] or (args.zeroshot and "zeroshot" not in data["cells"][key]):
-                data["cells"][key] = cell(export, n, calib, args.zeroshot, mode=mode, pass_dtype=pass_dtype, select=select,
-                                          damping=damping, ridge=ridge)
+                data["cells"][key] = cell(export, n, calib, args.zeroshot, seqlen, mode=mode, pass_dtype=pass_dtype,
+                                          select=select, damping=damping, ridge=ridge)
                 data["environment"] = environment()
                 write_json(args.out, data)
     args.out.with_suffix(".md").write_text(report(data))

@@ -43,13 +43,18 @@ def test_a_cell_keeps_the_search_figures_it_was_measured_beside(tmp_path, monkey
         "export": str(export), "ppl": {"ptb:validation": 60.0, "wikitext2": 26.0, "ptb": 58.0, "c4:heldout": 40.0},
         "seconds": {"export": 300.0}}}}))
     cell = {"export": str(export), "ratio": 0.9, "nsamples": 256, "reform": {"mode": "upstream", "select": "prefix"},
-            "calibration": {"dataset": "wikitext2+c4"}, "validation": 55.0, "wikitext2": 24.8, "ptb": 54.0,
+            "calibration": {"dataset": "wikitext2+c4", "seqlen": 512}, "validation": 55.0, "wikitext2": 24.8, "ptb": 54.0,
             "c4:heldout": 36.5, "reform_s": 300.0, "search": own}
-    data = {"cells": {f"{export}:256": cell, f"{export}:64": {**cell, "nsamples": 64}}, "bf16_tflops": 0.4,
+    # a refit on windows of 2048, with the short windows measured (the earlier cells: without them)
+    long = {**cell, "nsamples": 64, "calibration": {"dataset": "wikitext2+c4", "seqlen": 2048}, "wikitext2_128": 70.0}
+    data = {"cells": {f"{export}:256": cell, f"{export}:64": {**cell, "nsamples": 64},
+                      f"{export}:64:seqlen=2048": long}, "bf16_tflops": 0.4,
             "environment": {"machine": {"cpu": "cpu", "threads": 2}}}
     text = calibration_size.report(data)
-    assert text.count(f"| {export} | 0.9 | upstream (search) | wikitext2+c4 | 256 | 54.30 | 24.70 | 53.50 | 36.20 | 446 |") == 1
-    assert f"| {export} | 0.9 | upstream, prefix units | wikitext2+c4 | 256 | 55.00 |" in text
+    assert text.count(f"| {export} | 0.9 | upstream (search) | wikitext2+c4 | 256 | 54.30 | 24.70 | – | 53.50 | 36.20 | "
+                      "446 |") == 1
+    assert f"| {export} | 0.9 | upstream, prefix units | wikitext2+c4 | 256 x 512 | 55.00 | 24.80 | – | 54.00 |" in text
+    assert f"| {export} | 0.9 | upstream, prefix units | wikitext2+c4 | 64 x 2048 | 55.00 | 24.80 | 70.00 | 54.00 |" in text
     assert "26.00" not in text
 
 
