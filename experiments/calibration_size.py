@@ -1,8 +1,8 @@
 """How the export's least squares should be fitted: a search's winner rectified again from the dense
 model with N windows of 512 tokens and a least-squares mode (the same text, region and seed as the
-search's export; only N and, with ``--modes``, ``--pass-dtypes``, ``--selects`` or ``--calib``, the
-mode, the dtype of the upstream mode's calibration passes, the kept units or the text change),
-measured like quality.md's cells.
+search's export; only N and, with ``--modes``, ``--pass-dtypes``, ``--selects``, ``--calib`` or
+``--seqlens``, the mode, the dtype of the upstream mode's calibration passes, the kept units, the text
+or the windows' length change), measured like quality.md's cells.
 
 Decisions read PTB validation (never a test split); WikiText-2 test, PTB test and c4:heldout (32 x
 2048, float32) are reported beside it. N = the search's own count reproduces its export (a check).
