@@ -45,41 +45,12 @@ from reform.targets import Target, layer_targets
 from reform.local import model_home
 from reform.reselect import reselect
 from space.errors import UserError
-from space.calibration import BlockInputs, InputStats, block_in, block_on, capture_block_inputs, run_block
+from space.calibration import (BlockInputs, InputStats, block_in, block_on, capture_block_inputs, input_of,
+                               run_block)
 from space.adapters import LayerAdapter, ModelAdapter
 from space.order import LayerOrder
 from space.views import subnet_view
 from space.subnet import LayerWidths, ModelDims, Subnet
-
-
-class _Reached(Exception):
-    """Raised by a hook to stop a block once the projection's input is known."""
-
-
-@torch.no_grad()
-def _input_of(
-    block: nn.Module, module: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, *, finish: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The input ``module`` receives when ``block`` runs on one batch, and the block's output if
-    ``finish`` (else the block stops there)."""
-    seen = []
-
-    def hook(_module, inputs):
-        seen.append(inputs[0])
-        if not finish:
-            raise _Reached
-
-    handle = module.register_forward_pre_hook(hook)
-    output = None
-    try:
-        output = block(hidden, *args, **kwargs)
-    except _Reached:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise RuntimeError("the block never called the projection being rectified")
-    return seen[0], (output[0] if isinstance(output, (tuple, list)) else output)
 
 
 class PairedStats:
@@ -178,12 +149,12 @@ def rectify_sequential(
                 stats = None
                 for (dense_hidden, args, kwargs), pruned_hidden in zip(dense.calls(layer.layer), pruned.hidden):
                     with _outputs_of(o_proj) as dense_o:
-                        x_dense, out = _input_of(layer.layer, target.module, dense_hidden, args, kwargs, finish=last)
+                        x_dense, out = input_of(layer.layer, target.module, dense_hidden, args, kwargs, finish=last)
                     if last:
                         dense_out.append(out)
                     with _layer_view(adapter, layer.index, widths, mine), \
                             _outputs_of(o_proj) as pruned_o:
-                        x_pruned, _ = _input_of(layer.layer, target.module, pruned_hidden, args, kwargs)
+                        x_pruned, _ = input_of(layer.layer, target.module, pruned_hidden, args, kwargs)
                     if stats is None:
                         stats = PairedStats(x_pruned.shape[-1], x_dense.shape[-1], gram=method.gram,
                                             device=target.module.weight.device)
@@ -236,7 +207,7 @@ def _upstream_walk(adapter: ModelAdapter, subnet: Subnet, windows: torch.Tensor,
                 stats[name] = InputStats(module.in_features, gram=method.gram, device=module.weight.device)
                 with block_in(layer.layer, dtype), view(layer.index, _with_dense(widths, adapter.dims, name), mine):
                     for hidden, args, kwargs in pruned.calls(layer.layer):
-                        stats[name].add(_input_of(layer.layer, module, hidden, args, kwargs)[0])
+                        stats[name].add(input_of(layer.layer, module, hidden, args, kwargs)[0])
                 if name in targets:
                     target = targets[name]
                     if spec.select == "obs":

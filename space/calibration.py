@@ -171,6 +171,35 @@ def run_block(layer: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
     return [block_output(layer(hidden, *args, **kwargs)) for hidden, args, kwargs in inputs.calls(layer)]
 
 
+class _Reached(Exception):
+    """Raised by a hook to stop a block once a linear's input is known."""
+
+
+@torch.no_grad()
+def input_of(block: nn.Module, module: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, *,
+             finish: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The input ``module`` receives when ``block`` runs on one batch, and the block's output if
+    ``finish``; else the block stops there (an attention projection's input costs no MLP)."""
+    seen = []
+
+    def hook(_module, inputs):
+        seen.append(inputs[0])
+        if not finish:
+            raise _Reached
+
+    handle = module.register_forward_pre_hook(hook)
+    output = None
+    try:
+        output = block(hidden, *args, **kwargs)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError("the block never called the linear whose input is wanted")
+    return seen[0], (block_output(output) if output is not None else None)
+
+
 class InputStats:
     """Running statistics of the inputs of one linear over calibration tokens, in float64:
     count, per-channel sum and sum of squares, and optionally ``C = XᵀX``."""

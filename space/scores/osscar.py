@@ -31,8 +31,8 @@ import torch
 
 from space.adapters import LayerAdapter, ModelAdapter
 from space.budget import project
-from space.calibration import (BlockInputs, StatsRequest, block_in, block_on, capture_block_inputs,
-                               collect_layer_stats, run_block)
+from space.calibration import (BlockInputs, InputStats, block_in, block_on, capture_block_inputs, input_of,
+                               run_block)
 from space.scores.base import LayerScores, ScoreContext, best_shape, kept_heads, register_score, weight64
 from space.scores.elimination import CHANNELS_PER_STEP, damped, eliminate, swap_search, unit_scores
 from space.subnet import LayerWidths, ModelDims, Subnet
@@ -116,10 +116,13 @@ def _select_channels(layer: LayerAdapter, inputs: BlockInputs, width: int, ctx: 
 
 def _gram(layer: LayerAdapter, inputs: BlockInputs, name: str, ctx: ScoreContext) -> torch.Tensor:
     """The second moment of one linear's inputs on the (pruned upstream) stream, the block run in
-    the pass dtype (the weights it was refitted to, rounded for the pass only)."""
+    the pass dtype (the weights it was refitted to, rounded for the pass only) and stopped there."""
+    module = layer.linears()[name]
+    stats = InputStats(module.in_features, gram=True, device=module.weight.device)
     with block_in(layer.layer, ctx.pass_dtype):
-        stats, _ = collect_layer_stats(layer, inputs, StatsRequest((name,), gram=(name,)))
-    return stats.inputs[name].gram
+        for hidden, args, kwargs in inputs.calls(layer.layer):
+            stats.add(input_of(layer.layer, module, hidden, args, kwargs)[0])
+    return stats.gram
 
 
 def _keep_columns(linear: torch.nn.Linear, kept: torch.Tensor, gram: torch.Tensor) -> None:

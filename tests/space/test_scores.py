@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from space.calibration import InputStats, StatsRequest, walk_layers
+from space.calibration import (InputStats, StatsRequest, capture_block_inputs, input_of, run_block,
+                               walk_layers)
 from space.adapters import adapter_for
 from space.errors import UserError
 from space.scores import SCORES, compute_scores, score_spec
@@ -34,6 +35,26 @@ def test_block_by_block_statistics_equal_a_full_forward(make_model, token_ids):
     torch.testing.assert_close(down.sum, x["down"].sum(0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(down.gram, x["down"].T @ x["down"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stats[2].inputs["o"].variance, x["o"].var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+
+
+def test_the_input_of_an_attention_projection_costs_no_mlp(make_model, token_ids):
+    """``input_of`` stops the block at the linear (osscar's attention statistics run no MLP) and gives
+    what a full pass feeds it; with ``finish`` the block runs whole and gives its output too."""
+    adapter = adapter_for(make_model("llama"))
+    layer = adapter.layers[0]
+    inputs = capture_block_inputs(adapter, token_ids, batch_size=len(token_ids))
+    (hidden, args, kwargs), = inputs.calls(layer.layer)
+    mlp_calls = []
+    handle = layer.mlp_output().register_forward_pre_hook(lambda module, inputs: mlp_calls.append(1))
+    try:
+        x, none = input_of(layer.layer, layer.attention_output(), hidden, args, kwargs)
+        assert none is None and not mlp_calls
+        y, out = input_of(layer.layer, layer.attention_output(), hidden, args, kwargs, finish=True)
+        assert len(mlp_calls) == 1
+    finally:
+        handle.remove()
+    torch.testing.assert_close(x, y, rtol=0, atol=0)
+    torch.testing.assert_close(out, run_block(layer.layer, inputs)[0], rtol=0, atol=0)
 
 
 def test_scores_follow_their_formulas(make_model, token_ids):
