@@ -93,6 +93,9 @@ ROWS: dict[str, dict] = {
     # text at 0.6 but lost held-out C4 at 0.5: which of the two statistics does what)
     "order256": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64,
                  "order_nsamples": 256},
+    # Týr's search (tyr-equal's) with order256's unit order on 256 windows: the equal-budget comparison for the
+    # search row should the order's 256 windows become a default (every osscar order would take them)
+    "tyr-order256": {**SEARCH_METHODS["tyr"], "order_nsamples": 256},
 }
 
 # Rows whose search is another row's (they differ in runtime fields only, e.g. the export): the other row's
