@@ -235,17 +235,20 @@ def seed_cells(cell: dict | None) -> dict[int, dict]:
     return {int(seed): c for k, c in found.items() for prefix, _, seed in [k.rpartition("/seed")] if prefix == stem}
 
 
+def _seed_values(rows: dict, name: str, ratio: float, text: str, short: str) -> dict[int, float | None]:
+    """A row's perplexity of ``text`` (``short``: WikiText-2 in the short windows) at each of its seeds at
+    ``ratio``, by seed; None where a seed has none."""
+    cell = rows.get(name, {}).get(ratio)
+    return {seed: _seed_short(cell, seed, short) if text == short else c["ppl"].get(text)
+            for seed, c in sorted(seed_cells(cell).items())}
+
+
 def _seed_means(rows: dict, name: str, ratio: float, texts: list[str], short: str) -> dict[str, float] | None:
-    """The means over a row's seeds at ``ratio`` (None below two seeds); the short windows' where every seed
-    has them."""
-    seeds = seed_cells(rows.get(name, {}).get(ratio))
-    if len(seeds) < 2:
+    """The means over a row's seeds at ``ratio`` (None below two seeds), of each text every seed has."""
+    values = {t: _seed_values(rows, name, ratio, t, short) for t in [*texts, short]}
+    if len(values[short]) < 2:
         return None
-    means = {t: sum(c["ppl"][t] for c in seeds.values()) / len(seeds) for t in texts}
-    shorts = [_seed_short(rows[name][ratio], s, short) for s in seeds]
-    if None not in shorts:
-        means[short] = sum(shorts) / len(shorts)
-    return means
+    return {t: sum(v.values()) / len(v) for t, v in values.items() if None not in v.values()}
 
 
 def _seed_short(cell: dict, seed: int, short: str) -> float | None:
@@ -267,8 +270,7 @@ def _seeds_table(rows: dict, ratios: list[float], texts: list[str], short: str) 
             if len(seeds) < 2:
                 continue
             means = _seed_means(rows, name, r, texts, short)
-            per_seed = {t: [seeds[s]["ppl"][t] for s in sorted(seeds)] for t in texts}
-            per_seed[short] = [_seed_short(rows[name][r], s, short) for s in sorted(seeds)]
+            per_seed = {t: list(_seed_values(rows, name, r, t, short).values()) for t in [*texts, short]}
             values = [" / ".join(map(_fmt, per_seed[t])) + (f" (mean {_fmt(means[t])})" if t in means else "")
                       for t in [texts[0], short, *texts[1:]]]
             lines.append(f"| {name} | {r:g} | {', '.join(map(str, sorted(seeds)))} | " + " | ".join(values) + " |")
@@ -300,13 +302,8 @@ def _seeds_verdict(rows: dict, ratio: float, texts: list[str], short: str) -> li
 
 def _paired(rows: dict, name: str, ratio: float, text: str, short: str) -> str:
     """The search's relative difference to row ``name`` at each seed both have ``text`` for."""
-    theirs, ours = (seed_cells(rows[n][ratio]) for n in (name, "search"))
-
-    def ppl(n: str, cells: dict, seed: int) -> float | None:
-        return _seed_short(rows[n][ratio], seed, short) if text == short else cells[seed]["ppl"].get(text)
-
-    pairs = [(a, b) for s in sorted(set(theirs) & set(ours))
-             if None not in (a := ppl(name, theirs, s), b := ppl("search", ours, s))]
+    theirs, ours = (_seed_values(rows, n, ratio, text, short) for n in (name, "search"))
+    pairs = [(theirs[s], ours[s]) for s in sorted(set(theirs) & set(ours)) if None not in (theirs[s], ours[s])]
     return "; per seed " + " / ".join(f"{(b - a) / a * 100:+.1f}" for a, b in pairs) + " %" if pairs else ""
 
 
