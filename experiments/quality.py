@@ -43,6 +43,10 @@ VALIDATION = ("ptb:validation", 8)  # for decisions (never a test split): 8 wind
 BEFORE = {"fitness": "ppl", "evolution": "cpu", "export_reform": "local", "importance": "wanda-sp", "trials": 100,
           "export_nsamples": 64, "export_pass_dtype": "float32", "export_calib": "wikitext2"}
 STAGED = {**BEFORE, "fitness": "kl", "export_reform": "upstream", "evolution": "staged", "trials": 260}
+# The unit order on the statistics' 64 windows, as every row measured before 2026-12-07 computed it (since, the
+# osscar order takes 256 by default: search/defaults.py ORDER_NSAMPLES); pinned in the rows whose order is osscar
+# at some ratio (at a wanda-sp ratio it resolves to the statistics' own, as before).
+ORDER_64 = {"order_nsamples": 64}
 # Cumulative rows: each adds one item of the issue to the row before it (in the order built).
 ROWS: dict[str, dict] = {
     "defaults": BEFORE,
@@ -52,13 +56,13 @@ ROWS: dict[str, dict] = {
     "staged": STAGED,
     "mixed": {**STAGED, "calib": "wikitext2+c4:calib"},
     # llm-pruner search --method tyr (the staged row with the osscar order), exported as it was measured
-    "tyr": {**SEARCH_METHODS["tyr"], "export_nsamples": 64, "export_pass_dtype": "float32", "export_calib": "wikitext2"},
+    "tyr": {**SEARCH_METHODS["tyr"], **ORDER_64, "export_nsamples": 64, "export_pass_dtype": "float32", "export_calib": "wikitext2"},
     # tyr calibrated (statistics, fitness and re-scoring regions) on WikiText-2 validation + c4:calib
-    "tyr-mixed": {**SEARCH_METHODS["tyr"], "export_nsamples": 64, "export_pass_dtype": "float32",
+    "tyr-mixed": {**SEARCH_METHODS["tyr"], **ORDER_64, "export_nsamples": 64, "export_pass_dtype": "float32",
                   "calib": "wikitext2+c4:calib", "export_calib": "wikitext2+c4:calib"},
     # tyr with the search's export of the day (what `llm-pruner search --method tyr` runs today): the same
     # calibration text and token budget as the final row's export, for compare.md's equal-calibration tyr row
-    "tyr-equal": dict(SEARCH_METHODS["tyr"]),
+    "tyr-equal": {**SEARCH_METHODS["tyr"], **ORDER_64},
     # Rows below measured against the defaults of their day pin what has changed since, so that each cell's
     # options still give the search it ran (tests/test_quality_cells.py). The defaults of 2026-12-02 to
     # 12-06, the final row (a 16-window last stage, 260 children): tyr's search at 0.5 and staged's at 0.7,
@@ -66,35 +70,38 @@ ROWS: dict[str, dict] = {
     # its cells were exported with float32 passes on WikiText-2; the defaults since are bfloat16 passes (the
     # same to 0.03 %) and, above 0.6, C4 beside WikiText-2 with the units re-selected on both (calibration_size.md
     # measured these on its winners)
-    "final": {"evolution": "staged"},
+    "final": {"evolution": "staged", **ORDER_64},
     # the final row with twice the children (about 33 generations instead of 17): is the search short of
     # generations, or is what it finds already as good as its fitness can tell?
-    "long": {"evolution": "staged", "trials": 520},
+    "long": {"evolution": "staged", "trials": 520, **ORDER_64},
     # the final row with switches across kinds (attention shapes traded for MLP channels), so
     # that the split between attention and MLP is searched, not fixed by the start generation 0 keeps
-    "across": {"evolution": "staged-across"},
+    "across": {"evolution": "staged-across", **ORDER_64},
     # the final row with the fitness's least squares on the statistics of the model pruned like the first
     # start (--fitness-statistics upstream)
     "fitstats": {"evolution": "staged", "fitness_statistics": "upstream", "export_pass_dtype": "float32",
-                 "export_calib": "wikitext2"},
+                 "export_calib": "wikitext2", **ORDER_64},
     # the final row with an 8-window last stage and the children that make as many window evaluations as
     # its 260 (22 generations of 48 instead of 17 of 64); the fitness pool and the finalists' re-scoring
-    # windows kept at the final row's 84 and 64. The defaults since 2026-12-06 (today's, until they change)
-    "last8": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64},
+    # windows kept at the final row's 84 and 64. The defaults of 2026-12-06 to 12-07, and today's above 0.6 (where
+    # the order is wanda-sp, on the statistics' windows)
+    "last8": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64, **ORDER_64},
     # last8 whose last stage also scores the second stage's two best children combined (a generation may take
     # two children's switches), with the children that make about as many window evaluations (292)
-    "combine": {"evolution": "staged-8-combine", "trials": 292, "fitness_nsamples": 84, "final_nsamples": 64},
+    "combine": {"evolution": "staged-8-combine", "trials": 292, "fitness_nsamples": 84, "final_nsamples": 64,
+                **ORDER_64},
     # last8 whose own statistics (the unit order, the fitness's least squares) come from 256 windows, the export's
     # count, instead of 64: at 0.6 and 0.5 the seed-1 cells of last8 and of the final row both lose 2-6 % to
     # seed 0, and the two rows share each seed's statistics windows
     "stats256": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64,
                  "nsamples": 256},
     # stats256 apart: the unit order on 256 windows, the fitness's least squares on last8's 64 (stats256 won every
-    # text at 0.6 but lost held-out C4 at 0.5: which of the two statistics does what)
+    # text at 0.6 but lost held-out C4 at 0.5: which of the two statistics does what). Today's defaults at 0.6 and
+    # below since 2026-12-07 (search/defaults.py ORDER_NSAMPLES)
     "order256": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64,
                  "order_nsamples": 256},
-    # Týr's search (tyr-equal's) with order256's unit order on 256 windows: the equal-budget comparison for the
-    # search row should the order's 256 windows become a default (every osscar order would take them)
+    # Týr's search (tyr-equal's) with order256's unit order on 256 windows: what `--method tyr` runs since
+    # 2026-12-07 (every osscar order takes them), the equal-budget tyr row where the search row is order256
     "tyr-order256": {**SEARCH_METHODS["tyr"], "order_nsamples": 256},
 }
 
@@ -265,9 +272,9 @@ def report(data: dict) -> str:
              + ", ".join(f"{k} {v:.2f}" for k, v in data.get("dense", {}).items()) + ".", "",
              f"Machine: {data['environment']['machine']['cpu']}, {data['environment']['machine']['threads']} threads; "
              "`bf16` is the bfloat16 matmul peak (up to 2048², TFLOP/s) measured in the same run as the cell.", "",
-             "A `*` after the row marks the search today's defaults run at that ratio (the `last8` row since "
-             "2026-12-06; the `final` row is the defaults of 2026-12-02 to 12-06; both refit the winner on 256 windows, "
-             "not 64: calibration_size.md).", "",
+             "A `*` after the row marks the search today's defaults run at that ratio (since 2026-12-07 the `order256` "
+             "row at 0.6 and below, `last8` above; `last8` is the defaults of 2026-12-06 to 12-07, the `final` row "
+             "those of 2026-12-02 to 12-06; all refit the winner on 256 windows, not 64: calibration_size.md).", "",
              "Wall time (seconds; the test evaluation not counted): the preparation (the model's load, the unit "
              "order, the fitness statistics: timed by the search since 2026-12-06, read from the run folder's file "
              "times for the earlier cells whose folder is on this machine, – where neither; a unit order already "

@@ -490,7 +490,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fitness-nsamples", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per window (statistics and fitness)")
     parser.add_argument("--candidates", type=int, default=3)
-    parser.add_argument("--plans-only", action="store_true", help="only (a)")
+    parser.add_argument("--plans-only", action="store_true",
+                        help="only (a): into --out's JSON where it exists, its simulation (b) kept")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the JSON of --out")
     return parse_args_with_config(parser, argv)
@@ -502,11 +503,17 @@ def main(argv=None) -> int:
         args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.read_text())))
         return 0
     started = time.time()
+    command = "python experiments/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    plans = plan_rows(0.5)
+    print("\n\n".join(row["text"] for row in plans), flush=True)
+    if args.plans_only and args.out.is_file():  # (a) again (the plan changed), the simulation of (b) kept
+        data = {**json.loads(args.out.read_text()), "plans": plans, "plans_command": command}
+        write_json(args.out, data)
+        args.out.with_suffix(".md").write_text(markdown(data))
+        return 0
     cpu_peak = {name: matmul_tflops(getattr(torch, name)) * 1e12 for name in ("bfloat16", "float32", "float64")}
-    data = {"command": "python experiments/scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "environment": environment(), "cpu_matmul_tflops": {k: v / 1e12 for k, v in cpu_peak.items()},
-            "h100": H100, "plans": plan_rows(0.5)}
-    print("\n\n".join(row["text"] for row in data["plans"]), flush=True)
+    data = {"command": command, "environment": environment(),
+            "cpu_matmul_tflops": {k: v / 1e12 for k, v in cpu_peak.items()}, "h100": H100, "plans": plans}
     if not args.plans_only:
         sampler = RssSampler()
         sampler.start()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from evaluators.data import CalibrationSpec, parse_dataset
 from reform.spec import MODES, PASS_DTYPES, SELECTIONS, ReformSpec
 from search.defaults import (AUTO_EXPORT_CALIB, MIXED_EXPORT_MIN_RATIO, ORDERS_BY_REFIT_ERROR, PLAIN_TRIALS,
-                             RECOMMENDED, default_dtype, default_importance)
+                             RECOMMENDED, default_dtype, default_importance, default_order_nsamples)
 from search.fitness import KINDS as FITNESS_KINDS
 from search.fitness import NAMES as FITNESS_NAMES
 from search.samplers import MULTI_OBJECTIVE, SAMPLERS
@@ -137,12 +137,17 @@ class SearchConfig:
         and ``final_nsamples`` to max(32, 4 x the windows a candidate is scored on); a staged evolution's
         preset sets both (:class:`search.samplers.staged.StagedPreset`). ``options``: the other fields;
         those not given (or None) take the defaults of the day (``RECOMMENDED``, ``importance="auto"``
-        resolved by the ratio, the dtypes by the device (:func:`default_dtype`), the preset's children for
-        a staged evolution, else PLAIN_TRIALS trials)."""
+        resolved by the ratio, the order's windows by the order (:func:`default_order_nsamples`), the dtypes by
+        the device (:func:`default_dtype`), the preset's children for a staged evolution, else PLAIN_TRIALS
+        trials)."""
         chosen = (*RECOMMENDED, "trials")  # None there: "not given" (the command line's unset flags)
         options = {**RECOMMENDED, **{k: v for k, v in options.items() if k not in chosen or v is not None}}
         if options["importance"] == "auto":
             options["importance"] = default_importance(ratio)
+        order = options.get("order_nsamples")
+        # a count equal to the statistics' is recorded as None, what run folders made before the field meant
+        options["order_nsamples"] = (default_order_nsamples(options["importance"], nsamples) if order is None
+                                     else order if order != nsamples else None)
         for dtype in ("dtype", "pass_dtype", "export_pass_dtype"):
             if options[dtype] == "auto":
                 options[dtype] = default_dtype(options.get("device") or cls.device)

@@ -40,6 +40,24 @@ def default_dtype(device: str) -> str:
     return "bfloat16" if fast_bfloat16(device) else "float32"
 
 
+# The unit order's own windows (``order_nsamples``), by order: the osscar order on 256 windows of the statistics'
+# region where the search's statistics are fewer (the fitness's least squares keeps their 64). Against the same
+# search with the order on 64 (quality.md's order256 and last8 rows, three seeds each): at 0.6 PTB validation
+# -4.3 / -10.7 / -14.2 % and every test text lower in every seed (means -3.8 / -9.8 / -3.7 % on WikiText-2 / PTB /
+# c4:heldout); at 0.5 PTB validation -6.0 / -5.0 / -1.3 %, WikiText-2 and PTB lower in every seed, c4:heldout
+# -0.2 / +3.5 / -5.5 % (means -1.3 / -3.4 / -0.8 %); the zero-shot level at 0.5. It costs the order's passes on
+# four times the tokens (at 0.5 the preparation 1302 s against 256 s on a 2-core EPYC). The other orders take the
+# statistics' count.
+ORDER_NSAMPLES = {"osscar": 256}
+
+
+def default_order_nsamples(importance: str, nsamples: int) -> int | None:
+    """The windows the unit order ``importance`` is computed on by default when the statistics take
+    ``nsamples`` (None: the statistics' own, as a config with no ``order_nsamples`` means)."""
+    wanted = ORDER_NSAMPLES.get(importance)
+    return wanted if wanted is not None and wanted > nsamples else None
+
+
 def default_importance(ratio: float) -> str:
     """The unit order ``importance="auto"`` stands for at this ratio."""
     return "osscar" if ratio <= ORDER_SWITCH_RATIO + 1e-9 else "wanda-sp"

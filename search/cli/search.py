@@ -68,8 +68,9 @@ def add(sub) -> None:
     add_export_options(p)
     common.add_calibration_flags(p)
     p.add_argument("--nsamples", type=int, default=64, help="calibration windows for scores and least squares")
-    p.add_argument("--order-nsamples", type=int, help="calibration windows the unit order is computed on "
-                                                      "(default: --nsamples; the same region and seed)")
+    p.add_argument("--order-nsamples", type=int, help="calibration windows the unit order is computed on, of the "
+                                                      "statistics' region and seed (default: 256 for the osscar "
+                                                      "order where --nsamples is fewer, else --nsamples)")
     p.add_argument("--calib-seqlen", type=int, default=512)
     add_precision_options(p)
     p.add_argument("--dry-run", action="store_true", help="print the memory plan per worker and stop (the model may "
@@ -176,9 +177,12 @@ def config_from_file(args) -> SearchConfig:
         values["eval_datasets"] = tuple(values["eval_datasets"])
     if values.get("model") is None or values.get("ratio") is None:
         raise UserError(f"--config {path} must set model and ratio")
-    # what the file leaves out takes the defaults of the day, as on the command line
-    windows = {k: values.pop(k) for k in WINDOW_SETS if k in values}
-    base = dataclasses.replace(SearchConfig.create(values.pop("model"), values.pop("ratio"), **values), **windows)
+    # what the file leaves out takes the defaults of the day, as on the command line; what it sets stays, a null
+    # order_nsamples too (the statistics' windows, as a run folder's config.yaml records it)
+    kept = {k: values.pop(k) for k in (*WINDOW_SETS, "order_nsamples") if k in values}
+    statistics = {"nsamples": kept["calibration"]["nsamples"]} if "calibration" in kept else {}
+    base = dataclasses.replace(SearchConfig.create(values.pop("model"), values.pop("ratio"), **statistics, **values),
+                               **kept)
     given = {dest: value for dest, value in vars(args).items() if dest in DEFAULTS and value != DEFAULTS[dest]}
     changes = {dest: value for dest, value in given.items() if dest in FIELDS}
     if "eval_datasets" in changes:

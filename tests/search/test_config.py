@@ -1,6 +1,7 @@
 """The search's configuration: every check made before a model loads, and the disjoint regions of
 calibration text its statistics, fitness and re-scoring windows come from."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,31 @@ def test_a_config_file_and_the_command_line_get_the_same_defaults(tmp_path):
     path.write_text(yaml.safe_dump({"ratio": 0.5}))
     with pytest.raises(UserError, match="must set model and ratio"):
         search_cli.config_from(parser.parse_args(["search", "--config", str(path), "--run-dir", "r"]))
+
+
+def test_the_osscar_order_takes_its_own_windows_by_default(tmp_path):
+    import argparse
+
+    import yaml
+
+    from search.cli import search as search_cli
+
+    low, high = SearchConfig.create("m", 0.5), SearchConfig.create("m", 0.7)
+    assert (low.importance, low.order_nsamples, low.calibration["nsamples"]) == ("osscar", 256, 64)
+    assert low.order_calibration_spec() == dataclasses.replace(low.calibration_spec(), nsamples=256)
+    assert high.importance == "wanda-sp" and high.order_nsamples is None  # the statistics' own windows
+    assert SearchConfig.create("m", 0.7, importance="osscar").order_nsamples == 256
+    # given wins; a count equal to the statistics' (or more statistics) is recorded as None, as before the field
+    assert SearchConfig.create("m", 0.5, order_nsamples=128).order_nsamples == 128
+    assert SearchConfig.create("m", 0.5, order_nsamples=64).order_nsamples is None
+    assert SearchConfig.create("m", 0.5, nsamples=256).order_nsamples is None
+    # a run folder's config.yaml with a null order (the statistics' windows) re-runs that search, not today's
+    parser = argparse.ArgumentParser()
+    search_cli.add(parser.add_subparsers())
+    path = tmp_path / "config.yaml"
+    for recorded in (SearchConfig.create("m", 0.5, order_nsamples=64), SearchConfig.create("m", 0.5, nsamples=256)):
+        path.write_text(yaml.safe_dump(recorded.to_dict()))
+        assert search_cli.config_from(parser.parse_args(["search", "--config", str(path), "--run-dir", "r"])) == recorded
 
 
 def test_the_export_fits_on_its_own_count_of_statistics_windows():

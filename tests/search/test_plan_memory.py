@@ -51,8 +51,9 @@ def candidates(dims) -> list[Subnet]:
 
 def test_the_planned_peak_is_the_profiled_peak_of_a_worker():
     hf_config = LlamaConfig(num_hidden_layers=4, **SMOLLM2)
+    # the profile below runs the solvers' preparation on the 8 statistics windows: the plan's order on them too
     config = SearchConfig.create("smollm2-shaped", 0.5, nsamples=8, calib_seqlen=128, fitness_nsamples=4,
-                                 fitness_seqlen=128)
+                                 fitness_seqlen=128, order_nsamples=8)
     generator = torch.Generator().manual_seed(0)
     statistics = torch.randint(0, hf_config.vocab_size, (8, 128), generator=generator)
     windows = torch.randint(0, hf_config.vocab_size, (4, 128), generator=generator)
