@@ -235,17 +235,20 @@ def seed_cells(cell: dict | None) -> dict[int, dict]:
     return {int(seed): c for k, c in found.items() for prefix, _, seed in [k.rpartition("/seed")] if prefix == stem}
 
 
-def _seed_values(rows: dict, name: str, ratio: float, text: str, short: str) -> dict[int, float | None]:
+def _seed_values(rows: dict, name: str, ratio: float, text: str, short: str,
+                 seeds: set[int] | None = None) -> dict[int, float | None]:
     """A row's perplexity of ``text`` (``short``: WikiText-2 in the short windows) at each of its seeds at
-    ``ratio``, by seed; None where a seed has none."""
+    ``ratio`` (those in ``seeds`` where given), by seed; None where a seed has none."""
     cell = rows.get(name, {}).get(ratio)
     return {seed: _seed_short(cell, seed, short) if text == short else c["ppl"].get(text)
-            for seed, c in sorted(seed_cells(cell).items())}
+            for seed, c in sorted(seed_cells(cell).items()) if seeds is None or seed in seeds}
 
 
-def _seed_means(rows: dict, name: str, ratio: float, texts: list[str], short: str) -> dict[str, float] | None:
-    """The means over a row's seeds at ``ratio`` (None below two seeds), of each text every seed has."""
-    values = {t: _seed_values(rows, name, ratio, t, short) for t in [*texts, short]}
+def _seed_means(rows: dict, name: str, ratio: float, texts: list[str], short: str,
+                seeds: set[int] | None = None) -> dict[str, float] | None:
+    """The means over a row's seeds at ``ratio`` (those in ``seeds`` where given; None below two), of each
+    text every one of them has."""
+    values = {t: _seed_values(rows, name, ratio, t, short, seeds) for t in [*texts, short]}
     if len(values[short]) < 2:
         return None
     return {t: sum(v.values()) / len(v) for t, v in values.items() if None not in v.values()}
@@ -284,19 +287,20 @@ def _seeds_table(rows: dict, ratios: list[float], texts: list[str], short: str) 
 
 
 def _seeds_verdict(rows: dict, ratio: float, texts: list[str], short: str) -> list[str]:
-    """The search's seed means against each Týr row's, where both have two or more seeds at ``ratio``, with
-    the search's difference at each seed both ran: a seed fixes the statistics windows, so the pairs share
-    their draw and their differences show whether the means' gap has one sign or is the spread."""
-    search = _seed_means(rows, "search", ratio, texts, short)
+    """The search's seed means against each Týr row's, over the seeds both ran at ``ratio`` (two or more), with
+    the search's difference at each of them: a seed fixes the statistics windows, so the pairs share their
+    draw and their differences show whether the means' gap has one sign or is the spread."""
     lines = []
     for name in [n for n in rows if n.startswith("tyr")]:
-        tyr = _seed_means(rows, name, ratio, texts, short)
+        shared = set(seed_cells(rows.get(name, {}).get(ratio))) & set(seed_cells(rows.get("search", {}).get(ratio)))
+        search, tyr = (_seed_means(rows, n, ratio, texts, short, shared) for n in ("search", name))
         if search is None or tyr is None:
             continue
-        lines.append(f"- {ratio:g}, means over the seeds, {name} against the search: " + "; ".join(
-            f"{t.replace('_', ' in windows of ')} {tyr[t]:.2f} vs {search[t]:.2f} "
-            f"({(search[t] - tyr[t]) / tyr[t]:+.1%}{_paired(rows, name, ratio, t, short)})"
-            for t in [*texts, short] if t in tyr and t in search))
+        lines.append(f"- {ratio:g}, means over seeds {', '.join(map(str, sorted(shared)))}, {name} against the "
+                     "search: " + "; ".join(
+                         f"{t.replace('_', ' in windows of ')} {tyr[t]:.2f} vs {search[t]:.2f} "
+                         f"({(search[t] - tyr[t]) / tyr[t]:+.1%}{_paired(rows, name, ratio, t, short)})"
+                         for t in [*texts, short] if t in tyr and t in search))
     return lines
 
 

@@ -216,11 +216,11 @@ def test_zeroshot_of_a_search_row_whose_export_is_gone_reads_quality_or_says_wha
 
 def test_the_report_shows_every_seed_of_the_searches_and_compares_their_means(compare, tmp_path):
     """The search and Týr rows at seed 0 come with the other seeds quality.py ran: a table of each seed
-    and the mean, and a verdict on the means for each Týr row that has two seeds as the search has."""
+    and the mean, and a verdict on the means over the seeds both ran, for each Týr row that has two of them."""
     import compare_report
 
     quality = tmp_path / "quality.json"
-    seeds = {("final", 0): 40.0, ("final", 1): 44.0, ("tyr", 0): 41.0, ("tyr", 1): 47.0,
+    seeds = {("final", 0): 40.0, ("final", 1): 44.0, ("final", 2): 30.0, ("tyr", 0): 41.0, ("tyr", 1): 47.0,
              ("tyr-equal", 0): 39.0, ("tyr-equal", 1): 43.0}
     quality.write_text(json.dumps({"cells": {f"0.5/{row}/seed{s}": {"ppl": {"wikitext2": v, "ptb": 2 * v}}
                                              for (row, s), v in seeds.items()}}))
@@ -235,11 +235,12 @@ def test_the_report_shows_every_seed_of_the_searches_and_compares_their_means(co
               "max_calib_tokens": None}
     compare_report.write_report({"config": config, "cells": cells}, tmp_path / "compare")
     report = (tmp_path / "compare.md").read_text()
-    assert ("| search | 0.5 | 0, 1 | 40.00 / 44.00 (mean 42.00) | 1.00 / 3.00 (mean 2.00) | "
-            "80.00 / 88.00 (mean 84.00) |") in report
+    assert ("| search | 0.5 | 0, 1, 2 | 40.00 / 44.00 / 30.00 (mean 38.00) | 1.00 / 3.00 / – | "
+            "80.00 / 88.00 / 60.00 (mean 76.00) |") in report
     assert "| tyr | 0.5 | 0, 1 | 41.00 / 47.00 (mean 44.00) | 1.00 / – |" in report
-    # each mean's gap with the search's difference at each seed (40 vs 41, 44 vs 47)
-    assert "means over the seeds, tyr against the search: wikitext2 44.00 vs 42.00 (-4.5%; per seed -2.4 / -6.4 %); " \
+    # each mean's gap over the seeds both ran (not the search's seed 2), with the search's difference at each
+    # (40 vs 41, 44 vs 47)
+    assert "means over seeds 0, 1, tyr against the search: wikitext2 44.00 vs 42.00 (-4.5%; per seed -2.4 / -6.4 %); " \
         "ptb 88.00 vs 84.00 (-4.5%; per seed -2.4 / -6.4 %)\n" in report
     # every Týr row with seeds, the one with the search's calibration too, its short windows where both have them
     assert "| tyr (search's calibration) | 0.5 | 0, 1 | 39.00 / 43.00 (mean 41.00) | 1.00 / 2.00 (mean 1.50) |" in report
