@@ -45,7 +45,7 @@ def default_dtype(device: str) -> str:
 # search with the order on 64 (quality.md's order256 and last8 rows, three seeds each): at 0.6 PTB validation
 # -4.3 / -10.7 / -14.2 % and every test text lower in every seed (means -3.8 / -9.8 / -3.7 % on WikiText-2 / PTB /
 # c4:heldout); at 0.5 PTB validation -6.0 / -5.0 / -1.3 %, WikiText-2 and PTB lower in every seed, c4:heldout
-# -0.2 / +3.5 / -5.5 % (means -1.3 / -3.4 / -0.8 %); the zero-shot level at 0.5. It costs the order's passes on
+# -0.2 / +3.5 / -5.5 % (means -1.3 / -3.4 / -0.8 %); the zero-shot level (0.6, 0.5). It costs the order's passes on
 # four times the tokens (at 0.5 the preparation 1302 s, with another job beside it for part of it, against 256 s
 # on a 2-core EPYC). The other orders take the statistics' count.
 ORDER_NSAMPLES = {"osscar": 256}
