@@ -46,7 +46,7 @@ from reform.local import model_home
 from reform.reselect import reselect
 from space.errors import UserError
 from space.calibration import (BlockInputs, InputStats, block_in, block_on, capture_block_inputs, input_of,
-                               run_block)
+                               linear_input_stats, run_block)
 from space.adapters import LayerAdapter, ModelAdapter
 from space.order import LayerOrder
 from space.views import subnet_view
@@ -203,11 +203,8 @@ def _upstream_walk(adapter: ModelAdapter, subnet: Subnet, windows: torch.Tensor,
             linears = layer.linears()
             stats: dict[str, InputStats] = {}
             for name in ("o", "down") if every_output else list(targets):
-                module = linears[name]
-                stats[name] = InputStats(module.in_features, gram=method.gram, device=module.weight.device)
                 with block_in(layer.layer, dtype), view(layer.index, _with_dense(widths, adapter.dims, name), mine):
-                    for hidden, args, kwargs in pruned.calls(layer.layer):
-                        stats[name].add(input_of(layer.layer, module, hidden, args, kwargs)[0])
+                    stats[name] = linear_input_stats(layer.layer, linears[name], pruned, gram=method.gram)
                 if name in targets:
                     target = targets[name]
                     if spec.select == "obs":

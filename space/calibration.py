@@ -250,6 +250,15 @@ class InputStats:
         return self.sumsq.sqrt()
 
 
+def linear_input_stats(block: nn.Module, module: nn.Module, inputs: BlockInputs, *, gram: bool) -> InputStats:
+    """The statistics of ``module``'s inputs over every batch of ``inputs`` through ``block``, each pass
+    stopped at ``module`` (:func:`input_of`)."""
+    stats = InputStats(module.in_features, gram=gram, device=module.weight.device)
+    for hidden, args, kwargs in inputs.calls(block):
+        stats.add(input_of(block, module, hidden, args, kwargs)[0])
+    return stats
+
+
 @dataclass
 class StatsRequest:
     """Which linear inputs to watch in each layer (by the adapter's short names), and which of

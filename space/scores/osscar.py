@@ -31,7 +31,7 @@ import torch
 
 from space.adapters import LayerAdapter, ModelAdapter
 from space.budget import project
-from space.calibration import (BlockInputs, InputStats, block_in, block_on, capture_block_inputs, input_of,
+from space.calibration import (BlockInputs, block_in, block_on, capture_block_inputs, linear_input_stats,
                                run_block)
 from space.scores.base import LayerScores, ScoreContext, best_shape, kept_heads, register_score, weight64
 from space.scores.elimination import CHANNELS_PER_STEP, damped, eliminate, swap_search, unit_scores
@@ -117,12 +117,8 @@ def _select_channels(layer: LayerAdapter, inputs: BlockInputs, width: int, ctx: 
 def _gram(layer: LayerAdapter, inputs: BlockInputs, name: str, ctx: ScoreContext) -> torch.Tensor:
     """The second moment of one linear's inputs on the (pruned upstream) stream, the block run in
     the pass dtype (the weights it was refitted to, rounded for the pass only) and stopped there."""
-    module = layer.linears()[name]
-    stats = InputStats(module.in_features, gram=True, device=module.weight.device)
     with block_in(layer.layer, ctx.pass_dtype):
-        for hidden, args, kwargs in inputs.calls(layer.layer):
-            stats.add(input_of(layer.layer, module, hidden, args, kwargs)[0])
-    return stats.gram
+        return linear_input_stats(layer.layer, layer.linears()[name], inputs, gram=True).gram
 
 
 def _keep_columns(linear: torch.nn.Linear, kept: torch.Tensor, gram: torch.Tensor) -> None:
