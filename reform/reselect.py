@@ -30,7 +30,6 @@ from space.scores.elimination import CHANNELS_PER_STEP, damped, eliminate, refit
 from space.subnet import LayerWidths, ModelDims
 
 EXACT_HEAD_SETS = 256  # enumerate every head set of the shape up to this many, else rank greedily
-SWAP_ROUNDS = 64  # as the osscar score's (space/scores/osscar.py)
 
 
 def _head_sets(dims: ModelDims, kv: int, q: int):
@@ -62,7 +61,7 @@ def chosen_channels(weight: torch.Tensor, gram: torch.Tensor, width: int) -> tor
     h = damped(gram)
     greedy = unit_scores(eliminate(weight, h, step=CHANNELS_PER_STEP), weight.shape[1])
     start = torch.argsort(greedy, descending=True, stable=True)[:width]
-    return swap_search(weight, h, start, rounds=SWAP_ROUNDS).kept
+    return swap_search(weight, h, start).kept
 
 
 def reselect(layer: LayerAdapter, name: str, widths: LayerWidths, stats: InputStats, dims: ModelDims,

@@ -112,7 +112,11 @@ class Swaps:
     accepted: int  # swaps taken
 
 
-def swap_search(weight: torch.Tensor, h: torch.Tensor, kept: torch.Tensor, *, rounds: int = 64,
+SWAP_ROUNDS = 64  # the swap search takes at most this many swaps per layer
+REFRESH_SWAPS = 32  # its rank-one updates are recomputed from H after this many swaps
+
+
+def swap_search(weight: torch.Tensor, h: torch.Tensor, kept: torch.Tensor, *, rounds: int = SWAP_ROUNDS,
                 candidates: int = 4) -> Swaps:
     """OSSCAR's local search on single columns: from the kept set ``kept``, swap a kept column out
     and an omitted one in whenever that lowers the refit error E, until no improving swap is found
@@ -121,43 +125,82 @@ def swap_search(weight: torch.Tensor, h: torch.Tensor, kept: torch.Tensor, *, ro
     With B = W H, the refit of K is Ŵ_K = B_K H_KK⁻¹ and removing i costs ‖Ŵ[:, i]‖² / G_ii
     (G = H_KK⁻¹, the OBS cost); adding j to K' = K − {i} lowers E by ‖B_j − Ŵ_K' H_K'j‖² / s_j with
     the Schur complement s_j = H_jj − H_jK' G' H_K'j. A swap is taken when the best addition gains
-    more than the removal costs."""
+    more than the removal costs. Every quantity is kept for all columns at once (:class:`KeptFit`)
+    and a swap updates them in rank-one steps, so a round costs O((d_out + k) · d_in), not a k x k
+    factorisation."""
     w = weight.detach().double().to(h.device)
     b = w @ h
     total = float(torch.einsum("ij,jk,ik->", w, h, w))
-    kept = torch.sort(kept.to(h.device)).values
-    before = refit_error(b, h, kept, total)
+    kept = kept.to(h.device).clone()
+    before = refit_error(b, h, torch.sort(kept).values, total)
+    fit = KeptFit(b, h, kept)
     accepted = 0
     for _ in range(rounds):
-        g = torch.cholesky_inverse(torch.linalg.cholesky(h[kept][:, kept]))
-        fitted = b[:, kept] @ g
-        costs = fitted.square().sum(0) / g.diagonal()
-        swapped = False
+        costs = fit.fitted.square().sum(0) / fit.g.diagonal()
+        residual_norms = fit.residual.square().sum(0)
         for i in torch.argsort(costs)[:candidates].tolist():
-            stay = torch.arange(len(kept), device=h.device) != i
-            rest = kept[stay]
-            g_rest = (g - torch.outer(g[:, i], g[i]) / g[i, i])[stay][:, stay]
-            fitted_rest = (fitted - torch.outer(fitted[:, i], g[i]) / g[i, i])[:, stay]
-            outside = _outside(h.shape[0], rest)
-            cross = h[rest][:, outside]
-            residual = b[:, outside] - fitted_rest @ cross
-            schur = h.diagonal()[outside] - (cross * (g_rest @ cross)).sum(0)
-            gains = residual.square().sum(0) / schur.clamp_min(1e-30)
+            gains = fit.gains_without(i, residual_norms)
             best = int(torch.argmax(gains))
-            if int(outside[best]) != int(kept[i]) and float(gains[best]) > float(costs[i]) * (1 + 1e-9) + 1e-12 * total:
-                kept = torch.sort(torch.cat([rest, outside[best:best + 1]])).values
+            if float(gains[best]) > float(costs[i]) * (1 + 1e-9) + 1e-12 * total:
+                fit.swap(i, best)
                 accepted += 1
-                swapped = True
+                if accepted % REFRESH_SWAPS == 0:
+                    fit = KeptFit(b, h, fit.kept)
                 break
-        if not swapped:
+        else:
             break
+    kept = torch.sort(fit.kept).values
     return Swaps(kept.cpu(), refit_error(b, h, kept, total) if accepted else before, before, accepted)
 
 
-def _outside(width: int, kept: torch.Tensor) -> torch.Tensor:
-    mask = torch.ones(width, dtype=torch.bool, device=kept.device)
-    mask[kept] = False
-    return torch.nonzero(mask).reshape(-1)
+class KeptFit:
+    """The least-squares refit of B = W H on the kept columns K (any order), for every column l:
+    G = H_KK⁻¹; P = G H_K: (the kept columns' coefficients of each column); the refitted weights
+    F = B_K G; the residual Q = B − F H_K: (zero on K); and the Schur complement
+    S_l = H_ll − H_lK G H_Kl (the part of column l that K does not explain; zero on K)."""
+
+    def __init__(self, b: torch.Tensor, h: torch.Tensor, kept: torch.Tensor):
+        self.h, self.kept = h, kept
+        self.g = torch.cholesky_inverse(torch.linalg.cholesky(h[kept][:, kept]))
+        self.p = self.g @ h[kept]
+        self.fitted = b[:, kept] @ self.g
+        self.residual = b - self.fitted @ h[kept]
+        self.schur = h.diagonal() - (h[kept] * self.p).sum(0)
+        self.inside = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+        self.inside[kept] = True
+
+    def gains_without(self, i: int, residual_norms: torch.Tensor) -> torch.Tensor:
+        """For every column j, the error drop of adding j once position i is removed (−inf on K):
+        with K − {i}, Q_j gains f p_j / g_ii and S_j gains p_j² / g_ii (f = F[:, i], p = P[i])."""
+        gii, f, p = self.g[i, i], self.fitted[:, i], self.p[i]
+        numerator = residual_norms + 2 * p * (f @ self.residual) / gii + p.square() * (f @ f) / gii ** 2
+        gains = numerator / (self.schur + p.square() / gii).clamp_min(1e-30)
+        return gains.masked_fill(self.inside, float("-inf"))
+
+    def swap(self, i: int, j: int) -> None:
+        """Column j takes position i of K: remove i (an OBS downdate), then add j (a bordering)."""
+        g, h = self.g, self.h
+        gi, gii, f, p = g[:, i].clone(), g[i, i].clone(), self.fitted[:, i].clone(), self.p[i].clone()
+        g -= torch.outer(gi, gi) / gii  # row and column i are now zero
+        self.p -= torch.outer(gi, p) / gii
+        self.fitted -= torch.outer(f, gi) / gii
+        self.residual += torch.outer(f, p) / gii
+        self.schur += p.square() / gii
+        self.inside[self.kept[i]] = False
+        u = g @ h[self.kept, j]  # u_i = 0
+        s = self.schur[j].clamp_min(1e-30)
+        v = u @ h[self.kept] - h[j]  # −(H_j: − H_jK' G' H_K':), the new column's unexplained part
+        r = self.residual[:, j].clone()
+        g += torch.outer(u, u) / s
+        g[i], g[:, i], g[i, i] = -u / s, -u / s, 1 / s
+        self.p += torch.outer(u, v) / s
+        self.p[i] = -v / s
+        self.fitted -= torch.outer(r, u) / s
+        self.fitted[:, i] = r / s
+        self.residual += torch.outer(r, v) / s
+        self.schur -= v.square() / s
+        self.kept[i] = j
+        self.inside[j] = True
 
 
 def refit_error(b: torch.Tensor, h: torch.Tensor, kept: torch.Tensor, total: float) -> float:

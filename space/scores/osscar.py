@@ -39,7 +39,6 @@ from space.subnet import LayerWidths, ModelDims, Subnet
 
 log = logging.getLogger(__name__)
 
-SWAP_ROUNDS = 64  # at most this many swaps per layer (each costs one k x k inverse)
 # The ridge of the refit that produces the pruned stream: the reformation's default
 # (reform.lstsq.DEFAULT_DAMPING; space cannot import reform), so the stream is the one that the
 # export's upstream least squares sees.
@@ -106,7 +105,7 @@ def _select_channels(layer: LayerAdapter, inputs: BlockInputs, width: int, ctx: 
     h = damped(gram)
     greedy = unit_scores(eliminate(weight64(down), h, step=CHANNELS_PER_STEP), down.in_features)
     start = torch.argsort(greedy, descending=True, stable=True)[:width]
-    swaps = swap_search(weight64(down), h, start, rounds=SWAP_ROUNDS)
+    swaps = swap_search(weight64(down), h, start)
     log.info("osscar layer %d: %d swaps, refit error %.4g -> %.4g", layer.index, swaps.accepted, swaps.before,
              swaps.error)
     _keep_columns(down, swaps.kept, gram)

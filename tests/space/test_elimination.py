@@ -7,7 +7,7 @@ import torch
 
 from space.adapters import adapter_for
 from space.scores import compute_scores
-from space.scores.elimination import damped, eliminate, swap_search, unit_scores
+from space.scores.elimination import KeptFit, damped, eliminate, swap_search, unit_scores
 
 
 def refit_error(w: torch.Tensor, h: torch.Tensor, kept: torch.Tensor) -> float:
@@ -98,3 +98,46 @@ def test_swaps_only_lower_the_refit_error_and_report_it(seed):
     # a local optimum: with every removal tried (candidates = kept) no single swap improves on it
     final = swap_search(w, h, swaps.kept, candidates=6)
     assert final.accepted == 0
+
+
+def brute_force_swaps(w, h, kept, *, candidates, rounds):
+    """The swap search by direct refits: each round, the ``candidates`` removals of least error
+    increase, each with its best addition, the first one that lowers E taken."""
+    kept = sorted(kept.tolist())
+    for _ in range(rounds):
+        error = refit_error(w, h, torch.tensor(kept))
+        without = {i: refit_error(w, h, torch.tensor([k for k in kept if k != i])) for i in kept}
+        for i in sorted(kept, key=lambda c: without[c] - error)[:candidates]:
+            rest = [k for k in kept if k != i]
+            j = min((c for c in range(w.shape[1]) if c not in kept),
+                    key=lambda c: refit_error(w, h, torch.tensor(rest + [c])))
+            if refit_error(w, h, torch.tensor(rest + [j])) < error * (1 - 1e-9):
+                kept = sorted(rest + [j])
+                break
+        else:
+            break
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_swap_search_takes_the_swaps_of_direct_refits(seed):
+    w, h = problem(d_out=5, d_in=14, tokens=30, seed=seed)
+    start = torch.randperm(14, generator=torch.Generator().manual_seed(seed))[:6]  # a poor start: many swaps
+    swaps = swap_search(w, h, start, candidates=3, rounds=40)
+    assert swaps.accepted >= 2
+    assert sorted(swaps.kept.tolist()) == brute_force_swaps(w, h, start, candidates=3, rounds=40)
+
+
+def test_the_rank_updated_fit_equals_a_fresh_one_after_many_swaps():
+    w, h = problem(d_out=7, d_in=30, tokens=60, seed=3)
+    b = w @ h
+    fit = KeptFit(b, h, torch.arange(12))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):  # random swaps: far more than a search's refresh interval
+        i = int(torch.randint(12, (1,), generator=g))
+        outside = torch.nonzero(~fit.inside).reshape(-1)
+        fit.swap(i, int(outside[torch.randint(len(outside), (1,), generator=g)]))
+    fresh = KeptFit(b, h, fit.kept.clone())
+    scale = float(h.abs().max())
+    for name in ("g", "p", "fitted", "residual", "schur"):
+        assert torch.allclose(getattr(fit, name), getattr(fresh, name), rtol=1e-7, atol=1e-8 * scale), name
