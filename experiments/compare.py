@@ -25,9 +25,10 @@ run folders ``runs/search-<searcher>-<ratio>/`` (their export, evaluated here on
 where neither exists and ``--search-trials`` is given, :func:`search.job.run_search` runs with that
 budget; otherwise the row says pending. ``--tyr-rows`` adds Týr's search (``search --method tyr``) from
 the same file's rows: ``tyr`` exported as first measured (64 windows of WikiText-2), ``tyr-equal`` with
-the search's export of the day (the same calibration text and token budget as the search row); where
-the defaults of the day are Týr's search and export (ratio <= 0.6) that row is the search row itself,
-shown as ``= search`` and never counted as its rival.
+the search's export of the day (the same calibration text and token budget as the search row, the unit
+order's windows included: read from the tyr row with the search row's order windows, :func:`budget_row`);
+where the search row is Týr's search and export (the final row at ratio <= 0.6) that row is the search
+row itself, shown as ``= search`` and never counted as its rival.
 
 Writes ``experiments/results/compare.json`` after every cell (config, versions, seed, wall
 times), then ``compare.md`` and ``compare.png``. Re-running resumes: finished cells are kept.
@@ -68,7 +69,7 @@ log = logging.getLogger("compare")
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # quality.py's tyr rows by their name here: ``tyr`` exported as first measured (64 windows of WikiText-2),
-# ``tyr-equal`` with the search's export of the day (the final row's calibration text and token budget)
+# ``tyr-equal`` with the search's export of the day and its unit order's windows (:func:`budget_row`)
 TYR_ROWS = {"tyr": "tyr", "tyr-equal": "tyr (search's calibration)"}
 
 
@@ -263,6 +264,22 @@ def tyr_row_name(row: str) -> str:
     return TYR_ROWS.get(row, f"tyr ({row})")
 
 
+def budget_row(ratio: float, row: str, search_row: str) -> str:
+    """The quality.py row that stands for ``row`` at ``ratio``: among the rows with ``row``'s options but for the
+    unit order's windows, the one whose order takes as many windows as ``search_row``'s there (tyr-equal, Týr's
+    search with 64, is tyr-order256 where the search orders on 256: an equal budget); ``row`` where none does."""
+    def order_windows(name: str) -> int:
+        return cell_config(ratio, name, 0).order_calibration_spec().nsamples
+
+    def options(name: str) -> dict:
+        return {k: v for k, v in ROWS[name].items() if k != "order_nsamples"}
+
+    if row not in ROWS or search_row not in ROWS:
+        return row
+    wanted = order_windows(search_row)
+    return next((r for r in ROWS if options(r) == options(row) and order_windows(r) == wanted), row)
+
+
 def same_search(ratio: float, row: str, search_row: str) -> bool:
     """Whether quality.py's ``row`` runs, at ``ratio``, exactly the search and export of ``search_row``."""
     return (row in ROWS and search_row in ROWS
@@ -452,10 +469,11 @@ def run(args, argv) -> int:
         elif args.search_cells:  # the search row's quality.py row has no cell at this ratio yet: a "–",
             cells.pop(key, None)  # not another row's numbers
         save()
-    for row in args.tyr_rows if args.search_cells else []:
-        name = tyr_row_name(row)
+    for tyr_row in args.tyr_rows if args.search_cells else []:
+        name = tyr_row_name(tyr_row)
         for ratio in args.ratios:
             key = f"{name}:{ratio}"
+            row = budget_row(ratio, tyr_row, args.search_cells[1])
             if same_search(ratio, row, args.search_cells[1]) and f"search:{ratio}" in cells:
                 # the same search and export as the search row (tyr-equal at ratios whose defaults are tyr's)
                 cells[key] = {**copy.deepcopy(cells[f"search:{ratio}"]), "same_as": f"search:{ratio}"}

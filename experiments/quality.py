@@ -103,6 +103,10 @@ ROWS: dict[str, dict] = {
     # Týr's search (tyr-equal's) with order256's unit order on 256 windows: what `--method tyr` runs since
     # 2026-12-07 (every osscar order takes them), the equal-budget tyr row where the search row is order256
     "tyr-order256": {**SEARCH_METHODS["tyr"], "order_nsamples": 256},
+    # last8 with the order's windows left to the default (search/defaults.py ORDER_NSAMPLES): the defaults since
+    # 2026-12-07, order256 at 0.6 and below, last8 above; compare.md's search row, read from the row of the
+    # same search at each ratio (not run itself)
+    "order-auto": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64},
 }
 
 # Rows whose search is another row's (they differ in runtime fields only, e.g. the export): the other row's

@@ -354,6 +354,32 @@ def test_the_equal_calibration_tyr_row_is_the_search_row_where_the_defaults_are_
     assert "- 0.5, wikitext2: tyr 30.00; search 38.00" in report
 
 
+def test_the_search_row_of_the_defaults_reads_the_row_of_its_order_and_tyr_takes_the_same_order_windows(
+        compare, tiny_model_dir, tiny_data, tmp_path):
+    """order-auto (the defaults since 2026-12-07: the osscar order on 256 windows at 0.6 and below) is read from
+    order256 at 0.5 and last8 at 0.8; Týr's search exported like the search is read from the tyr row with the
+    search's order windows there (tyr-order256 at 0.5, tyr-equal's 64 at 0.8); the first tyr row keeps its own."""
+    assert compare.budget_row(0.5, "tyr-equal", "order-auto") == "tyr-order256"
+    assert compare.budget_row(0.8, "tyr-equal", "order-auto") == "tyr-equal"
+    assert compare.budget_row(0.5, "tyr-equal", "last8") == "tyr-equal"
+    assert compare.budget_row(0.5, "tyr", "order-auto") == "tyr"
+    out = tmp_path / "compare"
+    rows = [(0.5, "order256", 40.0), (0.5, "last8", 41.0), (0.8, "last8", 20.0), (0.5, "tyr-order256", 42.0),
+            (0.5, "tyr-equal", 43.0), (0.8, "tyr-equal", 21.0)]
+    quality = quality_file(tmp_path / "quality.json", tiny_model_dir, rows)
+    argv = ["--model", str(tiny_model_dir), "--ratios", "0.8", "0.5", "--recipes", "wanda-sp", "--windows", "1",
+            "--held-out", "ptb", "--out", str(out), "--search-cells", str(quality), "order-auto",
+            "--tyr-rows", "tyr-equal"]
+    assert compare.main(argv) == 0
+    cells = json.loads(out.with_suffix(".json").read_text())["cells"]
+    equal = "tyr (search's calibration)"
+    assert [cells[f"search:{r}"]["record"]["from"] for r in (0.5, 0.8)] == [f"{quality} 0.5/order256/seed0",
+                                                                           f"{quality} 0.8/last8/seed0"]
+    assert [cells[f"{equal}:{r}"]["record"]["from"] for r in (0.5, 0.8)] == [f"{quality} 0.5/tyr-order256/seed0",
+                                                                            f"{quality} 0.8/tyr-equal/seed0"]
+    assert cells[f"{equal}:0.5"]["metrics"]["ptb_2048"]["ppl"] == 84.0
+
+
 def test_quality_reuses_another_rows_search_where_only_the_export_differs(tmp_path, monkeypatch):
     """quality.py's tyr-equal cell starts from a copy of the tyr cell's run folder (the same search: only the
     export differs), without its export and result; a resumed copy still names its source, and a folder
