@@ -72,9 +72,11 @@ def write_report(results: dict, out: Path) -> None:
     ]
     if any(name.startswith("tyr (") for name in rows):
         lines += ["Rows `tyr`: Týr's search (`llm-pruner search --method tyr`, experiments/quality.py's cells). `tyr` is "
-                  "exported as first measured (least squares on 64 windows of 512 of WikiText-2); `tyr (search's "
-                  "calibration)` is the same search exported like the search row (256 windows, with C4's calibration "
-                  "half above 0.6): the same calibration text and token budget. `= search` marks the ratios where "
+                  "exported as first measured (least squares on 64 windows of 512 of WikiText-2, its unit order on "
+                  "64); `tyr (search's calibration)` is the same search exported like the search row (256 windows, "
+                  "with C4's calibration half above 0.6) and with its unit order on as many windows as the search "
+                  "row's (256 where the search's osscar order takes them, 64 where its order is on its 64 statistics "
+                  "windows): the same calibration text and token budget. `= search` marks the ratios where "
                   "the search's defaults are Týr's search: there that row is the search row itself.", ""]
     for metric, label in metrics:
         lines += [f"## Perplexity: {label}", "", "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |",
