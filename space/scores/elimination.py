@@ -161,11 +161,12 @@ class KeptFit:
 
     def __init__(self, b: torch.Tensor, h: torch.Tensor, kept: torch.Tensor):
         self.h, self.kept = h, kept
-        self.g = torch.cholesky_inverse(torch.linalg.cholesky(h[kept][:, kept]))
-        self.p = self.g @ h[kept]
+        rows = h[kept]  # H_K:, gathered once
+        self.g = torch.cholesky_inverse(torch.linalg.cholesky(rows[:, kept]))
+        self.p = self.g @ rows
         self.fitted = b[:, kept] @ self.g
-        self.residual = b - self.fitted @ h[kept]
-        self.schur = h.diagonal() - (h[kept] * self.p).sum(0)
+        self.residual = b - self.fitted @ rows
+        self.schur = h.diagonal() - (rows * self.p).sum(0)
         self.inside = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
         self.inside[kept] = True
 
@@ -187,9 +188,10 @@ class KeptFit:
         self.residual += torch.outer(f, p) / gii
         self.schur += p.square() / gii
         self.inside[self.kept[i]] = False
-        u = g @ h[self.kept, j]  # u_i = 0
+        rows = h[self.kept]  # H_K: (row i is the leaving column's: u_i = 0 below, so it adds nothing)
+        u = g @ rows[:, j]  # u_i = 0
         s = self.schur[j].clamp_min(1e-30)
-        v = u @ h[self.kept] - h[j]  # −(H_j: − H_jK' G' H_K':), the new column's unexplained part
+        v = u @ rows - h[j]  # −(H_j: − H_jK' G' H_K':), the new column's unexplained part
         r = self.residual[:, j].clone()
         g += torch.outer(u, u) / s
         g[i], g[:, i], g[i, i] = -u / s, -u / s, 1 / s
