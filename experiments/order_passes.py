@@ -1,9 +1,13 @@
-"""The osscar order's calibration passes: each layer's attention statistics with the block stopped at o_proj
-(``space.calibration.input_of``, since 2026-12-07) against the whole block run for them, as before, on the same
-SmolLM2-135M windows side by side in one run (alternating, the faster of ``--repeats`` each). The scores must
-be identical; the table gives the seconds of the whole order.
+"""The osscar order's calibration passes, three forms on the same SmolLM2-135M windows side by side in one
+run (alternating, the faster of ``--repeats`` each); the scores must be identical:
 
-    LLM_PRUNER_DATA=../shared/data python experiments/order_passes.py --nsamples 32 --ratio 0.6
+* ``whole block, three passes``: each layer runs the whole block for the attention statistics, again for
+  down_proj's (attention refitted) and again for the outputs (down_proj refitted), as before 2026-12-07;
+* ``stopped at o_proj``: the attention statistics' pass stops at o_proj (``space.calibration.input_of``);
+* ``one pass for down_proj``: down_proj's statistics and the block's outputs from one pass (the stream after
+  attention plus the refitted down_proj on its inputs, ``space/residual_pass.py``), today's form.
+
+    LLM_PRUNER_DATA=../shared/data python experiments/order_passes.py --nsamples 64 --ratio 0.5
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import argparse
 import functools
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
 
@@ -23,23 +27,28 @@ import torch  # noqa: E402
 from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from search.config import STATISTICS_REGION  # noqa: E402
+from space import calibration  # noqa: E402
 from space.adapters import adapter_for  # noqa: E402
-from space.calibration import input_of  # noqa: E402
 from space.export import write_json  # noqa: E402
 from space.models import load_model  # noqa: E402
 from space.scores import compute_scores  # noqa: E402
-from space.scores import osscar  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def timed_order(adapter, windows: torch.Tensor, ratio: float, whole_block: bool) -> tuple[list, float]:
-    """The osscar order and its seconds; ``whole_block``: every statistics pass runs the whole block."""
-    patch = mock.patch.object(osscar, "input_of", functools.partial(input_of, finish=True)) if whole_block \
-        else nullcontext()
-    with patch:
+FORMS = ("whole block, three passes", "stopped at o_proj", "one pass for down_proj")
+
+
+def timed_order(adapter, windows: torch.Tensor, ratio: float, form: str, pass_dtype) -> tuple[list, float]:
+    """The osscar order in ``form`` (:data:`FORMS`) and its seconds."""
+    with ExitStack() as stack:
+        if form != FORMS[2]:  # the block run again after down_proj's refit
+            stack.enter_context(mock.patch.object(adapter, "plain_residual", False))
+        if form == FORMS[0]:  # every statistics pass runs the whole block
+            stack.enter_context(mock.patch.object(calibration, "input_of",
+                                                  functools.partial(calibration.input_of, finish=True)))
         started = time.perf_counter()
-        scores = compute_scores(adapter, windows, ["osscar"], ratio=ratio)["osscar"]
+        scores = compute_scores(adapter, windows, ["osscar"], ratio=ratio, pass_dtype=pass_dtype)["osscar"]
     return scores, time.perf_counter() - started
 
 
@@ -50,34 +59,39 @@ def identical(a: list, b: list) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nsamples", type=int, default=32, help="windows of 512 tokens of WikiText-2 validation")
-    parser.add_argument("--ratio", type=float, default=0.6)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--pass-dtype", default="bfloat16", choices=("float32", "bfloat16"),
+                        help="the dtype the blocks run in (the searches' default since 2026-12-06: bfloat16)")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "order_passes.json")
     args = parser.parse_args(argv)
     loaded = load_model("smollm2-135m", dtype=torch.float32)
     adapter = adapter_for(loaded.model)
     windows = CalibrationSpec("wikitext2", args.nsamples, 512, 0, STATISTICS_REGION).windows(loaded.tokenizer)
-    seconds: dict[str, list[float]] = {"stopped at o_proj": [], "whole block": []}
+    seconds: dict[str, list[float]] = {form: [] for form in FORMS}
     scores = {}
     for _ in range(args.repeats):
-        for name in seconds:
-            scores[name], took = timed_order(adapter, windows, args.ratio, name == "whole block")
-            seconds[name].append(round(took, 1))
-    same = identical(scores["stopped at o_proj"], scores["whole block"])
+        for form in FORMS:
+            scores[form], took = timed_order(adapter, windows, args.ratio, form, getattr(torch, args.pass_dtype))
+            seconds[form].append(round(took, 1))
+    same = all(identical(scores[FORMS[0]], scores[form]) for form in FORMS[1:])
     peak = {"bf16_tflops": matmul_tflops(torch.bfloat16), "fp32_tflops": matmul_tflops(torch.float32)}
-    best = {name: min(s) for name, s in seconds.items()}
+    best = {form: min(s) for form, s in seconds.items()}
     result = {"command": "python experiments/order_passes.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "nsamples": args.nsamples, "ratio": args.ratio, "seconds": seconds, "best": best,
-              "speedup": round(best["whole block"] / best["stopped at o_proj"], 3), "identical_scores": same,
-              **peak, "environment": environment()}
+              "nsamples": args.nsamples, "ratio": args.ratio, "pass_dtype": args.pass_dtype, "seconds": seconds,
+              "best": best, "speedup": {form: round(best[FORMS[0]] / best[form], 3) for form in FORMS},
+              "identical_scores": same, **peak, "environment": environment()}
     write_json(args.out, result)
-    lines = [f"# The osscar order's passes ({args.nsamples} x 512 tokens, ratio {args.ratio}, float32 passes)", "",
-             f"`{result['command']}`. Machine: {result['environment']['machine']['cpu']}, "
-             f"{result['environment']['machine']['threads']} threads; float32 matmul peak {peak['fp32_tflops']:.3f} "
-             "TFLOP/s in the same run.", "",
-             "| attention statistics | seconds (each run) | best |", "|---|---|---|"]
-    lines += [f"| {name} | {' / '.join(f'{s:.1f}' for s in runs)} | {best[name]:.1f} |" for name, runs in seconds.items()]
-    lines += ["", f"Speed-up {result['speedup']:.2f}x; scores identical: {'yes' if same else 'NO'}."]
+    machine = result["environment"]["machine"]
+    lines = [f"# The osscar order's passes ({args.nsamples} x 512 tokens, ratio {args.ratio}, {args.pass_dtype} "
+             "passes)", "",
+             f"`{result['command']}`. Machine: {machine['cpu']}, {machine['threads']} threads; matmul peak "
+             f"bfloat16 {peak['bf16_tflops']:.3f}, float32 {peak['fp32_tflops']:.3f} TFLOP/s in the same run. "
+             "Seconds of the whole order (30 layers: passes, greedy eliminations, swap searches).", "",
+             "| form | seconds (each run) | best | against three whole-block passes |", "|---|---|---|---|"]
+    lines += [f"| {form} | {' / '.join(f'{s:.1f}' for s in seconds[form])} | {best[form]:.1f} | "
+              f"{result['speedup'][form]:.2f}x |" for form in FORMS]
+    lines += ["", f"Scores identical in every form: {'yes' if same else 'NO'}."]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if same else 1

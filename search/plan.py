@@ -15,7 +15,8 @@ Per worker, in bytes, from the model's config alone (built on the ``meta`` devic
   activations, one chunk of float32 logits and their log-softmax);
 * ``logits_bytes``: the dense model's top-K distributions of a KL fitness;
 * ``prepare_bytes``: the preparation pass, where the model is still float32 while the solvers fill
-  (with the calibration windows' hidden states and one projection's float64 factoring); on a GPU
+  (with the calibration windows' hidden states and one projection's float64 factoring; before them
+  the unit order's pass, which may hold every window's MLP activations of one block); on a GPU
   the float32 model stays in host memory and one block at a time is on the device
   (``prepare_streamed``), unless the importance score needs the whole model (gradients);
 * ``peak_bytes``: the larger of the preparation and the search; ``fits`` against the device memory.
@@ -121,11 +122,14 @@ def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memor
     # preparation: the float32 model (on a GPU streamed, one block at a time, unless the importance
     # score needs the whole model), every calibration window's hidden states in and out of a block,
     # one batch's activations, and one projection's float64 factoring
-    streamed = not config.device.startswith("cpu") and score_spec(config.importance).streamed
+    order_score, order = score_spec(config.importance), config.order_calibration_spec()
+    streamed = not config.device.startswith("cpu") and order_score.streamed
     prepared_model = dims.layer_params(dims.dense_layer()) * 4 if streamed else params * 4
-    passed = max(statistics.nsamples, config.order_calibration_spec().nsamples)  # the order's pass may take more
+    passed = max(statistics.nsamples, order.nsamples)  # the order's pass may take more
     calibration_bytes = 2 * passed * statistics.seqlen * dims.hidden_size * 4
-    prepare_bytes = (prepared_model + device_fitness + calibration_bytes
+    # an order that holds down_proj's inputs of every window runs before the solvers fill: the larger counts
+    order_inputs = order.nsamples * order.seqlen * dims.intermediate_size * 4 if order_score.keeps_mlp_inputs else 0
+    prepare_bytes = (prepared_model + max(device_fitness, order_inputs) + calibration_bytes
                      + min(FITNESS_BATCH, passed) * statistics.seqlen * hidden * 4
                      + (factoring_bytes(dims) if lstsq else 0))
     peak = max(search_bytes, prepare_bytes)

@@ -12,8 +12,10 @@ uniform widths, :func:`uniform_target`). Layer by layer, in order:
    which removes them from the block's output;
 4. the same for down_proj's channels with attention pruned: greedy elimination (16 channels per
    step), then OSSCAR's local swap search at the target width (:func:`swap_search`);
-5. the block runs on the pruned stream and gives the next layer's inputs; the dense weights of
-   the layer are restored (the pipeline permutes, allocates and rectifies the dense model).
+5. the block runs on the pruned stream and gives the next layer's inputs (in a plain-residual
+   family, from step 4's pass: the stream after attention plus the refitted down_proj on its
+   inputs, space/residual_pass.py); the dense weights of the layer are restored (the pipeline
+   permutes, allocates and rectifies the dense model).
 
 Scores: each unit's greedy-elimination score, plus 1 for the units the selection keeps, so a
 prefix of the target width is exactly the selected set. Heads get no swap search (whole heads in
@@ -34,6 +36,7 @@ from space.budget import project
 from space.calibration import (BlockInputs, block_in, block_on, capture_block_inputs, linear_input_stats,
                                run_block)
 from space.scores.base import LayerScores, ScoreContext, best_shape, kept_heads, register_score, weight64
+from space.residual_pass import last_linear_pass
 from space.scores.elimination import CHANNELS_PER_STEP, damped, eliminate, swap_search, unit_scores
 from space.subnet import LayerWidths, ModelDims, Subnet
 
@@ -62,6 +65,7 @@ def uniform_target(dims: ModelDims, ratio: float) -> Subnet:
     source="OSSCAR: greedy OBS + local swap search at the uniform target width, statistics from the "
            "pruned upstream model",
     dtype_passes=True,
+    keeps_mlp_inputs=True,
 )
 @torch.no_grad()
 def osscar(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, batch_size: int = 8,
@@ -79,9 +83,8 @@ def osscar(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, b
             dense = (o.weight.data.clone(), down.weight.data.clone())
             try:
                 heads = _select_heads(layer, inputs, dims, ctx)
-                channels = _select_channels(layer, inputs, widths.channels, ctx)
-                with block_in(layer.layer, ctx.pass_dtype):
-                    inputs = inputs.with_hidden(run_block(layer.layer, inputs))
+                channels, outputs = _channels_and_outputs(adapter, layer, inputs, widths.channels, ctx)
+                inputs = inputs.with_hidden(outputs)
             finally:
                 o.weight.data, down.weight.data = dense
         scores.append(LayerScores(heads, heads.view(-1, dims.group_size).sum(1), channels))
@@ -99,9 +102,25 @@ def _select_heads(layer: LayerAdapter, inputs: BlockInputs, dims: ModelDims, ctx
     return scores
 
 
-def _select_channels(layer: LayerAdapter, inputs: BlockInputs, width: int, ctx: ScoreContext) -> torch.Tensor:
+def _channels_and_outputs(adapter: ModelAdapter, layer: LayerAdapter, inputs: BlockInputs, width: int,
+                          ctx: ScoreContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """down_proj's channel scores (the layer refitted on its kept channels) and the block's outputs
+    with it: in a plain-residual family from one pass (space/residual_pass.py), else two."""
     down = layer.mlp_output()
-    gram = _gram(layer, inputs, "down", ctx)
+    if adapter.plain_residual:
+        with block_in(layer.layer, ctx.pass_dtype):
+            passed = last_linear_pass(layer.layer, down, inputs, gram=True)
+        channels = _select_channels(layer, passed.stats.gram, width)
+        with block_in(layer.layer, ctx.pass_dtype):
+            return channels, passed.outputs(down)
+    channels = _select_channels(layer, _gram(layer, inputs, "down", ctx), width)
+    with block_in(layer.layer, ctx.pass_dtype):
+        return channels, run_block(layer.layer, inputs)
+
+
+def _select_channels(layer: LayerAdapter, gram: torch.Tensor, width: int) -> torch.Tensor:
+    """down_proj's channels on ``gram``, its inputs' second moment with attention pruned."""
+    down = layer.mlp_output()
     h = damped(gram)
     greedy = unit_scores(eliminate(weight64(down), h, step=CHANNELS_PER_STEP), down.in_features)
     start = torch.argsort(greedy, descending=True, stable=True)[:width]

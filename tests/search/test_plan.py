@@ -125,3 +125,13 @@ def test_the_layer_cache_holds_two_candidates_of_a_large_model(make_model):
                                 intermediate_size=14336)
     one_candidate = 32 * 2 * 4096 * (4096 + 14336) * 0.5  # its rectified o_proj and down_proj at half width
     assert cache_bound(large, 0.5, 2) == pytest.approx(2 * one_candidate, rel=1e-6)
+
+
+def test_an_order_that_holds_every_windows_mlp_inputs_counts_them_before_the_solvers_fill(make_model):
+    dims = adapter_for(make_model("llama")).dims
+    plans = {name: memory_plan(SearchConfig(model="m", ratio=0.5, importance=name, order_nsamples=256), dims, 128,
+                               memory=None) for name in ("osscar", "wanda-sp")}
+    held = 256 * 512 * dims.intermediate_size * 4  # osscar's pass, space/residual_pass.py
+    assert held > plans["wanda-sp"]["fitness_device_bytes"]  # the larger of the two phases' holdings counts
+    assert plans["osscar"]["prepare_bytes"] - plans["wanda-sp"]["prepare_bytes"] == (
+        held - plans["wanda-sp"]["fitness_device_bytes"])
