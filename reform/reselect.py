@@ -65,10 +65,11 @@ def chosen_channels(weight: torch.Tensor, gram: torch.Tensor, width: int) -> tor
 
 
 def reselect(layer: LayerAdapter, name: str, widths: LayerWidths, stats: InputStats, dims: ModelDims,
-             order: LayerOrder, *, centred: bool = False) -> LayerOrder:
+             order: LayerOrder, *, centred: bool = False, held: list[torch.Tensor] | None = None) -> LayerOrder:
     """Choose output projection ``name``'s kept units again on ``stats`` (its inputs, all columns),
     permute ``layer`` and ``stats`` so that they are the prefix, and return the layer's new order.
-    ``centred``: by the refit error of a least squares with an intercept (on the centred moment)."""
+    ``centred``: by the refit error of a least squares with an intercept (on the centred moment).
+    ``held``: the inputs themselves, per batch (their last dimension the columns), permuted in place too."""
     gram = stats.centred_gram() if centred else stats.gram
     if name == "o":
         heads = chosen_heads(weight64(layer.attention_output()), gram, dims, widths)
@@ -81,5 +82,7 @@ def reselect(layer: LayerAdapter, name: str, widths: LayerWidths, stats: InputSt
     columns = expand(step.heads.reshape(-1), dims.head_dim) if name == "o" else step.channels
     permute_layer(layer, step, dims)
     stats.reorder(columns)
+    if held is not None:
+        held[:] = [x[..., columns.to(x.device)] for x in held]
     flat = order.heads.reshape(-1)
     return LayerOrder(order.groups[step.groups], flat[step.heads], order.channels[step.channels])

@@ -49,6 +49,7 @@ from space.calibration import (BlockInputs, InputStats, block_in, block_on, capt
                                linear_input_stats, run_block)
 from space.adapters import LayerAdapter, ModelAdapter
 from space.order import LayerOrder
+from space.residual_pass import last_linear_pass
 from space.views import subnet_view
 from space.subnet import LayerWidths, ModelDims, Subnet
 
@@ -187,7 +188,9 @@ def _upstream_walk(adapter: ModelAdapter, subnet: Subnet, windows: torch.Tensor,
     rectified ``overrides``, attention first (the MLP's inputs see it rectified). The blocks run in
     ``spec.pass_dtype``; each solve reads the projection's weights as they are (float32). With
     ``spec.select == "obs"`` each projection's kept units are chosen again before its solve, the
-    layer permuted and ``orders`` updated in place (reform/reselect.py)."""
+    layer permuted and ``orders`` updated in place (reform/reselect.py). In a plain-residual family
+    down_proj's pass, its sub-layer whole, also gives the block's outputs once it is refitted
+    (the kept channels' inputs are a prefix of the pass's, space/residual_pass.py)."""
     method = method_spec(spec.method)
     dtype = getattr(torch, spec.pass_dtype)
     pruned = capture_block_inputs(adapter, windows, batch_size=batch_size,
@@ -202,18 +205,26 @@ def _upstream_walk(adapter: ModelAdapter, subnet: Subnet, windows: torch.Tensor,
             targets = {t.name: t for t in layer_targets(adapter, layer, widths)}
             linears = layer.linears()
             stats: dict[str, InputStats] = {}
+            passed = None  # down_proj's pass, when it also gives the block's outputs (space/residual_pass.py)
             for name in ("o", "down") if every_output else list(targets):
                 with block_in(layer.layer, dtype), view(layer.index, _with_dense(widths, adapter.dims, name), mine):
-                    stats[name] = linear_input_stats(layer.layer, linears[name], pruned, gram=method.gram)
+                    if name == "down" and adapter.plain_residual and widths.channels:
+                        passed = last_linear_pass(layer.layer, linears[name], pruned, gram=method.gram)
+                        stats[name] = passed.stats
+                    else:
+                        stats[name] = linear_input_stats(layer.layer, linears[name], pruned, gram=method.gram)
                 if name in targets:
                     target = targets[name]
                     if spec.select == "obs":
                         orders[layer.index] = reselect(layer, name, widths, stats[name], adapter.dims,
-                                                       orders[layer.index], centred=spec.intercept)
+                                                       orders[layer.index], centred=spec.intercept,
+                                                       held=passed.inputs if passed is not None else None)
                     problem = target.local_problem(stats[name], centred=spec.intercept)
                     mine.update(target.overrides(method.solve(problem, spec)))
             with block_in(layer.layer, dtype), view(layer.index, widths, mine):
-                pruned = pruned.with_hidden(run_block(layer.layer, pruned))
+                outputs = run_block(layer.layer, pruned) if passed is None else passed.outputs(linears["down"])
+            pruned = pruned.with_hidden(outputs)
+            del passed
             yield layer, stats, mine
 
 

@@ -27,8 +27,10 @@ class LastLinearPass:
     rest: list[torch.Tensor]  # the block's outputs with the linear's output replaced by zeros, per batch
 
     def outputs(self, linear: nn.Module) -> list[torch.Tensor]:
-        """The block's outputs with ``linear`` as it is now (its weights refitted since the pass)."""
-        return [rest + linear(x) for rest, x in zip(self.rest, self.inputs)]
+        """The block's outputs with ``linear`` as it is now: its weights refitted since the pass, and
+        perhaps narrowed to a prefix of its input columns (a subnet view: the kept ones first)."""
+        width = linear.weight.shape[-1]
+        return [rest + linear(x if x.shape[-1] == width else x[..., :width]) for rest, x in zip(self.rest, self.inputs)]
 
 
 @torch.no_grad()

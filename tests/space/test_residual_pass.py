@@ -1,10 +1,13 @@
 import pytest
 import torch
 
+from reform.rectify import ReformSpec, rectify
 from space.adapters import adapter_for
 from space.calibration import block_in, capture_block_inputs, linear_input_stats, run_block
 from space.residual_pass import last_linear_pass
+from space.order import order_model
 from space.scores import compute_scores
+from space.subnet import LayerWidths, Subnet
 
 PLAIN = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
 
@@ -57,3 +60,24 @@ def test_the_osscar_order_from_one_pass_equals_the_block_run_again(make_model, t
     again = compute_scores(adapter, token_ids, ["osscar"], ratio=0.5, pass_dtype=dtype)["osscar"]
     for a, b in zip(one_pass, again):
         assert torch.equal(a.heads, b.heads) and torch.equal(a.channels, b.channels)
+
+
+@pytest.mark.parametrize("select,pass_dtype", [("prefix", "float32"), ("obs", "float32"), ("prefix", "bfloat16")])
+def test_the_upstream_walk_from_down_projs_pass_rectifies_as_the_block_run_again(make_model, select, pass_dtype):
+    """The export's upstream mode takes each layer's outputs from down_proj's pass (its sub-layer whole,
+    the kept channels a prefix of it, re-selected or not): the same overrides and orders as running the
+    pruned block again. Layer 2 removes its attention, layer 1 keeps its MLP whole."""
+    results = []
+    for plain in (True, False):
+        adapter = adapter_for(make_model("llama", seed=0))
+        adapter.plain_residual = plain
+        windows = torch.randint(0, 128, (16, 32), generator=torch.Generator().manual_seed(5))
+        orders, _ = order_model(adapter, compute_scores(adapter, windows, ["wanda-sp"])["wanda-sp"])
+        subnet = Subnet(adapter.dims, [LayerWidths(2, 2, 40), LayerWidths(1, 3, 96), LayerWidths(0, 0, 50)])
+        spec = ReformSpec("lstsq", "upstream", select=select, pass_dtype=pass_dtype)
+        results.append((rectify(adapter, subnet, windows, spec=spec, orders=orders), orders))
+    (one_pass, orders), (again, orders_again) = results
+    assert one_pass.keys() == again.keys() and len(one_pass) == 4  # o and down of layer 0, o of layer 1, down of layer 2
+    for key in one_pass:
+        torch.testing.assert_close(one_pass[key], again[key], rtol=1e-6, atol=1e-7)
+    assert all(torch.equal(a.channels, b.channels) and torch.equal(a.heads, b.heads) for a, b in zip(orders, orders_again))
