@@ -35,8 +35,8 @@ from space.adapters import LayerAdapter, ModelAdapter
 from space.budget import project
 from space.calibration import (BlockInputs, block_in, block_on, capture_block_inputs, linear_input_stats,
                                run_block)
-from space.scores.base import LayerScores, ScoreContext, best_shape, kept_heads, register_score, weight64
 from space.residual_pass import last_linear_pass
+from space.scores.base import LayerScores, ScoreContext, best_shape, kept_heads, register_score, weight64
 from space.scores.elimination import CHANNELS_PER_STEP, damped, eliminate, swap_search, unit_scores
 from space.subnet import LayerWidths, ModelDims, Subnet
 
