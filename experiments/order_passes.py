@@ -60,8 +60,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nsamples", type=int, default=32, help="windows of 512 tokens of WikiText-2 validation")
     parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--pass-dtype", default="bfloat16", choices=("float32", "bfloat16"),
-                        help="the dtype the blocks run in (the searches' default since 2026-12-06: bfloat16)")
+    parser.add_argument("--pass-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the dtype the blocks run in (the search's default for the order, its --pass-dtype: "
+                             "float32)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS / "order_passes.json")
     args = parser.parse_args(argv)
