@@ -208,8 +208,9 @@ def _upstream_walk(adapter: ModelAdapter, subnet: Subnet, windows: torch.Tensor,
             passed = None  # down_proj's pass, when it also gives the block's outputs (space/residual_pass.py)
             for name in ("o", "down") if every_output else list(targets):
                 with block_in(layer.layer, dtype), view(layer.index, _with_dense(widths, adapter.dims, name), mine):
-                    if name == "down" and adapter.plain_residual and widths.channels:
-                        passed = last_linear_pass(layer.layer, linears[name], pruned, gram=method.gram)
+                    if name == "down" and widths.channels:
+                        passed = last_linear_pass(layer.layer, linears[name], pruned, gram=method.gram,
+                                                  plain=adapter.plain_residual)
                         stats[name] = passed.stats
                     else:
                         stats[name] = linear_input_stats(layer.layer, linears[name], pruned, gram=method.gram)
@@ -218,7 +219,7 @@ def _upstream_walk(adapter: ModelAdapter, subnet: Subnet, windows: torch.Tensor,
                     if spec.select == "obs":
                         orders[layer.index] = reselect(layer, name, widths, stats[name], adapter.dims,
                                                        orders[layer.index], centred=spec.intercept,
-                                                       held=passed.inputs if passed is not None else None)
+                                                       held=None if passed is None else passed.inputs)
                     problem = target.local_problem(stats[name], centred=spec.intercept)
                     mine.update(target.overrides(method.solve(problem, spec)))
             with block_in(layer.layer, dtype), view(layer.index, widths, mine):

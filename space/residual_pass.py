@@ -17,26 +17,36 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from space.calibration import BlockInputs, InputStats, run_block
+from space.calibration import BlockInputs, InputStats, linear_input_stats, run_block
 
 
 @dataclass
 class LastLinearPass:
     stats: InputStats  # of the linear's inputs over every batch
-    inputs: list[torch.Tensor]  # the linear's inputs, per batch
-    rest: list[torch.Tensor]  # the block's outputs with the linear's output replaced by zeros, per batch
+    block: nn.Module
+    calls: BlockInputs  # the batches the pass ran
+    inputs: list[torch.Tensor] | None  # the linear's inputs, per batch (plain residual only)
+    rest: list[torch.Tensor] | None  # the block's outputs with the linear's output replaced by zeros, per batch
 
     def outputs(self, linear: nn.Module) -> list[torch.Tensor]:
         """The block's outputs with ``linear`` as it is now: its weights refitted since the pass, and
-        perhaps narrowed to a prefix of its input columns (a subnet view: the kept ones first)."""
+        perhaps narrowed to a prefix of its input columns (a subnet view: the kept ones first). Without a
+        plain residual (a norm after the linear) the block runs again."""
+        if self.rest is None:
+            return run_block(self.block, self.calls)
         width = linear.weight.shape[-1]
         return [rest + linear(x if x.shape[-1] == width else x[..., :width]) for rest, x in zip(self.rest, self.inputs)]
 
 
 @torch.no_grad()
-def last_linear_pass(block: nn.Module, linear: nn.Module, inputs: BlockInputs, *, gram: bool) -> LastLinearPass:
-    """Run every batch of ``inputs`` through ``block`` once with ``linear`` (the last linear of a
-    plain-residual block) silenced: its inputs' statistics, the inputs, and the rest of the output."""
+def last_linear_pass(block: nn.Module, linear: nn.Module, inputs: BlockInputs, *, gram: bool,
+                     plain: bool) -> LastLinearPass:
+    """Run every batch of ``inputs`` through ``block`` once with ``linear`` (the block's last linear)
+    silenced: its inputs' statistics, the inputs, and the rest of the output. ``plain``: the block's
+    output is the rest plus the linear's (``ModelAdapter.plain_residual``); otherwise the pass stops
+    at the linear and :meth:`LastLinearPass.outputs` runs the block again."""
+    if not plain:
+        return LastLinearPass(linear_input_stats(block, linear, inputs, gram=gram), block, inputs, None, None)
     stats = InputStats(linear.in_features, gram=gram, device=linear.weight.device)
     seen: list[torch.Tensor] = []
 
@@ -53,4 +63,4 @@ def last_linear_pass(block: nn.Module, linear: nn.Module, inputs: BlockInputs, *
     finally:
         for handle in handles:
             handle.remove()
-    return LastLinearPass(stats, seen, rest)
+    return LastLinearPass(stats, block, inputs, seen, rest)

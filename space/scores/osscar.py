@@ -33,8 +33,7 @@ import torch
 
 from space.adapters import LayerAdapter, ModelAdapter
 from space.budget import project
-from space.calibration import (BlockInputs, block_in, block_on, capture_block_inputs, linear_input_stats,
-                               run_block)
+from space.calibration import BlockInputs, block_in, block_on, capture_block_inputs, linear_input_stats
 from space.residual_pass import last_linear_pass
 from space.scores.base import LayerScores, ScoreContext, best_shape, kept_heads, register_score, weight64
 from space.scores.elimination import CHANNELS_PER_STEP, damped, eliminate, swap_search, unit_scores
@@ -105,17 +104,13 @@ def _select_heads(layer: LayerAdapter, inputs: BlockInputs, dims: ModelDims, ctx
 def _channels_and_outputs(adapter: ModelAdapter, layer: LayerAdapter, inputs: BlockInputs, width: int,
                           ctx: ScoreContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """down_proj's channel scores (the layer refitted on its kept channels) and the block's outputs
-    with it: in a plain-residual family from one pass (space/residual_pass.py), else two."""
+    with it (in a plain-residual family from one pass: space/residual_pass.py)."""
     down = layer.mlp_output()
-    if adapter.plain_residual:
-        with block_in(layer.layer, ctx.pass_dtype):
-            passed = last_linear_pass(layer.layer, down, inputs, gram=True)
-        channels = _select_channels(layer, passed.stats.gram, width)
-        with block_in(layer.layer, ctx.pass_dtype):
-            return channels, passed.outputs(down)
-    channels = _select_channels(layer, _gram(layer, inputs, "down", ctx), width)
     with block_in(layer.layer, ctx.pass_dtype):
-        return channels, run_block(layer.layer, inputs)
+        passed = last_linear_pass(layer.layer, down, inputs, gram=True, plain=adapter.plain_residual)
+    channels = _select_channels(layer, passed.stats.gram, width)
+    with block_in(layer.layer, ctx.pass_dtype):
+        return channels, passed.outputs(down)
 
 
 def _select_channels(layer: LayerAdapter, gram: torch.Tensor, width: int) -> torch.Tensor:

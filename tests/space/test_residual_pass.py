@@ -29,7 +29,7 @@ def test_one_pass_gives_the_block_outputs_after_its_last_linear_changes_bit_for_
     layer = adapter.layers[1]
     down = layer.mlp_output()
     with block_in(layer.layer, dtype):
-        passed = last_linear_pass(layer.layer, down, inputs, gram=True)
+        passed = last_linear_pass(layer.layer, down, inputs, gram=True, plain=True)
         stopped = linear_input_stats(layer.layer, down, inputs, gram=True)
     assert torch.equal(passed.stats.gram, stopped.gram) and passed.stats.count == stopped.count
     refit_like(down)
@@ -47,7 +47,7 @@ def test_families_with_a_norm_after_the_mlp_are_not_plain_and_the_shortcut_would
     assert not adapter.plain_residual
     inputs = capture_block_inputs(adapter, token_ids, batch_size=4)
     layer = adapter.layers[0]
-    passed = last_linear_pass(layer.layer, layer.mlp_output(), inputs, gram=False)
+    passed = last_linear_pass(layer.layer, layer.mlp_output(), inputs, gram=False, plain=True)  # forced
     refit_like(layer.mlp_output())
     assert not torch.allclose(passed.outputs(layer.mlp_output())[0], run_block(layer.layer, inputs)[0])
 
