@@ -127,8 +127,10 @@ def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memor
     prepared_model = dims.layer_params(dims.dense_layer()) * 4 if streamed else params * 4
     passed = max(statistics.nsamples, order.nsamples)  # the order's pass may take more
     calibration_bytes = 2 * passed * statistics.seqlen * dims.hidden_size * 4
-    # an order that holds down_proj's inputs of every window runs before the solvers fill: the larger counts
-    order_inputs = order.nsamples * order.seqlen * dims.intermediate_size * 4 if order_score.keeps_mlp_inputs else 0
+    # an order that holds o_proj's and down_proj's inputs of every window runs before the solvers fill: the
+    # larger counts
+    held = dims.num_heads * dims.head_dim + dims.intermediate_size
+    order_inputs = order.nsamples * order.seqlen * held * 4 if order_score.keeps_projection_inputs else 0
     prepare_bytes = (prepared_model + max(device_fitness, order_inputs) + calibration_bytes
                      + min(FITNESS_BATCH, passed) * statistics.seqlen * hidden * 4
                      + (factoring_bytes(dims) if lstsq else 0))

@@ -46,7 +46,7 @@ class ScoreSpec:
     version: int = 1  # raised when the formula changes, so that cached scores of the old one are not served
     streamed: bool = True  # runs block by block (on ScoreContext.execution_device); False: needs the whole model
     dtype_passes: bool = False  # a whole-model score whose passes run in ScoreContext.pass_dtype
-    keeps_mlp_inputs: bool = False  # holds down_proj's inputs of every window for one block (residual_pass.py)
+    keeps_projection_inputs: bool = False  # holds o_proj's and down_proj's inputs of every window for one block
 
     @property
     def needs_data(self) -> bool:
@@ -73,18 +73,19 @@ SCORES: dict[str, ScoreSpec] = {}
 
 def register_score(name: str, *, request: StatsRequest = StatsRequest((), ()), standardized: bool = False,
                    source: str = "", whole_model: bool = False, uses_ratio: bool = False, version: int = 1,
-                   streamed: bool = True, dtype_passes: bool = False, keeps_mlp_inputs: bool = False):
+                   streamed: bool = True, dtype_passes: bool = False, keeps_projection_inputs: bool = False):
     """Register a score. Per-layer scores take ``(layer, stats, ctx)`` and the statistics named by
     ``request``; ``whole_model`` scores (gradients, block outputs) make their own calibration pass
     and take ``(adapter, windows, ctx, *, batch_size, progress)``. ``version``: raise it whenever
     the formula changes (it keys the score cache). ``streamed``: a whole-model score that still runs
     block by block, on ``ctx.execution_device`` (else the whole model is moved there for its pass).
     ``dtype_passes``: a whole-model score that runs its blocks in ``ctx.pass_dtype``.
-    ``keeps_mlp_inputs``: its pass holds down_proj's inputs of every window (the memory plan counts them)."""
+    ``keeps_projection_inputs``: its pass holds o_proj's and down_proj's inputs of every window for one block
+    (space/residual_pass.py; the memory plan counts them)."""
 
     def decorate(fn):
         SCORES[name] = ScoreSpec(name, fn, request, standardized, source, whole_model, uses_ratio, version, streamed,
-                                 dtype_passes, keeps_mlp_inputs)
+                                 dtype_passes, keeps_projection_inputs)
         return fn
 
     return decorate

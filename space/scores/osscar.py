@@ -5,17 +5,19 @@ Uniform allocation: every layer keeps the same number of heads and of channels (
 uniform widths, :func:`uniform_target`). Layer by layer, in order:
 
 1. the second moment of o_proj's inputs is collected with the upstream layers already pruned and
-   rectified (Týr's statistics, METHODS.md section 7; this layer still dense);
+   rectified (Týr's statistics, METHODS.md section 7; this layer still dense), the inputs kept;
 2. heads: greedy OBS elimination (one head per step, space/scores/elimination.py); the GQA shape of
    the target head count that keeps the most of the order wins, as in the uniform allocation;
 3. o_proj is refitted on the kept heads (least squares) and the removed heads' columns are zeroed,
    which removes them from the block's output;
 4. the same for down_proj's channels with attention pruned: greedy elimination (16 channels per
-   step), then OSSCAR's local swap search at the target width (:func:`swap_search`);
+   step), then OSSCAR's local swap search at the target width (:func:`swap_search`); its pass
+   replays the attention from step 1's o_proj inputs (the refitted o_proj on them: the attention
+   runs once per layer, space/residual_pass.py);
 5. the block runs on the pruned stream and gives the next layer's inputs (in a plain-residual
    family, from step 4's pass: the stream after attention plus the refitted down_proj on its
-   inputs, space/residual_pass.py); the dense weights of the layer are restored (the pipeline
-   permutes, allocates and rectifies the dense model).
+   inputs); the dense weights of the layer are restored (the pipeline permutes, allocates and
+   rectifies the dense model).
 
 Scores: each unit's greedy-elimination score, plus 1 for the units the selection keeps, so a
 prefix of the target width is exactly the selected set. Heads get no swap search (whole heads in
@@ -33,8 +35,8 @@ import torch
 
 from space.adapters import LayerAdapter, ModelAdapter
 from space.budget import project
-from space.calibration import BlockInputs, block_in, block_on, capture_block_inputs, linear_input_stats
-from space.residual_pass import last_linear_pass
+from space.calibration import BlockInputs, block_in, block_on, capture_block_inputs
+from space.residual_pass import AttentionPass, attention_pass, last_linear_pass
 from space.scores.base import LayerScores, ScoreContext, best_shape, kept_heads, register_score, weight64
 from space.scores.elimination import CHANNELS_PER_STEP, damped, eliminate, swap_search, unit_scores
 from space.subnet import LayerWidths, ModelDims, Subnet
@@ -64,7 +66,7 @@ def uniform_target(dims: ModelDims, ratio: float) -> Subnet:
     source="OSSCAR: greedy OBS + local swap search at the uniform target width, statistics from the "
            "pruned upstream model",
     dtype_passes=True,
-    keeps_mlp_inputs=True,
+    keeps_projection_inputs=True,
 )
 @torch.no_grad()
 def osscar(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, batch_size: int = 8,
@@ -81,8 +83,9 @@ def osscar(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, b
         with block_on(layer.layer, ctx.execution_device):
             dense = (o.weight.data.clone(), down.weight.data.clone())
             try:
-                heads = _select_heads(layer, inputs, dims, ctx)
-                channels, outputs = _channels_and_outputs(adapter, layer, inputs, widths.channels, ctx)
+                heads, attention = _select_heads(layer, inputs, dims, ctx)
+                channels, outputs = _channels_and_outputs(adapter, layer, inputs, attention, widths.channels, ctx)
+                del attention  # o_proj's inputs of every window: one layer's at a time
                 inputs = inputs.with_hidden(outputs)
             finally:
                 o.weight.data, down.weight.data = dense
@@ -90,24 +93,30 @@ def osscar(adapter: ModelAdapter, windows: torch.Tensor, ctx: ScoreContext, *, b
     return scores
 
 
-def _select_heads(layer: LayerAdapter, inputs: BlockInputs, dims: ModelDims, ctx: ScoreContext) -> torch.Tensor:
+def _select_heads(layer: LayerAdapter, inputs: BlockInputs, dims: ModelDims,
+                  ctx: ScoreContext) -> tuple[torch.Tensor, AttentionPass]:
+    """The head scores (o_proj refitted on the kept heads) and the attention pass they came from."""
     o, ratio = layer.attention_output(), ctx.ratio
-    gram = _gram(layer, inputs, "o", ctx)
+    with block_in(layer.layer, ctx.pass_dtype):  # the weights it was refitted to, rounded for the pass only
+        attention = attention_pass(layer.layer, layer.attention, o, inputs, gram=True)
+    gram = attention.stats.gram
     scores = unit_scores(eliminate(weight64(o), damped(gram), unit=dims.head_dim), dims.num_heads)
     layer_scores = LayerScores(scores, scores.view(-1, dims.group_size).sum(1), torch.zeros(dims.intermediate_size))
     kept = torch.zeros(dims.num_heads, dtype=torch.bool)
     kept[kept_heads(layer_scores, dims, *best_shape(dims, layer_scores, ratio * dims.num_heads))] = True
     _keep_columns(o, torch.nonzero(kept.repeat_interleave(dims.head_dim)).reshape(-1), gram)
-    return scores
+    return scores, attention
 
 
-def _channels_and_outputs(adapter: ModelAdapter, layer: LayerAdapter, inputs: BlockInputs, width: int,
-                          ctx: ScoreContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _channels_and_outputs(adapter: ModelAdapter, layer: LayerAdapter, inputs: BlockInputs, attention: AttentionPass,
+                          width: int, ctx: ScoreContext) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """down_proj's channel scores (the layer refitted on its kept channels) and the block's outputs
-    with it (in a plain-residual family from one pass: space/residual_pass.py)."""
+    with it (in a plain-residual family from one pass: space/residual_pass.py), the attention
+    replayed from its pass."""
     down = layer.mlp_output()
     with block_in(layer.layer, ctx.pass_dtype):
-        passed = last_linear_pass(layer.layer, down, inputs, gram=True, plain=adapter.plain_residual)
+        passed = last_linear_pass(layer.layer, down, inputs, gram=True, plain=adapter.plain_residual,
+                                  attention=attention)
     channels = _select_channels(layer, passed.stats.gram, width)
     with block_in(layer.layer, ctx.pass_dtype):
         return channels, passed.outputs(down)
@@ -125,13 +134,6 @@ def _select_channels(layer: LayerAdapter, gram: torch.Tensor, width: int) -> tor
     _keep_columns(down, swaps.kept, gram)
     greedy[swaps.kept] += 1.0
     return greedy
-
-
-def _gram(layer: LayerAdapter, inputs: BlockInputs, name: str, ctx: ScoreContext) -> torch.Tensor:
-    """The second moment of one linear's inputs on the (pruned upstream) stream, the block run in
-    the pass dtype (the weights it was refitted to, rounded for the pass only) and stopped there."""
-    with block_in(layer.layer, ctx.pass_dtype):
-        return linear_input_stats(layer.layer, layer.linears()[name], inputs, gram=True).gram
 
 
 def _keep_columns(linear: torch.nn.Linear, kept: torch.Tensor, gram: torch.Tensor) -> None:

@@ -1,10 +1,13 @@
+from unittest import mock
+
 import pytest
 import torch
 
 from reform.rectify import ReformSpec, rectify
 from space.adapters import adapter_for
 from space.calibration import block_in, capture_block_inputs, linear_input_stats, run_block
-from space.residual_pass import last_linear_pass
+from space.residual_pass import attention_pass, last_linear_pass
+from space.scores import osscar as osscar_module
 from space.order import order_model
 from space.scores import compute_scores
 from space.subnet import LayerWidths, Subnet
@@ -50,6 +53,51 @@ def test_families_with_a_norm_after_the_mlp_are_not_plain_and_the_shortcut_would
     passed = last_linear_pass(layer.layer, layer.mlp_output(), inputs, gram=False, plain=True)  # forced
     refit_like(layer.mlp_output())
     assert not torch.allclose(passed.outputs(layer.mlp_output())[0], run_block(layer.layer, inputs)[0])
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("family", PLAIN + ["gemma2", "olmo2", "gemma3_text"])
+def test_the_attention_replayed_after_o_proj_changes_gives_the_blocks_own_passes_bit_for_bit(make_model, token_ids,
+                                                                                             family, dtype):
+    adapter = adapter_for(make_model(family))
+    inputs = capture_block_inputs(adapter, token_ids, batch_size=3).to(dtype=dtype)
+    layer = adapter.layers[1]  # Gemma: a full-attention layer after a sliding-window one
+    o, down = layer.attention_output(), layer.mlp_output()
+    with block_in(layer.layer, dtype):
+        attention = attention_pass(layer.layer, layer.attention, o, inputs, gram=True)
+        stopped = linear_input_stats(layer.layer, o, inputs, gram=True)
+    assert torch.equal(attention.stats.gram, stopped.gram) and attention.stats.count == stopped.count
+    refit_like(o)
+    with block_in(layer.layer, dtype):
+        expected = run_block(layer.layer, inputs)
+        expected_down = linear_input_stats(layer.layer, down, inputs, gram=True)
+        with attention.replayed():
+            got = run_block(layer.layer, inputs)
+        passed = last_linear_pass(layer.layer, down, inputs, gram=True, plain=adapter.plain_residual,
+                                  attention=attention)
+        refit_like(down)
+        expected_after = run_block(layer.layer, inputs)
+        got_after = passed.outputs(down)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert torch.equal(passed.stats.gram, expected_down.gram)
+    assert all(torch.equal(a, b) for a, b in zip(got_after, expected_after))
+    with block_in(layer.layer, dtype), pytest.raises(RuntimeError, match="more batches"), attention.replayed():
+        run_block(layer.layer, inputs)
+        run_block(layer.layer, inputs)  # one pass per replay: the second has no inputs left
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_the_osscar_order_with_the_attention_replayed_equals_the_attention_run_again(make_model, token_ids, family):
+    adapter = adapter_for(make_model(family, layers=4))
+    replayed = compute_scores(adapter, token_ids, ["osscar"], ratio=0.5)["osscar"]
+
+    def without_replay(*args, attention, **kwargs):
+        return last_linear_pass(*args, **kwargs)
+
+    with mock.patch.object(osscar_module, "last_linear_pass", without_replay):
+        again = compute_scores(adapter, token_ids, ["osscar"], ratio=0.5)["osscar"]
+    for a, b in zip(replayed, again):
+        assert torch.equal(a.heads, b.heads) and torch.equal(a.channels, b.channels)
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
