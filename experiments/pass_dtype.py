@@ -62,7 +62,7 @@ def orders(config) -> dict:
     """Both orders' scores (from the shared cache where computed before) and how long each took."""
     out = {}
     loaded = load_model(config.model, dtype=torch.float32)  # a score leaves the model as it found it
-    calibration = config.calibration_spec()
+    calibration = config.order_calibration_spec()  # the order's own windows (order_nsamples)
     for name, pass_dtype in (("float32", None), ("bfloat16", HALF)):
         scored = ScoreCache().scores(adapter_for(loaded.model), [config.importance],
                                      windows=lambda: calibration.windows(loaded.tokenizer), source=loaded.source.path,
@@ -132,7 +132,7 @@ def cell(run_dir: Path, candidates: int) -> dict:
     own = read_subnet_record(export)["kept"]
     return {
         "run_dir": str(run_dir), "ratio": config.ratio, "importance": config.importance,
-        "windows": config.calibration_spec().to_dict(),
+        "windows": config.calibration_spec().to_dict(), "order_windows": config.order_calibration_spec().to_dict(),
         "order": {"seconds": {k: v["seconds"] for k, v in both.items()},
                   "reused": {k: v["reused"] for k, v in both.items()},
                   "channels_kept_share": shares(own, rebuilt["kept"], "channels"),
