@@ -26,3 +26,29 @@ def test_shares_and_the_table_row(monkeypatch):
                               "environment": {"machine": {"cpu": "cpu"}}, "command": "cmd"})
     assert ("| runs/x | 795 / 400 | 0.7500 / 0.5000 | 0.000 | 300 / 200 | 0.9900 (3) | 3.00e-02 | 105.00 / 106.00 | "
             "43.00 / 110.00 / 93.00 vs 43.00 / 112.00 / 93.00 |") in text
+
+
+def test_the_orders_are_computed_on_the_orders_own_windows(monkeypatch, make_model):
+    """The order has its own window count (``order_nsamples``) since 2026-12-07: both dtypes' orders are
+    asked for on those windows, not on the fitness statistics'."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import pass_dtype
+    from search.config import SearchConfig
+
+    asked = []
+
+    class Loaded:
+        model = make_model("llama")
+        tokenizer = None
+        source = type("Source", (), {"path": "tiny"})()
+
+    class Cache:
+        def scores(self, adapter, names, *, calibration, pass_dtype, **_):
+            asked.append((calibration["nsamples"], pass_dtype))
+            return type("Scored", (), {"scores": {names[0]: []}, "seconds": 1.0, "reused": False})()
+
+    monkeypatch.setattr(pass_dtype, "load_model", lambda *a, **k: Loaded())
+    monkeypatch.setattr(pass_dtype, "ScoreCache", Cache)
+    config = SearchConfig.create(model="m", ratio=0.5, importance="osscar", order_nsamples=256, nsamples=64)
+    pass_dtype.orders(config)
+    assert asked == [(256, None), (256, pass_dtype.HALF)]
