@@ -100,6 +100,10 @@ ROWS: dict[str, dict] = {
     # below since 2026-12-07 (search/defaults.py ORDER_NSAMPLES)
     "order256": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64,
                  "order_nsamples": 256},
+    # order256 with twice the children (680): whether the search at 0.5 is short of children now that the order
+    # is on 256 windows (`long` bought 1-2 % with the 64-window order, at twice the loop's time)
+    "order256-long": {"evolution": "staged-8", "trials": 680, "fitness_nsamples": 84, "final_nsamples": 64,
+                      "order_nsamples": 256},
     # Týr's search (tyr-equal's) with order256's unit order on 256 windows: what `--method tyr` runs since
     # 2026-12-07 (every osscar order takes them), the equal-budget tyr row where the search row is order256
     "tyr-order256": {**SEARCH_METHODS["tyr"], "order_nsamples": 256},

@@ -43,7 +43,7 @@ class AttentionPass:
     @contextmanager
     def replayed(self) -> Iterator[None]:
         """While the body runs one pass over the batches (in the pass's order), the attention module
-        returns o_proj, as it is now, applied to its recorded inputs instead of computing them."""
+        returns o_proj, as it is now, applied to the recorded inputs instead of computing the attention."""
         batches = iter(self.inputs)
 
         def forward(*_args, **_kwargs):
