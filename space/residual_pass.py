@@ -28,6 +28,19 @@ from torch import nn
 from space.calibration import BlockInputs, InputStats, linear_input_stats, run_block, swapped_forwards
 
 
+def _recorder(linear: nn.Module, *, gram: bool):
+    """The statistics of ``linear``'s inputs, the inputs themselves (per batch), and the forward
+    pre-hook that fills both."""
+    stats = InputStats(linear.in_features, gram=gram, device=linear.weight.device)
+    seen: list[torch.Tensor] = []
+
+    def record(_module, args):
+        seen.append(args[0])
+        stats.add(args[0])
+
+    return stats, seen, record
+
+
 class _AttentionDone(Exception):
     """Raised after the attention sub-layer to stop the block there."""
 
@@ -62,13 +75,8 @@ def attention_pass(block: nn.Module, attention: nn.Module, output: nn.Module, in
                    gram: bool) -> AttentionPass:
     """Run every batch of ``inputs`` through ``block`` up to the end of ``attention`` (its sub-layer,
     ``output`` its o_proj): o_proj's inputs and their statistics."""
-    stats = InputStats(output.in_features, gram=gram, device=output.weight.device)
-    seen: list[torch.Tensor] = []
+    stats, seen, record = _recorder(output, gram=gram)
     arity: list[int | None] = []
-
-    def record(_module, args):
-        seen.append(args[0])
-        stats.add(args[0])
 
     def stop(_module, _args, out):
         arity.append(len(out) if isinstance(out, tuple) else None)
@@ -125,12 +133,7 @@ def last_linear_pass(block: nn.Module, linear: nn.Module, inputs: BlockInputs, *
         with _replaying(attention):
             stats = linear_input_stats(block, linear, inputs, gram=gram)
         return LastLinearPass(stats, block, inputs, None, None, attention)
-    stats = InputStats(linear.in_features, gram=gram, device=linear.weight.device)
-    seen: list[torch.Tensor] = []
-
-    def record(_module, args):
-        seen.append(args[0])
-        stats.add(args[0])
+    stats, seen, record = _recorder(linear, gram=gram)
 
     def silence(_module, _args, output):
         return torch.zeros_like(output)
