@@ -218,17 +218,21 @@ def quality_cell(args, ratio: float, row: str, windows: dict, dtype) -> dict | N
     short = f"wikitext2_{args.short_seqlen}"
     exported = load_model(cell["export"], dtype=dtype, trust_remote_code=True)
     metrics[short] = evaluate(exported.model, {short: windows[short]})[short]
-    seconds, total = search_seconds(cell["seconds"])
+    seconds, total = search_seconds(cell["seconds"], cell.get("unit_order"))
     return {"kind": "search", "ratio": ratio, "block_ratio": cell["block_ratio"], "metrics": metrics,
             "recipe_seconds": total,
             "record": {"from": source, "options": cell["options"], "trials": cell["trials"],
                        "seconds": seconds, "bf16_tflops": cell.get("bf16_tflops"), "export": cell["export"]}}
 
 
-def search_seconds(seconds: dict) -> tuple[dict, float | None]:
+def search_seconds(seconds: dict, unit_order: dict | None) -> tuple[dict, float | None]:
     """A search's seconds (best.json's or a quality.py cell's) without its test evaluation, and their sum (None
-    where none were recorded; a lower bound where its preparation was not: the report marks it)."""
+    where none were recorded; a lower bound where its preparation was not: the report marks it). A unit order
+    its preparation read from the score cache counts with what it took to compute (``order_cached``), as the
+    recipes' cached scores do: the wall time of a cold command."""
     kept = {k: v for k, v in seconds.items() if k != "test"}
+    if kept and unit_order and unit_order["reused"]:
+        kept["order_cached"] = unit_order["seconds"]
     return kept, sum(kept.values()) if kept else None
 
 
@@ -237,7 +241,8 @@ def refresh_seconds(path: str, cell: dict) -> None:
     added to cells measured before it was timed), nothing measured again."""
     measured = json.loads(Path(path).read_text())["cells"].get(cell["record"]["from"].rpartition(" ")[2])
     if measured is not None:
-        cell["record"]["seconds"], cell["recipe_seconds"] = search_seconds(measured["seconds"])
+        cell["record"]["seconds"], cell["recipe_seconds"] = search_seconds(measured["seconds"],
+                                                                           measured.get("unit_order"))
 
 
 def short_windows_of_seeds(cell: dict, windows: dict, dtype, short: str) -> bool:
@@ -334,7 +339,7 @@ def depth_search_cell(args, ratio: float, windows, dtype) -> dict:
     run_dir = args.runs / f"compare-evopress-depth-{ratio}"
     result = run_search(config, run_dir, progress=False)
     exported = load_model(result.best["export"], dtype=dtype, trust_remote_code=True)  # our export, any widths
-    seconds, total = search_seconds(result.best.get("seconds", {}))
+    seconds, total = search_seconds(result.best.get("seconds", {}), result.best.get("unit_order"))
     return {"kind": "search", "ratio": ratio, "block_ratio": result.best["best"]["block_ratio"],
             "metrics": evaluate(exported.model, windows), "widths": result.best["best"]["widths"],
             "recipe_seconds": total,
@@ -356,7 +361,7 @@ def search_cell(args, ratio: float, windows, dtype) -> dict | None:
     summary = json.loads(best.read_text())
     exported = load_model(summary["export"], dtype=dtype)
     metrics = evaluate(exported.model, windows)
-    seconds, total = search_seconds(summary.get("seconds", {}))
+    seconds, total = search_seconds(summary.get("seconds", {}), summary.get("unit_order"))
     return {"kind": "search", "ratio": ratio, "block_ratio": summary["best"]["block_ratio"],
             "total_ratio": summary["best"]["total_ratio"], "metrics": metrics,
             "widths": summary["best"]["widths"], "recipe_seconds": total,

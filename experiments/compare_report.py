@@ -100,7 +100,8 @@ def write_report(results: dict, out: Path) -> None:
     lines += _seeds_table(rows, ratios, ["wikitext2", *held_out], short)
     lines += ["## Wall time of each recipe (seconds: scoring, selection, allocation, compensation; "
               "search: preparation (model, unit order, statistics), trial loop, rescoring of the finalists, rectified "
-              "export; ≥ where its preparation was not recorded; not its test evaluation; in "
+              "export; scores or a unit order read from the score cache counted with what they took to compute; "
+              "≥ where its preparation was not recorded; not its test evaluation; in "
               "parentheses the bfloat16 matmul peak in TFLOP/s of the machine, measured in the cell's run, where "
               "recorded: the cells ran on machines up to twice apart)", "",
               "| method | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]

@@ -32,6 +32,7 @@ from search.config import SEARCH_METHODS, SearchConfig
 from search.job import run_search
 from space.export import write_json
 from space.models import load_model
+from space.scores.cache import IMPORTANCE_FILE, stored_seconds
 
 RESULTS = Path(__file__).parent / "results"
 CONFIGS = Path(__file__).parent / "configs" / "quality"
@@ -178,14 +179,16 @@ def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int | Non
     if VALIDATION[0] not in ppl:
         ppl[VALIDATION[0]] = validation_ppl(best["export"])
     seconds = {k: round(v, 1) for k, v in best["seconds"].items()}
+    unit_order = best["unit_order"]
     if source is not None:  # the order and the trial loop ran in the source row's cell
         seconds.update({k: source["seconds"][k] for k in ("prepare", "search") if k in source["seconds"]})
+        unit_order = source.get("unit_order")
     return {"ratio": ratio, "row": row, "seed": seed, "options": options, "trials": result.completed,
             "block_ratio": best["best"]["block_ratio"], "rescored": best["best"]["rescored"],
             # the winner itself (as compare.py's cells record it), exportable again without its run folder
             "winner_trial": best["best"]["trial"], "widths": best["best"]["widths"],
             "fitness": config.fitness_name, "ppl": ppl, "windows": best["test"]["windows"], "seconds": seconds,
-            "export": best["export"], **({"search_from": f"{ratio}/{source['row']}/seed{seed}"} if source else {})}
+            **({"unit_order": unit_order} if unit_order else {}), "export": best["export"], **({"search_from": f"{ratio}/{source['row']}/seed{seed}"} if source else {})}
 
 
 def reused_search(config: SearchConfig, row: str, run_dir: Path, cells: dict) -> dict | None:
@@ -240,6 +243,34 @@ def fill_prepare_seconds(cells: dict) -> bool:
     return changed
 
 
+def fill_unit_order(cells: dict) -> bool:
+    """Mark each cell measured before the search recorded its unit order whose preparation took less than its
+    run folder's order took to compute (``importance.pt`` keeps those seconds): that order was read from the
+    score cache. Cells whose folder is not here, or whose preparation could have computed it, stay unmarked;
+    whether any cell changed."""
+    changed = False
+    for cell in cells.values():
+        path = Path(cell["export"]).parent / IMPORTANCE_FILE
+        if "unit_order" in cell or "search_from" in cell or "prepare" not in cell["seconds"] or not path.is_file():
+            continue
+        seconds = stored_seconds(path)
+        if cell["seconds"]["prepare"] < seconds:
+            cell["unit_order"] = {"seconds": round(seconds, 1), "reused": True,
+                                  "from": "inferred: the preparation took less than the order"}
+            changed = True
+    return changed
+
+
+def prepare_text(cell: dict) -> str:
+    """The table's preparation seconds of ``cell``, with what its unit order took where it was read from the
+    score cache (a cold command spends that too)."""
+    seconds = cell["seconds"]
+    text = f"{seconds['prepare']:.0f}" if "prepare" in seconds else "–"
+    if cell.get("unit_order", {}).get("reused"):
+        text += f" (order cached: {cell['unit_order']['seconds']:.0f})"
+    return text
+
+
 def validation_ppl(export: str) -> float:
     from evaluators.suite import evaluate
 
@@ -286,7 +317,8 @@ def report(data: dict) -> str:
              "Wall time (seconds; the test evaluation not counted): the preparation (the model's load, the unit "
              "order, the fitness statistics: timed by the search since 2026-12-06, read from the run folder's file "
              "times for the earlier cells whose folder is on this machine, – where neither; a unit order already "
-             "in the score cache, the same model, statistics windows and seed, is read, not computed), then the "
+             "in the score cache, the same model, order windows and seed, is read, not computed: `order cached: s` "
+             "gives what it took to compute, which a cold command spends too), then the "
              "search, the re-scoring of its finalists and the export's least squares.", "",
              "| ratio | row | options | seed | WikiText-2 | PTB | c4:heldout | PTB valid | re-scored | "
              "prepare s | search + re-score + export s | bf16 |",
@@ -297,13 +329,12 @@ def report(data: dict) -> str:
         p = c["ppl"]
         t = c["seconds"]
         wall = " + ".join(f"{t[k]:.0f}" for k in ("search", "rescore", "export") if k in t)
-        prepare = f"{t['prepare']:.0f}" if "prepare" in t else "–"
         options = cell_options(c["row"], c["options"].get("trials"), cell_dtype(c))
         lines.append(f"| {c['ratio']} | {c['row']}{' *' if is_default(c) else ''} | "
                      f"{'today' + chr(39) + 's defaults ' if is_default(c) else ''}`{json.dumps(options)}` | "
                      f"{c['seed']} | "
                      f"{p['wikitext2']:.2f} | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | {p['ptb:validation']:.2f} | "
-                     f"{c['rescored']:.4g} | {prepare} | {wall} | {c.get('bf16_tflops', float('nan')):.2f} |")
+                     f"{c['rescored']:.4g} | {prepare_text(c)} | {wall} | {c.get('bf16_tflops', float('nan')):.2f} |")
     if data.get("zeroshot"):
         lines += ["", "Zero-shot accuracy (seven tasks, first 500 each, float32):", "",
                   "| cell | " + " | ".join(TASKS) + " | average |", "|---|" + "---|" * (len(TASKS) + 1)]
@@ -332,7 +363,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"cells": {}, "zeroshot": {}}
-    if fill_prepare_seconds(data["cells"]):
+    if fill_prepare_seconds(data["cells"]) | fill_unit_order(data["cells"]):
         write_json(args.out, data)
     if args.report:  # the table, and the config of every cell measured so far
         for cell in data["cells"].values():

@@ -36,7 +36,7 @@ OUT = Path(__file__).parent / "results" / "reform_modes.json"
 def main() -> None:
     loaded = load_model("smollm2-135m", dtype=torch.float32)
     adapter = adapter_for(loaded.model)
-    scores = dense_scores(loaded, ["wanda-sp"], CalibrationSpec("wikitext2", 64, 512, 0))["wanda-sp"]
+    scores = dense_scores(loaded, ["wanda-sp"], CalibrationSpec("wikitext2", 64, 512, 0)).scores["wanda-sp"]
     order_model(adapter, scores)
     dense = Subnet.dense(adapter.dims)
     test = dataset_windows(loaded.tokenizer, "wikitext2", seqlen=512, limit=4)

@@ -192,8 +192,7 @@ def main(argv=None) -> int:
     adapter = adapter_for(loaded.model)
     calibration = CalibrationSpec("wikitext2", args.importance_nsamples, args.calib_seqlen, args.seed)
     args.scores_cache.parent.mkdir(parents=True, exist_ok=True)
-    scores = dense_scores(loaded, [args.importance], calibration,
-                               copy_to=args.scores_cache)
+    scores = dense_scores(loaded, [args.importance], calibration, copy_to=args.scores_cache).scores
     _, ordered = order_model(adapter, scores[args.importance])
     subnets = {r: allocate(args.allocation, adapter.dims, ordered, ratio=r) for r in args.ratios}
     table.data["subnets"] = {str(r): {"block_ratio": s.ratio(), "total_ratio": s.total_ratio(),

@@ -89,7 +89,7 @@ def rank_agreement(args, out: dict) -> None:
     loaded = load_model("smollm2-135m", dtype=torch.float32)
     adapter = adapter_for(loaded.model)
     scores = dense_scores(loaded, [config.importance], config.calibration_spec(),
-                               copy_to=run_dir / "importance.pt")[config.importance]
+                          copy_to=run_dir / "importance.pt").scores[config.importance]
     order_model(adapter, scores)
     solvers = output_solvers(adapter, config.calibration_spec().windows(loaded.tokenizer))
     windows = config.calibration_spec("fitness_windows").windows(loaded.tokenizer)
@@ -111,7 +111,7 @@ def baselines(args, out: dict, test: torch.Tensor, ratios: list[float]) -> None:
     config = search_config(args, 0.5, "evolution")
     calibration = config.calibration_spec().windows(loaded.tokenizer)
     adapter = adapter_for(loaded.model)
-    scores = dense_scores(loaded, [args.importance], config.calibration_spec())[args.importance]
+    scores = dense_scores(loaded, [args.importance], config.calibration_spec()).scores[args.importance]
     _, ordered = order_model(adapter, scores)
     for ratio in ratios:
         for allocation in ("uniform-mlp", "global"):

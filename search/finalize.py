@@ -81,7 +81,7 @@ def export_winner(subnet: Subnet, trial_number: int, config: SearchConfig, run_d
     unless ``export_reform`` says otherwise) and export it to ``out_dir`` (``run_dir/export``).
     On a GPU the float32 model stays in host memory and each block is rectified on the GPU for
     its turn (a 70B model exports from one GPU, as it was prepared)."""
-    loaded, adapter, orders, _ = load_prepared(config, run_dir, streamed=True)
+    loaded, adapter, orders, _, _ = load_prepared(config, run_dir, streamed=True)
     spec = config.export_spec()
     calibration = config.export_calibration_spec()
     overrides = rectify(adapter, subnet, calibration.windows(loaded.tokenizer), spec=spec,
@@ -118,7 +118,7 @@ def export_perplexity(config: SearchConfig, export_dir: Path) -> dict[str, dict]
 
 
 def summarise(study, chosen, winner: dict, subnet: Subnet, rescored, front, *, run_dir: Path, spec: ReformSpec,
-              tests: dict[str, dict], seconds: dict) -> dict:
+              tests: dict[str, dict], seconds: dict, unit_order: dict) -> dict:
     """What ``best.json`` holds: ``test`` is the WikiText-2 test perplexity (the headline number),
     ``held_out`` the others."""
     headline = next((spec for spec, t in tests.items() if t["dataset"] == "wikitext2"), None)
@@ -137,6 +137,8 @@ def summarise(study, chosen, winner: dict, subnet: Subnet, rescored, front, *, r
         "test": tests.get(headline),
         "held_out": {spec: t for spec, t in tests.items() if spec != headline},
         "seconds": seconds,
+        # the order's own seconds, and whether ``prepare`` read it from the score cache rather than computed it
+        "unit_order": unit_order,
         "environment": environment(),
     }
 
@@ -158,9 +160,11 @@ def write_outputs(study, summary: dict, subnet: Subnet, config: SearchConfig, ru
     report.markdown_report(summary, run_dir / "report.md")
 
 
-def finalize(study: optuna.Study, config: SearchConfig, run_dir: Path, dims, *, seconds: dict) -> dict:
+def finalize(study: optuna.Study, config: SearchConfig, run_dir: Path, dims, *, seconds: dict,
+             unit_order: dict) -> dict:
     """Every step of the end of a search; returns the summary written to ``best.json`` (``seconds``: those
-    before the end, ``prepare`` and ``search``; the end's own are added)."""
+    before the end, ``prepare`` and ``search``; the end's own are added; ``unit_order``: the preparation's
+    record of the order, :class:`search.prepare.Prepared`)."""
     started = time.time()
     trials, front = candidates(study, config)
     rescored = rescore(trials, config, run_dir, dims)
@@ -174,7 +178,7 @@ def finalize(study: optuna.Study, config: SearchConfig, run_dir: Path, dims, *, 
     tests = export_perplexity(config, run_dir / EXPORT)
     seconds = {**seconds, "rescore": rescore_seconds, "export": export_seconds, "test": time.time() - t0}
     summary = summarise(study, chosen, winner, subnet, rescored, front, run_dir=run_dir, spec=spec, tests=tests,
-                        seconds=seconds)
+                        seconds=seconds, unit_order=unit_order)
     write_outputs(study, summary, subnet, config, run_dir, dims)
     log.info("best subnet: trial %d, re-scored %.3f; export in %s", chosen.number, winner["rescored"], run_dir / EXPORT)
     return summary

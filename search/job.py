@@ -71,7 +71,7 @@ def _run_locked(config: SearchConfig, run_dir: Path, new_folder: bool, started: 
     logging.getLogger().addHandler(handler)
     try:
         try:
-            study, space = _study(config, run_dir, storage_url, workers)
+            study, space, unit_order = _study(config, run_dir, storage_url, workers)
         except UserError:
             if new_folder:  # a mistake found once the model is known: leave no folder that claims this search
                 logging.getLogger().removeHandler(handler)
@@ -96,7 +96,7 @@ def _run_locked(config: SearchConfig, run_dir: Path, new_folder: bool, started: 
         if final and completed:
             best = finished_result(run_dir, config, completed)
             if best is None:
-                best = finalize(study, config, run_dir, space.dims,
+                best = finalize(study, config, run_dir, space.dims, unit_order=unit_order,
                                 seconds={"prepare": prepare_seconds, "search": loop_seconds})
             else:
                 log.info("the search had already finished and exported; its result stands (%s)", run_dir / "best.json")
@@ -107,10 +107,11 @@ def _run_locked(config: SearchConfig, run_dir: Path, new_folder: bool, started: 
 
 
 def _study(config: SearchConfig, run_dir: Path, storage_url: str | None,
-           workers: int) -> tuple[optuna.Study, WidthSpace]:
-    """The study with its sampler, started from the one-shot allocations (the driver's model is
-    dropped afterwards: the workers, or the in-process pool, prepare their own copy)."""
-    _, adapter, _, ordered = load_prepared(config, run_dir, streamed=True)  # computes and caches importance
+           workers: int) -> tuple[optuna.Study, WidthSpace, dict]:
+    """The study with its sampler, started from the one-shot allocations, and the unit order's record
+    (:class:`search.prepare.Prepared`); the driver's model is dropped afterwards: the workers, or the
+    in-process pool, prepare their own copy."""
+    _, adapter, _, ordered, unit_order = load_prepared(config, run_dir, streamed=True)  # computes and caches importance
     space = WidthSpace(adapter.dims, preset=config.preset, mlp_step=config.mlp_step)
     errors = None
     if config.staged is not None:  # level switches are drawn by the fitness's own residuals
@@ -129,4 +130,4 @@ def _study(config: SearchConfig, run_dir: Path, storage_url: str | None,
             study.enqueue_trial(space.encode(start))
     # staged evolution scores an interrupted generation again itself (its trials are not queued)
     recover_interrupted(study, requeue=config.staged is None)
-    return study, space
+    return study, space, unit_order

@@ -11,6 +11,7 @@ import functools
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,13 +26,13 @@ from search.oneshot.allocation import ALLOCATIONS
 from search.samplers.levels import UnitErrors, depth_start
 from search.rundir import IMPORTANCE
 from search.widths import WidthSpace
-from space.adapters import adapter_for
+from space.adapters import ModelAdapter, adapter_for
 from space.errors import UserError
 from space.models import LoadedModel, load_model, place_model, worker_placement
 from space.order import order_model
 from space.scores import score_spec
 from space.scores.base import LayerScores, standardize
-from space.scores.cache import ScoreCache
+from space.scores.cache import ScoreCache, Scored
 from space.subnet import LayerWidths, Subnet
 
 
@@ -40,16 +41,15 @@ PREFIX_ONLY = ("down",)  # MLP channels are importance prefixes: their solvers k
 
 def dense_scores(loaded: LoadedModel, names: list[str], calibration: CalibrationSpec, *, ratio: float | None = None,
                  copy_to: Path | None = None, execution_device: str | None = None,
-                 pass_dtype: torch.dtype | None = None) -> dict[str, list[LayerScores]]:
+                 pass_dtype: torch.dtype | None = None) -> Scored:
     """Scores ``names`` of the dense ``loaded`` model on ``calibration``, through the shared score
     cache (and ``copy_to``, a run folder's file); ``execution_device``: computed there block by block,
     in ``pass_dtype`` (None: the model's)."""
-    scored = ScoreCache().scores(
+    return ScoreCache().scores(
         adapter_for(loaded.model), names, windows=lambda: calibration.windows(loaded.tokenizer),
         source=loaded.source.path, calibration=calibration.to_dict(), ratio=ratio, copy_to=copy_to,
         execution_device=execution_device, pass_dtype=pass_dtype,
     )
-    return scored.scores
 
 
 def streamed_device(config: SearchConfig) -> str | None:
@@ -58,7 +58,17 @@ def streamed_device(config: SearchConfig) -> str | None:
     return None if config.device == "cpu" else config.device
 
 
-def load_prepared(config: SearchConfig, run_dir: Path, *, streamed: bool = False):
+class Prepared(NamedTuple):
+    loaded: LoadedModel
+    adapter: ModelAdapter  # of ``loaded.model``, permuted into the unit order
+    orders: list  # per layer, the permutation applied (space.order.order_model)
+    ordered: list[LayerScores]  # the scores in that order
+    # what the unit order took to compute (whenever that was) and whether this preparation read it from the
+    # score cache instead: a search's wall time without the order's is not the time of a cold command
+    unit_order: dict
+
+
+def load_prepared(config: SearchConfig, run_dir: Path, *, streamed: bool = False) -> Prepared:
     """The permuted dense model (float32) and its sorted scores, from the run folder's cache.
     ``streamed``: the model stays in host memory, the scores computed block by block on the
     search's device (:func:`streamed_device`); otherwise the model is on that device."""
@@ -74,11 +84,11 @@ def load_prepared(config: SearchConfig, run_dir: Path, *, streamed: bool = False
                         f"ratio {low} needs a wider preset (wide or full)")
     # scores that depend on the target (newton's mask keeps that fraction) get the search's ratio;
     # for an nsga2 front, its upper end
-    scores = dense_scores(loaded, [config.importance], config.order_calibration_spec(), ratio=config.ratio,
+    scored = dense_scores(loaded, [config.importance], config.order_calibration_spec(), ratio=config.ratio,
                           copy_to=run_dir / IMPORTANCE, execution_device=execution_device,
                           pass_dtype=getattr(torch, config.pass_dtype))
-    orders, ordered = order_model(adapter, scores[config.importance])
-    return loaded, adapter, orders, ordered
+    orders, ordered = order_model(adapter, scored.scores[config.importance])
+    return Prepared(loaded, adapter, orders, ordered, {"seconds": round(scored.seconds, 1), "reused": scored.reused})
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,7 +97,7 @@ def _fitness_parts(config_json: str, run_dir: str):
     shared by the search's fitness and the final re-scoring (one calibration pass, not two).
     Prepared streamed: the float32 model never sits whole on a GPU, only the search-dtype copy."""
     config = SearchConfig(**json.loads(config_json))
-    loaded, adapter, _, ordered = load_prepared(config, Path(run_dir), streamed=True)
+    loaded, adapter, _, ordered, _ = load_prepared(config, Path(run_dir), streamed=True)
     solvers = None
     if config.fitness_reform == "lstsq":
         windows = config.calibration_spec().windows(loaded.tokenizer)

@@ -131,7 +131,12 @@ def markdown_report(summary: dict, path: Path) -> Path:
     lines += [f"| {r['trial']} | {r['search_value']:.3f} | {r['rescored']:.3f} |" for r in summary["rescored"]]
     timing = summary["seconds"]
     # run folders finished before the preparation was timed have no "prepare"
-    prepare = f"preparation {timing['prepare']:.0f} s (model, unit order, statistics), " if "prepare" in timing else ""
+    order = summary.get("unit_order")  # absent in run folders finished before it was recorded
+    # a cold command spends the order's seconds too
+    cached = (f"; the unit order read from the score cache, computed in {order['seconds']:.0f} s"
+              if order and order["reused"] else "")
+    prepare = (f"preparation {timing['prepare']:.0f} s (model, unit order, statistics{cached}), "
+               if "prepare" in timing else "")
     lines += ["", "## Time", "", f"{prepare}search loop {timing['search']:.0f} s "
               f"({summary['completed_trials'] / max(timing['search'], 1e-9) * 60:.1f} trials/min), "
               f"re-scoring {timing['rescore']:.0f} s, export {timing['export']:.0f} s, test {timing['test']:.0f} s.",

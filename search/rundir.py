@@ -39,6 +39,7 @@ import yaml
 from search import loop
 from search.config import SearchConfig
 from space.errors import UserError
+from space.scores.cache import IMPORTANCE_FILE
 from space.export.atomic import write_text
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ STUDY_RECORD = "study.json"  # the study's name and where it is stored
 LOCK = ".lock"
 JOURNAL = "study.journal"
 CONFIG = "config.yaml"
-IMPORTANCE = "importance.pt"
+IMPORTANCE = IMPORTANCE_FILE  # the run folder's copy of its unit order's scores
 BEST = "best.json"
 EXPORT = "export"
 

@@ -52,3 +52,28 @@ def test_cells_timed_before_the_preparation_read_it_from_their_run_folder(monkey
         assert "prepare" not in cells[name]["seconds"] and cells[name]["prepare_from"] == "not recorded", name
     assert cells["timed"]["seconds"]["prepare"] == 7.0 and "prepare_from" not in cells["timed"]
     assert not quality.fill_prepare_seconds(cells)  # read once
+
+
+def test_a_cell_whose_preparation_was_shorter_than_its_unit_order_read_that_order(monkeypatch, tmp_path):
+    """Cells measured before the search recorded its unit order: a preparation that took less than the
+    order (its run folder's importance.pt keeps those seconds) cannot have computed it."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import quality
+    from space.scores.cache import save_scores
+
+    def cell(name: str, prepare: float | None, order_seconds: float | None) -> dict:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        if order_seconds is not None:
+            save_scores(run_dir / "importance.pt", {}, {"k": 1}, seconds=order_seconds)
+        return {"export": str(run_dir / "export"), "seconds": {"search": 5.0, **({} if prepare is None else
+                                                                                {"prepare": prepare})}}
+
+    cells = {"read": cell("read", 90.0, 360.0), "computed": cell("computed", 450.0, 360.0),
+             "untimed": cell("untimed", None, 360.0), "gone": cell("gone", 90.0, None)}
+    assert quality.fill_unit_order(cells)
+    assert cells["read"]["unit_order"]["reused"] and cells["read"]["unit_order"]["seconds"] == 360.0
+    assert all("unit_order" not in cells[name] for name in ("computed", "untimed", "gone"))  # not told: unmarked
+    assert not quality.fill_unit_order(cells)  # read once
+    assert quality.prepare_text(cells["read"]) == "90 (order cached: 360)"
+    assert quality.prepare_text(cells["computed"]) == "450" and quality.prepare_text(cells["untimed"]) == "–"

@@ -75,6 +75,11 @@ def load_scores(path: Path, key: dict) -> tuple[dict[str, list[LayerScores]], fl
     return scores, float(payload.get("seconds", 0.0))
 
 
+def stored_seconds(path: Path) -> float:
+    """What the scores stored at ``path`` took to compute, whenever that was (0 where not recorded)."""
+    return float(torch.load(path, weights_only=True).get("seconds", 0.0))
+
+
 @dataclass
 class Scored:
     scores: dict[str, list[LayerScores]]

@@ -100,6 +100,13 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
                 "--tyr-rows", "tyr")
     assert again["cells"]["search:0.5"]["recipe_seconds"] == 16.0
     assert again["cells"]["search:0.5"]["metrics"] == cells["search:0.5"]["metrics"]
+    # ...and a unit order its preparation read from the score cache counts with what computing it took
+    timed["cells"]["0.5/defaults/seed0"]["unit_order"] = {"seconds": 4.0, "reused": True}
+    quality.write_text(json.dumps(timed))
+    again = run(compare, tiny_model_dir, out, "--lstsq-rows", "--search-cells", str(quality), "defaults",
+                "--tyr-rows", "tyr")
+    assert again["cells"]["search:0.5"]["recipe_seconds"] == 20.0
+    assert again["cells"]["search:0.5"]["record"]["seconds"]["order_cached"] == 4.0
 
     # a quality.py cell measured again (another machine, no export there) replaces its row; the others stay
     remeasured = json.loads(quality.read_text())
@@ -423,7 +430,7 @@ def test_a_quality_cell_records_its_winner_so_it_can_be_exported_again(tmp_path,
     widths = [[3, 1, 512], [2, 1, 384]]
     best = {"best": {"trial": 7, "widths": widths, "block_ratio": 0.7, "rescored": 0.6},
             "test": {"ppl": 36.0, "windows": 32}, "held_out": {"ptb": {"ppl": 80.0}},
-            "seconds": {"search": 1.0}, "export": str(tmp_path / "export")}
+            "seconds": {"search": 1.0}, "unit_order": {"seconds": 3.0, "reused": True}, "export": str(tmp_path / "export")}
     monkeypatch.setattr(quality, "write_config", lambda config, row: None)  # not into the repository's configs
     finished = SimpleNamespace(best=best, completed=9)
     monkeypatch.setattr(quality, "run_search", lambda config, run_dir, progress: finished)
@@ -431,6 +438,7 @@ def test_a_quality_cell_records_its_winner_so_it_can_be_exported_again(tmp_path,
     cell = quality.search_cell(0.7, "final", 0, tmp_path, None, {})
     assert cell["widths"] == widths and cell["winner_trial"] == 7
     assert cell["ppl"] == {"wikitext2": 36.0, "ptb": 80.0, "ptb:validation": 78.0}
+    assert cell["unit_order"] == {"seconds": 3.0, "reused": True}  # the report gives a cold command's time
 
 
 def test_the_evopress_depth_row_searches_whole_sublayers_and_joins_the_table(compare, tiny_model_dir, zeroshot_data,

@@ -38,7 +38,7 @@ def test_the_device_map_path_scores_candidates_as_the_default_path(tiny_model_di
     config = tiny_config(tiny_model_dir)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    _, adapter, _, _ = load_prepared(config, run_dir)  # the importance scores, in the run folder's file
+    adapter = load_prepared(config, run_dir).adapter  # the importance scores, in the run folder's file
     space = WidthSpace(adapter.dims, preset=config.preset, mlp_step=config.mlp_step)
     dense = Subnet.dense(adapter.dims)
     subnets = [dense, space.repair(dense, 0.8), space.repair(dense, 0.6)]

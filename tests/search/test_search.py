@@ -146,6 +146,7 @@ def test_in_process_search_completes_and_exports_a_model_that_reloads(searched):
     assert best["held_out"]["ptb"]["ppl"] > 1 and best["held_out"]["ptb"]["windows"] == 1
     for name in ("report.md", "width_profile.png", "progress.png", "config.yaml", "importance.pt"):
         assert (run_dir / name).is_file(), name
+    assert set(best["unit_order"]) == {"seconds", "reused"}
     trial = finished(run_dir)[0]
     assert {"widths", "block_ratio", "total_ratio", "params", "gflops_per_token_512", "eval_seconds",
             "worker"} <= set(trial.user_attrs)
@@ -222,6 +223,19 @@ def test_the_unit_order_is_computed_on_its_own_windows(tiny_model_dir, tiny_data
     assert config.calibration_spec().nsamples == 8 and "order_nsamples" in config.identity()
     with pytest.raises(UserError, match="--order-nsamples"):
         tiny_config(tiny_model_dir, order_nsamples=0).check()
+
+
+def test_the_preparation_says_whether_it_computed_the_unit_order_or_read_it(tiny_model_dir, tiny_data, tmp_path,
+                                                                             monkeypatch):
+    """A search's wall time without its order is not a cold command's: best.json says which it was."""
+    from search import prepare
+
+    monkeypatch.setenv("LLM_PRUNER_CACHE", str(tmp_path / "cache"))  # nothing computed yet
+    config = tiny_config(tiny_model_dir)
+    computed = prepare.load_prepared(config, tmp_path / "first").unit_order
+    read = prepare.load_prepared(config, tmp_path / "second").unit_order
+    assert computed["reused"] is False and read["reused"] is True
+    assert read["seconds"] == computed["seconds"] > 0  # what computing took, whenever that was
 
 
 def test_a_search_with_the_kl_fitness_records_it(tiny_model_dir, tiny_data, tmp_path):
