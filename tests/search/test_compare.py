@@ -107,6 +107,7 @@ def test_compare_writes_every_cell_resumes_and_reads_the_search_rows(compare, ti
                 "--tyr-rows", "tyr")
     assert again["cells"]["search:0.5"]["recipe_seconds"] == 20.0
     assert again["cells"]["search:0.5"]["record"]["seconds"]["order_cached"] == 4.0
+    assert "| search | 16 + 4 cached order |" in out.with_suffix(".md").read_text()
 
     # a quality.py cell measured again (another machine, no export there) replaces its row; the others stay
     remeasured = json.loads(quality.read_text())
