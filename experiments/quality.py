@@ -179,7 +179,7 @@ def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int | Non
     if VALIDATION[0] not in ppl:
         ppl[VALIDATION[0]] = validation_ppl(best["export"])
     seconds = {k: round(v, 1) for k, v in best["seconds"].items()}
-    unit_order = best["unit_order"]
+    unit_order = best.get("unit_order")  # absent from run folders finished before the search recorded it
     if source is not None:  # the order and the trial loop ran in the source row's cell
         seconds.update({k: source["seconds"][k] for k in ("prepare", "search") if k in source["seconds"]})
         unit_order = source.get("unit_order")
@@ -188,7 +188,8 @@ def search_cell(ratio: float, row: str, seed: int, runs: Path, trials: int | Non
             # the winner itself (as compare.py's cells record it), exportable again without its run folder
             "winner_trial": best["best"]["trial"], "widths": best["best"]["widths"],
             "fitness": config.fitness_name, "ppl": ppl, "windows": best["test"]["windows"], "seconds": seconds,
-            **({"unit_order": unit_order} if unit_order else {}), "export": best["export"], **({"search_from": f"{ratio}/{source['row']}/seed{seed}"} if source else {})}
+            **({"unit_order": unit_order} if unit_order else {}), "export": best["export"],
+            **({"search_from": f"{ratio}/{source['row']}/seed{seed}"} if source else {})}
 
 
 def reused_search(config: SearchConfig, row: str, run_dir: Path, cells: dict) -> dict | None:

@@ -39,8 +39,8 @@ import yaml
 from search import loop
 from search.config import SearchConfig
 from space.errors import UserError
-from space.scores.cache import IMPORTANCE_FILE
 from space.export.atomic import write_text
+from space.scores.cache import IMPORTANCE_FILE
 
 log = logging.getLogger(__name__)
 
