@@ -238,6 +238,18 @@ def test_the_preparation_says_whether_it_computed_the_unit_order_or_read_it(tiny
     assert read["seconds"] == computed["seconds"] > 0  # what computing took, whenever that was
 
 
+def test_the_report_gives_a_cached_unit_orders_seconds_beside_the_preparation(searched, tmp_path):
+    from search.report import markdown_report
+
+    run_dir, _ = searched
+    best = json.loads((run_dir / "best.json").read_text())
+    for reused, said in ((True, True), (False, False)):
+        markdown_report({**best, "unit_order": {"seconds": 12.0, "reused": reused}}, tmp_path / "report.md")
+        text = (tmp_path / "report.md").read_text()
+        assert ("the unit order read from the score cache, computed in 12 s" in text) == said
+        assert "preparation" in text
+
+
 def test_a_search_with_the_kl_fitness_records_it(tiny_model_dir, tiny_data, tmp_path):
     result = run_search(tiny_config(tiny_model_dir, fitness="kl", fitness_top_k=16, trials=4), tmp_path / "run",
                         progress=False, final=False)
