@@ -61,12 +61,12 @@ def measure(export: Path) -> dict:
 
 
 def cell(export: Path, nsamples: int, calib: str | None = None, zeroshot: int | None = None,
-         seqlen: int | None = None, **changed) -> dict:
+         seqlen: int | None = None, seed: int | None = None, **changed) -> dict:
     """The winner of ``export`` refitted on ``nsamples`` windows of ``seqlen`` tokens (None: the export's
-    own length); the :class:`ReformSpec` fields in ``changed`` that are not None (mode, pass_dtype,
-    select, damping, ridge) and the text ``calib`` (sources joined by ``+``, each from the search's
-    region) replace the export's own. ``zeroshot``: also the seven tasks' zero-shot accuracy on their
-    first ``zeroshot`` questions."""
+    own length) drawn with ``seed`` (None: the export's own draw); the :class:`ReformSpec` fields in
+    ``changed`` that are not None (mode, pass_dtype, select, damping, ridge) and the text ``calib``
+    (sources joined by ``+``, each from the search's region) replace the export's own. ``zeroshot``: also
+    the seven tasks' zero-shot accuracy on their first ``zeroshot`` questions."""
     record = read_subnet_record(export)
     recipe = record["recipe"]
     if changed.get("select") == "prefix" and recipe["compensation"].get("select", "prefix") != "prefix":
@@ -75,7 +75,8 @@ def cell(export: Path, nsamples: int, calib: str | None = None, zeroshot: int | 
                         "would keep the same units (the search's unit order is not in the export)")
     own = search_export(export, recipe)  # before the refit: a later search may re-run into the same folder
     source = CalibrationSpec.from_dict(recipe["calibration"])
-    calibration = CalibrationSpec(calib or source.dataset, nsamples, seqlen or source.seqlen, source.seed, source.region)
+    calibration = CalibrationSpec(calib or source.dataset, nsamples, seqlen or source.seqlen,
+                                  source.seed if seed is None else seed, source.region)
     reform = ReformSpec(**{**recipe["compensation"], **{k: v for k, v in changed.items() if v is not None}})
     loaded = load_model(record["source"]["path"], dtype=torch.float32)
     started = time.time()
@@ -89,7 +90,7 @@ def cell(export: Path, nsamples: int, calib: str | None = None, zeroshot: int | 
             values["zeroshot"] = zeroshot_cell(str(Path(tmp) / "export"), zeroshot)
     return {"export": str(export), "nsamples": nsamples, "tokens": nsamples * calibration.seqlen,
             "reform": reform.to_dict(), "calibration": calibration.to_dict(), "reform_s": round(seconds, 1),
-            "ratio": record["target_ratio"], "search": own, **values}
+            "ratio": record["target_ratio"], "search": own, **({"drawn": True} if seed is not None else {}), **values}
 
 
 def search_export(export: Path, recipe: dict) -> dict | None:
@@ -139,7 +140,8 @@ def report(data: dict) -> str:
                          f"{p['ptb:validation']:.2f} | {p['wikitext2']:.2f} | – | {p['ptb']:.2f} | {p['c4:heldout']:.2f} | "
                          f"{'–' if seconds is None else f'{seconds:.0f}'} | – |")
         short = c.get(f"wikitext2_{SHORT_SEQLEN}")  # (cells measured before it was: –)
-        lines.append(f"| {c['export']} | {c['ratio']} | {least_squares(c['reform'])} | {c['calibration']['dataset']} | "
+        drawn = f" (seed {c['calibration']['seed']})" if c.get("drawn") else ""
+        lines.append(f"| {c['export']} | {c['ratio']} | {least_squares(c['reform'])} | {c['calibration']['dataset']}{drawn} | "
                      f"{c['nsamples']} x {c['calibration']['seqlen']} | {c['validation']:.2f} | {c['wikitext2']:.2f} | "
                      f"{'–' if short is None else f'{short:.2f}'} | {c['ptb']:.2f} | {c['c4:heldout']:.2f} | "
                      f"{c['reform_s']:.0f} | "
@@ -166,6 +168,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="what the ridge pulls toward: zero or the dense kept weights (default: the export's own)")
     parser.add_argument("--seqlens", type=int, nargs="+", default=[None],
                         help="the refit's window length in tokens (default: the export's own, 512)")
+    parser.add_argument("--calib-seeds", type=int, nargs="+", default=[None],
+                        help="draw the windows with these seeds (default: the export's own draw): how much of a "
+                             "winner's figures the calibration draw alone moves")
     parser.add_argument("--calib", nargs="+", default=[None],
                         help="the texts to refit on, each sources joined by + (default: the search's own)")
     parser.add_argument("--zeroshot", type=int, metavar="LIMIT",
@@ -187,16 +192,16 @@ def run(args) -> int:
         return 0
     data["bf16_tflops"] = matmul_tflops(torch.bfloat16)
     for export in args.exports:
-        for n, mode, pass_dtype, calib, select, damping, ridge, seqlen in itertools.product(
+        for n, mode, pass_dtype, calib, select, damping, ridge, seqlen, seed in itertools.product(
                 args.nsamples, args.modes, args.pass_dtypes, args.calib, args.selects, args.dampings, args.ridges,
-                args.seqlens):
+                args.seqlens, args.calib_seeds):
             # the export's own settings leave the key as the first cells' were
             key = f"{export}:{n}" + "".join(f":{v}" for v in (mode, pass_dtype, calib, select) if v) \
                 + (f":damping={damping:g}" if damping is not None else "") + (f":ridge={ridge}" if ridge else "") \
-                + (f":seqlen={seqlen}" if seqlen else "")
+                + (f":seqlen={seqlen}" if seqlen else "") + (f":seed={seed}" if seed is not None else "")
             if key not in data["cells"] or (args.zeroshot and "zeroshot" not in data["cells"][key]):
-                data["cells"][key] = cell(export, n, calib, args.zeroshot, seqlen, mode=mode, pass_dtype=pass_dtype,
-                                          select=select, damping=damping, ridge=ridge)
+                data["cells"][key] = cell(export, n, calib, args.zeroshot, seqlen, seed, mode=mode,
+                                          pass_dtype=pass_dtype, select=select, damping=damping, ridge=ridge)
                 data["environment"] = environment()
                 write_json(args.out, data)
     args.out.with_suffix(".md").write_text(report(data))

@@ -68,3 +68,26 @@ def test_a_prefix_refit_of_re_selected_units_is_refused(tmp_path, monkeypatch, c
     assert status == 2
     assert "re-selected (obs)" in capsys.readouterr().err  # before the (missing) source model is loaded
     assert not out.exists()
+
+
+def test_another_draw_of_the_calibration_windows_is_its_own_cell(tmp_path, monkeypatch):
+    """--calib-seeds: the same winner refitted on windows drawn with another seed (same text, region, count)."""
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    import calibration_size
+
+    export = export_folder(tmp_path / "export", select="prefix")
+    fitted = []
+    monkeypatch.setattr(calibration_size, "load_model", lambda *a, **k: object())
+    monkeypatch.setattr(calibration_size, "reform_export",
+                        lambda loaded, record, *, calibration, **k: fitted.append(calibration))
+    monkeypatch.setattr(calibration_size, "measure", lambda path: {
+        "validation": 55.0, "wikitext2": 24.8, "ptb": 54.0, "c4:heldout": 36.5, "wikitext2_128": 70.0})
+    monkeypatch.setattr(calibration_size, "RESULTS", tmp_path)
+    out = tmp_path / "calibration_size.json"
+    assert calibration_size.main([str(export), "--nsamples", "8", "--calib-seeds", "3", "--out", str(out)]) == 0
+    assert [(c.seed, c.region, c.nsamples) for c in fitted] == [(3, (0.0, 0.6), 8)]
+    cells = json.loads(out.read_text())["cells"]
+    assert list(cells) == [f"{export}:8:seed=3"]
+    assert f"| {export} | 0.9 | upstream | wikitext2 (seed 3) | 8 x 512 |" in out.with_suffix(".md").read_text()
+    assert calibration_size.main([str(export), "--nsamples", "8", "--out", str(out)]) == 0  # the export's own draw
+    assert fitted[-1].seed == 0 and f"{export}:8" in json.loads(out.read_text())["cells"]
