@@ -35,7 +35,7 @@ from reform.local import output_solvers, solver_overrides
 from search.cli.common import parse_args_with_config
 from search.config import FITNESS_REGION, RESCORING_REGION, STATISTICS_REGION, SearchConfig
 from search.fitness import Fitness
-from search.prepare import starts_for
+from search.prepare import dense_scores, starts_for
 from search.samplers.levels import LevelSwitches
 from search.widths import WidthSpace
 from space.adapters import adapter_for
@@ -43,7 +43,6 @@ from space.export import write_json
 from space.models import load_model
 from space.order import order_model
 from space.scores import score_spec
-from space.scores.cache import ScoreCache
 from space.views import subnet_view
 
 RESULTS = Path(__file__).parent / "results"
@@ -73,8 +72,7 @@ def permuted_smollm2():
     loaded = load_model("smollm2-135m", dtype=torch.float32)
     adapter, tokenizer = adapter_for(loaded.model), loaded.tokenizer
     statistics = CalibrationSpec("wikitext2", 64, 512, 0, STATISTICS_REGION)
-    scores = ScoreCache().scores(adapter, ["wanda-sp"], windows=lambda: statistics.windows(tokenizer),
-                                 source=loaded.source.path, calibration=statistics.to_dict()).scores["wanda-sp"]
+    scores = dense_scores(loaded, ["wanda-sp"], statistics).scores["wanda-sp"]
     _, ordered = order_model(adapter, scores)
     return adapter, tokenizer, ordered, statistics.windows(tokenizer)
 

@@ -39,14 +39,13 @@ from search.artifacts import trial_subnet_of  # noqa: E402
 from search.cli.common import exit_status  # noqa: E402
 from search.fitness import Fitness  # noqa: E402
 from search.oneshot import reform_export  # noqa: E402
-from search.prepare import PREFIX_ONLY  # noqa: E402
+from search.prepare import PREFIX_ONLY, dense_scores  # noqa: E402
 from search.rundir import load_run_config, load_run_study  # noqa: E402
 from space.adapters import adapter_for  # noqa: E402
 from space.errors import UserError  # noqa: E402
 from space.export import read_subnet_record, write_json  # noqa: E402
 from space.models import load_model  # noqa: E402
 from space.order import order_model  # noqa: E402
-from space.scores.cache import ScoreCache  # noqa: E402
 from space.subnet import Subnet  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -64,9 +63,7 @@ def orders(config) -> dict:
     loaded = load_model(config.model, dtype=torch.float32)  # a score leaves the model as it found it
     calibration = config.order_calibration_spec()  # the order's own windows (order_nsamples)
     for name, pass_dtype in (("float32", None), ("bfloat16", HALF)):
-        scored = ScoreCache().scores(adapter_for(loaded.model), [config.importance],
-                                     windows=lambda: calibration.windows(loaded.tokenizer), source=loaded.source.path,
-                                     calibration=calibration.to_dict(), ratio=config.ratio, pass_dtype=pass_dtype)
+        scored = dense_scores(loaded, [config.importance], calibration, ratio=config.ratio, pass_dtype=pass_dtype)
         out[name] = {"scores": scored.scores[config.importance], "seconds": round(scored.seconds, 1),
                      "reused": scored.reused}
     return out

@@ -33,6 +33,7 @@ def test_the_orders_are_computed_on_the_orders_own_windows(monkeypatch, make_mod
     asked for on those windows, not on the fitness statistics'."""
     monkeypatch.syspath_prepend(str(EXPERIMENTS))
     import pass_dtype
+    from search import prepare
     from search.config import SearchConfig
 
     asked = []
@@ -48,7 +49,7 @@ def test_the_orders_are_computed_on_the_orders_own_windows(monkeypatch, make_mod
             return type("Scored", (), {"scores": {names[0]: []}, "seconds": 1.0, "reused": False})()
 
     monkeypatch.setattr(pass_dtype, "load_model", lambda *a, **k: Loaded())
-    monkeypatch.setattr(pass_dtype, "ScoreCache", Cache)
+    monkeypatch.setattr(prepare, "ScoreCache", Cache)
     config = SearchConfig.create(model="m", ratio=0.5, importance="osscar", order_nsamples=256, nsamples=64)
     pass_dtype.orders(config)
     assert asked == [(256, None), (256, pass_dtype.HALF)]
