@@ -106,6 +106,10 @@ ROWS: dict[str, dict] = {
     # is on 256 windows (`long` bought 1-2 % with the 64-window order, at twice the loop's time)
     "order256-long": {"evolution": "staged-8", "trials": 680, "fitness_nsamples": 84, "final_nsamples": 64,
                       "order_nsamples": 256},
+    # order256 on seed 0's windows (the order's, the statistics', the fitness's and the re-scoring's) with the
+    # cell's seed for the sampler alone: how much of the seeds' spread at 0.5 is the evolution's own draws
+    "order256-data0": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64,
+                       "order_nsamples": 256, "data_seed": 0},
     # Týr's search (tyr-equal's) with order256's unit order on 256 windows: what `--method tyr` runs since
     # 2026-12-07 (every osscar order takes them), the equal-budget tyr row where the search row is order256
     "tyr-order256": {**SEARCH_METHODS["tyr"], "order_nsamples": 256},

@@ -129,11 +129,12 @@ class SearchConfig:
     @classmethod
     def create(cls, model: str, ratio: float, *, calib: str = "wikitext2", nsamples: int = 64,
                calib_seqlen: int = 512, fitness_nsamples: int | None = None, fitness_seqlen: int = 512,
-               final_nsamples: int | None = None, seed: int = 0, chat_template: bool = False,
-               **options) -> "SearchConfig":
+               final_nsamples: int | None = None, seed: int = 0, data_seed: int | None = None,
+               chat_template: bool = False, **options) -> "SearchConfig":
         """A config whose statistics, fitness and re-scoring windows come from their disjoint regions
-        of ``calib`` (seeds ``seed``, ``seed + 1``, ``seed + 2``; each document through the model's
-        chat template when ``chat_template``). ``fitness_nsamples`` defaults to 8
+        of ``calib`` (seeds ``data_seed``, ``data_seed + 1``, ``data_seed + 2``; ``data_seed`` is ``seed``
+        unless given, so that a search can be repeated on the same windows with another ``seed`` for its
+        sampler; each document through the model's chat template when ``chat_template``). ``fitness_nsamples`` defaults to 8
         and ``final_nsamples`` to max(32, 4 x the windows a candidate is scored on); a staged evolution's
         preset sets both (:class:`search.samplers.staged.StagedPreset`). ``options``: the other fields;
         those not given (or None) take the defaults of the day (``RECOMMENDED``, ``importance="auto"``
@@ -160,12 +161,13 @@ class SearchConfig:
             final = final_nsamples or staged.default_rescoring_windows()
         else:
             final = final_nsamples or max(32, 4 * (fitness_nsamples or 8))
+        data = seed if data_seed is None else data_seed
         return cls(
             model=model, ratio=ratio, seed=seed,
-            calibration=CalibrationSpec(calib, nsamples, calib_seqlen, seed, STATISTICS_REGION, chat_template).to_dict(),
-            fitness_windows=CalibrationSpec(calib, fitness_nsamples or 8, fitness_seqlen, seed + 1, FITNESS_REGION,
+            calibration=CalibrationSpec(calib, nsamples, calib_seqlen, data, STATISTICS_REGION, chat_template).to_dict(),
+            fitness_windows=CalibrationSpec(calib, fitness_nsamples or 8, fitness_seqlen, data + 1, FITNESS_REGION,
                                             chat_template).to_dict(),
-            final_windows=CalibrationSpec(calib, final, fitness_seqlen, seed + 2, RESCORING_REGION,
+            final_windows=CalibrationSpec(calib, final, fitness_seqlen, data + 2, RESCORING_REGION,
                                           chat_template).to_dict(),
             **options,
         )

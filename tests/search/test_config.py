@@ -264,3 +264,11 @@ def test_the_bfloat16_probe_measures_this_cpu():
     assert 0 < speedup < float("inf")
     if torch.backends.cpu.get_cpu_capability() == "AVX2":
         assert speedup < 1 and not environment.fast_bfloat16("cpu")
+
+
+def test_a_data_seed_keeps_the_windows_and_changes_only_the_samplers_seed():
+    windows = ("calibration", "fitness_windows", "final_windows")
+    own = SearchConfig.create("m", 0.5, seed=0)
+    repeated = SearchConfig.create("m", 0.5, seed=3, data_seed=0)
+    assert repeated.seed == 3 and all(getattr(repeated, w) == getattr(own, w) for w in windows)
+    assert [getattr(SearchConfig.create("m", 0.5, seed=3), w)["seed"] for w in windows] == [3, 4, 5]
