@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from evaluators.perplexity import LOGIT_CHUNK
+from evaluators.perplexity import logit_positions
 from search.config import SearchConfig
 from search.fitness import PREFIX_BYTES, cache_bound
 from search.prepare import PREFIX_ONLY
@@ -116,7 +116,8 @@ def memory_plan(config: SearchConfig, dims: ModelDims, vocab_size: int, *, memor
     on_host = config.solver_device == "cpu" and not config.device.startswith("cpu")
     device_fitness = (sum(layer_solver_bytes(dims, solver_size).values()) if lstsq else 0) if on_host else fitness_bytes
     hidden = 2 * dims.hidden_size + 3 * dims.intermediate_size + (dims.num_heads + 2 * dims.num_kv_heads) * dims.head_dim
-    activation_bytes = batch * fitness.seqlen * hidden * size + 2 * batch * min(fitness.seqlen, LOGIT_CHUNK) * vocab_size * 4
+    logit_rows = batch * min(fitness.seqlen, logit_positions(batch))  # a chunk's logits and log-softmax in float32
+    activation_bytes = batch * fitness.seqlen * hidden * size + 2 * logit_rows * vocab_size * 4
     logits_bytes = fitness.nsamples * (fitness.seqlen - 1) * (config.fitness_top_k * 8 + 4) if config.fitness == "kl" else 0
     search_bytes = params * size + device_fitness + cache_bytes + prefix_bytes + activation_bytes + logits_bytes
     # preparation: the float32 model (on a GPU streamed, one block at a time, unless the importance
