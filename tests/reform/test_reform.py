@@ -343,6 +343,11 @@ def test_sequential_differs_from_local_and_is_never_worse_on_its_targets(setup, 
         assert error(in_sequential, sequential) <= error(in_local, local), t.key
 
 
+# How far above the float64 optimum a fit whose Gram products are float32 may land: rounded as the CPU's kernels
+# round them (1.8e-6 on an AMX Xeon, under 1e-6 on AVX-512 and AVX2 CPUs)
+FLOAT32_FIT = 1e-5
+
+
 def upstream_inputs(adapter, windows, subnet, target, overrides) -> torch.Tensor:
     """What ``target``'s projection receives in the model pruned to ``subnet`` and rectified by
     ``overrides`` (its own), its own sub-layer whole: the inputs the upstream mode fits it on."""
@@ -375,7 +380,7 @@ def test_upstream_fits_each_projection_to_its_own_weights_on_the_pruned_stream(s
         def error(w):
             return float((goal - x_kept @ w.double().T).norm())
 
-        assert error(upstream[f"{t.key}.weight"]) <= error(best) * (1 + 1e-6) + 1e-9, t.key
+        assert error(upstream[f"{t.key}.weight"]) <= error(best) * (1 + FLOAT32_FIT) + 1e-9, t.key
         assert error(upstream[f"{t.key}.weight"]) <= error(local[f"{t.key}.weight"]) * (1 + 1e-9), t.key
 
 
@@ -446,7 +451,7 @@ def test_residual_fits_the_pruned_block_output_to_the_dense_one(setup, subnet):
         def error(w):
             return float((goal - x_kept @ w.double().T).norm())
 
-        assert error(residual[f"{t.key}.weight"]) <= error(best) * (1 + 1e-6) + 1e-9, t.key
+        assert error(residual[f"{t.key}.weight"]) <= error(best) * (1 + FLOAT32_FIT) + 1e-9, t.key
         assert error(residual[f"{t.key}.weight"]) <= error(sequential[f"{t.key}.weight"]) * (1 + 1e-9), t.key
 
 
