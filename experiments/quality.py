@@ -114,6 +114,12 @@ ROWS: dict[str, dict] = {
     # seed 2's windows against sampler seed 0 on seed 0's, the windows apart
     "order256-data2": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64,
                        "order_nsamples": 256, "data_seed": 2},
+    # order256 whose generations draw from 168 fitness windows instead of 84 (each window of the pool then serves
+    # about 1.8 generations' stages instead of 3.6; the per-generation work is the same): at 0.5 the windows' draws,
+    # not the sampler, move the winner (order256-data0 / -data2), and the fitness pool is the draw the search
+    # re-uses most
+    "order256-pool168": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 168, "final_nsamples": 64,
+                         "order_nsamples": 256},
     # Týr's search (tyr-equal's) with order256's unit order on 256 windows: what `--method tyr` runs since
     # 2026-12-07 (every osscar order takes them), the equal-budget tyr row where the search row is order256
     "tyr-order256": {**SEARCH_METHODS["tyr"], "order_nsamples": 256},
