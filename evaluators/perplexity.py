@@ -23,7 +23,7 @@ LOGIT_ROWS = 512
 
 def logit_positions(batch: int) -> int:
     """Positions per chunk of logits for a batch of ``batch`` windows."""
-    return max(1, LOGIT_ROWS // max(1, batch))
+    return max(1, LOGIT_ROWS // batch)
 
 
 def _chunked_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
