@@ -114,6 +114,13 @@ ROWS: dict[str, dict] = {
     # seed 2's windows against sampler seed 0 on seed 0's, the windows apart
     "order256-data2": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64,
                        "order_nsamples": 256, "data_seed": 2},
+    # order256 with the unit order's 256 windows drawn with seed 2, the rest of the windows the cell's (run at seed
+    # 0), and the reverse (seed 0's order, run at seed 2): whether the unit order's windows or the others (the
+    # statistics', the fitness pool, the re-scoring) carry seed 2's loss at 0.5
+    "order256-orderseed2": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64,
+                            "order_nsamples": 256, "order_seed": 2},
+    "order256-orderseed0": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64,
+                            "order_nsamples": 256, "order_seed": 0},
     # order256 whose generations draw from 168 fitness windows instead of 84 (each window of the pool then serves
     # about 1.8 generations' stages instead of 3.6; the per-generation work is the same): at 0.5 the windows' draws,
     # not the sampler, move the winner (order256-data0 / -data2), and the fitness pool is the draw the search

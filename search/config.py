@@ -69,8 +69,10 @@ class SearchConfig:
     importance: str = "wanda-sp"
     calibration: dict = field(
         default_factory=lambda: CalibrationSpec("wikitext2", 64, 512, 0, STATISTICS_REGION).to_dict())
-    # the windows the unit order is computed on (None: the statistics' count; their region and seed)
+    # the windows the unit order is computed on (None: the statistics' count; their region and seed), and their
+    # seed (None: the statistics'; another seed draws the order's windows apart from the statistics' ones)
     order_nsamples: int | None = None
+    order_seed: int | None = None
     fitness_windows: dict = field(
         default_factory=lambda: CalibrationSpec("wikitext2", 8, 512, 1, FITNESS_REGION).to_dict())
     fitness_reform: str = "lstsq"  # lstsq | none: rectify candidates before scoring them
@@ -204,9 +206,11 @@ class SearchConfig:
         return CalibrationSpec.from_dict(getattr(self, which))
 
     def order_calibration_spec(self) -> CalibrationSpec:
-        """The windows the unit order is computed on: ``order_nsamples`` of the statistics' region and seed."""
+        """The windows the unit order is computed on: ``order_nsamples`` of the statistics' region, drawn with
+        ``order_seed`` (None: the statistics' seed)."""
         statistics = self.calibration_spec()
-        return dataclasses.replace(statistics, nsamples=self.order_nsamples or statistics.nsamples)
+        seed = statistics.seed if self.order_seed is None else self.order_seed
+        return dataclasses.replace(statistics, nsamples=self.order_nsamples or statistics.nsamples, seed=seed)
 
     def export_spec(self) -> ReformSpec:
         """The export's least squares (its pass dtype is the upstream mode's; the others run in float32)."""

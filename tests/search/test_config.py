@@ -272,3 +272,19 @@ def test_a_data_seed_keeps_the_windows_and_changes_only_the_samplers_seed():
     repeated = SearchConfig.create("m", 0.5, seed=3, data_seed=0)
     assert repeated.seed == 3 and all(getattr(repeated, w) == getattr(own, w) for w in windows)
     assert [getattr(SearchConfig.create("m", 0.5, seed=3), w)["seed"] for w in windows] == [3, 4, 5]
+
+
+def test_an_order_seed_draws_only_the_orders_windows_apart(tmp_path):
+    import yaml
+
+    from search.rundir import CONFIG, open_run_dir
+
+    own, apart = SearchConfig.create("m", 0.5, seed=0), SearchConfig.create("m", 0.5, seed=0, order_seed=2)
+    assert own.order_seed is None and own.order_calibration_spec().seed == 0
+    assert apart.order_calibration_spec() == dataclasses.replace(own.order_calibration_spec(), seed=2)
+    assert apart.calibration_spec() == own.calibration_spec()  # the statistics keep their windows
+    # a run folder made before the field resumes as the statistics' seed, and refuses another order seed
+    (tmp_path / CONFIG).write_text(yaml.safe_dump({k: v for k, v in own.to_dict().items() if k != "order_seed"}))
+    open_run_dir(tmp_path, own)
+    with pytest.raises(UserError, match="order_seed: run has None, asked 2"):
+        open_run_dir(tmp_path, apart)
