@@ -173,22 +173,28 @@ def region_bounds(count: int, region: tuple[float, float]) -> tuple[int, int]:
     return int(low * count), int(high * count)
 
 
-def region_starts(count: int, *, nsamples: int, seqlen: int, seed: int,
+def region_starts(count: int, *, nsamples: int, seqlen: int, seed: int | None,
                   region: tuple[float, float] = WHOLE) -> torch.Tensor:
     """Seeded random start positions of ``nsamples`` windows of ``seqlen`` tokens lying wholly
-    inside ``region`` of a text of ``count`` tokens."""
+    inside ``region`` of a text of ``count`` tokens; with no seed, starts evenly spaced over the same
+    range (the first at the region's start): windows no draw decides, which never overlap while
+    ``nsamples * seqlen`` fits in the region and cover it whole when it just fits."""
     start, end = region_bounds(count, region)
     if end - start <= seqlen:
         where = "the text" if region == WHOLE else f"the region {region[0]:g}-{region[1]:g} of the text"
         raise UserError(f"{where} has {end - start} tokens, fewer than one window of {seqlen}")
+    last = end - start - seqlen - 1  # the largest offset a random draw can give
+    if seed is None:
+        return start + torch.linspace(0, last, nsamples, dtype=torch.float64).round().long()
     generator = torch.Generator().manual_seed(seed)
-    return start + torch.randint(0, end - start - seqlen, (nsamples,), generator=generator)
+    return start + torch.randint(0, last + 1, (nsamples,), generator=generator)
 
 
-def random_windows(tokens: torch.Tensor, *, nsamples: int, seqlen: int, seed: int,
+def random_windows(tokens: torch.Tensor, *, nsamples: int, seqlen: int, seed: int | None,
                    region: tuple[float, float] = WHOLE) -> torch.Tensor:
     """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets (the calibration recipe
-    of GPTQ/SparseGPT/Wanda/FLAP), inside ``region`` (fractions of the text; default all of it)."""
+    of GPTQ/SparseGPT/Wanda/FLAP), inside ``region`` (fractions of the text; default all of it);
+    evenly spaced ones where ``seed`` is None (:func:`region_starts`)."""
     starts = region_starts(tokens.numel(), nsamples=nsamples, seqlen=seqlen, seed=seed, region=region)
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
 
@@ -221,7 +227,7 @@ def shortage(count: int, *, source: str, seqlen: int, region: tuple[float, float
 
 
 def calibration_windows(
-    tokenizer, spec: str, *, nsamples: int, seqlen: int, seed: int = 0, split: str | None = None,
+    tokenizer, spec: str, *, nsamples: int, seqlen: int, seed: int | None = 0, split: str | None = None,
     region: tuple[float, float] = WHOLE, chat_template: bool = False,
 ) -> torch.Tensor:
     """Calibration windows (default split: :func:`default_calibration_split`; never test), the
@@ -258,7 +264,7 @@ class CalibrationSpec:
     dataset: str = "wikitext2"
     nsamples: int = 64
     seqlen: int = 512
-    seed: int = 0
+    seed: int | None = 0  # None: evenly spaced windows (region_starts)
     region: tuple[float, float] = WHOLE
     chat_template: bool = False
 

@@ -121,6 +121,10 @@ ROWS: dict[str, dict] = {
                             "order_nsamples": 256, "order_seed": 2},
     "order256-orderseed0": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64,
                             "order_nsamples": 256, "order_seed": 0},
+    # order256 with the order's 256 windows evenly spaced over the statistics' region instead of drawn (81 % of its
+    # 314 windows' worth of tokens, no window overlapping another): one order for every seed
+    "order256-even": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64,
+                      "order_nsamples": 256, "order_seed": "even"},
     # order256 whose generations draw from 168 fitness windows instead of 84 (each window of the pool then serves
     # about 1.8 generations' stages instead of 3.6; the per-generation work is the same): at 0.5 the windows' draws,
     # not the sampler, move the winner (order256-data0 / -data2), and the fitness pool is the draw the search

@@ -42,6 +42,8 @@ SEARCH_METHODS: dict[str, dict] = {
 }
 
 
+EVEN_WINDOWS = "even"  # order_seed: windows evenly spaced over the region instead of drawn
+
 SOLVER_DEVICES = ("model", "cpu")  # where the fitness's least-squares state lives
 
 # export_select auto: the units chosen again on the upstream statistics (obs) where the export's text joins
@@ -70,9 +72,10 @@ class SearchConfig:
     calibration: dict = field(
         default_factory=lambda: CalibrationSpec("wikitext2", 64, 512, 0, STATISTICS_REGION).to_dict())
     # the windows the unit order is computed on (None: the statistics' count; their region and seed), and their
-    # seed (None: the statistics'; another seed draws the order's windows apart from the statistics' ones)
+    # seed (None: the statistics'; another seed draws the order's windows apart from the statistics' ones; "even":
+    # no draw, windows evenly spaced over the statistics' region, the same for every seed)
     order_nsamples: int | None = None
-    order_seed: int | None = None
+    order_seed: int | str | None = None
     fitness_windows: dict = field(
         default_factory=lambda: CalibrationSpec("wikitext2", 8, 512, 1, FITNESS_REGION).to_dict())
     fitness_reform: str = "lstsq"  # lstsq | none: rectify candidates before scoring them
@@ -207,9 +210,9 @@ class SearchConfig:
 
     def order_calibration_spec(self) -> CalibrationSpec:
         """The windows the unit order is computed on: ``order_nsamples`` of the statistics' region, drawn with
-        ``order_seed`` (None: the statistics' seed)."""
+        ``order_seed`` (None: the statistics' seed; "even": evenly spaced, no seed)."""
         statistics = self.calibration_spec()
-        seed = statistics.seed if self.order_seed is None else self.order_seed
+        seed = {None: statistics.seed, EVEN_WINDOWS: None}.get(self.order_seed, self.order_seed)
         return dataclasses.replace(statistics, nsamples=self.order_nsamples or statistics.nsamples, seed=seed)
 
     def export_spec(self) -> ReformSpec:
@@ -256,6 +259,8 @@ class SearchConfig:
             raise UserError("--trials must be at least 1")
         if self.max_failures < 1:
             raise UserError("--max-failures must be at least 1")
+        if self.order_seed not in (None, EVEN_WINDOWS) and not isinstance(self.order_seed, int):
+            raise UserError(f"order_seed is a seed, {EVEN_WINDOWS!r} or unset, got {self.order_seed!r}")
         for name in ("export_nsamples", "order_nsamples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")

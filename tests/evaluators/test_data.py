@@ -35,6 +35,18 @@ def test_random_windows_are_deterministic_by_seed():
     assert torch.all(a[:, 1:] - a[:, :-1] == 1)  # contiguous slices of the text
 
 
+def test_windows_without_a_seed_are_evenly_spaced_and_tile_a_text_they_fit():
+    tokens, region = torch.arange(1000), (0.2, 0.4)  # tokens 200-399
+    spread = random_windows(tokens, nsamples=4, seqlen=16, seed=None, region=region)
+    assert torch.equal(spread, random_windows(tokens, nsamples=4, seqlen=16, seed=None, region=region))
+    starts, drawn = spread[:, 0], random_windows(tokens, nsamples=64, seqlen=16, seed=0, region=region)[:, 0]
+    assert starts.min() == 200 and drawn.max() <= starts.max() == 400 - 16 - 1  # the range a draw's starts span
+    assert (starts.diff() - starts.diff()[0]).abs().max() <= 1 and starts.diff().min() > 16  # even, apart
+    # as many windows as fit: one after the other (a draw's range leaves out the text's last token)
+    tiled = random_windows(torch.arange(12 * 16 + 1), nsamples=12, seqlen=16, seed=None)
+    assert torch.equal(tiled.reshape(-1), torch.arange(12 * 16))
+
+
 def test_names_and_splits_are_checked():
     assert parse_dataset("WikiText-2") == ("wikitext2", None)
     assert parse_dataset("c4:train") == ("c4", "train")

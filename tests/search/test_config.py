@@ -288,3 +288,12 @@ def test_an_order_seed_draws_only_the_orders_windows_apart(tmp_path):
     open_run_dir(tmp_path, own)
     with pytest.raises(UserError, match="order_seed: run has None, asked 2"):
         open_run_dir(tmp_path, apart)
+
+
+def test_even_order_windows_are_the_same_for_every_seed():
+    orders = [SearchConfig.create("m", 0.5, seed=seed, order_seed="even").order_calibration_spec() for seed in (0, 2)]
+    assert orders[0] == orders[1] and orders[0].seed is None and orders[0].nsamples == 256
+    assert orders[0].region == SearchConfig.create("m", 0.5).calibration_spec().region
+    for wrong in ("odd", 1.5):
+        with pytest.raises(UserError, match="order_seed is a seed"):
+            SearchConfig.create("m", 0.5, order_seed=wrong).check()
