@@ -35,6 +35,7 @@ from evaluators.data import dataset_windows
 from evaluators.divergence import batch_kl, reference
 from evaluators.environment import environment
 from evaluators.perplexity import perplexity
+from experiments.outputs import command_line  # noqa: E402
 from experiments.fitness_rank import spearman
 from search.artifacts import trial_subnet_of
 from search.cli.common import exit_status, parse_args_with_config
@@ -152,7 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = "python experiments/finalists.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line(__file__, argv)
     data = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
     settings = {"ptb_windows": args.ptb_windows, "test_windows": args.test_windows}
     unfinished = [run for run in args.runs if not (run / BEST).is_file()]

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
+from experiments.outputs import command_line, write_results  # noqa: E402
 from experiments.fitness_rank import permuted_smollm2  # noqa: E402
 from experiments.throughput import children  # noqa: E402
 from reform.local import output_solvers  # noqa: E402
@@ -32,7 +33,6 @@ from search.config import FITNESS_REGION  # noqa: E402
 from search.fitness import Fitness  # noqa: E402
 from search.prepare import PREFIX_ONLY  # noqa: E402
 from search.widths import WidthSpace  # noqa: E402
-from space.export import write_json  # noqa: E402
 
 perplexity_module = sys.modules["evaluators.perplexity"]  # the package exports a function of that name
 RESULTS = Path(__file__).parent / "results"
@@ -88,10 +88,8 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
     data = {"ratio": args.ratio, "rows": rows, "logit_rows": perplexity_module.LOGIT_ROWS, "peak": peak,
             "seconds": round(time.time() - started, 1), "environment": environment(),
-            "command": "python experiments/logit_rows.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    write_json(args.out, data)
-    args.out.with_suffix(".md").write_text(report(data))
-    print(report(data))
+            "command": command_line(__file__, argv)}
+    write_results(args.out, data, report)
     return 0
 
 

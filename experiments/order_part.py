@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments.outputs import command_line  # noqa: E402
 from experiments.quality import validation_ppl  # noqa: E402
 from search.finalize import export_winner  # noqa: E402
 from search.rundir import load_run_config  # noqa: E402
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     for order_run in args.orders:
         cells.append(cell(args.widths_export, order_run))
         print(json.dumps(cells[-1]), flush=True)
-        write_json(args.out, {"command": " ".join(sys.argv), "cells": cells})
+        write_json(args.out, {"command": command_line(__file__, argv), "cells": cells})
     return 0
 
 

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, fast_bfloat16, matmul_tflops  # noqa: E402
+from experiments.outputs import command_line  # noqa: E402
 from experiments.fitness_rank import permuted_smollm2, spearman  # noqa: E402
 from experiments.throughput import children  # noqa: E402
 from reform.local import output_solvers  # noqa: E402
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     data = {"ratio": args.ratio, "children": len(pool), "peak_tflops": peak, "reference_s": reference_s,
             "rows": rows, "fast_bfloat16": fast_bfloat16("cpu"), "auto_dtype": default_dtype("cpu"),
             "seconds": round(time.time() - started, 1), "environment": environment(),
-            "command": "python experiments/scoring_dtype.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+            "command": command_line(__file__, argv)}
     write_json(args.out, data)
     write_text(args.out.with_suffix(".md"), report(data))
     print(report(data))

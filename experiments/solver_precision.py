@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
+from experiments.outputs import command_line, write_results  # noqa: E402
 from experiments.fitness_rank import RATIOS, candidates, permuted_smollm2, spearman  # noqa: E402
 from reform.local import output_solvers  # noqa: E402
 from search.cli.common import parse_args_with_config  # noqa: E402
@@ -35,7 +36,6 @@ from search.config import FITNESS_REGION  # noqa: E402
 from search.fitness import Fitness  # noqa: E402
 from search.prepare import PREFIX_ONLY  # noqa: E402
 from search.widths import WidthSpace  # noqa: E402
-from space.export import write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 STATES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -82,10 +82,8 @@ def main(argv=None) -> int:
                "seconds_per_candidate": {k: v / len(rows) for k, v in seconds.items()}, **peak}
     data = {"summary": summary, "rows": rows, "seconds": round(time.time() - started, 1),
             "environment": environment(),
-            "command": "python experiments/solver_precision.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    write_json(args.out, data)
-    args.out.with_suffix(".md").write_text(report(data))
-    print(report(data))
+            "command": command_line(__file__, argv)}
+    write_results(args.out, data, report)
     return 0
 
 

@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
+from experiments.outputs import command_line, write_results  # noqa: E402
 from experiments.fitness_rank import permuted_smollm2  # noqa: E402
 from reform.local import output_solvers  # noqa: E402
 from search.cli.common import parse_args_with_config  # noqa: E402
@@ -43,7 +44,6 @@ from search.fitness import PREFIX_BYTES, Fitness  # noqa: E402
 from search.prepare import PREFIX_ONLY, starts_for  # noqa: E402
 from search.samplers.levels import LevelSwitches  # noqa: E402
 from search.widths import WidthSpace  # noqa: E402
-from space.export import write_json  # noqa: E402
 from space.scores import score_spec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -157,10 +157,8 @@ def main(argv=None) -> int:
     peak_after = {"bf16_tflops": matmul_tflops(torch.bfloat16), "fp32_tflops": matmul_tflops(torch.float32)}
     data = {"ratio": args.ratio, "dtype": dtype, "results": results, "peak_before": peak, "peak_after": peak_after,
             "seconds": round(time.time() - started, 1), "environment": environment(),
-            "command": "python experiments/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    write_json(args.out, data)
-    args.out.with_suffix(".md").write_text(report(data))
-    print(report(data))
+            "command": command_line(__file__, argv)}
+    write_results(args.out, data, report)
     return 0
 
 
