@@ -164,13 +164,34 @@ def test_score_cache_reuses_by_model_calibration_ratio_and_dtype(make_model, tok
     assert not scores(ScoreCache(), source=None).reused  # nothing on disk for a model without a file
 
 
-def test_input_stats_accumulate_in_float64():
-    stats = InputStats(3, gram=True, device=torch.device("cpu"))
+@pytest.mark.parametrize("gram", [False, True])
+def test_input_stats_accumulate_in_float64(gram):
+    stats = InputStats(3, gram=gram, device=torch.device("cpu"))
     x = torch.tensor([[1e4, 1.0, -2.0], [1e4 + 1, 3.0, 2.0]])
     stats.add(x[:1])
     stats.add(x[1:])
     assert stats.sum.dtype == torch.float64
+    # (1e4 + 1)² is not a float32: the variance of [1e4, 1e4 + 1] survives only through the shift
     torch.testing.assert_close(stats.variance, torch.tensor([0.25, 1.0, 4.0], dtype=torch.float64))
+
+
+def test_input_stats_equal_float64_sums_of_every_batch():
+    """The shifted float32 sums give back the float64 sums, the mean and the norm; the columns
+    reordered with them."""
+    torch.manual_seed(0)
+    batches = [torch.randn(64, 5, dtype=torch.float64) * 3 + torch.arange(5.0).double() * 100 for _ in range(3)]
+    stats = InputStats(5, gram=True, device=torch.device("cpu"))
+    for batch in batches:
+        stats.add(batch.to(torch.bfloat16))
+    x = torch.cat(batches).to(torch.bfloat16).double()
+    torch.testing.assert_close(stats.sum, x.sum(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.sumsq, x.square().sum(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.variance, x.var(0, unbiased=False), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(stats.gram, x.T @ x, rtol=1e-6, atol=1e-6)
+    columns = torch.tensor([4, 2, 0, 1, 3])
+    stats.reorder(columns)
+    torch.testing.assert_close(stats.sumsq, x.square().sum(0)[columns], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.mean, x.mean(0)[columns], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["wanda-sp", "osscar", "bip", "block-influence"])
