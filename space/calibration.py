@@ -200,6 +200,23 @@ def input_of(block: nn.Module, module: nn.Module, hidden: torch.Tensor, args: tu
     return seen[0], (block_output(output) if output is not None else None)
 
 
+@contextmanager
+def bfloat16_products(exact: bool):
+    """float32 matmuls on oneDNN's bfloat16 path (float32 accumulation and output) where ``exact``:
+    the inputs hold bfloat16 values (a pass in bfloat16), so rounding them to bfloat16 loses nothing,
+    and a CPU with bfloat16 units (AMX, AVX-512 BF16) multiplies at its bfloat16 rate. Products
+    rounded to bfloat16 are not enough: summed over 64 windows of SmolLM2, an o_proj gram was not
+    positive definite even with the order's ridge (2026-12-08)."""
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    if exact:
+        matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
 class InputStats:
     """Running statistics of the inputs of one linear over calibration tokens, in float64:
     count, per-channel sum and sum of squares, and optionally ``C = XᵀX``.
@@ -227,7 +244,8 @@ class InputStats:
         self.shifted_sumsq += shifted.square().sum(0).double()
         if self.gram is not None:
             # One float32 product per batch (the costly part), accumulated in float64.
-            self.gram += (x32.T @ x32).double()
+            with bfloat16_products(x.dtype == torch.bfloat16):
+                self.gram += (x32.T @ x32).double()
 
     def reorder(self, columns: torch.Tensor) -> None:
         """Put the input columns in the order ``columns`` (a permutation: the linear's inputs were

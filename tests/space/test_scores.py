@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from space.calibration import (InputStats, StatsRequest, capture_block_inputs, input_of, run_block,
+from space.calibration import (InputStats, bfloat16_products, StatsRequest, capture_block_inputs, input_of, run_block,
                                walk_layers)
 from space.adapters import adapter_for
 from space.errors import UserError
@@ -192,6 +192,24 @@ def test_input_stats_equal_float64_sums_of_every_batch():
     stats.reorder(columns)
     torch.testing.assert_close(stats.sumsq, x.square().sum(0)[columns], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(stats.mean, x.mean(0)[columns], rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_products_keep_float32_precision_and_restore_the_setting():
+    """oneDNN's bfloat16 path on bfloat16 values accumulates in float32 (where the CPU has no bfloat16
+    units it is the float32 product); the setting is the caller's again afterwards, also after an error."""
+    torch.manual_seed(0)
+    x = (torch.randn(512, 96) * torch.rand(96) * 10).to(torch.bfloat16)
+    exact = x.double().T @ x.double()
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with pytest.raises(RuntimeError), bfloat16_products(True):
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        product = x.float().T @ x.float()
+        raise RuntimeError
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert float((product.double() - exact).abs().max() / exact.abs().max()) < 1e-5
+    stats = InputStats(96, gram=True, device=torch.device("cpu"))
+    stats.add(x)
+    torch.testing.assert_close(stats.gram, exact, rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
 
 
 @pytest.mark.parametrize("name", ["wanda-sp", "osscar", "bip", "block-influence"])
