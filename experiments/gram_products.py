@@ -1,5 +1,5 @@
 """The osscar order with its second moments' products in float32 against oneDNN's bfloat16 path
-(``space.calibration.bfloat16_products``: the pass's bfloat16 inputs, float32 accumulation and output),
+(``space.input_stats.bfloat16_products``: the pass's bfloat16 inputs, float32 accumulation and output),
 on the same SmolLM2-135M windows, alternating which goes first. Reports the order's seconds, the kept
 channels the two share at the uniform target widths, the order's own objective (the refit error of every
 layer's kept channels after the swap search, summed), and the products' throughput, with the matmul peaks
@@ -25,7 +25,7 @@ from evaluators.data import CalibrationSpec  # noqa: E402
 from evaluators.environment import environment, matmul_tflops  # noqa: E402
 from experiments.outputs import command_line, write_results  # noqa: E402
 from search.config import STATISTICS_REGION  # noqa: E402
-from space import calibration  # noqa: E402
+from space import input_stats  # noqa: E402
 from space.adapters import adapter_for  # noqa: E402
 from space.models import load_model  # noqa: E402
 from space.scores import compute_scores, osscar  # noqa: E402
@@ -47,7 +47,7 @@ def timed_order(adapter, windows: torch.Tensor, ratio: float, product: str) -> d
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(osscar, "swap_search", recorded_swap_search))
         if product == "float32":
-            stack.enter_context(mock.patch.object(calibration, "bfloat16_products",
+            stack.enter_context(mock.patch.object(input_stats, "bfloat16_products",
                                                   lambda exact: contextlib.nullcontext()))
         started = time.perf_counter()
         scores = compute_scores(adapter, windows, ["osscar"], ratio=ratio, pass_dtype=torch.bfloat16)["osscar"]
@@ -59,7 +59,7 @@ def product_seconds(tokens: int, width: int, repeats: int = 8) -> dict[str, floa
     x = torch.randn(tokens, width).to(torch.bfloat16).float()
     seconds = {}
     for product in PRODUCTS:
-        with calibration.bfloat16_products(product != "float32"):
+        with input_stats.bfloat16_products(product != "float32"):
             x.T @ x
             started = time.perf_counter()
             for _ in range(repeats):

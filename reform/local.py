@@ -18,7 +18,8 @@ import torch
 from reform.lstsq import DEFAULT_DAMPING, PrefixLstsq
 from reform.spec import Rectified, ReformSpec, method_spec
 from reform.targets import layer_targets
-from space.calibration import InputStats, StatsRequest, walk_layers
+from space.calibration import StatsRequest, walk_layers
+from space.input_stats import InputStats
 from space.adapters import LayerAdapter, ModelAdapter
 from space.subnet import Subnet
 

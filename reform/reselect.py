@@ -23,7 +23,7 @@ import math
 import torch
 
 from space.adapters import LayerAdapter
-from space.calibration import InputStats
+from space.input_stats import InputStats
 from space.order import LayerOrder, expand, orders_from_kept, permute_layer
 from space.scores.base import weight64
 from space.scores.elimination import CHANNELS_PER_STEP, damped, eliminate, refit_error, swap_search, unit_scores

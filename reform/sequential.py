@@ -45,9 +45,10 @@ from reform.targets import Target, layer_targets
 from reform.local import model_home
 from reform.reselect import reselect
 from space.errors import UserError
-from space.calibration import (BlockInputs, InputStats, block_in, block_on, capture_block_inputs, input_of,
+from space.calibration import (BlockInputs, block_in, block_on, capture_block_inputs, input_of,
                                linear_input_stats, run_block)
 from space.adapters import LayerAdapter, ModelAdapter
+from space.input_stats import InputStats
 from space.order import LayerOrder
 from space.residual_pass import last_linear_pass
 from space.views import subnet_view

@@ -15,7 +15,7 @@ from torch import nn
 
 from reform.spec import Problem, Rectified, take_columns
 from space.adapters import LayerAdapter, ModelAdapter
-from space.calibration import InputStats
+from space.input_stats import InputStats
 from space.views import kept_q, layer_prefix, module_names
 from space.subnet import LayerWidths, ModelDims
 

@@ -25,7 +25,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from space.calibration import BlockInputs, InputStats, linear_input_stats, run_block, swapped_forwards
+from space.calibration import BlockInputs, linear_input_stats, run_block, swapped_forwards
+from space.input_stats import InputStats
 
 
 def _recorder(linear: nn.Module, *, gram: bool):

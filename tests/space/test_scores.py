@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from space.calibration import (InputStats, bfloat16_products, StatsRequest, capture_block_inputs, input_of, run_block,
-                               walk_layers)
+from space.calibration import StatsRequest, capture_block_inputs, input_of, run_block, walk_layers
+from space.input_stats import InputStats, bfloat16_products
 from space.adapters import adapter_for
 from space.errors import UserError
 from space.scores import SCORES, compute_scores, score_spec
