@@ -96,8 +96,9 @@ def fitness_statistics(config, scores, subnets: list[Subnet]) -> dict:
             "max_relative_change": max(change), "mean_relative_change": sum(change) / len(change)}
 
 
-def end_to_end(export: Path, config, scores) -> dict:
-    """The winner's widths with the units of ``scores``' order, refitted as the search's export was."""
+def end_to_end(export: Path, config, scores, measured=measure) -> dict:
+    """The winner's widths with the units of ``scores``' order, refitted as the search's export was, and
+    ``measured`` (an export folder's perplexities)."""
     record = read_subnet_record(export)
     subnet = Subnet.from_dict(record["subnet"])
     loaded = load_model(config.model, dtype=torch.float32)
@@ -111,7 +112,7 @@ def end_to_end(export: Path, config, scores) -> dict:
         reform_export(loaded, record, reform=reform, calibration=calibration, out_dir=Path(tmp) / "export",
                       reformed_from=str(export))
         del loaded
-        return {"kept": record["kept"], "ppl": measure(Path(tmp) / "export")}
+        return {"kept": record["kept"], "ppl": measured(Path(tmp) / "export")}
 
 
 def cell(run_dir: Path, candidates: int) -> dict:
