@@ -125,6 +125,12 @@ ROWS: dict[str, dict] = {
     # 314 windows' worth of tokens, no window overlapping another): one order for every seed
     "order256-even": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64,
                       "order_nsamples": 256, "order_seed": "even"},
+    # order256 with the order's 256 windows shared between WikiText-2 and c4:calib (128 each, the statistics'
+    # region and seed of each), the search, its least squares and the export on WikiText-2 as before: at 0.5 the
+    # order's windows move the winner most (order256-orderseed*), and an order fitted to one text keeps the units
+    # that text needs (C4 is the text the 0.5 targets miss most)
+    "order256-mixed": {"evolution": "staged-8", "trials": 340, "fitness_nsamples": 84, "final_nsamples": 64,
+                       "order_nsamples": 256, "order_calib": "wikitext2+c4:calib"},
     # order256 whose generations draw from 168 fitness windows instead of 84 (each window of the pool then serves
     # about 1.8 generations' stages instead of 3.6; the per-generation work is the same): at 0.5 the windows' draws,
     # not the sampler, move the winner (order256-data0 / -data2), and the fitness pool is the draw the search

@@ -76,6 +76,10 @@ class SearchConfig:
     # no draw, windows evenly spaced over the statistics' region, the same for every seed)
     order_nsamples: int | None = None
     order_seed: int | str | None = None
+    # the order's text (None: the statistics'; sources joined by +, each from the statistics' region): an order
+    # over several texts keeps the units every one of them needs, the search and its least squares still fit
+    # the statistics' text
+    order_calib: str | None = None
     fitness_windows: dict = field(
         default_factory=lambda: CalibrationSpec("wikitext2", 8, 512, 1, FITNESS_REGION).to_dict())
     fitness_reform: str = "lstsq"  # lstsq | none: rectify candidates before scoring them
@@ -209,11 +213,13 @@ class SearchConfig:
         return CalibrationSpec.from_dict(getattr(self, which))
 
     def order_calibration_spec(self) -> CalibrationSpec:
-        """The windows the unit order is computed on: ``order_nsamples`` of the statistics' region, drawn with
-        ``order_seed`` (None: the statistics' seed; "even": evenly spaced, no seed)."""
+        """The windows the unit order is computed on: ``order_nsamples`` of ``order_calib``'s text (None: the
+        statistics') from the statistics' region, drawn with ``order_seed`` (None: the statistics' seed; "even":
+        evenly spaced, no seed)."""
         statistics = self.calibration_spec()
         seed = {None: statistics.seed, EVEN_WINDOWS: None}.get(self.order_seed, self.order_seed)
-        return dataclasses.replace(statistics, nsamples=self.order_nsamples or statistics.nsamples, seed=seed)
+        return dataclasses.replace(statistics, dataset=self.order_calib or statistics.dataset,
+                                   nsamples=self.order_nsamples or statistics.nsamples, seed=seed)
 
     def export_spec(self) -> ReformSpec:
         """The export's least squares (its pass dtype is the upstream mode's; the others run in float32)."""

@@ -71,6 +71,9 @@ def add(sub) -> None:
     p.add_argument("--order-nsamples", type=int, help="calibration windows the unit order is computed on, of the "
                                                       "statistics' region and seed (default: 256 for the osscar "
                                                       "order where --nsamples is fewer, else --nsamples)")
+    p.add_argument("--order-calib", help="the unit order's text, of the statistics' region (default: --calib's; "
+                                         "sources joined by +, e.g. wikitext2+c4:calib: the search and its least "
+                                         "squares still fit --calib's)")
     p.add_argument("--calib-seqlen", type=int, default=512)
     add_precision_options(p)
     p.add_argument("--dry-run", action="store_true", help="print the memory plan per worker and stop (the model may "
@@ -154,7 +157,7 @@ def config_from(args) -> SearchConfig:
         fitness_top_k=args.fitness_top_k, dtype=args.dtype, pass_dtype=args.pass_dtype, device=args.device,
         solver_dtype=args.solver_dtype, solver_device=args.solver_device, pruner=args.pruner,
         final_top_k=args.final_top_k, export_reform=args.export_reform, export_nsamples=args.export_nsamples,
-        order_nsamples=args.order_nsamples,
+        order_nsamples=args.order_nsamples, order_calib=args.order_calib,
         export_pass_dtype=args.export_pass_dtype, export_select=args.export_select, export_calib=args.export_calib,
         export_ridge=args.export_ridge, export_damping=args.export_damping, eval_windows=args.eval_windows or 0,
         eval_datasets=tuple(args.eval_datasets), max_failures=args.max_failures,
@@ -209,7 +212,8 @@ def validate(args) -> None:
     if args.dry_run:
         resolve(args.config.model)
         return
-    for spec in (args.config.calibration_spec(), args.config.export_calibration_spec()):
+    for spec in (args.config.calibration_spec(), args.config.order_calibration_spec(),
+                 args.config.export_calibration_spec()):
         spec.check_text()  # a missing or test split fails before the model loads
     check_run_dir(args.run_dir)
     if args.storage:
@@ -222,7 +226,8 @@ def validate(args) -> None:
     # too little text for any of the three window sets, or no chat template: said before the model loads
     tokenizer = common.model_tokenizer(args.config.model)
     if tokenizer is not None:
-        check_calibration([args.config.calibration_spec(which) for which in WINDOW_SETS], tokenizer)
+        check_calibration([*(args.config.calibration_spec(which) for which in WINDOW_SETS),
+                           args.config.order_calibration_spec()], tokenizer)
     if args.workers:
         require_extra("ray", "ray", "--workers")
     if args.config.gpus_per_worker > 1 and args.config.device.startswith("cuda"):

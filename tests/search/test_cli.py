@@ -170,6 +170,8 @@ def test_prune_by_parts_and_by_method_run_the_same_pipeline(tiny_model_dir, tiny
      "not a database URL"),
     (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--calib", "wikitext2+ptb:test"],
      "leak"),
+    (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--order-calib",
+      "wikitext2+ptb:test"], "leak"),
     (["search", "--model", "{model}", "--ratio", "0.5", "--run-dir", "{tmp}/run", "--evolution", "staged",
       "--fitness-nsamples", "8"], "fitness-nsamples"),
     (["search", "--model", "{model}", "--ratio", "0.3", "--run-dir", "{tmp}/run", "--preset", "paper",

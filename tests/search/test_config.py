@@ -290,6 +290,18 @@ def test_an_order_seed_draws_only_the_orders_windows_apart(tmp_path):
         open_run_dir(tmp_path, apart)
 
 
+def test_an_order_text_changes_only_the_orders_windows():
+    own = SearchConfig.create("m", 0.5, seed=1)
+    mixed = SearchConfig.create("m", 0.5, seed=1, order_calib="wikitext2+c4:calib")
+    assert mixed.order_calibration_spec() == dataclasses.replace(own.order_calibration_spec(),
+                                                                 dataset="wikitext2+c4:calib")
+    assert mixed.order_calibration_spec().parts() == ["wikitext2:validation", "c4:calib"]
+    for which in ("calibration", "fitness_windows", "final_windows"):  # the search's own windows stay
+        assert mixed.calibration_spec(which) == own.calibration_spec(which)
+    assert mixed.export_calibration_spec() == own.export_calibration_spec()
+    assert mixed.identity() != own.identity()  # another order is another search: a run folder will not resume it
+
+
 def test_even_order_windows_are_the_same_for_every_seed():
     orders = [SearchConfig.create("m", 0.5, seed=seed, order_seed="even").order_calibration_spec() for seed in (0, 2)]
     assert orders[0] == orders[1] and orders[0].seed is None and orders[0].nsamples == 256
