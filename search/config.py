@@ -154,6 +154,8 @@ class SearchConfig:
         options = {**RECOMMENDED, **{k: v for k, v in options.items() if k not in chosen or v is not None}}
         if options["importance"] == "auto":
             options["importance"] = default_importance(ratio)
+        if options.get("order_calib") == calib:  # the statistics' text, recorded as None (what the field's absence meant)
+            options["order_calib"] = None
         order = options.get("order_nsamples")
         # a count equal to the statistics' is recorded as None, what run folders made before the field meant
         options["order_nsamples"] = (default_order_nsamples(options["importance"], nsamples) if order is None

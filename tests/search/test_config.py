@@ -300,6 +300,7 @@ def test_an_order_text_changes_only_the_orders_windows():
         assert mixed.calibration_spec(which) == own.calibration_spec(which)
     assert mixed.export_calibration_spec() == own.export_calibration_spec()
     assert mixed.identity() != own.identity()  # another order is another search: a run folder will not resume it
+    assert SearchConfig.create("m", 0.5, seed=1, order_calib="wikitext2") == own  # the statistics' text: the same search
 
 
 def test_even_order_windows_are_the_same_for_every_seed():
